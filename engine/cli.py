@@ -1,0 +1,160 @@
+"""The `turnstile` command.
+
+Exit codes: 0 every row succeeded; 1 some rows failed (see the failed file);
+2 the config, input or checkpoint cannot be used as it is (nothing was sent);
+3 the run stopped on an error it cannot go past (disk full, local server would
+not start): run the same command to resume; 128+N stopped by signal N, resumable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+
+from engine import progress
+from engine.config import RunConfig, load_config
+from engine.errors import CheckpointError, ConfigError, InputError, TurnstileError
+from engine.journal import JOURNAL_NAME, replay
+from engine.manifest import read_manifest
+from engine.reader import count_rows
+from engine.run import Outcome, Task, execute, prepare
+
+EXIT_OK, EXIT_FAILED_ROWS, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
+
+
+def make_task(config: RunConfig) -> Task:
+    if config.task == "preference":
+        from engine.preference import PreferenceTask
+
+        return PreferenceTask(config)
+    from engine.distill import DistillTask
+
+    return DistillTask(config)
+
+
+def _load(path: str, *, check_env: bool = True) -> RunConfig | None:
+    try:
+        return load_config(path, check_env=check_env)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.problems)} problem(s) in the config:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_UNUSABLE
+    task = make_task(config)
+    try:
+        lock, state, resumed = prepare(config, fresh=args.fresh)
+    except (CheckpointError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    try:
+        if resumed:
+            progress.log(
+                f"resuming {config.checkpoint_dir}: {len(state.done)} rows finished, "
+                f"{len(state.partial)} in progress ({state.work_records} replies journaled)"
+            )
+        else:
+            progress.log(f"starting {config.checkpoint_dir}: {config.input} -> {config.output}")
+        display = progress.Display(config.progress_interval_s, quiet=args.quiet)
+
+        async def main() -> Outcome:
+            return await execute(config, task, state, resumed=resumed, display=display)
+
+        try:
+            outcome = anyio.run(main, backend="asyncio")
+        except TurnstileError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_STOPPED
+    finally:
+        lock.close()
+    print(progress.summary(outcome), file=sys.stderr)
+    if outcome.interrupted_by is not None:
+        progress.log(f"stopped; run `turnstile run {args.config}` again to resume")
+        return 128 + outcome.interrupted_by
+    if outcome.stats.rows_failed:
+        progress.log(f"{outcome.stats.rows_failed} rows failed: see {config.failed_output}")
+        return EXIT_FAILED_ROWS
+    progress.log(f"done: {config.output}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args.config, check_env=False)
+    if config is None:
+        return EXIT_UNUSABLE
+    try:
+        manifest = read_manifest(config.checkpoint_dir)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    if manifest is None:
+        print(f"no run yet in {config.checkpoint_dir}")
+        return EXIT_OK
+
+    def size(path: Path) -> int:
+        return path.stat().st_size if path.exists() else 0
+
+    try:
+        state = replay(
+            config.checkpoint_dir / JOURNAL_NAME, size(config.output), size(config.failed_output)
+        )
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    total = count_rows(config.input) if config.input.exists() else None
+    done = len(state.done)
+    print(f"checkpoint: {config.checkpoint_dir} (started {manifest.get('created')})")
+    print(f"input:      {config.input} ({'missing' if total is None else f'{total} rows'})")
+    print(f"output:     {config.output}")
+    print(f"finished:   {done} rows ({state.rows_ok} ok, {state.rows_failed} failed)")
+    print(f"in progress: {len(state.partial)} rows, {state.work_records} replies journaled")
+    if total is not None:
+        print(f"remaining:  {max(0, total - done)} rows ({100 * done / max(total, 1):.1f}% done)")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="turnstile",
+        description="Generate LLM training data from prompt and conversation datasets.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) the job a config describes")
+    run.add_argument("config", help="the run's YAML config")
+    run.add_argument(
+        "--fresh", action="store_true", help="discard the checkpoint and output and start over"
+    )
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="progress read from the checkpoint, without running")
+    status.add_argument("config")
+    status.set_defaults(func=cmd_status)
+    sub.add_parser("mock-server", help="the mock OpenAI-compatible server (see --help)")
+    sub.add_parser("serve-local", help="the built-in llama.cpp server in the foreground")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    # Subcommands with parsers of their own get the rest of the line untouched.
+    if args_list and args_list[0] == "mock-server":
+        from engine import mock_server
+
+        return mock_server.main(args_list[1:])
+    if args_list and args_list[0] == "serve-local":
+        from engine import local_server
+
+        return local_server.main(args_list[1:])
+    args = build_parser().parse_args(args_list)
+    code = args.func(args)
+    assert isinstance(code, int)
+    return code

@@ -1,0 +1,128 @@
+"""The distillation state machine for one conversation. Pure: no I/O, no clock.
+
+A conversation is split into *turns*: each turn is the system and user messages
+that the teacher must answer with one assistant message. The input's own
+assistant messages are dropped (the teacher writes them anew) but they mark
+where one turn ends and the next begins, so ``user, assistant, user`` is two
+turns and ``user, user, assistant`` is one turn whose reply follows the
+second user message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.errors import InputError
+from engine.rows import InputRow, Message
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One generated assistant turn, as journaled."""
+
+    content: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class Dialogue:
+    """Where one conversation stands: its turns and the replies written so far."""
+
+    row: InputRow
+    turns: list[list[Message]]
+    tail: list[Message] = field(default_factory=list)
+    replies: list[Reply] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return len(self.replies) == len(self.turns)
+
+    @property
+    def next_turn(self) -> int:
+        return len(self.replies)
+
+    def history(self) -> list[Message]:
+        """The request for the next turn: every earlier turn with its reply, then this turn."""
+        if self.done:
+            raise ValueError("the conversation has no turn left to request")
+        messages: list[Message] = []
+        for turn, reply in zip(self.turns, self.replies, strict=False):
+            messages.extend(turn)
+            messages.append({"role": "assistant", "content": reply.content})
+        messages.extend(self.turns[len(self.replies)])
+        return messages
+
+    def apply(self, reply: Reply) -> None:
+        """Record the reply to the next turn."""
+        if self.done:
+            raise ValueError("the conversation has no turn left to answer")
+        self.replies.append(reply)
+
+    def messages(self) -> list[Message]:
+        """The whole conversation with the replies written so far."""
+        out: list[Message] = []
+        for turn, reply in zip(self.turns, self.replies, strict=False):
+            out.extend(turn)
+            out.append({"role": "assistant", "content": reply.content})
+        if self.done:
+            out.extend(self.tail)
+        return out
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": sum(r.prompt_tokens for r in self.replies),
+            "completion_tokens": sum(r.completion_tokens for r in self.replies),
+        }
+
+
+def split_turns(
+    messages: list[Message], system_prompt: str | None = None
+) -> tuple[list[list[Message]], list[Message]]:
+    """Split a conversation into turns and a tail of messages after the last user turn.
+
+    Raises InputError when there is no user turn to answer.
+    """
+    turns: list[list[Message]] = []
+    pending: list[Message] = []
+    has_user = False
+    for message in messages:
+        role = message["role"]
+        if role == "assistant":
+            if has_user:
+                turns.append(pending)
+                pending, has_user = [], False
+            continue
+        if role == "tool":
+            continue  # tool results belong to assistant turns the teacher rewrites
+        pending.append(message)
+        has_user = has_user or role == "user"
+    if has_user:
+        turns.append(pending)
+        pending = []
+    if not turns:
+        raise InputError("has no user turn to answer; add at least one user message")
+    for i, turn in enumerate(turns):
+        for message in turn:
+            if message["role"] == "user" and not message["content"].strip():
+                raise InputError(f"user turn {i} is empty; give it some text or drop the row")
+    if system_prompt is not None and not any(m["role"] == "system" for m in messages):
+        turns[0] = [{"role": "system", "content": system_prompt}, *turns[0]]
+    return turns, pending
+
+
+def new_dialogue(row: InputRow, system_prompt: str | None = None) -> Dialogue:
+    turns, tail = split_turns(row.messages, system_prompt)
+    return Dialogue(row=row, turns=turns, tail=tail)
+
+
+def output_row(dialogue: Dialogue, model: str) -> dict[str, object]:
+    """The finished row: the input's other fields, then id, messages, model, usage."""
+    return {
+        **dialogue.row.extra,
+        "id": dialogue.row.id,
+        "messages": dialogue.messages(),
+        "model": model,
+        "usage": dialogue.usage(),
+    }

@@ -1,0 +1,106 @@
+"""Multi-turn distillation: the teacher writes every assistant turn, one at a time.
+
+Each request carries the full history so far. Each reply is journaled before the
+conversation's next turn is requested, so a resumed run never asks for it again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.config import RunConfig
+from engine.dialogue import Reply, new_dialogue, output_row
+from engine.errors import InputError, ModelDown, ModelError
+from engine.rows import InputRow
+from engine.run import Context, Records
+
+TURN = "t"
+
+
+def turn_record(line: int, turn: int, reply: Reply) -> dict[str, Any]:
+    return {
+        "k": TURN,
+        "l": line,
+        "i": turn,
+        "c": reply.content,
+        "p": reply.prompt_tokens,
+        "o": reply.completion_tokens,
+        "f": reply.finish_reason,
+    }
+
+
+def replies_from(records: Records) -> list[Reply]:
+    """The journaled replies of one conversation, in turn order (duplicates ignored)."""
+    by_turn: dict[int, Reply] = {}
+    for record in records:
+        if record.get("k") == TURN and isinstance(record.get("i"), int):
+            by_turn.setdefault(
+                record["i"],
+                Reply(
+                    content=str(record.get("c", "")),
+                    prompt_tokens=int(record.get("p") or 0),
+                    completion_tokens=int(record.get("o") or 0),
+                    finish_reason=record.get("f"),
+                ),
+            )
+    replies: list[Reply] = []
+    while len(replies) in by_turn:
+        replies.append(by_turn[len(replies)])
+    return replies
+
+
+class DistillTask:
+    """Rewrites every assistant turn of each conversation with the teacher model."""
+
+    def __init__(self, config: RunConfig) -> None:
+        assert config.distill is not None
+        self.model_name = config.distill.model
+        self.system_prompt = config.distill.system_prompt
+        self.model = config.models[self.model_name].model
+
+    def rows_in_flight(self, config: RunConfig) -> int:
+        # Twice the cap: while some conversations wait for the journal, others
+        # keep every slot busy.
+        return max(4, 2 * config.models[self.model_name].max_concurrency)
+
+    async def process(self, row: InputRow, records: Records, ctx: Context) -> None:
+        try:
+            dialogue = new_dialogue(row, self.system_prompt)
+        except InputError as exc:
+            await self._fail(ctx, row, None, f"input: {exc}")
+            return
+        for reply in replies_from(records)[: len(dialogue.turns)]:
+            dialogue.apply(reply)
+            ctx.stats.turns_resumed += 1
+        client = ctx.clients[self.model_name]
+        while not dialogue.done:
+            if ctx.stopping:
+                return
+            turn = dialogue.next_turn
+            try:
+                completion = await client.complete(dialogue.history())
+            except ModelError as exc:
+                if exc.model_down:
+                    # Not this conversation's fault: stop the run, resumable, and
+                    # leave the row to be tried again.
+                    raise ModelDown(f"models.{self.model_name} stopped answering: {exc}") from exc
+                await self._fail(ctx, row, turn, str(exc))
+                return
+            reply = Reply(
+                content=completion.texts[0],
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                finish_reason=completion.finish_reasons[0],
+            )
+            await ctx.writer.record(turn_record(row.line, turn, reply))
+            dialogue.apply(reply)
+            ctx.stats.turns_done += 1
+        await ctx.writer.output(row.line, output_row(dialogue, self.model))
+        ctx.stats.rows_done += 1
+
+    async def _fail(self, ctx: Context, row: InputRow, turn: int | None, error: str) -> None:
+        await ctx.writer.failed(
+            row.line, {"id": row.id, "line": row.line, "turn": turn, "error": error}
+        )
+        ctx.stats.rows_done += 1
+        ctx.stats.rows_failed += 1

@@ -1,0 +1,52 @@
+"""The error tree: what went wrong, and whether trying again can help."""
+
+from __future__ import annotations
+
+
+class TurnstileError(Exception):
+    """Base of every error Turnstile raises on purpose."""
+
+
+class ConfigError(TurnstileError):
+    """The config is unusable. Holds every problem found, one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class InputError(TurnstileError):
+    """One input row cannot be used; the message names the fix."""
+
+
+class CheckpointError(TurnstileError):
+    """The checkpoint cannot be used as it is (changed input or config, damage, lock)."""
+
+
+class ModelError(TurnstileError):
+    """A request to a model failed.
+
+    ``retryable`` says whether the same request may succeed later (429, 5xx,
+    timeouts, dropped connections); ``retry_after`` is the server's hint in
+    seconds, when it gave one. ``model_down`` marks retries spent while the
+    model answered nothing else either: the model is down, not this request.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool,
+        status: int | None = None,
+        retry_after: float | None = None,
+        model_down: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+        self.model_down = model_down
+
+
+class ModelDown(TurnstileError):
+    """A model stopped answering altogether; the run stops, resumable."""

@@ -1,0 +1,193 @@
+"""The checkpoint folder's manifest and lock.
+
+The manifest pins what a run's journal means: fingerprints of the input file and
+of the generation-relevant config, and the output path. Resuming with any of them
+changed is refused (unless ``--fresh``): the journal's turns would be attached to
+the wrong conversations or mixed with replies made under other settings.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from engine.config import RunConfig
+from engine.errors import CheckpointError
+from engine.journal import JOURNAL_NAME
+
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = "lock"
+FORMAT_VERSION = 1
+_HASH_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True, slots=True)
+class InputPrint:
+    size: int
+    mtime_ns: int
+    digest: str
+
+
+def hash_file(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def input_print(path: Path, known: dict[str, Any] | None = None) -> InputPrint:
+    """The input's fingerprint. Reuses a known digest when size and mtime are unchanged."""
+    st = path.stat()
+    if known and known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
+        return InputPrint(st.st_size, st.st_mtime_ns, str(known.get("digest")))
+    return InputPrint(st.st_size, st.st_mtime_ns, hash_file(path))
+
+
+def config_digest(config: RunConfig) -> str:
+    data = orjson.dumps(config.fingerprint_fields(), option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def new_manifest(config: RunConfig, fingerprint: InputPrint) -> dict[str, Any]:
+    return {
+        "format": FORMAT_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "task": config.task,
+        "input": {
+            "path": str(config.input),
+            "size": fingerprint.size,
+            "mtime_ns": fingerprint.mtime_ns,
+            "digest": fingerprint.digest,
+        },
+        "output": str(config.output),
+        "config": config.fingerprint_fields(),
+        "config_digest": config_digest(config),
+    }
+
+
+def read_manifest(checkpoint_dir: Path) -> dict[str, Any] | None:
+    path = checkpoint_dir / MANIFEST_NAME
+    try:
+        data = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: unreadable manifest ({exc}); run with --fresh to start over"
+        ) from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: unreadable manifest; run with --fresh to start over")
+    return data
+
+
+def check_manifest(manifest: dict[str, Any], config: RunConfig) -> InputPrint:
+    """Refuse to resume when the input, the config or the output changed."""
+    where = config.checkpoint_dir
+    hint = "run with --fresh to start over (the checkpoint is discarded)"
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: checkpoint format {manifest.get('format')!r}; {hint}")
+    if manifest.get("task") != config.task:
+        raise CheckpointError(
+            f"{where}: this checkpoint is of a {manifest.get('task')!r} run, the config says "
+            f"{config.task!r}; use another checkpoint_dir or {hint}"
+        )
+    recorded = manifest.get("input")
+    known: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    fingerprint = input_print(config.input, known)
+    if fingerprint.digest != known.get("digest"):
+        raise CheckpointError(
+            f"the input file {config.input} has changed since the run in {where} started; "
+            f"restore the original file to resume, or {hint}"
+        )
+    if manifest.get("config_digest") != config_digest(config):
+        changed = _changed_keys(manifest.get("config"), config.fingerprint_fields())
+        raise CheckpointError(
+            f"the config changed since the run in {where} started ({', '.join(changed)}): "
+            f"its replies would not match; put the old values back to resume, or {hint}"
+        )
+    if manifest.get("output") != str(config.output):
+        raise CheckpointError(
+            f"the output path changed since the run in {where} started "
+            f"(was {manifest.get('output')}); put it back to resume, or {hint}"
+        )
+    return fingerprint
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        out: list[str] = []
+        for key in keys:
+            out += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [prefix.rstrip(".") or "config"] if old != new else []
+
+
+def write_manifest(checkpoint_dir: Path, manifest: dict[str, Any]) -> None:
+    """Replace the manifest atomically: temp file, fsync, rename, fsync the folder."""
+    path = checkpoint_dir / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    with tmp.open("wb") as f:
+        f.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(checkpoint_dir)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_checkpoint(checkpoint_dir: Path) -> IO[bytes]:
+    """Take the checkpoint's lock, or refuse at once if another process holds it.
+
+    An OS lock (flock) dies with its process, so a SIGKILL never leaves it stale.
+    The returned file must stay open for the run.
+    """
+    try:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        handle = (checkpoint_dir / LOCK_NAME).open("a+b")
+    except OSError as exc:
+        raise CheckpointError(
+            f"{checkpoint_dir}: the checkpoint folder is not writable ({exc.strerror}); "
+            "fix its permissions or set checkpoint_dir to a writable folder"
+        ) from exc
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.seek(0)
+        holder = handle.read().decode(errors="replace").strip() or "another process"
+        handle.close()
+        raise CheckpointError(
+            f"{checkpoint_dir} is in use by {holder}; one run per checkpoint: wait for it "
+            "to finish or stop it, or give this run its own checkpoint_dir"
+        ) from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}".encode())
+    handle.flush()
+    return handle
+
+
+def clear_checkpoint(config: RunConfig) -> None:
+    """--fresh: forget the journal and manifest and remove the run's output files."""
+    for path in (
+        config.checkpoint_dir / JOURNAL_NAME,
+        config.checkpoint_dir / MANIFEST_NAME,
+        config.output,
+        config.failed_output,
+    ):
+        path.unlink(missing_ok=True)

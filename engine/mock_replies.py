@@ -1,0 +1,280 @@
+"""What the mock server says: deterministic replies, usage counts and fault choice.
+
+Pure functions only (no loop, no sockets), so tests can recompute exactly what
+the mock answered for any history. ``engine.mock_server`` wires them to aiohttp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+# Fault kinds, as they appear in ``MockStats.faults``.
+HANG = "hang"
+DROP = "drop"
+RATE_LIMITED = "429"
+SERVER_ERROR = "500"
+MALFORMED = "malformed"
+FAIL_MODEL = "fail_model"
+OK = "ok"
+_RANDOM_FAULTS = (HANG, DROP, RATE_LIMITED, SERVER_ERROR, MALFORMED)  # the order of Faults.rates()
+
+MAX_N = 128
+_WORD = re.compile(r"\S+")
+_TEXT_MARKER = re.compile(r"<text (\d+)>")
+_SECTION = re.compile(r"^###", re.MULTILINE)
+_RATING = re.compile(r"\[\[rating=([1-5])\]\]")
+_NO_RATING = "[[rating=none]]"
+
+
+@dataclass(slots=True)
+class Faults:
+    """Per-request fault probabilities (0..1), drawn from a ``random.Random(seed)``.
+
+    Mutable on purpose: tests raise and lower rates between phases of one run.
+    ``fail_models`` maps a model name to the HTTP status it always gets.
+    """
+
+    rate_429: float = 0.0
+    rate_500: float = 0.0
+    rate_drop: float = 0.0
+    rate_malformed: float = 0.0
+    rate_hang: float = 0.0
+    retry_after_s: float = 0.05
+    seed: int = 0
+    fail_models: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"Faults.{name}: {value!r} is not a probability from 0 to 1"
+            for name, value in self.rates()
+            if not 0.0 <= value <= 1.0
+        ]
+        if sum(value for _, value in self.rates()) > 1.0 + 1e-9:
+            problems.append("Faults: the fault rates add up to more than 1")
+        if self.retry_after_s < 0:
+            problems.append(f"Faults.retry_after_s: {self.retry_after_s!r} must be >= 0")
+        problems += [
+            f"Faults.fail_models[{model!r}]: {status!r} is not an HTTP error status (400-599)"
+            for model, status in self.fail_models.items()
+            if not (isinstance(status, int) and 400 <= status <= 599)
+        ]
+        if problems:
+            raise ValueError("\n".join(problems))
+
+    def rates(self) -> list[tuple[str, float]]:
+        """The random faults in decision order, each with its probability."""
+        return [
+            ("rate_hang", self.rate_hang),
+            ("rate_drop", self.rate_drop),
+            ("rate_429", self.rate_429),
+            ("rate_500", self.rate_500),
+            ("rate_malformed", self.rate_malformed),
+        ]
+
+
+def pick_fault(faults: Faults, model: str, draw: float) -> str:
+    """Decide one request's fate: a fault kind or ``OK``.
+
+    ``fail_models`` wins without looking at ``draw``; otherwise ``draw`` (uniform
+    in [0, 1)) picks hang, drop, 429, 500, malformed or ok by cumulative probability.
+    """
+    if model in faults.fail_models:
+        return FAIL_MODEL
+    edge = 0.0
+    for kind, (_, rate) in zip(_RANDOM_FAULTS, faults.rates(), strict=True):
+        edge += rate
+        if draw < edge:
+            return kind
+    return OK
+
+
+class BadRequest(ValueError):
+    """The request body is unusable; the message is sent back to the client as a 400."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """The fields of a chat completion request that the mock looks at."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    n: int = 1
+    max_tokens: int | None = None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_chat_request(body: object) -> ChatRequest:
+    """Validate a decoded ``/v1/chat/completions`` body; raise ``BadRequest`` naming the fix."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    if body.get("stream"):
+        raise BadRequest("streaming is not supported by the mock")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content}")
+    for i, message in enumerate(messages):
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise BadRequest(f"messages[{i}] must be an object with string 'role' and 'content'")
+    n = body.get("n")
+    if n is None:
+        n = 1
+    elif not _is_int(n) or not 1 <= n <= MAX_N:
+        raise BadRequest(f"'n' must be an integer from 1 to {MAX_N}")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is None:
+        # Newer OpenAI clients send this name instead.
+        max_tokens = body.get("max_completion_tokens")
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+        raise BadRequest("'max_tokens' must be a positive integer")
+    return ChatRequest(model=model, messages=messages, n=n, max_tokens=max_tokens)
+
+
+def request_key(model: str, messages: list[dict[str, Any]]) -> str:
+    """A stable id for one distinct request: sha256 hex of orjson ``[model, messages]``."""
+    return hashlib.sha256(orjson.dumps([model, messages])).hexdigest()
+
+
+def count_words(text: str) -> int:
+    """Whitespace-separated words: the mock's notion of a token."""
+    return len(text.split())
+
+
+def truncate_words(text: str, limit: int) -> tuple[str, bool]:
+    """Cut ``text`` after ``limit`` words, keeping its whitespace; say whether it was cut."""
+    ends = [m.end() for m in itertools.islice(_WORD.finditer(text), limit + 1)]
+    if len(ends) <= limit:
+        return text, False
+    return text[: ends[limit - 1]] if limit > 0 else "", True
+
+
+def _last_user_content(messages: list[dict[str, Any]]) -> str | None:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return str(message.get("content", ""))
+    return None
+
+
+def judge_candidates(prompt: str) -> list[tuple[int, str]]:
+    """The ``(i, text)`` candidates of an UltraFeedback-style rating prompt.
+
+    A candidate runs from its ``<text i>`` marker to the next marker, a line
+    starting with ``###`` or the end. Templates often show the format first
+    with placeholder markers, so only the last run starting at ``<text 1>`` counts.
+    """
+    markers = list(_TEXT_MARKER.finditer(prompt))
+    firsts = [i for i, m in enumerate(markers) if m.group(1) == "1"]
+    if firsts:
+        markers = markers[firsts[-1] :]
+    candidates = []
+    for i, marker in enumerate(markers):
+        end = markers[i + 1].start() if i + 1 < len(markers) else len(prompt)
+        section = _SECTION.search(prompt, marker.end(), end)
+        if section is not None:
+            end = section.start()
+        candidates.append((int(marker.group(1)), prompt[marker.end() : end].strip()))
+    return candidates
+
+
+def judge_rating(candidate: str) -> int | None:
+    """The mock judge's rating of one candidate text; ``None`` means "N/A"."""
+    forced = _RATING.search(candidate)
+    if forced is not None:
+        return int(forced.group(1))
+    if _NO_RATING in candidate:
+        return None
+    return 1 + int(hashlib.sha256(candidate.strip().encode()).hexdigest(), 16) % 5
+
+
+def judge_reply(prompt: str) -> str:
+    """One ``#### Output for Text i`` block per candidate, separated by blank lines."""
+    blocks = []
+    for i, text in judge_candidates(prompt):
+        rating = judge_rating(text)
+        if rating is None:
+            blocks.append(
+                f"#### Output for Text {i}\nRating: N/A\n"
+                f"Rationale: The mock judge declines to rate text {i}."
+            )
+        else:
+            blocks.append(
+                f"#### Output for Text {i}\nRating: {rating}\n"
+                f"Rationale: The mock judge gives text {i} a {rating} out of 5."
+            )
+    return "\n\n".join(blocks)
+
+
+def reply_for(model: str, messages: list[dict[str, Any]], choice: int = 0) -> str:
+    """The mock's answer to ``messages``: a function of the request alone.
+
+    ``[{model}] answer {k}: {snippet} #{digest}`` where k counts the user
+    messages, snippet is the last user message (whitespace collapsed, 40 chars)
+    and digest is 12 hex chars of sha256(orjson([model, messages, choice])).
+    A last user message holding ``<text 1>`` is a judge prompt: see ``judge_reply``.
+    """
+    last = _last_user_content(messages)
+    if last is not None and "<text 1>" in last:
+        return judge_reply(last)
+    k = sum(1 for message in messages if message.get("role") == "user")
+    snippet = " ".join((last or "").split())[:40]
+    digest = hashlib.sha256(orjson.dumps([model, messages, choice])).hexdigest()[:12]
+    return f"[{model}] answer {k}: {snippet} #{digest}"
+
+
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """Words over all message contents plus 3 per message."""
+    return sum(count_words(str(m.get("content", ""))) + 3 for m in messages)
+
+
+def completion_body(request: ChatRequest, *, completion_id: str, created: int) -> dict[str, Any]:
+    """The OpenAI-shaped ``chat.completion`` object answering ``request``."""
+    choices = []
+    completion_tokens = 0
+    for choice in range(request.n):
+        content = reply_for(request.model, request.messages, choice)
+        finish_reason = "stop"
+        if request.max_tokens is not None:
+            content, cut = truncate_words(content, request.max_tokens)
+            if cut:
+                finish_reason = "length"
+        completion_tokens += count_words(content)
+        choices.append(
+            {
+                "index": choice,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": finish_reason,
+            }
+        )
+    prompt = prompt_tokens(request.messages)
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": request.model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
+        },
+    }
+
+
+def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    """An OpenAI-style error object."""
+    return {"error": {"message": message, "type": kind, "param": None, "code": None}}

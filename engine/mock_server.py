@@ -1,0 +1,362 @@
+"""A real OpenAI-compatible HTTP server on loopback, with deterministic replies and faults.
+
+The test-suite, the benchmarks and users (``turnstile mock-server``) run it. Replies
+and fault choice are pure functions in ``engine.mock_replies``; this module is the
+aiohttp wiring, the counters and the CLI. The chat handler stays lean (orjson, no
+per-request logging) because the benchmark drives it at thousands of requests/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from engine.mock_replies import (
+    DROP,
+    FAIL_MODEL,
+    HANG,
+    MALFORMED,
+    OK,
+    RATE_LIMITED,
+    SERVER_ERROR,
+    BadRequest,
+    Faults,
+    completion_body,
+    error_body,
+    parse_chat_request,
+    pick_fault,
+    reply_for,
+    request_key,
+)
+
+__all__ = ["Faults", "MockServer", "MockStats", "main", "reply_for", "request_key"]
+
+_JSON = "application/json"
+# Truncated JSON, as a server that died mid-write would leave it.
+_MALFORMED_BODY = b'{"id": "chatcmpl-mock", "object": "chat.completion", "choices": [{"mess'
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+
+
+@dataclass(slots=True)
+class MockStats:
+    """Counters of one ``MockServer`` since it started or was last reset.
+
+    ``requests_by_key`` counts arrivals per ``request_key(model, messages)``,
+    whatever their fate, so a test can prove that a resumed run re-requested nothing.
+    """
+
+    total_requests: int = 0  # every POST to /v1/chat/completions, bad ones included
+    completed: int = 0  # answered 200 with a real completion
+    bad_requests: int = 0  # answered 400
+    faults: collections.Counter[str] = field(default_factory=collections.Counter)
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    in_flight_by_model: dict[str, int] = field(default_factory=dict)
+    peak_in_flight_by_model: dict[str, int] = field(default_factory=dict)
+    requests_by_key: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counters as plain JSON-ready values."""
+        return {
+            "total_requests": self.total_requests,
+            "completed": self.completed,
+            "bad_requests": self.bad_requests,
+            "faults": dict(self.faults),
+            "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
+            "in_flight_by_model": dict(self.in_flight_by_model),
+            "peak_in_flight_by_model": dict(self.peak_in_flight_by_model),
+            "requests_by_key": dict(self.requests_by_key),
+        }
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(payload), status=status, content_type=_JSON)
+
+
+def _error(status: int, message: str, kind: str | None = None) -> web.Response:
+    if kind is None:
+        kind = _ERROR_TYPES.get(
+            status, "server_error" if status >= 500 else "invalid_request_error"
+        )
+    return _json(error_body(message, kind), status)
+
+
+def _abort(request: web.Request) -> web.Response:
+    # Closing the socket makes aiohttp's write of the returned response fail quietly
+    # (it counts as a premature client disconnection), so the client sees the drop.
+    if request.transport is not None:
+        request.transport.close()
+    return web.Response(status=500)
+
+
+class MockServer:
+    """An OpenAI-compatible chat completion server on ``host:port`` (0 = a free port).
+
+    ``latency_ms`` and ``faults`` may be changed while it runs. Use as
+    ``async with MockServer(...) as server:`` or call ``start()``/``stop()``.
+    """
+
+    def __init__(
+        self,
+        latency_ms: float = 0.0,
+        faults: Faults | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.latency_ms = latency_ms
+        self.host = host
+        self.port = port
+        self.base_url = ""
+        self._faults = faults if faults is not None else Faults()
+        self._rng = random.Random(self._faults.seed)
+        self._stats = MockStats()
+        self._models: set[str] = {"mock"}
+        self._next_id = 0
+        self._runner: web.AppRunner | None = None
+        self._closing = asyncio.Event()
+
+    @property
+    def faults(self) -> Faults:
+        """The fault settings; replacing them re-seeds the fault draw."""
+        return self._faults
+
+    @faults.setter
+    def faults(self, faults: Faults) -> None:
+        self._faults = faults
+        self._rng = random.Random(faults.seed)
+
+    @property
+    def stats(self) -> MockStats:
+        """The live counters (a new object after ``reset()``)."""
+        return self._stats
+
+    def reset(self) -> None:
+        """Zero the counters and the request log, and re-seed the fault draw.
+
+        Requests still in flight stay counted in ``in_flight``, so it never goes negative.
+        """
+        old = self._stats
+        self._stats = MockStats(
+            in_flight=old.in_flight,
+            peak_in_flight=old.in_flight,
+            in_flight_by_model=dict(old.in_flight_by_model),
+            peak_in_flight_by_model=dict(old.in_flight_by_model),
+        )
+        self._rng = random.Random(self._faults.seed)
+
+    async def start(self) -> str:
+        """Bind and serve; return the base URL, like ``http://127.0.0.1:PORT/v1``."""
+        if self._runner is not None:
+            raise RuntimeError("MockServer is already running")
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/stats", self._get_stats)
+        app.router.add_post("/reset", self._reset)
+        # handler_cancellation: a client that gives up frees its slot in in_flight,
+        # as a real inference server aborts the request.
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, self.host, self.port, backlog=1024).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._closing = asyncio.Event()
+        self.port = int(runner.addresses[0][1])
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        self.base_url = f"http://{host}:{self.port}/v1"
+        return self.base_url
+
+    async def stop(self) -> None:
+        """Stop serving. Hung requests are released (their connections dropped) first."""
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        self._closing.set()
+        await runner.cleanup()
+
+    async def __aenter__(self) -> MockServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        stats = self._stats
+        stats.total_requests += 1
+        try:
+            chat = parse_chat_request(orjson.loads(await request.read()))
+        except (BadRequest, orjson.JSONDecodeError) as exc:
+            stats.bad_requests += 1
+            message = str(exc) if isinstance(exc, BadRequest) else f"invalid JSON body: {exc}"
+            return _error(400, message)
+        model = chat.model
+        self._models.add(model)
+        stats.requests_by_key[request_key(model, chat.messages)] += 1
+        # Decide first, then do the I/O; the draw happens in arrival order.
+        fault = pick_fault(self._faults, model, self._rng.random())
+
+        stats.in_flight += 1
+        stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+        by_model = stats.in_flight_by_model
+        by_model[model] = now = by_model.get(model, 0) + 1
+        if now > stats.peak_in_flight_by_model.get(model, 0):
+            stats.peak_in_flight_by_model[model] = now
+        try:
+            if self.latency_ms > 0:
+                await asyncio.sleep(self.latency_ms / 1000)
+                stats = self._stats  # reset() may have swapped it during the sleep
+            if fault == OK:
+                self._next_id += 1
+                body = completion_body(
+                    chat, completion_id=f"chatcmpl-mock-{self._next_id}", created=int(time.time())
+                )
+                stats.completed += 1
+                return _json(body)
+            stats.faults[fault] += 1
+            return await self._fault(request, fault, model)
+        finally:
+            # The live object: reset() carries the in-flight gauges over to its new one.
+            self._stats.in_flight -= 1
+            self._stats.in_flight_by_model[model] -= 1
+
+    async def _fault(self, request: web.Request, fault: str, model: str) -> web.Response:
+        faults = self._faults
+        if fault == FAIL_MODEL:
+            status = faults.fail_models[model]
+            response = _error(status, f"model {model!r} is set to fail with HTTP {status}")
+            if status == 429:
+                response.headers["Retry-After"] = f"{faults.retry_after_s:g}"
+            return response
+        if fault == RATE_LIMITED:
+            response = _error(429, "mock rate limit: slow down", "rate_limit_error")
+            response.headers["Retry-After"] = f"{faults.retry_after_s:g}"
+            return response
+        if fault == SERVER_ERROR:
+            return _error(500, "mock injected server error")
+        if fault == MALFORMED:
+            return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
+        if fault == HANG:
+            await self._closing.wait()
+        assert fault in (HANG, DROP), fault
+        return _abort(request)
+
+    async def _list_models(self, request: web.Request) -> web.Response:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "turnstile-mock"}
+            for name in sorted(self._models)
+        ]
+        return _json({"object": "list", "data": data})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def _get_stats(self, request: web.Request) -> web.Response:
+        return _json(self._stats.as_dict())
+
+    async def _reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        return _json({"status": "ok"})
+
+
+def _fail_model(text: str) -> tuple[str, int]:
+    name, sep, status = text.rpartition("=")
+    if not sep or not name or not status.isdigit() or not 400 <= int(status) <= 599:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not NAME=STATUS with an HTTP error status, e.g. broken=500"
+        )
+    return name, int(status)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="turnstile mock-server",
+        description="Serve a mock OpenAI-compatible chat API with deterministic replies.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--rate-429", type=float, default=0.0)
+    parser.add_argument("--rate-500", type=float, default=0.0)
+    parser.add_argument("--rate-drop", type=float, default=0.0)
+    parser.add_argument("--rate-malformed", type=float, default=0.0)
+    parser.add_argument("--rate-hang", type=float, default=0.0)
+    parser.add_argument("--retry-after-s", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fail-model",
+        type=_fail_model,
+        action="append",
+        default=[],
+        metavar="NAME=STATUS",
+        help="always answer this model with this HTTP status (repeatable)",
+    )
+    return parser
+
+
+async def _serve(server: MockServer) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        print(f"mock server listening on {server.base_url}", flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``turnstile mock-server`` until SIGINT or SIGTERM; return the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        faults = Faults(
+            rate_429=args.rate_429,
+            rate_500=args.rate_500,
+            rate_drop=args.rate_drop,
+            rate_malformed=args.rate_malformed,
+            rate_hang=args.rate_hang,
+            retry_after_s=args.retry_after_s,
+            seed=args.seed,
+            fail_models=dict(args.fail_model),
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    server = MockServer(latency_ms=args.latency_ms, faults=faults, host=args.host, port=args.port)
+    try:
+        asyncio.run(_serve(server))
+    except OSError as exc:
+        print(
+            f"turnstile mock-server: cannot listen on {args.host}:{args.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

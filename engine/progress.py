@@ -1,0 +1,136 @@
+"""What the user sees: a live display on a terminal, periodic log lines otherwise,
+and the final summary. Everything here goes to stderr; the data goes to files.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import anyio
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from engine.stats import RunStats
+
+if TYPE_CHECKING:
+    from engine.run import Outcome
+
+_console = Console(stderr=True, highlight=False)
+
+
+def log(message: str) -> None:
+    """One line for the user, timestamped when not on a terminal."""
+    if _console.is_terminal:
+        _console.print(message)
+    else:
+        print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def _rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else 0.0
+
+
+def _num(value: float) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.1f}M"
+    if value >= 1e4:
+        return f"{value / 1e3:.1f}k"
+    return f"{value:.0f}" if value >= 100 or value == int(value) else f"{value:.1f}"
+
+
+def status_line(stats: RunStats, elapsed: float) -> str:
+    """The whole progress in one line (the non-terminal log format)."""
+    total = "?" if stats.rows_total is None else str(stats.rows_total)
+    tokens = stats.prompt_tokens + stats.completion_tokens
+    parts = [
+        f"rows {stats.rows_done}/{total} ({stats.rows_failed} failed)",
+        f"turns {stats.turns_done} ({_num(_rate(stats.turns_done, elapsed))}/s)",
+        f"tokens {_num(tokens)} ({_num(_rate(stats.completion_tokens, elapsed))} out/s)",
+    ]
+    for m in stats.models.values():
+        limit = f" limit {m.limit}" if m.limit is not None and m.limit != m.cap else ""
+        parts.append(
+            f"{m.name}: {m.in_flight}/{m.cap} in flight{limit}, "
+            f"{m.retries} retries, {m.failures} failures"
+        )
+    return " | ".join(parts)
+
+
+class Display:
+    """Shows progress until cancelled: live on a terminal, log lines otherwise."""
+
+    def __init__(self, interval_s: float, *, live: bool | None = None, quiet: bool = False):
+        self.interval_s = interval_s
+        self.live = _console.is_terminal if live is None else live
+        self.quiet = quiet
+
+    async def run(self, stats: RunStats, started: float) -> None:
+        if self.quiet:
+            return
+        if not self.live:
+            while True:
+                await anyio.sleep(self.interval_s)
+                log(status_line(stats, time.monotonic() - started))
+        with Live(console=_console, refresh_per_second=4, transient=True) as live:
+            while True:
+                live.update(_panel(stats, time.monotonic() - started))
+                await anyio.sleep(0.25)
+
+
+def _panel(stats: RunStats, elapsed: float) -> Group:
+    total = stats.rows_total
+    done = stats.rows_done
+    head = Text(
+        f"rows {done}/{'?' if total is None else total}"
+        + (f" ({100 * done / total:.0f}%)" if total else "")
+        + f"  failed {stats.rows_failed}  turns {stats.turns_done}"
+        + f" ({_rate(stats.turns_done, elapsed):.1f}/s)"
+        + f"  tokens out {_num(stats.completion_tokens)}"
+        + f" ({_rate(stats.completion_tokens, elapsed):.0f}/s)"
+        + f"  elapsed {elapsed:.0f}s"
+    )
+    table = Table(box=None, pad_edge=False)
+    for column in ("model", "in flight", "limit", "requests", "retries", "failures"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for m in stats.models.values():
+        table.add_row(
+            m.name,
+            f"{m.in_flight}/{m.cap}",
+            str(m.limit if m.limit is not None else m.cap),
+            str(m.requests),
+            str(m.retries),
+            str(m.failures),
+        )
+    return Group(head, table)
+
+
+def summary(outcome: Outcome) -> str:
+    """The final report: rates, tokens, and per-model latency, retries and failures."""
+    stats = outcome.stats
+    elapsed = outcome.elapsed_s
+    lines = [
+        f"rows: {stats.rows_done - stats.rows_failed} ok, {stats.rows_failed} failed"
+        + (f" ({stats.rows_skipped} finished in earlier runs)" if stats.rows_skipped else ""),
+        f"turns: {stats.turns_done} written in {elapsed:.1f}s "
+        f"({_rate(stats.turns_done, elapsed):.1f}/s)"
+        + (f", {stats.turns_resumed} recovered from the journal" if stats.turns_resumed else ""),
+        f"tokens: {stats.prompt_tokens} prompt, {stats.completion_tokens} completion "
+        f"({_rate(stats.completion_tokens, elapsed):.1f} completion tokens/s)",
+    ]
+    for m in stats.models.values():
+        p50 = m.latency.percentile(50)
+        p95 = m.latency.percentile(95)
+        lat = (
+            f"latency p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms"
+            if p50 is not None and p95 is not None
+            else "no replies"
+        )
+        lines.append(
+            f"model {m.name}: {m.ok}/{m.requests} requests ok, {lat}, "
+            f"{m.retries} retries, {m.failures} failures"
+        )
+    return "\n".join(lines)

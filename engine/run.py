@@ -1,0 +1,293 @@
+"""One run, whatever its task: checkpoint, writer, model clients, workers, signals.
+
+The task (distillation, preference) decides what to do with one input row; this
+module owns everything around it. One task group owns every task: the writer,
+the progress display, the signal watcher, and (in an inner group that a stop
+request can cancel) the input reader and a fixed pool of row workers. No batch
+barriers: a worker moves its row forward the moment a reply lands.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from engine import progress
+from engine.client import ModelClient
+from engine.config import RunConfig
+from engine.errors import CheckpointError, InputError, TurnstileError
+from engine.journal import JOURNAL_NAME, Replay, replay
+from engine.manifest import (
+    check_manifest,
+    clear_checkpoint,
+    input_print,
+    lock_checkpoint,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
+from engine.reader import count_rows, decode_row, raw_id, read_lines
+from engine.rows import InputRow
+from engine.stats import ModelStats, RunStats
+from engine.writer import Writer
+
+Records = list[dict[str, Any]]
+
+
+@dataclass(slots=True)
+class Context:
+    """What a task sees while it processes rows."""
+
+    config: RunConfig
+    writer: Writer
+    clients: dict[str, ModelClient]
+    stats: RunStats
+    stopping: bool = False
+
+
+class Task(Protocol):
+    def rows_in_flight(self, config: RunConfig) -> int:
+        """How many rows to work on at once by default."""
+        ...
+
+    async def process(self, row: InputRow, records: Records, ctx: Context) -> None:
+        """Move one row to its end (or until ctx.stopping), journaling as it goes.
+
+        ``records`` are this row's journal records from earlier runs.
+        """
+        ...
+
+
+@dataclass(slots=True)
+class Outcome:
+    stats: RunStats
+    elapsed_s: float
+    interrupted_by: int | None = None
+    resumed: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:
+    """Lock the checkpoint, check or write its manifest, and replay its journal.
+
+    Blocking (runs before the event loop does any network work). Returns the
+    lock handle (keep it open), the replay, and whether this resumes a run.
+    """
+    if not config.input.is_file():
+        raise InputError(f"input file {config.input} does not exist; check input: in the config")
+    lock = lock_checkpoint(config.checkpoint_dir)
+    try:
+        if fresh:
+            clear_checkpoint(config)
+        manifest = read_manifest(config.checkpoint_dir)
+        if manifest is None:
+            _refuse_foreign_output(config)
+            write_manifest(config.checkpoint_dir, new_manifest(config, input_print(config.input)))
+            resumed = False
+        else:
+            fingerprint = check_manifest(manifest, config)
+            if fingerprint.mtime_ns != manifest["input"].get("mtime_ns"):
+                # Same bytes, new mtime (copied or touched): remember it, skip the rehash next time.
+                write_manifest(config.checkpoint_dir, new_manifest(config, fingerprint))
+            resumed = True
+        state = replay(
+            config.checkpoint_dir / JOURNAL_NAME,
+            _size(config.output),
+            _size(config.failed_output),
+        )
+    except BaseException:
+        lock.close()
+        raise
+    return lock, state, resumed
+
+
+def _refuse_foreign_output(config: RunConfig) -> None:
+    for path in (config.output, config.failed_output):
+        if _size(path):
+            raise CheckpointError(
+                f"{path} already exists but {config.checkpoint_dir} holds no run for it; "
+                "move it away, or run with --fresh to overwrite it"
+            )
+
+
+def _size(path: Any) -> int:
+    try:
+        return int(path.stat().st_size)
+    except FileNotFoundError:
+        return 0
+
+
+async def execute(
+    config: RunConfig,
+    task: Task,
+    state: Replay,
+    *,
+    resumed: bool,
+    display: progress.Display,
+    open_local: Callable[..., Any] | None = None,
+) -> Outcome:
+    """Run every row not finished in ``state`` through ``task``.
+
+    A TurnstileError from any task (disk full, a model down) stops the run and
+    is raised as itself, not wrapped in an exception group.
+    """
+    try:
+        return await _execute(
+            config, task, state, resumed=resumed, display=display, open_local=open_local
+        )
+    except BaseExceptionGroup as group:
+        error = _first_error(group)
+        if error is None:
+            raise
+        raise error from group
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> TurnstileError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, TurnstileError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
+async def _execute(
+    config: RunConfig,
+    task: Task,
+    state: Replay,
+    *,
+    resumed: bool,
+    display: progress.Display,
+    open_local: Callable[..., Any] | None,
+) -> Outcome:
+    stats = RunStats(
+        rows_done=len(state.done), rows_failed=state.rows_failed, rows_skipped=len(state.done)
+    )
+    started = time.monotonic()
+    outcome = Outcome(stats=stats, elapsed_s=0.0, resumed=resumed)
+    writer = Writer(
+        config.checkpoint_dir / JOURNAL_NAME,
+        config.output,
+        config.failed_output,
+        journal_end=state.journal_end,
+        out_end=state.out_end,
+        failed_end=state.failed_end,
+        policy=config.journal,
+    )
+    async with AsyncExitStack() as stack:
+        clients: dict[str, ModelClient] = {}
+        for name in sorted(config.models_used()):
+            model = config.models[name]
+            base_url = None
+            if model.is_local:
+                opener = open_local or _local_server()
+                base_url = await stack.enter_async_context(opener(model, config.checkpoint_dir))
+            model_stats = ModelStats(name=name, cap=model.max_concurrency)
+            stats.models[name] = model_stats
+            clients[name] = await stack.enter_async_context(
+                ModelClient(model, model_stats, base_url=base_url)
+            )
+            await clients[name].probe()
+        ctx = Context(config=config, writer=writer, clients=clients, stats=stats)
+        workers = config.max_conversations or task.rows_in_flight(config)
+
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(writer.run)
+            outer.start_soon(_count_rows, config, stats)
+            outer.start_soon(display.run, stats, started)
+            work = anyio.CancelScope()
+            outer.start_soon(_watch_signals, ctx, outcome, work, outer)
+            with work:
+                async with anyio.create_task_group() as inner:
+                    send, receive = anyio.create_memory_object_stream[tuple[int, bytes]](workers)
+                    inner.start_soon(_feed, config, state, ctx, send)
+                    async with receive:
+                        for _ in range(workers):
+                            inner.start_soon(_work, receive.clone(), state, task, ctx)
+            await writer.close()
+            outer.cancel_scope.cancel()
+    outcome.elapsed_s = time.monotonic() - started
+    return outcome
+
+
+def _local_server() -> Callable[..., Any]:
+    from engine.local_server import local_server
+
+    opener: Callable[..., Any] = local_server
+    return opener
+
+
+async def _feed(
+    config: RunConfig,
+    state: Replay,
+    ctx: Context,
+    send: anyio.abc.ObjectSendStream[tuple[int, bytes]],
+) -> None:
+    async with send:
+        async for item in read_lines(config.input, skip=state.done):
+            if ctx.stopping:
+                return
+            try:
+                await send.send(item)
+            except anyio.BrokenResourceError:
+                return
+
+
+async def _work(
+    receive: MemoryObjectReceiveStream[tuple[int, bytes]], state: Replay, task: Task, ctx: Context
+) -> None:
+    async with receive:
+        async for line, raw in receive:
+            if ctx.stopping:
+                return
+            records = state.partial.pop(line, [])
+            try:
+                row = decode_row(line, raw)
+            except InputError as exc:
+                await ctx.writer.failed(
+                    line,
+                    {"id": raw_id(line, raw), "line": line, "turn": None, "error": f"input: {exc}"},
+                )
+                ctx.stats.rows_done += 1
+                ctx.stats.rows_failed += 1
+                continue
+            await task.process(row, records, ctx)
+
+
+async def _count_rows(config: RunConfig, stats: RunStats) -> None:
+    stats.rows_total = await anyio.to_thread.run_sync(
+        count_rows, config.input, abandon_on_cancel=True
+    )
+
+
+async def _watch_signals(
+    ctx: Context, outcome: Outcome, work: anyio.CancelScope, group: TaskGroup
+) -> None:
+    grace = ctx.config.shutdown_grace_s
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if ctx.stopping:
+                work.cancel()  # a second signal: stop now
+                continue
+            ctx.stopping = True
+            outcome.interrupted_by = signum
+            progress.log(
+                f"{signal.Signals(signum).name}: no new turns; letting requests in flight "
+                f"finish for up to {grace:g}s (signal again to stop now)"
+            )
+            group.start_soon(_cancel_after, work, grace)
+
+
+async def _cancel_after(scope: anyio.CancelScope, seconds: float) -> None:
+    await anyio.sleep(seconds)
+    scope.cancel()

@@ -1,0 +1,76 @@
+"""Counters the run keeps for the progress display and the final summary."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+_BUCKET_RATIO = 1.05
+_BUCKET_FLOOR_S = 1e-4
+
+
+class LatencyHistogram:
+    """Percentiles in constant memory: log-spaced buckets 5% wide from 0.1 ms up."""
+
+    __slots__ = ("_counts", "count")
+
+    def __init__(self) -> None:
+        self._counts: dict[int, int] = {}
+        self.count = 0
+
+    def add(self, seconds: float) -> None:
+        index = 0
+        if seconds > _BUCKET_FLOOR_S:
+            index = int(math.log(seconds / _BUCKET_FLOOR_S, _BUCKET_RATIO)) + 1
+        self._counts[index] = self._counts.get(index, 0) + 1
+        self.count += 1
+
+    def percentile(self, q: float) -> float | None:
+        """The q-th percentile (0-100) in seconds, to within the bucket width; None if empty."""
+        if not self.count:
+            return None
+        rank = max(1, math.ceil(self.count * q / 100))
+        seen = 0
+        for index in sorted(self._counts):
+            seen += self._counts[index]
+            if seen >= rank:
+                return 0.0 if index == 0 else _BUCKET_FLOOR_S * _BUCKET_RATIO ** (index - 0.5)
+        return None
+
+
+@dataclass(slots=True)
+class ModelStats:
+    """Per-model counters, updated by the client."""
+
+    name: str
+    cap: int
+    in_flight: int = 0
+    requests: int = 0
+    ok: int = 0
+    retries: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    limit: int | None = None  # the current adaptive limit, where one applies
+
+
+@dataclass(slots=True)
+class RunStats:
+    """Whole-run counters: what the progress display and the summary read."""
+
+    rows_total: int | None = None  # known once the input has been counted
+    rows_done: int = 0  # finished this run or earlier (ok and failed)
+    rows_failed: int = 0
+    rows_skipped: int = 0  # finished in an earlier run
+    turns_done: int = 0  # replies written this run
+    turns_resumed: int = 0  # replies recovered from the journal
+    models: dict[str, ModelStats] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(m.prompt_tokens for m in self.models.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(m.completion_tokens for m in self.models.values())
