@@ -126,6 +126,7 @@ class MockServer:
         self._next_id = 0
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
+        self._watchers: list[tuple[int, asyncio.Event]] = []
 
     @property
     def faults(self) -> Faults:
@@ -155,6 +156,25 @@ class MockServer:
             peak_in_flight_by_model=dict(old.in_flight_by_model),
         )
         self._rng = random.Random(self._faults.seed)
+
+    async def wait_for_requests(self, count: int) -> None:
+        """Return once ``count`` chat requests have arrived since the last reset.
+
+        Tests use it to act at a known point of a run (a SIGKILL after N
+        requests, say) without sleeping.
+        """
+        if self._stats.total_requests >= count:
+            return
+        event = asyncio.Event()
+        self._watchers.append((count, event))
+        await event.wait()
+
+    def _notify(self) -> None:
+        total = self._stats.total_requests
+        ready = [(n, e) for n, e in self._watchers if total >= n]
+        for item in ready:
+            self._watchers.remove(item)
+            item[1].set()
 
     async def start(self) -> str:
         """Bind and serve; return the base URL, like ``http://127.0.0.1:PORT/v1``."""
@@ -209,6 +229,8 @@ class MockServer:
     async def _chat(self, request: web.Request) -> web.Response:
         stats = self._stats
         stats.total_requests += 1
+        if self._watchers:
+            self._notify()
         try:
             chat = parse_chat_request(orjson.loads(await request.read()))
         except (BadRequest, orjson.JSONDecodeError) as exc:
