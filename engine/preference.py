@@ -1,0 +1,270 @@
+"""Preference data from a pool of models: generate, judge, pair.
+
+Each prompt goes to every generator ``num_generations`` times, all at once, each
+request under its own model's cap. When all of a row's generations are in, one
+judge request rates them together (UltraFeedback template) and the row gets its
+chosen/rejected pair. Every generation and judge reply is journaled before it is
+used, so a resumed run re-requests none of them. A generator that fails is
+recorded in the row; it delays nothing but its own requests.
+
+Journal records (besides the emits): ``{"k": "g", "l", "s", "c", "p", "o", "f"}`` a
+generation for slot ``s``; ``{"k": "ge", "l", "s", "e"}`` a slot that failed for
+good; ``{"k": "r", "l", "a", "c", "p", "o"}`` judge reply number ``a``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from engine.config import PreferenceConfig, RunConfig
+from engine.errors import ModelDown, ModelError
+from engine.judge import has_usable_rating, judge_messages, parse_ratings
+from engine.pairs import preference_row
+from engine.rows import InputRow, Message
+from engine.run import Context, Records
+
+GENERATION, GENERATION_ERROR, RATING = "g", "ge", "r"
+JUDGE_TRIES = 2  # a reply with no usable rating is retried once
+
+
+@dataclass(frozen=True, slots=True)
+class Slot:
+    """One generation to make: which model, and which of its generations."""
+
+    index: int
+    model: str
+    repeat: int
+
+
+@dataclass(slots=True)
+class Generation:
+    text: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(slots=True)
+class RowState:
+    """A row's generations and judge replies so far (from the journal and this run)."""
+
+    generations: dict[int, Generation] = field(default_factory=dict)
+    judge_replies: list[tuple[str, int, int]] = field(default_factory=list)
+
+
+def slots_for(config: PreferenceConfig) -> list[Slot]:
+    """Generation slots in output order: each generator's generations in turn."""
+    return [
+        Slot(index=i * config.num_generations + j, model=model, repeat=j)
+        for i, model in enumerate(config.generators)
+        for j in range(config.num_generations)
+    ]
+
+
+def prompt_of(messages: list[Message]) -> list[Message]:
+    """The conversation up to and including its last user turn."""
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+    return [dict(m) for m in messages[: last_user + 1] if m["role"] != "tool"]
+
+
+def state_from(records: Records) -> RowState:
+    state = RowState()
+    for record in records:
+        kind = record.get("k")
+        if kind == GENERATION and isinstance(record.get("s"), int):
+            state.generations.setdefault(
+                record["s"],
+                Generation(
+                    text=str(record.get("c", "")),
+                    prompt_tokens=int(record.get("p") or 0),
+                    completion_tokens=int(record.get("o") or 0),
+                ),
+            )
+        elif kind == GENERATION_ERROR and isinstance(record.get("s"), int):
+            state.generations.setdefault(record["s"], Generation(error=str(record.get("e"))))
+        elif kind == RATING:
+            state.judge_replies.append(
+                (str(record.get("c", "")), int(record.get("p") or 0), int(record.get("o") or 0))
+            )
+    return state
+
+
+class PreferenceTask:
+    """Generates with a pool of models and pairs the answers by a judge's ratings."""
+
+    def __init__(self, config: RunConfig) -> None:
+        assert config.preference is not None
+        self.config = config.preference
+        self.slots = slots_for(self.config)
+        # Rows name models as the server knows them (like distillation's `model`).
+        self.served = {name: config.models[name].model for name in self.config.generators}
+        self.seeds = {
+            name: config.models[name].params.get("seed") for name in self.config.generators
+        }
+
+    def rows_in_flight(self, config: RunConfig) -> int:
+        # Each row fans out to every generator: enough rows to keep the largest
+        # cap busy while rows wait for their slowest model or the judge.
+        caps = [config.models[name].max_concurrency for name in config.models_used()]
+        return max(4, 2 * max(caps))
+
+    async def process(self, row: InputRow, records: Records, ctx: Context) -> None:
+        prompt = prompt_of(row.messages)
+        if not prompt or prompt[-1]["role"] != "user":
+            await self._fail(ctx, row, "input: has no user turn; add at least one user message")
+            return
+        state = state_from(records)
+        missing = [s for s in self.slots if s.index not in state.generations]
+        if missing:
+            async with anyio.create_task_group() as group:
+                for slot in missing:
+                    group.start_soon(self._generate, ctx, row, prompt, slot, state)
+        if ctx.stopping or len(state.generations) < len(self.slots):
+            return
+        made = [(s, state.generations[s.index]) for s in self.slots]
+        texts = [g.text for _, g in made if g.text is not None]
+        models = [self.served[s.model] for s, g in made if g.text is not None]
+        errors = [
+            {"model": self.served[s.model], "generation": s.repeat, "error": g.error}
+            for s, g in made
+            if g.error is not None
+        ]
+        if not texts:
+            await self._fail(
+                ctx,
+                row,
+                "every generation failed: "
+                + "; ".join(f"{e['model']}: {e['error']}" for e in errors),
+            )
+            return
+        ratings: list[int | None] | None = None
+        rationales: list[str | None] | None = None
+        judge_note = None
+        if self.config.judge and len(texts) >= 2:
+            judged = await self._judge(ctx, row, prompt, texts, state)
+            if judged is None:
+                return  # stopping
+            ratings, rationales, judge_note = judged
+        elif self.config.judge:
+            ratings, rationales = [None] * len(texts), [None] * len(texts)
+            judge_note = (
+                f"fewer than two generations to compare ({len(texts)} of {len(self.slots)})"
+            )
+        usage = {
+            "prompt_tokens": sum(g.prompt_tokens for _, g in made)
+            + sum(p for _, p, _ in state.judge_replies),
+            "completion_tokens": sum(g.completion_tokens for _, g in made)
+            + sum(o for _, _, o in state.judge_replies),
+        }
+        out = preference_row(
+            extra=row.extra,
+            row_id=row.id,
+            prompt=prompt,
+            generations=texts,
+            generation_models=models,
+            generation_errors=errors,
+            usage=usage,
+            judged=self.config.judge is not None,
+            ratings=ratings,
+            rationales=rationales,
+        )
+        if judge_note is not None:
+            out["pair_error"] = judge_note
+        await ctx.writer.output(row.line, out)
+        ctx.stats.rows_done += 1
+
+    async def _generate(
+        self, ctx: Context, row: InputRow, prompt: list[Message], slot: Slot, state: RowState
+    ) -> None:
+        if ctx.stopping:
+            return
+        extra: dict[str, Any] = {}
+        seed = self.seeds.get(slot.model)
+        if isinstance(seed, int) and slot.repeat:
+            extra["seed"] = seed + slot.repeat  # same seed would give the same answer again
+        try:
+            completion = await ctx.clients[slot.model].complete(prompt, extra)
+        except ModelError as exc:
+            generation = Generation(error=str(exc))
+            record: dict[str, Any] = {
+                "k": GENERATION_ERROR,
+                "l": row.line,
+                "s": slot.index,
+                "e": str(exc),
+            }
+        else:
+            generation = Generation(
+                text=completion.texts[0],
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+            )
+            record = {
+                "k": GENERATION,
+                "l": row.line,
+                "s": slot.index,
+                "c": generation.text,
+                "p": generation.prompt_tokens,
+                "o": generation.completion_tokens,
+                "f": completion.finish_reasons[0],
+            }
+            ctx.stats.turns_done += 1
+        await ctx.writer.record(record)
+        state.generations[slot.index] = generation
+
+    async def _judge(
+        self,
+        ctx: Context,
+        row: InputRow,
+        prompt: list[Message],
+        texts: list[str],
+        state: RowState,
+    ) -> tuple[list[int | None], list[str | None], str | None] | None:
+        """Ratings and rationales for ``texts``, a note when unusable; None when stopping."""
+        assert self.config.judge is not None
+        n = len(texts)
+        for reply, _, _ in state.judge_replies:
+            ratings, rationales = parse_ratings(reply, n)
+            if has_usable_rating(ratings):
+                return ratings, rationales, None
+        client = ctx.clients[self.config.judge]
+        messages = judge_messages(prompt, texts, self.config.aspect)
+        while len(state.judge_replies) < JUDGE_TRIES:
+            if ctx.stopping:
+                return None
+            try:
+                completion = await client.complete(messages)
+            except ModelError as exc:
+                if exc.model_down:
+                    raise ModelDown(
+                        f"models.{self.config.judge} (the judge) stopped answering: {exc}"
+                    ) from exc
+                return [None] * n, [None] * n, f"judge failed: {exc}"
+            reply = completion.texts[0]
+            await ctx.writer.record(
+                {
+                    "k": RATING,
+                    "l": row.line,
+                    "a": len(state.judge_replies),
+                    "c": reply,
+                    "p": completion.prompt_tokens,
+                    "o": completion.completion_tokens,
+                }
+            )
+            state.judge_replies.append(
+                (reply, completion.prompt_tokens, completion.completion_tokens)
+            )
+            ctx.stats.turns_done += 1
+            ratings, rationales = parse_ratings(reply, n)
+            if has_usable_rating(ratings):
+                return ratings, rationales, None
+        return [None] * n, [None] * n, f"the judge gave no usable rating in {JUDGE_TRIES} replies"
+
+    async def _fail(self, ctx: Context, row: InputRow, error: str) -> None:
+        await ctx.writer.failed(
+            row.line, {"id": row.id, "line": row.line, "turn": None, "error": error}
+        )
+        ctx.stats.rows_done += 1
+        ctx.stats.rows_failed += 1

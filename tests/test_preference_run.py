@@ -1,0 +1,227 @@
+"""End to end: `task: preference` with two generators and a judge on the mock server."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.mock_replies import judge_rating
+from engine.mock_server import Faults, MockServer, reply_for
+from tests.conftest import by_id, kill_after, read_jsonl, turnstile, write_jsonl
+
+
+def prompts(n: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for i in range(n):
+        if i % 3 == 0:
+            rows.append({"id": f"p{i}", "prompt": f"explain topic number {i}", "level": i % 2})
+        else:
+            rows.append(
+                {
+                    "id": f"p{i}",
+                    "messages": [
+                        {"role": "system", "content": "answer well"},
+                        {"role": "user", "content": f"first question {i}"},
+                        {"role": "assistant", "content": "an earlier answer"},
+                        {"role": "user", "content": f"follow-up question {i}"},
+                        {"role": "assistant", "content": "to be dropped from the prompt"},
+                    ],
+                }
+            )
+    return rows
+
+
+def prefs_config(
+    folder: Path,
+    base_url: str,
+    *,
+    caps: tuple[int, int, int] = (4, 4, 2),
+    num_generations: int = 1,
+    judge: bool = True,
+    b_model: str = "gen-b",
+    retries: int = 6,
+) -> Path:
+    def model(name: str, cap: int) -> dict[str, Any]:
+        return {
+            "base_url": base_url,
+            "model": name,
+            "max_concurrency": cap,
+            "timeout_s": 10,
+            "max_retries": retries,
+        }
+
+    preference: dict[str, Any] = {
+        "generators": ["a", "b"],
+        "num_generations": num_generations,
+        "aspect": "helpfulness",
+    }
+    if judge:
+        preference["judge"] = "judge"
+    config = {
+        "task": "preference",
+        "input": "in.jsonl",
+        "output": "out/prefs.jsonl",
+        "checkpoint_dir": "ck",
+        "models": {
+            "a": model("gen-a", caps[0]),
+            "b": model(b_model, caps[1]),
+            "judge": model("judge-m", caps[2]),
+        },
+        "preference": preference,
+    }
+    path = folder / "prefs.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def expected_prompt(source: dict[str, Any]) -> list[dict[str, str]]:
+    if "prompt" in source:
+        return [{"role": "user", "content": source["prompt"]}]
+    return source["messages"][:4]
+
+
+async def test_rows_carry_generations_ratings_and_a_trl_pair(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    source = prompts(12)
+    write_jsonl(tmp_path / "in.jsonl", source)
+    config = prefs_config(tmp_path, mock.base_url, num_generations=2)
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    rows = by_id(read_jsonl(tmp_path / "out" / "prefs.jsonl"))
+    assert set(rows) == {s["id"] for s in source}
+    for src in source:
+        row = rows[src["id"]]
+        prompt = expected_prompt(src)
+        assert row["prompt"] == prompt
+        assert row["generation_models"] == ["gen-a", "gen-a", "gen-b", "gen-b"]
+        assert row["generations"][0] == reply_for("gen-a", prompt)
+        assert row["generations"][2] == reply_for("gen-b", prompt)
+        assert row["ratings"] == [judge_rating(g) for g in row["generations"]]
+        assert len(row["rationales"]) == 4
+        ratings = row["ratings"]
+        if len(set(ratings)) > 1:
+            best = ratings.index(max(ratings))
+            worst = ratings.index(min(ratings))
+            assert row["chosen"] == [{"role": "assistant", "content": row["generations"][best]}]
+            assert row["rejected"] == [{"role": "assistant", "content": row["generations"][worst]}]
+            assert row["chosen_model"] == row["generation_models"][best]
+            assert row["chosen_rating"] == max(ratings)
+            assert row["rejected_rating"] == min(ratings)
+            assert row["pair_error"] is None
+        else:
+            assert row["chosen"] is None and "equal" in row["pair_error"]
+        assert row["generation_errors"] == []
+        assert row["usage"]["prompt_tokens"] > 0
+        if "level" in src:
+            assert row["level"] == src["level"]
+    # Each prompt: 4 generations and one judge request, nothing more.
+    assert mock.stats.completed == len(source) * 5
+
+
+async def test_all_equal_and_unusable_ratings_leave_the_row_unpaired(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "tie", "prompt": "[[rating=3]] every answer echoes this"},
+            {"id": "null", "prompt": "[[rating=none]] no answer can be rated"},
+        ],
+    )
+    config = prefs_config(tmp_path, mock.base_url)
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    rows = by_id(read_jsonl(tmp_path / "out" / "prefs.jsonl"))
+    assert rows["tie"]["ratings"] == [3, 3]
+    assert rows["tie"]["chosen"] is None and rows["tie"]["rejected"] is None
+    assert "equal" in rows["tie"]["pair_error"]
+    assert rows["null"]["ratings"] == [None, None]
+    assert "no usable rating" in rows["null"]["pair_error"]
+    assert rows["null"]["generations"]  # kept, for a later judge
+    judge_requests = mock.stats.peak_in_flight_by_model  # judge-m was asked
+    assert "judge-m" in judge_requests
+    # The unusable judge reply was asked for twice; the tie's once.
+    assert mock.stats.completed == 2 * 2 + 1 + 2
+
+
+async def test_a_generator_that_always_fails_does_not_stop_the_others(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    mock.faults = Faults(fail_models={"broken": 500})
+    source = prompts(6)
+    write_jsonl(tmp_path / "in.jsonl", source)
+    config = prefs_config(tmp_path, mock.base_url, num_generations=2, b_model="broken", retries=1)
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(tmp_path / "out" / "prefs.jsonl")
+    assert len(rows) == len(source)
+    for row in rows:
+        assert row["generation_models"] == ["gen-a", "gen-a"]
+        assert [e["model"] for e in row["generation_errors"]] == ["broken", "broken"]
+        assert "HTTP 500" in row["generation_errors"][0]["error"]
+        assert row["ratings"] is not None and len(row["ratings"]) == 2
+
+
+async def test_each_model_keeps_its_own_cap(tmp_path: Path, mock: MockServer) -> None:
+    mock.latency_ms = 15
+    write_jsonl(tmp_path / "in.jsonl", prompts(40))
+    config = prefs_config(tmp_path, mock.base_url, caps=(2, 5, 1), num_generations=2)
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    peaks = mock.stats.peak_in_flight_by_model
+    assert peaks == {"gen-a": 2, "gen-b": 5, "judge-m": 1}
+
+
+async def test_without_a_judge_rows_carry_generations_only(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    write_jsonl(tmp_path / "in.jsonl", prompts(3))
+    config = prefs_config(tmp_path, mock.base_url, judge=False)
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    for row in read_jsonl(tmp_path / "out" / "prefs.jsonl"):
+        assert len(row["generations"]) == 2
+        assert row["ratings"] is None and row["chosen"] is None
+        assert row["pair_error"] == "no judge configured"
+    assert "judge-m" not in mock.stats.peak_in_flight_by_model
+
+
+async def test_sigkill_then_rerun_equals_an_uninterrupted_run(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    source = prompts(80)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    write_jsonl(reference / "in.jsonl", source)
+    done = await turnstile("run", str(prefs_config(reference, mock.base_url)), "--quiet")
+    assert done.returncode == 0, done.stderr
+    expected = by_id(read_jsonl(reference / "out" / "prefs.jsonl"))
+
+    mock.reset()
+    mock.latency_ms = 5
+    write_jsonl(tmp_path / "in.jsonl", source)
+    config = prefs_config(tmp_path, mock.base_url)
+    killed = await kill_after(mock, 120, "run", str(config), "--quiet")
+    assert killed.returncode == -signal.SIGKILL
+
+    rerun = await turnstile("run", str(config), "--quiet")
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert by_id(read_jsonl(tmp_path / "out" / "prefs.jsonl")) == expected
+    repeated = sum(c - 1 for c in mock.stats.requests_by_key.values() if c > 1)
+    # Only requests in flight at the kill may be sent again (caps 4 + 4 + 2).
+    assert repeated <= 10
