@@ -21,6 +21,7 @@ import orjson
 from engine.config import ModelConfig
 from engine.errors import ModelDown, ModelError
 from engine.limiter import Limiter
+from engine.ratelimit import estimate_tokens, per_minute
 from engine.retry import is_retryable_status, parse_retry_after, retry_delay_s
 from engine.stats import ModelStats
 
@@ -65,6 +66,13 @@ class ModelClient:
             headers["Authorization"] = f"Bearer {key}"
         self._headers = headers
         self._params = dict(config.params)
+        now = time.monotonic()
+        self._requests = (
+            per_minute(config.requests_per_minute, now) if config.requests_per_minute else None
+        )
+        self._tokens = (
+            per_minute(config.tokens_per_minute, now) if config.tokens_per_minute else None
+        )
 
     async def __aenter__(self) -> ModelClient:
         connector = aiohttp.TCPConnector(
@@ -131,8 +139,10 @@ class ModelClient:
         """
         body = self.request_body(messages, extra)
         first_try = time.monotonic()
+        estimate = estimate_tokens(len(body), self._params.get("max_tokens"))
         attempt = 0
         while True:
+            await self._pace(estimate)  # before taking a slot: never wait holding one
             async with self.limiter.slot() as epoch:
                 try:
                     completion = await self._post(body)
@@ -141,6 +151,9 @@ class ModelClient:
                 else:
                     self.limiter.succeeded()
                     self._last_ok = time.monotonic()
+                    if self._tokens is not None:
+                        used = completion.prompt_tokens + completion.completion_tokens
+                        self._tokens.adjust(used - estimate if used else 0, self._last_ok)
                     return completion
             # The slot is released: now decide, and wait without holding it.
             if error.status == 429:
@@ -158,6 +171,16 @@ class ModelClient:
             self.stats.retries += 1
             await self._sleep(retry_delay_s(attempt, self._draw(), error.retry_after))
             attempt += 1
+
+    async def _pace(self, tokens: int) -> None:
+        wait = 0.0
+        now = time.monotonic()
+        if self._requests is not None:
+            wait = self._requests.reserve(1, now)
+        if self._tokens is not None:
+            wait = max(wait, self._tokens.reserve(tokens, now))
+        if wait > 0:
+            await self._sleep(wait)
 
     async def _post(self, body: bytes) -> Completion:
         session = self._require_session()

@@ -47,6 +47,9 @@ class ModelConfig:
     params: Mapping[str, Any] = field(default_factory=dict)
     model_path: str | None = None
     local: LocalServerConfig = field(default_factory=LocalServerConfig)
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+    fail_on_length: bool = False  # a reply cut off by max_tokens fails its row
 
     @property
     def is_local(self) -> bool:
@@ -234,6 +237,9 @@ _MODEL_KEYS = (
     "params",
     "model_path",
     "local",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "fail_on_length",
 )
 _LOCAL_KEYS = ("parallel", "ctx_size", "threads", "port")
 
@@ -403,6 +409,12 @@ def _parse_model(p: _Problems, name: str, raw: Any, env: Mapping[str, str]) -> M
             orjson.dumps(dict(params))
         except TypeError as exc:
             p.add(f"{key}.params", f"must hold plain JSON values ({exc})")
+    rpm = _optional_rate(p, f"{key}.requests_per_minute", body.get("requests_per_minute"))
+    tpm = _optional_rate(p, f"{key}.tokens_per_minute", body.get("tokens_per_minute"))
+    fail_on_length = body.get("fail_on_length", False)
+    if not isinstance(fail_on_length, bool):
+        p.add(f"{key}.fail_on_length", f"must be true or false, got {fail_on_length!r}")
+        fail_on_length = False
     local = _parse_local(p, f"{key}.local", body.get("local"))
     if body.get("local") is not None and base_url != LOCAL:
         p.add(f"{key}.local", "only used with base_url: local; remove it or use local")
@@ -419,7 +431,19 @@ def _parse_model(p: _Problems, name: str, raw: Any, env: Mapping[str, str]) -> M
         params=dict(params),
         model_path=model_path,
         local=local,
+        requests_per_minute=rpm,
+        tokens_per_minute=tpm,
+        fail_on_length=fail_on_length,
     )
+
+
+def _optional_rate(p: _Problems, key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        p.add(key, f"must be a positive number per minute, got {value!r}")
+        return None
+    return float(value)
 
 
 def _parse_local(p: _Problems, key: str, raw: Any) -> LocalServerConfig:

@@ -118,11 +118,19 @@ def new_dialogue(row: InputRow, system_prompt: str | None = None) -> Dialogue:
 
 
 def output_row(dialogue: Dialogue, model: str) -> dict[str, object]:
-    """The finished row: the input's other fields, then id, messages, model, usage."""
-    return {
+    """The finished row: the input's other fields, then id, messages, model, usage.
+
+    ``truncated_turns`` (the 0-based turns cut off by max_tokens) is added only
+    when there are any.
+    """
+    row: dict[str, object] = {
         **dialogue.row.extra,
         "id": dialogue.row.id,
         "messages": dialogue.messages(),
         "model": model,
         "usage": dialogue.usage(),
     }
+    truncated = [i for i, r in enumerate(dialogue.replies) if r.finish_reason == "length"]
+    if truncated:
+        row["truncated_turns"] = truncated
+    return row

@@ -57,6 +57,7 @@ class DistillTask:
         self.model_name = config.distill.model
         self.system_prompt = config.distill.system_prompt
         self.model = config.models[self.model_name].model
+        self.fail_on_length = config.models[self.model_name].fail_on_length
 
     def rows_in_flight(self, config: RunConfig) -> int:
         # Twice the cap: while some conversations wait for the journal, others
@@ -70,6 +71,8 @@ class DistillTask:
             await self._fail(ctx, row, None, f"input: {exc}")
             return
         for reply in replies_from(records)[: len(dialogue.turns)]:
+            if await self._cut_off(ctx, row, dialogue.next_turn, reply):
+                return
             dialogue.apply(reply)
             ctx.stats.turns_resumed += 1
         client = ctx.clients[self.model_name]
@@ -93,10 +96,25 @@ class DistillTask:
                 finish_reason=completion.finish_reasons[0],
             )
             await ctx.writer.record(turn_record(row.line, turn, reply))
-            dialogue.apply(reply)
             ctx.stats.turns_done += 1
+            if await self._cut_off(ctx, row, turn, reply):
+                return
+            dialogue.apply(reply)
         await ctx.writer.output(row.line, output_row(dialogue, self.model))
         ctx.stats.rows_done += 1
+
+    async def _cut_off(self, ctx: Context, row: InputRow, turn: int, reply: Reply) -> bool:
+        """With fail_on_length, a reply cut off by max_tokens fails its row."""
+        if not (self.fail_on_length and reply.finish_reason == "length"):
+            return False
+        await self._fail(
+            ctx,
+            row,
+            turn,
+            "the reply was cut off by max_tokens (finish_reason: length); raise "
+            f"models.{self.model_name}.params.max_tokens or set fail_on_length: false",
+        )
+        return True
 
     async def _fail(self, ctx: Context, row: InputRow, turn: int | None, error: str) -> None:
         await ctx.writer.failed(
