@@ -19,7 +19,8 @@ from engine import progress
 from engine.config import RunConfig, load_config
 from engine.errors import CheckpointError, ConfigError, InputError, TurnstileError
 from engine.journal import JOURNAL_NAME, replay
-from engine.manifest import read_manifest
+from engine.journal import repair as repair_journal
+from engine.manifest import lock_checkpoint, read_manifest
 from engine.reader import count_rows
 from engine.run import Outcome, Task, execute, prepare
 
@@ -122,6 +123,35 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    config = _load(args.config, check_env=False)
+    if config is None:
+        return EXIT_UNUSABLE
+    journal = config.checkpoint_dir / JOURNAL_NAME
+    if not journal.exists():
+        print(f"nothing to repair: no journal in {config.checkpoint_dir}")
+        return EXIT_OK
+    try:
+        lock = lock_checkpoint(config.checkpoint_dir)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    try:
+        dropped = repair_journal(journal)
+    finally:
+        lock.close()
+    if not dropped:
+        print(f"{journal}: no damaged records")
+        return EXIT_OK
+    for offset, length in dropped:
+        print(f"dropped a damaged record at byte {offset} ({length} bytes)")
+    print(
+        f"{journal}: {len(dropped)} damaged records dropped (the old journal is kept as "
+        f"{journal.name}.damaged); their work will be requested again on the next run"
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turnstile",
@@ -138,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="progress read from the checkpoint, without running")
     status.add_argument("config")
     status.set_defaults(func=cmd_status)
+    repair = sub.add_parser(
+        "repair", help="drop damaged journal records so the run can resume (their work is redone)"
+    )
+    repair.add_argument("config")
+    repair.set_defaults(func=cmd_repair)
     sub.add_parser("mock-server", help="the mock OpenAI-compatible server (see --help)")
     sub.add_parser("serve-local", help="the built-in llama.cpp server in the foreground")
     return parser

@@ -6,6 +6,7 @@ config in one pass. Each problem names its key and the fix.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -191,7 +192,12 @@ class _Problems:
     def positive_float(self, key: str, value: Any, default: float) -> float:
         if value is None:
             return default
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
             self.add(key, f"must be a positive number of seconds, got {value!r}")
             return default
         return float(value)
@@ -440,7 +446,12 @@ def _parse_model(p: _Problems, name: str, raw: Any, env: Mapping[str, str]) -> M
 def _optional_rate(p: _Problems, key: str, value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         p.add(key, f"must be a positive number per minute, got {value!r}")
         return None
     return float(value)

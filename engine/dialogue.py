@@ -117,14 +117,19 @@ def new_dialogue(row: InputRow, system_prompt: str | None = None) -> Dialogue:
     return Dialogue(row=row, turns=turns, tail=tail)
 
 
+# The row's own keys: an input field of the same name gives way to ours.
+_OWN_KEYS = frozenset({"id", "messages", "model", "usage", "truncated_turns"})
+
+
 def output_row(dialogue: Dialogue, model: str) -> dict[str, object]:
     """The finished row: the input's other fields, then id, messages, model, usage.
 
     ``truncated_turns`` (the 0-based turns cut off by max_tokens) is added only
     when there are any.
     """
+    extra = dialogue.row.extra
     row: dict[str, object] = {
-        **dialogue.row.extra,
+        **{k: v for k, v in extra.items() if k not in _OWN_KEYS},
         "id": dialogue.row.id,
         "messages": dialogue.messages(),
         "model": model,

@@ -16,6 +16,7 @@ which ``turnstile repair`` fixes by dropping the damaged records.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,6 +144,36 @@ def replay(
         state.journal_end = offset + len(raw) + 1
         _apply(state, record, out_size, failed_size)
     return state
+
+
+def repair(path: Path) -> list[tuple[int, int]]:
+    """Rewrite the journal keeping only its good records; return the (offset, length)
+    of each damaged record dropped. The work they held is simply requested again.
+
+    The new journal replaces the old atomically; the old one is kept beside it as
+    ``journal.jsonl.damaged`` for inspection.
+    """
+    dropped: list[tuple[int, int]] = []
+    tmp = path.with_name(path.name + ".repair")
+    with tmp.open("wb") as out:
+        for offset, raw, complete in iter_lines(path):
+            if complete and _decode(raw) is not None:
+                out.write(raw + b"\n")
+            elif raw.strip(b"\x00 \t\r"):
+                dropped.append((offset, len(raw) + (1 if complete else 0)))
+        out.flush()
+        os.fsync(out.fileno())
+    if not dropped:
+        tmp.unlink()
+        return dropped
+    os.replace(path, path.with_name(path.name + ".damaged"))
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return dropped
 
 
 def _decode(raw: bytes) -> dict[str, Any] | None:

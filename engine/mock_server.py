@@ -65,6 +65,8 @@ class MockStats:
     in_flight_by_model: dict[str, int] = field(default_factory=dict)
     peak_in_flight_by_model: dict[str, int] = field(default_factory=dict)
     requests_by_key: collections.Counter[str] = field(default_factory=collections.Counter)
+    # Distinct Authorization headers seen: tests check a key reaches its own server.
+    authorizations: set[str] = field(default_factory=set)
 
     def as_dict(self) -> dict[str, Any]:
         """The counters as plain JSON-ready values."""
@@ -78,6 +80,7 @@ class MockStats:
             "in_flight_by_model": dict(self.in_flight_by_model),
             "peak_in_flight_by_model": dict(self.peak_in_flight_by_model),
             "requests_by_key": dict(self.requests_by_key),
+            "authorizations": len(self.authorizations),
         }
 
 
@@ -231,6 +234,9 @@ class MockServer:
         stats.total_requests += 1
         if self._watchers:
             self._notify()
+        auth = request.headers.get("Authorization")
+        if auth is not None:
+            stats.authorizations.add(auth)
         try:
             chat = parse_chat_request(orjson.loads(await request.read()))
         except (BadRequest, orjson.JSONDecodeError) as exc:

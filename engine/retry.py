@@ -5,6 +5,7 @@ Pure functions; the caller supplies the random draw and the clock.
 
 from __future__ import annotations
 
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 # Statuses that say "not now" rather than "never": rate limits, overload, timeouts.
@@ -49,6 +50,8 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
             return None
         if when is None:
             return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)  # "-0000": UTC, not local time
         seconds = when.timestamp() - now
     if seconds != seconds:  # NaN
         return None

@@ -79,6 +79,8 @@ def _openai(value: Any) -> list[Message]:
             raise InputError(
                 f"'messages[{i}].role' is {role!r}; use one of system, user, assistant"
             )
+        if content is None and role in ("assistant", "tool"):
+            content = ""  # an assistant tool call, or an empty tool result
         if not isinstance(content, str):
             raise InputError(
                 f"'messages[{i}].content' must be a string, got {type(content).__name__}"

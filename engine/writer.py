@@ -120,11 +120,11 @@ class Writer:
 
     async def _wait(self, batch: _Batch) -> None:
         if self.error is not None:
-            raise CheckpointError(f"the checkpoint cannot be written: {self.error}")
+            raise CheckpointError(self._describe(self.error))
         self._kick.set()
         await batch.done.wait()
         if batch.error is not None:
-            raise CheckpointError(f"the checkpoint cannot be written: {batch.error}")
+            raise CheckpointError(self._describe(batch.error))
 
     # -- the writer task -----------------------------------------------------
 
@@ -156,7 +156,7 @@ class Writer:
         self._kick.set()
         await self._stopped.wait()
         if self.error is not None:
-            raise CheckpointError(f"the checkpoint cannot be written: {self.error}")
+            raise CheckpointError(self._describe(self.error))
 
     async def _flush(self, batch: _Batch) -> None:
         try:
@@ -165,7 +165,7 @@ class Writer:
             batch.error = self.error = exc
         batch.done.set()
         if self.error is not None:
-            raise CheckpointError(_describe(self.error, self._journal.path.parent))
+            raise CheckpointError(self._describe(self.error))
 
     def _write(self, batch: _Batch) -> None:
         files = (self._journal, self._out, self._failed)
@@ -191,6 +191,9 @@ class Writer:
                 except OSError:
                     pass
             raise
+
+    def _describe(self, error: BaseException) -> str:
+        return _describe(error, self._journal.path.parent)
 
     @staticmethod
     def _append_rows(target: _File, rows: list[tuple[int, bytes]], kind: str) -> list[bytes]:
@@ -237,4 +240,7 @@ def _describe(error: BaseException, checkpoint_dir: Path) -> str:
             f"no space left on the device holding {checkpoint_dir} or the output; "
             "nothing finished is lost: free some space and run the same command to resume"
         )
-    return f"the checkpoint cannot be written ({error}); run the same command to resume"
+    return (
+        f"the checkpoint cannot be written ({error}); nothing finished is lost: "
+        "fix the cause and run the same command to resume"
+    )

@@ -183,9 +183,7 @@ async def test_sigkill_then_rerun_equals_an_uninterrupted_run(
     assert len(requests) == total_turns
 
 
-async def test_a_torn_output_write_is_repaired_on_resume(
-    tmp_path: Path, mock: MockServer
-) -> None:
+async def test_a_torn_output_write_is_repaired_on_resume(tmp_path: Path, mock: MockServer) -> None:
     # A SIGKILL between writing rows and journaling that they were written leaves
     # rows the journal does not vouch for, maybe half of one; the rerun must cut
     # them and write each once, with no request.
@@ -303,9 +301,7 @@ async def test_an_unreachable_server_stops_the_run_before_any_row(tmp_path: Path
     assert not read_jsonl(tmp_path / "out" / "distilled.failed.jsonl")
 
 
-async def test_status_reads_progress_from_the_checkpoint(
-    tmp_path: Path, mock: MockServer
-) -> None:
+async def test_status_reads_progress_from_the_checkpoint(tmp_path: Path, mock: MockServer) -> None:
     write_jsonl(tmp_path / "in.jsonl", conversations(10))
     config = write_config(tmp_path, mock.base_url)
     before = await turnstile("status", str(config))

@@ -1,0 +1,263 @@
+"""Journal replay: done lines, partial work, torn tails, damage, and the LineSet bitmap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.errors import CheckpointError
+from engine.journal import EMIT_FAILED, EMIT_OUTPUT, LineSet, encode, iter_lines, replay
+
+
+def turn(line: int, i: int, text: str = "reply") -> dict[str, Any]:
+    return {"k": "t", "l": line, "i": i, "c": text, "p": 3, "o": 2, "f": "stop"}
+
+
+def emit(line: int, end: int, kind: str = EMIT_OUTPUT) -> dict[str, Any]:
+    return {"k": kind, "l": line, "e": end}
+
+
+def write(path: Path, *records: dict[str, Any] | bytes) -> bytes:
+    data = b"".join(r if isinstance(r, bytes) else encode(r) for r in records)
+    path.write_bytes(data)
+    return data
+
+
+BIG = 10**9  # an output file size that vouches for every emit
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Path:
+    return tmp_path / "journal.jsonl"
+
+
+# --- encode ------------------------------------------------------------------------------
+
+
+def test_encode_is_one_compact_line() -> None:
+    assert encode({"k": "t", "l": 1, "c": "a\nb"}) == b'{"k":"t","l":1,"c":"a\\nb"}\n'
+
+
+# --- replay ------------------------------------------------------------------------------
+
+
+def test_missing_journal_is_an_empty_replay(journal: Path) -> None:
+    state = replay(journal, 0, 0)
+    assert len(state.done) == 0
+    assert state.partial == {}
+    assert (state.records, state.journal_end, state.out_end) == (0, 0, 0)
+
+
+def test_replay_of_work_and_emit_records(journal: Path) -> None:
+    data = write(
+        journal,
+        turn(0, 0, "a"),
+        turn(1, 0, "b"),
+        turn(0, 1, "c"),
+        emit(0, 120),
+        turn(2, 0, "d"),
+        emit(2, 80, EMIT_FAILED),
+        turn(1, 1, "e"),
+    )
+    state = replay(journal, out_size=120, failed_size=80)
+
+    assert 0 in state.done and 2 in state.done and 1 not in state.done
+    assert len(state.done) == 2
+    # Finished lines drop their partial records; unfinished ones keep theirs in order.
+    assert state.partial == {1: [turn(1, 0, "b"), turn(1, 1, "e")]}
+    assert state.rows_ok == 1 and state.rows_failed == 1
+    assert state.out_end == 120 and state.failed_end == 80
+    assert state.records == 7
+    assert state.work_records == 5
+    assert state.journal_end == len(data)
+    assert state.damaged == []
+
+
+def test_out_end_is_the_furthest_vouched_row(journal: Path) -> None:
+    write(journal, emit(3, 40), emit(1, 90), emit(2, 65))
+    state = replay(journal, out_size=90, failed_size=0)
+    assert state.out_end == 90
+    assert state.rows_ok == 3
+
+
+def test_work_after_a_line_is_done_is_ignored(journal: Path) -> None:
+    write(journal, turn(4, 0), emit(4, 10), turn(4, 1), emit(4, 20))
+    state = replay(journal, out_size=BIG, failed_size=0)
+    assert state.partial == {}
+    assert state.rows_ok == 1  # the second emit of the same line is not counted again
+    assert state.work_records == 1
+    assert state.out_end == 10
+
+
+def test_emit_past_the_end_of_the_output_is_not_done(journal: Path) -> None:
+    write(journal, turn(0, 0), emit(0, 50), turn(1, 0, "x"), turn(1, 1, "y"), emit(1, 100))
+    state = replay(journal, out_size=99, failed_size=0)  # a power cut lost the last row
+    assert 0 in state.done
+    assert 1 not in state.done
+    assert state.partial == {1: [turn(1, 0, "x"), turn(1, 1, "y")]}
+    assert state.out_end == 50
+    assert state.rows_ok == 1
+
+
+def test_failed_emit_is_checked_against_the_failed_file(journal: Path) -> None:
+    write(journal, turn(0, 0), emit(0, 30, EMIT_FAILED))
+    state = replay(journal, out_size=BIG, failed_size=29)
+    assert 0 not in state.done
+    assert state.partial == {0: [turn(0, 0)]}
+    assert state.failed_end == 0
+
+
+# --- torn tails and damage ---------------------------------------------------------------
+
+
+def test_torn_last_line_without_newline_is_dropped(journal: Path) -> None:
+    good = encode(turn(0, 0)) + encode(turn(1, 0))
+    write(journal, good, encode(turn(2, 0))[:-1])  # complete JSON, but no newline
+    state = replay(journal, BIG, 0)
+    assert state.journal_end == len(good)
+    assert 2 not in state.partial
+    assert state.records == 2
+
+
+def test_half_written_last_line_is_dropped(journal: Path) -> None:
+    good = encode(turn(0, 0))
+    write(journal, good, b'{"k":"t","l":1,"c":"par')
+    state = replay(journal, BIG, 0)
+    assert state.journal_end == len(good)
+    assert list(state.partial) == [0]
+    assert state.damaged == []
+
+
+def test_invalid_json_on_the_last_line_is_dropped(journal: Path) -> None:
+    good = encode(turn(0, 0)) + encode(emit(0, 10))
+    write(journal, good, b'{"k":"t","l":1,\x00\x00\n')
+    state = replay(journal, BIG, 0)
+    assert state.journal_end == len(good)
+    assert 0 in state.done
+    assert state.partial == {}
+
+
+def test_blank_and_zero_filled_lines_are_not_damage(journal: Path) -> None:
+    write(journal, encode(turn(0, 0)), b"\n", b"\x00\x00\x00\n", encode(turn(0, 1)))
+    state = replay(journal, BIG, 0)
+    assert state.partial == {0: [turn(0, 0), turn(0, 1)]}
+
+
+def damaged_journal(journal: Path) -> tuple[int, int, bytes]:
+    first = encode(turn(0, 0)) + encode(turn(1, 0))
+    bad = b'{"k":"t","l":2,"c":"garb\n'
+    rest = encode(turn(1, 1)) + encode(emit(0, 10))
+    write(journal, first, bad, rest)
+    return len(first), len(bad), first + bad + rest
+
+
+def test_damage_in_the_middle_is_an_error_naming_the_offset(journal: Path) -> None:
+    offset, _, _ = damaged_journal(journal)
+    with pytest.raises(CheckpointError) as info:
+        replay(journal, BIG, 0)
+    message = str(info.value)
+    assert f"damaged record at byte {offset}" in message
+    assert "turnstile repair" in message
+    assert str(journal) in message
+
+
+def test_repair_skips_and_lists_the_damaged_records(journal: Path) -> None:
+    offset, length, data = damaged_journal(journal)
+    state = replay(journal, BIG, 0, repair=True)
+    assert state.damaged == [(offset, length)]
+    assert state.partial == {1: [turn(1, 0), turn(1, 1)]}
+    assert 0 in state.done
+    assert state.journal_end == len(data)
+    assert state.records == 4
+
+
+def test_repair_lists_every_damaged_record(journal: Path) -> None:
+    a = encode(turn(0, 0))
+    write(journal, a, b"xx\n", b"[1]\n", encode(turn(0, 1)), b'{"l":"x","k":"t"}\n', a)
+    state = replay(journal, BIG, 0, repair=True)
+    assert state.damaged == [(len(a), 3), (len(a) + 3, 4), (2 * len(a) + 7, 18)]
+    assert state.records == 3
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"[1, 2]\n", b'{"k": "t"}\n', b'{"k": 1, "l": 0}\n', b'{"k": "t", "l": "0"}\n'],
+    ids=["not_object", "no_line", "kind_not_str", "line_not_int"],
+)
+def test_records_of_the_wrong_shape_count_as_damage(journal: Path, bad: bytes) -> None:
+    write(journal, encode(turn(0, 0)), bad, encode(turn(0, 1)))
+    with pytest.raises(CheckpointError, match="damaged record at byte"):
+        replay(journal, BIG, 0)
+
+
+# --- LineSet -----------------------------------------------------------------------------
+
+
+def test_lineset_add_contains_len() -> None:
+    lines = LineSet()
+    assert len(lines) == 0 and 0 not in lines
+    for line in (0, 7, 8, 9, 63, 64):
+        lines.add(line)
+    lines.add(8)  # twice counts once
+    assert len(lines) == 6
+    assert all(line in lines for line in (0, 7, 8, 9, 63, 64))
+    assert all(line not in lines for line in (1, 6, 10, 62, 65, 1000))
+
+
+def test_lineset_large_line_numbers() -> None:
+    lines = LineSet()
+    big = [10_000_019, 3, 123_456_789, 10_000_020]
+    for line in big:
+        lines.add(line)
+    assert len(lines) == 4
+    assert all(line in lines for line in big)
+    assert 10_000_018 not in lines and 123_456_790 not in lines and 10**12 not in lines
+
+
+def test_lineset_ignores_non_integers() -> None:
+    lines = LineSet()
+    lines.add(1)
+    assert "1" not in lines
+    assert 1.0 not in lines
+    assert None not in lines
+
+
+def test_lineset_matches_a_set() -> None:
+    lines = LineSet()
+    expected: set[int] = set()
+    for i in range(2000):
+        line = (i * 7919) % 5003
+        lines.add(line)
+        expected.add(line)
+    assert len(lines) == len(expected)
+    assert [n for n in range(5003) if n in lines] == sorted(expected)
+
+
+# --- iter_lines --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tail", [b"", b'{"torn":'], ids=["whole", "torn"])
+def test_iter_lines_is_the_same_for_any_chunk_size(tmp_path: Path, tail: bytes) -> None:
+    path = tmp_path / "j.jsonl"
+    records = [encode({"k": "t", "l": i, "c": "x" * (i % 13)}) for i in range(60)]
+    path.write_bytes(b"".join(records) + b"\n" + tail)
+    big = list(iter_lines(path))
+    for chunk in (1, 2, 3, 7, 64):
+        assert list(iter_lines(path, chunk=chunk)) == big
+    assert len(big) == 61 + (1 if tail else 0)
+    assert big[0] == (0, records[0][:-1], True)
+    assert big[60] == (sum(len(r) for r in records), b"", True)
+    if tail:
+        assert big[-1] == (sum(len(r) for r in records) + 1, tail, False)
+
+
+def test_iter_lines_offsets_point_at_each_line(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    data = b"a\nbb\n\nccc"
+    path.write_bytes(data)
+    lines = list(iter_lines(path, chunk=2))
+    assert lines == [(0, b"a", True), (2, b"bb", True), (5, b"", True), (6, b"ccc", False)]
+    for offset, raw, _ in lines:
+        assert data[offset : offset + len(raw)] == raw

@@ -1,0 +1,133 @@
+"""Retry decisions: which statuses are retried, backoff bounds, and Retry-After."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+import pytest
+
+from engine.retry import (
+    BACKOFF_BASE_S,
+    BACKOFF_CAP_S,
+    RETRY_AFTER_CAP_S,
+    backoff_s,
+    is_retryable_status,
+    parse_retry_after,
+    retry_delay_s,
+)
+
+NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC).timestamp()
+
+
+def http_date(seconds_from_now: float) -> str:
+    return format_datetime(datetime.fromtimestamp(NOW + seconds_from_now, UTC), usegmt=True)
+
+
+# --- classification ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504, 599])
+def test_transient_statuses_are_retried(status: int) -> None:
+    assert is_retryable_status(status)
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 413, 422])
+def test_other_client_errors_are_permanent(status: int) -> None:
+    assert not is_retryable_status(status)
+
+
+# --- backoff -------------------------------------------------------------------------------
+
+
+def ceiling(attempt: int) -> float:
+    return min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2.0**attempt)
+
+
+@pytest.mark.parametrize("attempt", range(12))
+@pytest.mark.parametrize("draw", [0.0, 0.25, 0.5, 0.999999])
+def test_backoff_stays_between_half_the_ceiling_and_the_ceiling(attempt: int, draw: float) -> None:
+    delay = backoff_s(attempt, draw)
+    assert ceiling(attempt) / 2 <= delay <= ceiling(attempt)
+    assert delay <= BACKOFF_CAP_S
+
+
+def test_backoff_grows_with_each_attempt_until_the_cap() -> None:
+    lows = [backoff_s(attempt, 0.0) for attempt in range(12)]
+    highs = [backoff_s(attempt, 0.999999) for attempt in range(12)]
+    assert lows[0] == BACKOFF_BASE_S / 2
+    assert all(b >= a for a, b in itertools.pairwise(lows))
+    assert lows[1] == 2 * lows[0] and lows[4] == 16 * lows[0]
+    # Past the cap the schedule is flat at [cap/2, cap).
+    assert lows[-1] == BACKOFF_CAP_S / 2
+    assert BACKOFF_CAP_S * 0.99 < highs[-1] < BACKOFF_CAP_S
+
+
+def test_backoff_draw_spreads_within_the_attempt() -> None:
+    assert backoff_s(3, 0.0) < backoff_s(3, 0.5) < backoff_s(3, 0.99)
+
+
+def test_backoff_respects_a_custom_base_and_cap() -> None:
+    assert backoff_s(0, 0.0, base=2.0, cap=5.0) == 1.0
+    assert backoff_s(10, 0.0, base=2.0, cap=5.0) == 2.5
+    assert backoff_s(10, 0.999, base=2.0, cap=5.0) < 5.0
+
+
+# --- Retry-After ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("30", 30.0), (" 2 ", 2.0), ("0.5", 0.5), ("0", 0.0)]
+)
+def test_retry_after_seconds(value: str, seconds: float) -> None:
+    assert parse_retry_after(value, NOW) == seconds
+
+
+def test_retry_after_http_date_is_relative_to_now() -> None:
+    assert parse_retry_after(http_date(45), NOW) == pytest.approx(45.0)
+    assert parse_retry_after(http_date(45), NOW + 40) == pytest.approx(5.0)
+
+
+def test_retry_after_http_date_in_the_past_is_zero() -> None:
+    assert parse_retry_after(http_date(-120), NOW) == 0.0
+
+
+@pytest.mark.parametrize("value", [None, "", "   ", "soon", "Wed, 99 Foo 2015", "nan"])
+def test_retry_after_junk_is_none(value: str | None) -> None:
+    assert parse_retry_after(value, NOW) is None
+
+
+def test_retry_after_negative_is_zero() -> None:
+    assert parse_retry_after("-5", NOW) == 0.0
+
+
+@pytest.mark.parametrize("value", ["86400", "1e12", "inf"])
+def test_retry_after_huge_is_capped(value: str) -> None:
+    assert parse_retry_after(value, NOW) == RETRY_AFTER_CAP_S
+
+
+def test_retry_after_far_future_date_is_capped() -> None:
+    assert parse_retry_after(http_date(7 * 86400), NOW) == RETRY_AFTER_CAP_S
+
+
+# --- retry_delay_s -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("draw", [0.0, 0.5, 0.999])
+def test_retry_delay_prefers_retry_after(draw: float) -> None:
+    delay = retry_delay_s(attempt=0, draw=draw, retry_after=20.0)
+    # The hint, plus at most one second of jitter: never shorter than asked.
+    assert 20.0 <= delay <= 21.0
+    assert delay != backoff_s(0, draw)
+
+
+def test_retry_delay_jitter_is_small_for_small_hints() -> None:
+    assert retry_delay_s(0, 0.0, retry_after=0.0) == 0.0
+    assert 0.0 < retry_delay_s(0, 0.999, retry_after=0.0) <= 0.05
+    assert retry_delay_s(0, 0.999, retry_after=1.0) <= 1.0 + 0.15
+
+
+@pytest.mark.parametrize("attempt", [0, 3, 9])
+def test_retry_delay_without_hint_is_the_backoff(attempt: int) -> None:
+    assert retry_delay_s(attempt, 0.3, retry_after=None) == backoff_s(attempt, 0.3)
