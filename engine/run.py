@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import anyio
@@ -22,7 +22,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from engine import progress
 from engine.client import ModelClient
-from engine.config import RunConfig
+from engine.config import ModelConfig, RunConfig
 from engine.errors import CheckpointError, InputError, TurnstileError
 from engine.journal import JOURNAL_NAME, Replay, replay
 from engine.manifest import (
@@ -185,13 +185,16 @@ async def _execute(
         policy=config.journal,
     )
     async with AsyncExitStack() as stack:
+        local_urls: dict[str, str] = {}
+        for server in local_servers(config):
+            opener = open_local or _local_server()
+            url = await stack.enter_async_context(opener(server, config.checkpoint_dir))
+            for name in server.name.split("+"):
+                local_urls[name] = url
         clients: dict[str, ModelClient] = {}
         for name in sorted(config.models_used()):
             model = config.models[name]
-            base_url = None
-            if model.is_local:
-                opener = open_local or _local_server()
-                base_url = await stack.enter_async_context(opener(model, config.checkpoint_dir))
+            base_url = local_urls.get(name)
             model_stats = ModelStats(name=name, cap=model.max_concurrency)
             stats.models[name] = model_stats
             clients[name] = await stack.enter_async_context(
@@ -218,6 +221,36 @@ async def _execute(
             outer.cancel_scope.cancel()
     outcome.elapsed_s = time.monotonic() - started
     return outcome
+
+
+def local_servers(config: RunConfig) -> list[ModelConfig]:
+    """One llama-server per distinct set of local settings, shared by its models.
+
+    Models with the same GGUF file and server settings (two generators at
+    different temperatures and a judge, say) share a server whose slots are the
+    sum of their caps; each keeps its own cap. The returned config is named
+    ``a+b+...`` after the models it serves.
+    """
+    groups: dict[tuple[Any, ...], list[ModelConfig]] = {}
+    for name in sorted(config.models_used()):
+        model = config.models[name]
+        if model.is_local:
+            local = model.local
+            key = (model.model_path, local.ctx_size, local.threads, local.port)
+            groups.setdefault(key, []).append(model)
+    servers = []
+    for models in groups.values():
+        first = models[0]
+        slots = sum(m.local.parallel or m.max_concurrency for m in models)
+        servers.append(
+            replace(
+                first,
+                name="+".join(m.name for m in models),
+                max_concurrency=slots,
+                local=replace(first.local, parallel=slots),
+            )
+        )
+    return servers
 
 
 def _local_server() -> Callable[..., Any]:

@@ -1,0 +1,31 @@
+"""The run scaffold's pure decisions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.config import parse_config
+from engine.run import local_servers
+
+
+def test_local_models_with_the_same_settings_share_one_server(tmp_path: Path) -> None:
+    raw = {
+        "task": "preference",
+        "input": "in.jsonl",
+        "output": "out.jsonl",
+        "models": {
+            "a": {"base_url": "local", "max_concurrency": 4},
+            "b": {"base_url": "local", "max_concurrency": 3},
+            "judge": {"base_url": "local", "max_concurrency": 2, "local": {"ctx_size": 4096}},
+            "remote": {"base_url": "http://127.0.0.1:1/v1", "model": "m"},
+        },
+        "preference": {"generators": ["a", "b", "remote"], "judge": "judge"},
+    }
+    config = parse_config(raw, tmp_path / "c.yaml", env={})
+
+    servers = {s.name: s for s in local_servers(config)}
+
+    assert set(servers) == {"a+b", "judge"}
+    assert servers["a+b"].local.parallel == 7
+    assert servers["judge"].local.parallel == 2
+    assert servers["judge"].local.ctx_size == 4096
