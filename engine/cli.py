@@ -152,6 +152,21 @@ def cmd_repair(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bench(argv: list[str]) -> int:
+    """`turnstile bench`: the suite in the checkout's bench/ (it is not installed)."""
+    import importlib
+
+    if not (Path.cwd() / "bench" / "__main__.py").is_file():
+        print(
+            "error: run `turnstile bench` from a Turnstile checkout (it needs bench/)",
+            file=sys.stderr,
+        )
+        return EXIT_UNUSABLE
+    sys.path.insert(0, str(Path.cwd()))
+    code = importlib.import_module("bench.__main__").main(argv)
+    return int(code or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turnstile",
@@ -175,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     repair.set_defaults(func=cmd_repair)
     sub.add_parser("mock-server", help="the mock OpenAI-compatible server (see --help)")
     sub.add_parser("serve-local", help="the built-in llama.cpp server in the foreground")
+    sub.add_parser("bench", help="the benchmark suite (from a checkout; see bench/)")
     return parser
 
 
@@ -189,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engine import local_server
 
         return local_server.main(args_list[1:])
+    if args_list and args_list[0] == "bench":
+        return _bench(args_list[1:])
     args = build_parser().parse_args(args_list)
     code = args.func(args)
     assert isinstance(code, int)
