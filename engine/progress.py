@@ -42,13 +42,23 @@ def _num(value: float) -> str:
     return f"{value:.0f}" if value >= 100 or value == int(value) else f"{value:.1f}"
 
 
+def _turns_total(stats: RunStats) -> str:
+    """'/~N': the run's turns estimated from the rows finished so far (rows vary in length)."""
+    finished = stats.rows_done - stats.rows_skipped - stats.rows_failed
+    if stats.rows_total is None or finished < 10:
+        return ""
+    per_row = (stats.turns_done + stats.turns_resumed) / finished
+    remaining_rows = max(0, stats.rows_total - stats.rows_done)
+    return f"/~{stats.turns_done + round(per_row * remaining_rows)}"
+
+
 def status_line(stats: RunStats, elapsed: float) -> str:
     """The whole progress in one line (the non-terminal log format)."""
     total = "?" if stats.rows_total is None else str(stats.rows_total)
     tokens = stats.prompt_tokens + stats.completion_tokens
     parts = [
         f"rows {stats.rows_done}/{total} ({stats.rows_failed} failed)",
-        f"turns {stats.turns_done} ({_num(_rate(stats.turns_done, elapsed))}/s)",
+        f"turns {stats.turns_done}{_turns_total(stats)} ({_num(_rate(stats.turns_done, elapsed))}/s)",
         f"tokens {_num(tokens)} ({_num(_rate(stats.completion_tokens, elapsed))} out/s)",
     ]
     for m in stats.models.values():
@@ -87,7 +97,7 @@ def _panel(stats: RunStats, elapsed: float) -> Group:
     head = Text(
         f"rows {done}/{'?' if total is None else total}"
         + (f" ({100 * done / total:.0f}%)" if total else "")
-        + f"  failed {stats.rows_failed}  turns {stats.turns_done}"
+        + f"  failed {stats.rows_failed}  turns {stats.turns_done}{_turns_total(stats)}"
         + f" ({_rate(stats.turns_done, elapsed):.1f}/s)"
         + f"  tokens out {_num(stats.completion_tokens)}"
         + f" ({_rate(stats.completion_tokens, elapsed):.0f}/s)"
