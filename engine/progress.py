@@ -58,7 +58,8 @@ def status_line(stats: RunStats, elapsed: float) -> str:
     tokens = stats.prompt_tokens + stats.completion_tokens
     parts = [
         f"rows {stats.rows_done}/{total} ({stats.rows_failed} failed)",
-        f"turns {stats.turns_done}{_turns_total(stats)} ({_num(_rate(stats.turns_done, elapsed))}/s)",
+        f"turns {stats.turns_done}{_turns_total(stats)}"
+        f" ({_num(_rate(stats.turns_done, elapsed))}/s)",
         f"tokens {_num(tokens)} ({_num(_rate(stats.completion_tokens, elapsed))} out/s)",
     ]
     for m in stats.models.values():
