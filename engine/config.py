@@ -17,7 +17,9 @@ import orjson
 import yaml
 
 from engine.errors import ConfigError
+from engine.filters import FilterConfig, filtered_path, parse_filters
 from engine.judge import ASPECTS
+from engine.sources import parse_input_columns
 
 LOCAL = "local"
 FSYNC_MODES = ("interval", "always", "never")
@@ -103,10 +105,16 @@ class RunConfig:
     max_conversations: int | None = None  # rows in flight; default from the caps
     shutdown_grace_s: float = 10.0
     progress_interval_s: float = 10.0
+    input_columns: Mapping[str, str] = field(default_factory=dict)  # row key -> column
+    filters: FilterConfig = field(default_factory=FilterConfig)
 
     @property
     def failed_output(self) -> Path:
         return self.output.with_name(self.output.stem + ".failed.jsonl")
+
+    @property
+    def filtered_output(self) -> Path:
+        return filtered_path(self.output)
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What changes the generated data; resuming with a different value is refused.
@@ -135,6 +143,11 @@ class RunConfig:
                 "judge": p.judge,
                 "aspect": p.aspect,
             }
+        # Only when set, so checkpoints made before these keys existed still resume.
+        if self.input_columns:
+            fields["input_columns"] = dict(sorted(self.input_columns.items()))
+        if self.filters != FilterConfig():
+            fields["filters"] = self.filters.as_dict()
         return fields
 
     def models_used(self) -> set[str]:
@@ -232,6 +245,8 @@ _TOP_KEYS = (
     "max_conversations",
     "shutdown_grace_s",
     "progress_interval_s",
+    "input_columns",
+    "filters",
 )
 _MODEL_KEYS = (
     "base_url",
@@ -315,6 +330,8 @@ def parse_config(
     max_conversations = p.positive_int("max_conversations", raw.get("max_conversations"), None)
     grace = p.positive_float("shutdown_grace_s", raw.get("shutdown_grace_s"), 10.0)
     interval = p.positive_float("progress_interval_s", raw.get("progress_interval_s"), 10.0)
+    input_columns = parse_input_columns(raw.get("input_columns"), p)
+    filters = parse_filters(raw.get("filters"), p)
 
     if p.items:
         raise ConfigError(p.items)
@@ -332,6 +349,8 @@ def parse_config(
         max_conversations=max_conversations,
         shutdown_grace_s=grace,
         progress_interval_s=interval,
+        input_columns=input_columns,
+        filters=filters,
     )
 
 

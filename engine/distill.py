@@ -100,8 +100,7 @@ class DistillTask:
             if await self._cut_off(ctx, row, turn, reply):
                 return
             dialogue.apply(reply)
-        await ctx.writer.output(row.line, output_row(dialogue, self.model))
-        ctx.stats.rows_done += 1
+        await ctx.finish(row.line, output_row(dialogue, self.model))
 
     async def _cut_off(self, ctx: Context, row: InputRow, turn: int, reply: Reply) -> bool:
         """With fail_on_length, a reply cut off by max_tokens fails its row."""

@@ -7,7 +7,8 @@ One orjson object per line. Record kinds (short keys keep a 10^6-turn journal sm
 - ``{"k": "g", ...}``, ``{"k": "ge", ...}``, ``{"k": "r", ...}``: preference generations,
   generation errors and judge replies (see engine.preference);
 - ``{"k": "o", "l": line, "e": end}``: the row of input line ``l`` was written to the output,
-  which then ended at byte ``e``; ``{"k": "x", ...}`` the same for the failed file.
+  which then ended at byte ``e``; ``{"k": "x", ...}`` the same for the failed file, and
+  ``{"k": "q", ...}`` for the filtered file.
 
 Replay is pure over the journal's bytes. A torn last record (a crash mid-write) is
 dropped; a damaged record with good records after it is an error naming the offset,
@@ -30,6 +31,7 @@ JOURNAL_NAME = "journal.jsonl"
 READ_CHUNK = 1 << 22
 EMIT_OUTPUT = "o"
 EMIT_FAILED = "x"
+EMIT_FILTERED = "q"
 
 
 def encode(record: dict[str, Any]) -> bytes:
@@ -76,10 +78,12 @@ class Replay:
     partial: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
     rows_ok: int = 0
     rows_failed: int = 0
+    rows_filtered: int = 0
     records: int = 0
     work_records: int = 0  # turns, generations, ratings
     out_end: int = 0
     failed_end: int = 0
+    filtered_end: int = 0
     journal_end: int = 0  # bytes of good records; anything after is dropped
     damaged: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
 
@@ -111,6 +115,7 @@ def replay(
     path: Path,
     out_size: int,
     failed_size: int,
+    filtered_size: int = 0,
     *,
     repair: bool = False,
 ) -> Replay:
@@ -142,7 +147,7 @@ def replay(
             state.damaged.extend(pending_damage)
             pending_damage = []
         state.journal_end = offset + len(raw) + 1
-        _apply(state, record, out_size, failed_size)
+        _apply(state, record, (out_size, failed_size, filtered_size))
     return state
 
 
@@ -188,13 +193,13 @@ def _decode(raw: bytes) -> dict[str, Any] | None:
     return record
 
 
-def _apply(state: Replay, record: dict[str, Any], out_size: int, failed_size: int) -> None:
+def _apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int]) -> None:
     state.records += 1
     kind = record["k"]
     line: int = record["l"]
-    if kind in (EMIT_OUTPUT, EMIT_FAILED):
+    if kind in (EMIT_OUTPUT, EMIT_FAILED, EMIT_FILTERED):
         end = record.get("e")
-        limit = out_size if kind == EMIT_OUTPUT else failed_size
+        limit = sizes[(EMIT_OUTPUT, EMIT_FAILED, EMIT_FILTERED).index(kind)]
         if not isinstance(end, int) or end > limit or line in state.done:
             return
         state.done.add(line)
@@ -202,9 +207,12 @@ def _apply(state: Replay, record: dict[str, Any], out_size: int, failed_size: in
         if kind == EMIT_OUTPUT:
             state.rows_ok += 1
             state.out_end = max(state.out_end, end)
-        else:
+        elif kind == EMIT_FAILED:
             state.rows_failed += 1
             state.failed_end = max(state.failed_end, end)
+        else:
+            state.rows_filtered += 1
+            state.filtered_end = max(state.filtered_end, end)
         return
     if line in state.done:
         return

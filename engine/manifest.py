@@ -21,6 +21,7 @@ import orjson
 from engine.config import RunConfig
 from engine.errors import CheckpointError
 from engine.journal import JOURNAL_NAME
+from engine.sources import detect_format, fingerprint_paths
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "lock"
@@ -44,11 +45,24 @@ def hash_file(path: Path) -> str:
 
 
 def input_print(path: Path, known: dict[str, Any] | None = None) -> InputPrint:
-    """The input's fingerprint. Reuses a known digest when size and mtime are unchanged."""
-    st = path.stat()
-    if known and known.get("size") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
-        return InputPrint(st.st_size, st.st_mtime_ns, str(known.get("digest")))
-    return InputPrint(st.st_size, st.st_mtime_ns, hash_file(path))
+    """The input's fingerprint. Reuses a known digest when size and mtime are unchanged.
+
+    A folder input (Parquet files, a saved dataset) is fingerprinted over the files
+    that define its rows, in row order; a single file exactly as before, so the
+    checkpoints of earlier versions still resume.
+    """
+    files = fingerprint_paths(path, detect_format(path))
+    stats = [f.stat() for f in files]
+    size = sum(st.st_size for st in stats)
+    mtime_ns = max((st.st_mtime_ns for st in stats), default=0)
+    if known and known.get("size") == size and known.get("mtime_ns") == mtime_ns:
+        return InputPrint(size, mtime_ns, str(known.get("digest")))
+    if len(files) == 1 and files[0] == path:
+        return InputPrint(size, mtime_ns, hash_file(path))
+    h = hashlib.blake2b(digest_size=16)
+    for f in files:
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + hash_file(f).encode() + b"\n")
+    return InputPrint(size, mtime_ns, h.hexdigest())
 
 
 def config_digest(config: RunConfig) -> str:
@@ -189,5 +203,6 @@ def clear_checkpoint(config: RunConfig) -> None:
         config.checkpoint_dir / MANIFEST_NAME,
         config.output,
         config.failed_output,
+        config.filtered_output,
     ):
         path.unlink(missing_ok=True)

@@ -173,8 +173,7 @@ class PreferenceTask:
         )
         if judge_note is not None:
             out["pair_error"] = judge_note
-        await ctx.writer.output(row.line, out)
-        ctx.stats.rows_done += 1
+        await ctx.finish(row.line, out)
 
     async def _generate(
         self, ctx: Context, row: InputRow, prompt: list[Message], slot: Slot, state: RowState

@@ -124,7 +124,9 @@ def summary(outcome: Outcome) -> str:
     stats = outcome.stats
     elapsed = outcome.elapsed_s
     lines = [
-        f"rows: {stats.rows_done - stats.rows_failed} ok, {stats.rows_failed} failed"
+        f"rows: {stats.rows_done - stats.rows_failed - stats.rows_filtered} ok, "
+        f"{stats.rows_failed} failed"
+        + (f", {stats.rows_filtered} filtered" if stats.rows_filtered else "")
         + (f" ({stats.rows_skipped} finished in earlier runs)" if stats.rows_skipped else ""),
         f"turns: {stats.turns_done} written in {elapsed:.1f}s "
         f"({_rate(stats.turns_done, elapsed):.1f}/s)"

@@ -24,6 +24,7 @@ from engine import progress
 from engine.client import ModelClient
 from engine.config import ModelConfig, RunConfig
 from engine.errors import CheckpointError, InputError, TurnstileError
+from engine.filters import check_row, filtered_record
 from engine.journal import JOURNAL_NAME, Replay, replay
 from engine.manifest import (
     check_manifest,
@@ -34,8 +35,16 @@ from engine.manifest import (
     read_manifest,
     write_manifest,
 )
-from engine.reader import count_rows, decode_row, raw_id, read_lines
 from engine.rows import InputRow
+from engine.sources import (
+    Item,
+    check_input,
+    count_input,
+    decode_input,
+    detect_format,
+    input_id,
+    read_input,
+)
 from engine.stats import ModelStats, RunStats
 from engine.writer import Writer
 
@@ -51,6 +60,17 @@ class Context:
     clients: dict[str, ModelClient]
     stats: RunStats
     stopping: bool = False
+
+    async def finish(self, line: int, row: dict[str, Any]) -> None:
+        """Write a finished row: to the output, or to the filtered file when a rule fires."""
+        filters = self.config.filters
+        reason = check_row(row, self.config.task, filters) if filters.active else None
+        if reason is None:
+            await self.writer.output(line, row)
+        else:
+            await self.writer.filtered(line, filtered_record(row, reason))
+            self.stats.rows_filtered += 1
+        self.stats.rows_done += 1
 
 
 class Task(Protocol):
@@ -81,8 +101,10 @@ def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:
     Blocking (runs before the event loop does any network work). Returns the
     lock handle (keep it open), the replay, and whether this resumes a run.
     """
-    if not config.input.is_file():
-        raise InputError(f"input file {config.input} does not exist; check input: in the config")
+    if not config.input.exists():
+        raise InputError(f"input {config.input} does not exist; check input: in the config")
+    # An unusable folder, a missing extra or a mapped column the input lacks: exit 2.
+    check_input(config.input, detect_format(config.input), config.input_columns)
     lock = lock_checkpoint(config.checkpoint_dir)
     try:
         if fresh:
@@ -102,6 +124,7 @@ def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:
             config.checkpoint_dir / JOURNAL_NAME,
             _size(config.output),
             _size(config.failed_output),
+            _size(config.filtered_output),
         )
     except BaseException:
         lock.close()
@@ -110,7 +133,7 @@ def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:
 
 
 def _refuse_foreign_output(config: RunConfig) -> None:
-    for path in (config.output, config.failed_output):
+    for path in (config.output, config.failed_output, config.filtered_output):
         if _size(path):
             raise CheckpointError(
                 f"{path} already exists but {config.checkpoint_dir} holds no run for it; "
@@ -171,7 +194,10 @@ async def _execute(
     open_local: Callable[..., Any] | None,
 ) -> Outcome:
     stats = RunStats(
-        rows_done=len(state.done), rows_failed=state.rows_failed, rows_skipped=len(state.done)
+        rows_done=len(state.done),
+        rows_failed=state.rows_failed,
+        rows_filtered=state.rows_filtered,
+        rows_skipped=len(state.done),
     )
     started = time.monotonic()
     outcome = Outcome(stats=stats, elapsed_s=0.0, resumed=resumed)
@@ -183,6 +209,8 @@ async def _execute(
         out_end=state.out_end,
         failed_end=state.failed_end,
         policy=config.journal,
+        filtered=config.filtered_output,
+        filtered_end=state.filtered_end,
     )
     async with AsyncExitStack() as stack:
         local_urls: dict[str, str] = {}
@@ -204,16 +232,17 @@ async def _execute(
         ctx = Context(config=config, writer=writer, clients=clients, stats=stats)
         workers = config.max_conversations or task.rows_in_flight(config)
 
+        fmt = await anyio.to_thread.run_sync(detect_format, config.input)
         async with anyio.create_task_group() as outer:
             outer.start_soon(writer.run)
-            outer.start_soon(_count_rows, config, stats)
+            outer.start_soon(_count_rows, config, fmt, stats)
             outer.start_soon(display.run, stats, started)
             work = anyio.CancelScope()
             outer.start_soon(_watch_signals, ctx, outcome, work, outer)
             with work:
                 async with anyio.create_task_group() as inner:
-                    send, receive = anyio.create_memory_object_stream[tuple[int, bytes]](workers)
-                    inner.start_soon(_feed, config, state, ctx, send)
+                    send, receive = anyio.create_memory_object_stream[tuple[int, Item]](workers)
+                    inner.start_soon(_feed, config, fmt, state, ctx, send)
                     async with receive:
                         for _ in range(workers):
                             inner.start_soon(_work, receive.clone(), state, task, ctx)
@@ -262,12 +291,13 @@ def _local_server() -> Callable[..., Any]:
 
 async def _feed(
     config: RunConfig,
+    fmt: str,
     state: Replay,
     ctx: Context,
-    send: anyio.abc.ObjectSendStream[tuple[int, bytes]],
+    send: anyio.abc.ObjectSendStream[tuple[int, Item]],
 ) -> None:
     async with send:
-        async for item in read_lines(config.input, skip=state.done):
+        async for item in read_input(config.input, fmt, config.input_columns, skip=state.done):
             if ctx.stopping:
                 return
             try:
@@ -277,7 +307,7 @@ async def _feed(
 
 
 async def _work(
-    receive: MemoryObjectReceiveStream[tuple[int, bytes]], state: Replay, task: Task, ctx: Context
+    receive: MemoryObjectReceiveStream[tuple[int, Item]], state: Replay, task: Task, ctx: Context
 ) -> None:
     async with receive:
         async for line, raw in receive:
@@ -285,11 +315,16 @@ async def _work(
                 return
             records = state.partial.pop(line, [])
             try:
-                row = decode_row(line, raw)
+                row = decode_input(line, raw, ctx.config.input_columns)
             except InputError as exc:
                 await ctx.writer.failed(
                     line,
-                    {"id": raw_id(line, raw), "line": line, "turn": None, "error": f"input: {exc}"},
+                    {
+                        "id": input_id(line, raw, ctx.config.input_columns),
+                        "line": line,
+                        "turn": None,
+                        "error": f"input: {exc}",
+                    },
                 )
                 ctx.stats.rows_done += 1
                 ctx.stats.rows_failed += 1
@@ -297,9 +332,9 @@ async def _work(
             await task.process(row, records, ctx)
 
 
-async def _count_rows(config: RunConfig, stats: RunStats) -> None:
+async def _count_rows(config: RunConfig, fmt: str, stats: RunStats) -> None:
     stats.rows_total = await anyio.to_thread.run_sync(
-        count_rows, config.input, abandon_on_cancel=True
+        count_input, config.input, fmt, abandon_on_cancel=True
     )
 
 

@@ -24,7 +24,7 @@ import orjson
 
 from engine.config import JournalConfig
 from engine.errors import CheckpointError
-from engine.journal import EMIT_FAILED, EMIT_OUTPUT, encode
+from engine.journal import EMIT_FAILED, EMIT_FILTERED, EMIT_OUTPUT, encode
 
 
 @dataclass(slots=True)
@@ -32,11 +32,12 @@ class _Batch:
     journal: list[bytes] = field(default_factory=list)
     out: list[tuple[int, bytes]] = field(default_factory=list)
     failed: list[tuple[int, bytes]] = field(default_factory=list)
+    filtered: list[tuple[int, bytes]] = field(default_factory=list)
     done: anyio.Event = field(default_factory=anyio.Event)
     error: BaseException | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.journal or self.out or self.failed)
+        return bool(self.journal or self.out or self.failed or self.filtered)
 
 
 class _File:
@@ -86,10 +87,15 @@ class Writer:
         out_end: int,
         failed_end: int,
         policy: JournalConfig,
+        filtered: Path | None = None,
+        filtered_end: int = 0,
     ) -> None:
         self._journal = _File(journal, journal_end)
         self._out = _File(output, out_end)
         self._failed = _File(failed, failed_end)
+        if filtered is None:
+            filtered = failed.with_name(failed.name.replace(".failed.", ".filtered."))
+        self._filtered = _File(filtered, filtered_end)
         self._policy = policy
         self._batch = _Batch()
         self._kick = anyio.Event()
@@ -116,6 +122,12 @@ class Writer:
         """Write a failure to the failed file (and journal that it was)."""
         batch = self._batch
         batch.failed.append((line, orjson.dumps(row) + b"\n"))
+        await self._wait(batch)
+
+    async def filtered(self, line: int, row: dict[str, Any]) -> None:
+        """Write a row the quality filters left out to the filtered file (and journal it)."""
+        batch = self._batch
+        batch.filtered.append((line, orjson.dumps(row) + b"\n"))
         await self._wait(batch)
 
     async def _wait(self, batch: _Batch) -> None:
@@ -168,7 +180,7 @@ class Writer:
             raise CheckpointError(self._describe(self.error))
 
     def _write(self, batch: _Batch) -> None:
-        files = (self._journal, self._out, self._failed)
+        files = (self._journal, self._out, self._failed, self._filtered)
         sizes = [f.size for f in files]
         try:
             journal = batch.journal
@@ -176,9 +188,12 @@ class Writer:
                 journal = journal + self._append_rows(self._out, batch.out, EMIT_OUTPUT)
             if batch.failed:
                 journal = journal + self._append_rows(self._failed, batch.failed, EMIT_FAILED)
+            if batch.filtered:
+                journal = journal + self._append_rows(self._filtered, batch.filtered, EMIT_FILTERED)
             if self._policy.fsync == "always" or self._due():
                 self._out.sync()
                 self._failed.sync()
+                self._filtered.sync()
             self._journal.write(b"".join(journal))
             if self._policy.fsync == "always" or self._due():
                 self._sync_all()
@@ -212,7 +227,7 @@ class Writer:
 
     def _sync_timeout(self) -> float:
         if self._policy.fsync != "interval" or not (
-            self._journal.dirty or self._out.dirty or self._failed.dirty
+            self._journal.dirty or self._out.dirty or self._failed.dirty or self._filtered.dirty
         ):
             return float("inf")
         return max(0.0, self._policy.fsync_interval_s - (time.monotonic() - self._last_sync))
@@ -222,6 +237,7 @@ class Writer:
             return
         self._out.sync()
         self._failed.sync()
+        self._filtered.sync()
         self._journal.sync()
         self._last_sync = time.monotonic()
 
@@ -230,7 +246,7 @@ class Writer:
             if self.error is None and self._policy.fsync != "never":
                 self._sync_all()
         finally:
-            for f in (self._journal, self._out, self._failed):
+            for f in (self._journal, self._out, self._failed, self._filtered):
                 f.close()
 
 

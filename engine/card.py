@@ -1,0 +1,231 @@
+"""The dataset card (``README.md``) of an exported Hugging Face dataset. Pure: values in, text out.
+
+The card says what made the data: the task, the models (names, served names and
+request params), the counts (rows exported, failed, filtered, not finished), the
+most common errors, and the config. Secrets are never in it: a config holds only
+the *names* of the environment variables with the keys; params whose names look
+like credentials are redacted anyway, and a ``base_url``'s user, password and
+query string are dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import yaml
+
+from engine.config import RunConfig
+
+REDACTED = "<redacted>"
+_SECRET_PARTS = frozenset(
+    {"key", "apikey", "token", "secret", "password", "passwd", "auth", "authorization"}
+)
+_SECRET_PARTS |= {"credential", "credentials", "cookie", "bearer"}
+
+
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """What the export found, for the card."""
+
+    exported: int
+    rows_ok: int
+    rows_failed: int
+    rows_filtered: int = 0
+    unpaired: int | None = None  # preference: rows with no chosen/rejected pair, exported or not
+    input_rows: int | None = None
+    top_errors: Sequence[tuple[str, int]] = ()
+    filter_rules: Sequence[tuple[str, int]] = ()
+    json_columns: Sequence[str] = ()
+    columns: Sequence[str] = ()
+    pairs_only: bool = False
+    extra_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+def card_text(config: RunConfig, counts: Counts) -> str:
+    """The whole card: YAML front matter, then Markdown."""
+    task = config.task
+    tags = ["turnstile", "synthetic", "distillation" if task == "distill" else "preference"]
+    if task == "preference":
+        tags.append("dpo")
+    front = yaml.safe_dump({"tags": tags, "task_categories": ["text-generation"]}, sort_keys=False)
+    parts = [
+        f"---\n{front}---\n",
+        f"# {config.output.stem}\n",
+        _task_text(config) + "\n",
+        "## Models\n\n" + _models_table(config),
+        "## Rows\n\n" + _counts_table(counts),
+        "## Columns\n\n" + _columns_text(config, counts),
+    ]
+    if counts.top_errors:
+        parts.append(
+            "## Failures\n\nThe most common errors of the rows that failed "
+            f"(`{config.failed_output.name}`):\n\n"
+            + _table(("rows", "error"), [(n, error) for error, n in counts.top_errors])
+        )
+    if counts.filter_rules:
+        parts.append(
+            "## Filtered rows\n\nRows left out by the quality filters, by rule:\n\n"
+            + _table(("rows", "rule"), [(n, rule) for rule, n in counts.filter_rules])
+        )
+    config_yaml = yaml.safe_dump(
+        public_config(config, counts.extra_config), sort_keys=False, allow_unicode=True
+    )
+    parts.append("## Config\n\nSecrets removed.\n\n```yaml\n" + config_yaml + "```\n")
+    return "\n".join(parts)
+
+
+def public_config(config: RunConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The config as plain values with no secret in it (see the module docstring)."""
+    out: dict[str, Any] = {
+        "task": config.task,
+        "input": config.input.name,
+        "output": config.output.name,
+        "models": {name: _public_model(config, name) for name in sorted(config.models_used())},
+    }
+    if config.distill is not None:
+        out["distill"] = {
+            "model": config.distill.model,
+            "system_prompt": config.distill.system_prompt,
+        }
+    if config.preference is not None:
+        p = config.preference
+        out["preference"] = {
+            "generators": list(p.generators),
+            "num_generations": p.num_generations,
+            "judge": p.judge,
+            "aspect": p.aspect,
+        }
+    out.update(extra or {})
+    return out
+
+
+def redact(value: Any) -> Any:
+    """A copy with the value of every key that names a credential replaced."""
+    if isinstance(value, Mapping):
+        return {str(k): REDACTED if _secret_name(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
+
+
+def public_url(url: str) -> str:
+    """The URL without user, password, query or fragment."""
+    parts = urlsplit(url)
+    if not parts.scheme:
+        return url  # `local`
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _secret_name(name: str) -> bool:
+    words = {w for w in re.split(r"[^a-z0-9]+", name.lower()) if w}
+    return bool(words & _SECRET_PARTS) or "apikey" in name.lower().replace("_", "")
+
+
+def _public_model(config: RunConfig, name: str) -> dict[str, Any]:
+    model = config.models[name]
+    out: dict[str, Any] = {"base_url": public_url(model.base_url), "model": model.model}
+    if model.api_key_env:
+        out["api_key_env"] = model.api_key_env  # the variable's name, never its value
+    out["params"] = redact(dict(model.params))
+    return out
+
+
+def _task_text(config: RunConfig) -> str:
+    if config.distill is not None:
+        teacher = config.models[config.distill.model].model
+        return (
+            "Multi-turn distillation: each conversation keeps its system and user turns, and "
+            f"`{teacher}` wrote every assistant turn, one at a time, each request carrying the "
+            "full history so far."
+        )
+    if config.preference is not None:
+        p = config.preference
+        makers = ", ".join(f"`{config.models[g].model}`" for g in p.generators)
+        judge = (
+            f"`{config.models[p.judge].model}` rated them together (UltraFeedback template, "
+            f"aspect: {p.aspect}); chosen is the highest rating, rejected the lowest"
+            if p.judge
+            else "no judge was configured, so no row has a pair"
+        )
+        return (
+            f"Preference pairs: each prompt went to {makers} ({p.num_generations} generation(s) "
+            f"each); {judge}."
+        )
+    return f"Task: {config.task}."
+
+
+def _models_table(config: RunConfig) -> str:
+    rows = []
+    for name in sorted(config.models_used()):
+        model = _public_model(config, name)
+        params = ", ".join(f"{k}={v}" for k, v in model["params"].items()) or "-"
+        rows.append((name, f"`{model['model']}`", params))
+    return _table(("name", "model", "params"), rows)
+
+
+def _counts_table(c: Counts) -> str:
+    rows: list[tuple[str, Any]] = [
+        ("in this dataset", c.exported),
+        ("finished (in the run's output)", c.rows_ok),
+        ("failed (not in this dataset)", c.rows_failed),
+    ]
+    if c.rows_filtered:
+        rows.append(("filtered out by quality rules", c.rows_filtered))
+    if c.unpaired is not None:
+        rows.append(("with no chosen/rejected pair", c.unpaired))
+    if c.input_rows is not None:
+        done = c.rows_ok + c.rows_failed + c.rows_filtered
+        rows.append(("input rows", c.input_rows))
+        if c.input_rows > done:
+            rows.append(("not finished yet (the run was stopped)", c.input_rows - done))
+    return _table(("rows", "count"), rows)
+
+
+def _columns_text(config: RunConfig, c: Counts) -> str:
+    lines = [f"Columns: {', '.join(f'`{name}`' for name in c.columns)}.", ""]
+    if config.task == "distill":
+        lines.append(
+            "`messages` is the conversation in OpenAI chat format (a list of `{role, content}`), "
+            "ready for TRL's `SFTTrainer`. Rows are in input order."
+        )
+    else:
+        lines.append(
+            "`prompt`, `chosen` and `rejected` are lists of `{role, content}` messages: TRL's "
+            "conversational preference format, ready for `DPOTrainer` and `ORPOTrainer`. "
+            "Rows are in input order."
+        )
+        if c.pairs_only:
+            lines.append(
+                "Exported with `--pairs-only`: rows with no pair are left out of this dataset."
+            )
+        else:
+            lines.append(
+                "Rows with no pair have null `chosen` and `rejected`, and `pair_error` says why; "
+                "drop them before training (`dataset.filter(lambda r: r['chosen'] is not None)`), "
+                "or export with `--pairs-only`."
+            )
+    if c.json_columns:
+        names = ", ".join(f"`{name}`" for name in c.json_columns)
+        lines.append(
+            f"\n{names}: values of differing types across rows, stored as text: strings as "
+            "they are, other values as JSON."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        out.append("| " + " | ".join(_cell(v) for v in row) + " |")
+    return "\n".join(out) + "\n"
+
+
+def _cell(value: Any) -> str:
+    text = str(value).replace("\r", " ").replace("\n", " ").replace("|", "\\|")
+    return text if len(text) <= 200 else text[:199] + "…"

@@ -1,0 +1,370 @@
+"""Quality filters for finished rows. Pure: a row and the rules in, the rule that fired out.
+
+A distillation row's replies are the assistant messages of its ``messages``
+(turn *i* is the *i*-th of them). A preference row's replies are its ``chosen``
+and ``rejected`` messages: the row is filtered when either fails a rule (a pair
+is only as good as its worse half). A preference row with no pair (``chosen``
+null) has each of its ``generations`` checked instead, so an unpaired row kept
+for its generations is held to the same rules.
+
+Rules, checked in this order, the first that fires wins:
+
+- ``empty`` (default on): a reply that is empty or whitespace;
+- ``truncated`` (default off): a reply cut off by ``max_tokens`` (the distillation
+  row's ``truncated_turns``; a preference row's ``truncated_generations``, when it
+  has one);
+- ``min_chars`` / ``max_chars``: a reply's length in characters, outer whitespace
+  not counted;
+- ``same_as_previous`` (default on): a reply identical (outer whitespace aside) to
+  the assistant message before it; for a preference row, to the prompt's last
+  assistant message, or chosen identical to rejected;
+- ``repetition``: more than this fraction of a reply's word n-grams
+  (``repetition_ngram`` words, default 4, lower-cased, split on whitespace) repeat
+  an earlier n-gram of the same reply. Text without spaces between words (Chinese,
+  Japanese) is one word to this rule, so it never fires there;
+- ``deny``: a reply matching any of these regular expressions (``re.search``;
+  case-sensitive unless the pattern says ``(?i)``).
+
+A filtered row goes to ``<output stem>.filtered.jsonl`` as :func:`filtered_record`
+makes it: the whole row plus ``filter``, the rule and a short detail.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+FILTER_KEY = "filter"
+_KEYS = (
+    "empty",
+    "truncated",
+    "repetition",
+    "repetition_ngram",
+    "min_chars",
+    "max_chars",
+    "deny",
+    "same_as_previous",
+)
+
+
+class Problems(Protocol):
+    """Where parsing reports a problem (engine.config's collector is one)."""
+
+    def add(self, key: str, message: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FilterConfig:
+    """The rules a finished row must pass; see the module docstring for each."""
+
+    empty: bool = True
+    truncated: bool = False
+    repetition: float | None = None
+    repetition_ngram: int = 4
+    min_chars: int | None = None
+    max_chars: int | None = None
+    deny: tuple[str, ...] = ()
+    same_as_previous: bool = True
+    patterns: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Compiled once; parse_filters has already reported any pattern that fails.
+        object.__setattr__(self, "patterns", tuple(re.compile(p) for p in self.deny))
+
+    @property
+    def active(self) -> bool:
+        """Whether any rule is on (a run with none can skip the check)."""
+        return bool(
+            self.empty
+            or self.truncated
+            or self.repetition is not None
+            or self.min_chars is not None
+            or self.max_chars is not None
+            or self.deny
+            or self.same_as_previous
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values, for the manifest or a dataset card."""
+        return {
+            "empty": self.empty,
+            "truncated": self.truncated,
+            "repetition": self.repetition,
+            "repetition_ngram": self.repetition_ngram,
+            "min_chars": self.min_chars,
+            "max_chars": self.max_chars,
+            "deny": list(self.deny),
+            "same_as_previous": self.same_as_previous,
+        }
+
+
+def filtered_path(output: Path) -> Path:
+    """Where filtered rows go: ``<output stem>.filtered.jsonl`` next to the output."""
+    return output.with_name(output.stem + ".filtered.jsonl")
+
+
+def filtered_record(row: Mapping[str, Any], reason: str) -> dict[str, Any]:
+    """The filtered file's record: the whole row, then ``filter`` (the reason)."""
+    out = {k: v for k, v in row.items() if k != FILTER_KEY}
+    out[FILTER_KEY] = reason
+    return out
+
+
+def rule_of(reason: str) -> str:
+    """The rule's name from a reason such as ``"empty: turn 2 is empty"``."""
+    return reason.split(":", 1)[0]
+
+
+# -- parsing ----------------------------------------------------------------------------
+
+
+def parse_filters(raw: Any, problems: Problems) -> FilterConfig:
+    """Validate the ``filters:`` section; every problem is reported, keyed by its name."""
+    if raw is None:
+        return FilterConfig()
+    if not isinstance(raw, Mapping):
+        problems.add("filters", f"must be a mapping of keys, got {type(raw).__name__}")
+        return FilterConfig()
+    for name in raw:
+        if name not in _KEYS:
+            problems.add(f"filters.{name}", f"unknown key; allowed keys here: {', '.join(_KEYS)}")
+    defaults = FilterConfig()
+
+    def flag(key: str) -> bool:
+        default: bool = getattr(defaults, key)
+        value = raw.get(key, default)
+        if not isinstance(value, bool):
+            problems.add(f"filters.{key}", f"must be true or false, got {value!r}")
+            return default
+        return value
+
+    def count(key: str, default: int | None, least: int) -> int | None:
+        value = raw.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            problems.add(f"filters.{key}", f"must be a whole number >= {least}, got {value!r}")
+            return default
+        return value
+
+    repetition = raw.get("repetition")
+    if repetition is not None and (
+        isinstance(repetition, bool)
+        or not isinstance(repetition, int | float)
+        or not math.isfinite(repetition)
+        or not 0 <= repetition < 1
+    ):
+        problems.add(
+            "filters.repetition",
+            f"must be a fraction from 0 up to (not including) 1, e.g. 0.5, got {repetition!r}",
+        )
+        repetition = None
+    min_chars = count("min_chars", None, 0)
+    max_chars = count("max_chars", None, 0)
+    if min_chars is not None and max_chars is not None and min_chars > max_chars:
+        problems.add(
+            "filters.min_chars", f"is more than filters.max_chars ({min_chars} > {max_chars})"
+        )
+    return FilterConfig(
+        empty=flag("empty"),
+        truncated=flag("truncated"),
+        repetition=None if repetition is None else float(repetition),
+        repetition_ngram=count("repetition_ngram", 4, 1) or 4,
+        min_chars=min_chars,
+        max_chars=max_chars,
+        deny=_patterns(raw.get("deny"), problems),
+        same_as_previous=flag("same_as_previous"),
+    )
+
+
+def _patterns(raw: Any, problems: Problems) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        problems.add("filters.deny", "must be a list of regular expressions, e.g. ['As an AI']")
+        return ()
+    good: list[str] = []
+    for i, pattern in enumerate(raw):
+        key = f"filters.deny[{i}]"
+        if not isinstance(pattern, str) or not pattern:
+            problems.add(key, f"must be a non-empty string, got {pattern!r}")
+            continue
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.add(key, f"not a valid regex ({exc}); fix it or remove it")
+            continue
+        good.append(pattern)
+    return tuple(good)
+
+
+# -- checking ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One reply to check: its text, where it is (for the reason), and its neighbours."""
+
+    text: str
+    where: str
+    previous: str | None = None
+    truncated: bool = False
+
+
+def check_row(row: Mapping[str, Any], task: str, cfg: FilterConfig) -> str | None:
+    """The first rule the row fails, as ``"rule: detail"``, or None when it passes."""
+    replies = list(replies_of(row, task))
+    for rule in _RULES:
+        for reply in replies:
+            detail = rule(reply, cfg)
+            if detail is not None:
+                return detail
+    if cfg.same_as_previous and task == "preference":
+        chosen, rejected = _pair_texts(row)
+        if chosen is not None and chosen.strip() == (rejected or "").strip():
+            return "same_as_previous: chosen and rejected are identical"
+    return None
+
+
+def replies_of(row: Mapping[str, Any], task: str) -> Iterator[Reply]:
+    """The replies a row offers for training (see the module docstring)."""
+    if task == "distill":
+        yield from _distill_replies(row)
+    elif task == "preference":
+        yield from _preference_replies(row)
+    else:
+        raise ValueError(f"unknown task {task!r}")
+
+
+def _distill_replies(row: Mapping[str, Any]) -> Iterator[Reply]:
+    truncated = _ints(row.get("truncated_turns"))
+    previous: str | None = None
+    turn = 0
+    for message in _messages(row.get("messages")):
+        if message.get("role") != "assistant":
+            continue
+        text = _text(message)
+        yield Reply(text, f"turn {turn}", previous, turn in truncated)
+        previous = text
+        turn += 1
+
+
+def _preference_replies(row: Mapping[str, Any]) -> Iterator[Reply]:
+    previous = None
+    for message in _messages(row.get("prompt")):
+        if message.get("role") == "assistant":
+            previous = _text(message)
+    generations = [g if isinstance(g, str) else None for g in _list(row.get("generations"))]
+    cut_at = _ints(row.get("truncated_generations"))
+    cut = {generations[i] for i in cut_at if i < len(generations)}
+    chosen, rejected = _pair_texts(row)
+    if chosen is not None:
+        pair: tuple[tuple[str, str], ...] = (("chosen", chosen), ("rejected", rejected or ""))
+        for name, text in pair:
+            model = row.get(f"{name}_model")
+            where = f"{name} ({model})" if isinstance(model, str) else name
+            yield Reply(text, where, previous, text in cut)
+        return
+    for i, generation in enumerate(generations):
+        if generation is not None:  # a failed generation is recorded, not offered
+            yield Reply(generation, f"generation {i}", previous, i in cut_at)
+
+
+def _pair_texts(row: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    chosen = _messages(row.get("chosen"))
+    rejected = _messages(row.get("rejected"))
+    if not chosen or not rejected:
+        return None, None
+    return _text(chosen[-1]), _text(rejected[-1])
+
+
+def _messages(value: Any) -> list[Mapping[str, Any]]:
+    return [m for m in _list(value) if isinstance(m, Mapping)]
+
+
+def _list(value: Any) -> Sequence[Any]:
+    return value if isinstance(value, list | tuple) else ()
+
+
+def _ints(value: Any) -> set[int]:
+    return {i for i in _list(value) if isinstance(i, int) and not isinstance(i, bool)}
+
+
+def _text(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+# -- the rules: each takes a reply and the config, and returns "rule: detail" or None ----
+
+
+def _empty(reply: Reply, cfg: FilterConfig) -> str | None:
+    if cfg.empty and not reply.text.strip():
+        return f"empty: the reply in {reply.where} is empty"
+    return None
+
+
+def _truncated(reply: Reply, cfg: FilterConfig) -> str | None:
+    if cfg.truncated and reply.truncated:
+        return f"truncated: the reply in {reply.where} was cut off by max_tokens"
+    return None
+
+
+def _min_chars(reply: Reply, cfg: FilterConfig) -> str | None:
+    size = len(reply.text.strip())
+    if cfg.min_chars is not None and size < cfg.min_chars:
+        return f"min_chars: the reply in {reply.where} has {size} characters (min {cfg.min_chars})"
+    return None
+
+
+def _max_chars(reply: Reply, cfg: FilterConfig) -> str | None:
+    size = len(reply.text.strip())
+    if cfg.max_chars is not None and size > cfg.max_chars:
+        return f"max_chars: the reply in {reply.where} has {size} characters (max {cfg.max_chars})"
+    return None
+
+
+def _same_as_previous(reply: Reply, cfg: FilterConfig) -> str | None:
+    if not cfg.same_as_previous or reply.previous is None or not reply.text.strip():
+        return None
+    if reply.text.strip() == reply.previous.strip():
+        return f"same_as_previous: the reply in {reply.where} repeats the assistant turn before it"
+    return None
+
+
+def _repetition(reply: Reply, cfg: FilterConfig) -> str | None:
+    if cfg.repetition is None:
+        return None
+    n = cfg.repetition_ngram
+    share = repeated_ngrams(reply.text, n)
+    if share > cfg.repetition:
+        return (
+            f"repetition: {share:.0%} of {n}-grams repeated in {reply.where} "
+            f"(max {cfg.repetition:.0%})"
+        )
+    return None
+
+
+def _deny(reply: Reply, cfg: FilterConfig) -> str | None:
+    for pattern in cfg.patterns:
+        if pattern.search(reply.text):
+            return f"deny: the reply in {reply.where} matches {pattern.pattern!r}"
+    return None
+
+
+_RULES = (_empty, _truncated, _min_chars, _max_chars, _same_as_previous, _repetition, _deny)
+
+
+def repeated_ngrams(text: str, n: int) -> float:
+    """The fraction of the text's word n-grams that repeat an earlier one (0 when it has
+    fewer than two n-grams)."""
+    words = text.lower().split()
+    total = len(words) - n + 1
+    if total < 2:
+        return 0.0
+    grams = {tuple(words[i : i + n]) for i in range(total)}
+    return (total - len(grams)) / total
