@@ -95,16 +95,25 @@ class DistillTask:
                 completion_tokens=completion.completion_tokens,
                 finish_reason=completion.finish_reasons[0],
             )
-            await ctx.writer.record(turn_record(row.line, turn, reply))
             ctx.stats.turns_done += 1
+            record = turn_record(row.line, turn, reply)
+            if turn == len(dialogue.turns) - 1 and not self._is_cut_off(reply):
+                # The last turn is journaled in the same group write as its row.
+                dialogue.apply(reply)
+                await ctx.finish(row.line, output_row(dialogue, self.model), (record,))
+                return
+            await ctx.writer.record(record)
             if await self._cut_off(ctx, row, turn, reply):
                 return
             dialogue.apply(reply)
         await ctx.finish(row.line, output_row(dialogue, self.model))
 
+    def _is_cut_off(self, reply: Reply) -> bool:
+        return self.fail_on_length and reply.finish_reason == "length"
+
     async def _cut_off(self, ctx: Context, row: InputRow, turn: int, reply: Reply) -> bool:
         """With fail_on_length, a reply cut off by max_tokens fails its row."""
-        if not (self.fail_on_length and reply.finish_reason == "length"):
+        if not self._is_cut_off(reply):
             return False
         await self._fail(
             ctx,

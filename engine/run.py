@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -48,7 +48,7 @@ from engine.sources import (
 from engine.stats import ModelStats, RunStats
 from engine.writer import Writer
 
-Records = list[dict[str, Any]]
+Records = Sequence[dict[str, Any]]
 
 
 @dataclass(slots=True)
@@ -61,14 +61,17 @@ class Context:
     stats: RunStats
     stopping: bool = False
 
-    async def finish(self, line: int, row: dict[str, Any]) -> None:
-        """Write a finished row: to the output, or to the filtered file when a rule fires."""
+    async def finish(self, line: int, row: dict[str, Any], records: Records = ()) -> None:
+        """Write a finished row: to the output, or to the filtered file when a rule fires.
+
+        ``records`` are journaled with it (in the same group write, before it).
+        """
         filters = self.config.filters
         reason = check_row(row, self.config.task, filters) if filters.active else None
         if reason is None:
-            await self.writer.output(line, row)
+            await self.writer.output(line, row, records)
         else:
-            await self.writer.filtered(line, filtered_record(row, reason))
+            await self.writer.filtered(line, filtered_record(row, reason), records)
             self.stats.rows_filtered += 1
         self.stats.rows_done += 1
 
