@@ -313,7 +313,7 @@ def parse_config(
     if input_path is not None and output_path is not None and input_path == output_path:
         p.add("output", "must not be the input file; pick another path")
 
-    models = _parse_models(p, raw.get("models"), env)
+    models = _parse_models(p, raw.get("models"), env, base)
 
     distill = None
     preference = None
@@ -354,7 +354,9 @@ def parse_config(
     )
 
 
-def _parse_models(p: _Problems, raw: Any, env: Mapping[str, str]) -> dict[str, ModelConfig]:
+def _parse_models(
+    p: _Problems, raw: Any, env: Mapping[str, str], base: Path
+) -> dict[str, ModelConfig]:
     if raw is None:
         p.add("models", "missing; add at least one model, e.g. models: {teacher: {base_url: ...}}")
         return {}
@@ -365,13 +367,15 @@ def _parse_models(p: _Problems, raw: Any, env: Mapping[str, str]) -> dict[str, M
         p.add("models", "is empty; add at least one model")
     models: dict[str, ModelConfig] = {}
     for name, body in section.items():
-        model = _parse_model(p, str(name), body, env)
+        model = _parse_model(p, str(name), body, env, base)
         if model is not None:
             models[str(name)] = model
     return models
 
 
-def _parse_model(p: _Problems, name: str, raw: Any, env: Mapping[str, str]) -> ModelConfig | None:
+def _parse_model(
+    p: _Problems, name: str, raw: Any, env: Mapping[str, str], base: Path
+) -> ModelConfig | None:
     key = f"models.{name}"
     body = p.mapping(key, raw)
     if body is None:
@@ -397,6 +401,8 @@ def _parse_model(p: _Problems, name: str, raw: Any, env: Mapping[str, str]) -> M
     model_path = p.string(
         f"{key}.model_path", body.get("model_path"), required=False, fix="a path to a GGUF file"
     )
+    if model_path is not None and not Path(model_path).expanduser().is_absolute():
+        model_path = str(base / Path(model_path))
     if model_path is not None and base_url != LOCAL:
         p.add(f"{key}.model_path", "only used with base_url: local; remove it or use local")
     model_name = p.string(

@@ -38,6 +38,7 @@ from engine.local_server import (
     log_tail,
     main,
     server_command,
+    server_env,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +147,12 @@ def test_command_takes_the_local_section() -> None:
 
     assert (after("-np"), after("-c"), after("-t")) == ("2", "2048", "3")
     assert (after("--host"), after("--port")) == ("0.0.0.0", "9000")
+
+
+def test_env_stops_openmp_spinning_unless_the_user_chose() -> None:
+    assert server_env({"PATH": "/bin"}) == {"PATH": "/bin", "GOMP_SPINCOUNT": "1000"}
+    assert server_env({"OMP_WAIT_POLICY": "active"}) == {"OMP_WAIT_POLICY": "active"}
+    assert server_env({"GOMP_SPINCOUNT": "0"}) == {"GOMP_SPINCOUNT": "0"}
 
 
 def test_log_tail_reads_only_this_start(tmp_path: Path) -> None:
