@@ -9,13 +9,13 @@ for its generations is held to the same rules.
 
 Rules, checked in this order, the first that fires wins:
 
-- ``empty`` (default on): a reply that is empty or whitespace;
+- ``empty`` (default off): a reply that is empty or whitespace;
 - ``truncated`` (default off): a reply cut off by ``max_tokens`` (the distillation
   row's ``truncated_turns``; a preference row's ``truncated_generations``, when it
   has one);
 - ``min_chars`` / ``max_chars``: a reply's length in characters, outer whitespace
   not counted;
-- ``same_as_previous`` (default on): a reply identical (outer whitespace aside) to
+- ``same_as_previous`` (default off): a reply identical (outer whitespace aside) to
   the assistant message before it; for a preference row, to the prompt's last
   assistant message, or chosen identical to rejected;
 - ``repetition``: more than this fraction of a reply's word n-grams
@@ -61,14 +61,14 @@ class Problems(Protocol):
 class FilterConfig:
     """The rules a finished row must pass; see the module docstring for each."""
 
-    empty: bool = True
+    empty: bool = False
     truncated: bool = False
     repetition: float | None = None
     repetition_ngram: int = 4
     min_chars: int | None = None
     max_chars: int | None = None
     deny: tuple[str, ...] = ()
-    same_as_previous: bool = True
+    same_as_previous: bool = False
     patterns: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
