@@ -19,6 +19,9 @@ from engine.filters import (
 
 GOOD = "Paris is the capital of France, and it sits on the Seine."
 
+# The rules that need no settings, switched on (all rules are off by default).
+ON = FilterConfig(empty=True, same_as_previous=True)
+
 
 def distill_row(*replies: str, **extra: Any) -> dict[str, Any]:
     messages: list[dict[str, str]] = [{"role": "system", "content": "be brief"}]
@@ -60,14 +63,11 @@ def parsed(raw: Any) -> tuple[FilterConfig, list[str]]:
 
 
 def test_a_good_row_passes_the_defaults() -> None:
-    assert (
-        check_row(distill_row(GOOD, "Berlin is the capital of Germany."), "distill", FilterConfig(empty=True, same_as_previous=True))
-        is None
-    )
+    assert check_row(distill_row(GOOD, "Berlin is the capital of Germany."), "distill", ON) is None
 
 
 def test_empty_fires_on_whitespace_and_names_the_turn() -> None:
-    reason = check_row(distill_row(GOOD, "  \n "), "distill", FilterConfig(empty=True, same_as_previous=True))
+    reason = check_row(distill_row(GOOD, "  \n "), "distill", ON)
     assert reason == "empty: the reply in turn 1 is empty"
     assert rule_of(reason) == "empty"
     assert check_row(distill_row(GOOD, " "), "distill", FilterConfig(empty=False)) is None
@@ -75,7 +75,7 @@ def test_empty_fires_on_whitespace_and_names_the_turn() -> None:
 
 def test_truncated_fires_only_when_asked() -> None:
     row = distill_row(GOOD, "cut off mid", truncated_turns=[1])
-    assert check_row(row, "distill", FilterConfig(empty=True, same_as_previous=True)) is None
+    assert check_row(row, "distill", ON) is None
     reason = check_row(row, "distill", FilterConfig(truncated=True))
     assert reason == "truncated: the reply in turn 1 was cut off by max_tokens"
     assert check_row(distill_row(GOOD), "distill", FilterConfig(truncated=True)) is None
@@ -93,12 +93,12 @@ def test_min_and_max_chars_count_the_reply_without_outer_whitespace() -> None:
 
 
 def test_same_as_previous_fires_on_a_repeated_turn() -> None:
-    reason = check_row(distill_row(GOOD, f" {GOOD}\n"), "distill", FilterConfig(empty=True, same_as_previous=True))
+    reason = check_row(distill_row(GOOD, f" {GOOD}\n"), "distill", ON)
     assert reason == "same_as_previous: the reply in turn 1 repeats the assistant turn before it"
     assert (
         check_row(distill_row(GOOD, GOOD), "distill", FilterConfig(same_as_previous=False)) is None
     )
-    assert check_row(distill_row(GOOD, GOOD + "!"), "distill", FilterConfig(empty=True, same_as_previous=True)) is None
+    assert check_row(distill_row(GOOD, GOOD + "!"), "distill", ON) is None
 
 
 def test_repetition_fires_above_the_share_of_repeated_ngrams() -> None:
@@ -110,7 +110,7 @@ def test_repetition_fires_above_the_share_of_repeated_ngrams() -> None:
     reason = check_row(distill_row(GOOD, looping), "distill", cfg)
     assert reason is not None and reason.startswith("repetition: ")
     assert "of 4-grams repeated in turn 1 (max 50%)" in reason
-    assert check_row(distill_row(GOOD, looping), "distill", FilterConfig(empty=True, same_as_previous=True)) is None
+    assert check_row(distill_row(GOOD, looping), "distill", ON) is None
     assert check_row(distill_row(GOOD), "distill", cfg) is None
 
 
@@ -150,7 +150,7 @@ def test_a_preference_row_is_filtered_when_its_chosen_or_rejected_fails() -> Non
 
 
 def test_identical_chosen_and_rejected_is_same_as_previous() -> None:
-    assert check_row(pref_row(GOOD, GOOD), "preference", FilterConfig(empty=True, same_as_previous=True)) == (
+    assert check_row(pref_row(GOOD, GOOD), "preference", ON) == (
         "same_as_previous: chosen and rejected are identical"
     )
     assert (
@@ -165,7 +165,7 @@ def test_a_reply_that_repeats_the_prompts_last_assistant_turn() -> None:
         {"role": "assistant", "content": "Lyon."},
         {"role": "user", "content": "again?"},
     ]
-    assert check_row(row, "preference", FilterConfig(empty=True, same_as_previous=True)) == (
+    assert check_row(row, "preference", ON) == (
         "same_as_previous: the reply in rejected (b) repeats the assistant turn before it"
     )
 
@@ -173,11 +173,9 @@ def test_a_reply_that_repeats_the_prompts_last_assistant_turn() -> None:
 def test_an_unpaired_row_has_each_generation_checked() -> None:
     row = pref_row(None, None)
     row["generations"] = [GOOD, None, "   "]
-    assert check_row(row, "preference", FilterConfig(empty=True, same_as_previous=True)) == (
-        "empty: the reply in generation 2 is empty"
-    )
+    assert check_row(row, "preference", ON) == ("empty: the reply in generation 2 is empty")
     row["generations"] = [GOOD, None]
-    assert check_row(row, "preference", FilterConfig(empty=True, same_as_previous=True)) is None
+    assert check_row(row, "preference", ON) is None
 
 
 def test_truncated_generations_when_the_row_carries_them() -> None:
@@ -260,4 +258,4 @@ def test_the_filtered_record_and_path() -> None:
 
 def test_an_unknown_task_is_a_bug() -> None:
     with pytest.raises(ValueError):
-        check_row({}, "translate", FilterConfig(empty=True, same_as_previous=True))
+        check_row({}, "translate", ON)
