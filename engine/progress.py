@@ -134,6 +134,9 @@ def summary(outcome: Outcome) -> str:
         f"tokens: {stats.prompt_tokens} prompt, {stats.completion_tokens} completion "
         f"({_rate(stats.completion_tokens, elapsed):.1f} completion tokens/s)",
     ]
+    if stats.filtered_by_rule:
+        counts = ", ".join(f"{rule} {n}" for rule, n in sorted(stats.filtered_by_rule.items()))
+        lines.append(f"filtered this run, by rule: {counts}")
     for m in stats.models.values():
         p50 = m.latency.percentile(50)
         p95 = m.latency.percentile(95)

@@ -24,7 +24,7 @@ from engine import progress
 from engine.client import ModelClient
 from engine.config import ModelConfig, RunConfig
 from engine.errors import CheckpointError, InputError, TurnstileError
-from engine.filters import check_row, filtered_record
+from engine.filters import check_row, filtered_record, rule_of
 from engine.journal import JOURNAL_NAME, Replay, replay
 from engine.manifest import (
     check_manifest,
@@ -73,6 +73,8 @@ class Context:
         else:
             await self.writer.filtered(line, filtered_record(row, reason), records)
             self.stats.rows_filtered += 1
+            rule = rule_of(reason)
+            self.stats.filtered_by_rule[rule] = self.stats.filtered_by_rule.get(rule, 0) + 1
         self.stats.rows_done += 1
 
 

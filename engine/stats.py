@@ -63,6 +63,7 @@ class RunStats:
     rows_done: int = 0  # finished this run or earlier (ok and failed)
     rows_failed: int = 0
     rows_filtered: int = 0  # finished, but left out by the quality filters
+    filtered_by_rule: dict[str, int] = field(default_factory=dict)  # this run's, per rule
     rows_skipped: int = 0  # finished in an earlier run
     turns_done: int = 0  # replies written this run
     turns_resumed: int = 0  # replies recovered from the journal

@@ -58,7 +58,7 @@ async def test_columnar_input_runs_filters_resumes_and_exports(
     result = await turnstile("run", str(config), "--quiet")
 
     assert result.returncode == 0, result.stderr
-    assert "10 filtered" in result.stderr
+    assert "10 filtered" in result.stderr and "by rule: deny 10" in result.stderr
     out = read_jsonl(tmp_path / "out" / "distilled.jsonl")
     filtered = read_jsonl(tmp_path / "out" / "distilled.filtered.jsonl")
     assert sorted(r["id"] for r in out) == sorted(f"c{i}" for i in range(30) if not 10 <= i < 20)
