@@ -86,19 +86,7 @@ def public_config(config: RunConfig, extra: Mapping[str, Any] | None = None) -> 
         "output": config.output.name,
         "models": {name: _public_model(config, name) for name in sorted(config.models_used())},
     }
-    if config.distill is not None:
-        out["distill"] = {
-            "model": config.distill.model,
-            "system_prompt": config.distill.system_prompt,
-        }
-    if config.preference is not None:
-        p = config.preference
-        out["preference"] = {
-            "generators": list(p.generators),
-            "num_generations": p.num_generations,
-            "judge": p.judge,
-            "aspect": p.aspect,
-        }
+    out.update(config.task_fields())
     out.update(extra or {})
     return out
 

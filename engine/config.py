@@ -130,25 +130,34 @@ class RunConfig:
                 for name in used
             },
         }
-        if self.distill is not None:
-            fields["distill"] = {
-                "model": self.distill.model,
-                "system_prompt": self.distill.system_prompt,
-            }
-        if self.preference is not None:
-            p = self.preference
-            fields["preference"] = {
-                "generators": list(p.generators),
-                "num_generations": p.num_generations,
-                "judge": p.judge,
-                "aspect": p.aspect,
-            }
+        fields.update(self.task_fields())
         # Only when set, so checkpoints made before these keys existed still resume.
         if self.input_columns:
             fields["input_columns"] = dict(sorted(self.input_columns.items()))
         if self.filters != FilterConfig():
             fields["filters"] = self.filters.as_dict()
         return fields
+
+    def task_fields(self) -> dict[str, Any]:
+        """The task's own section (``distill`` or ``preference``) as plain values."""
+        if self.distill is not None:
+            return {
+                "distill": {
+                    "model": self.distill.model,
+                    "system_prompt": self.distill.system_prompt,
+                }
+            }
+        if self.preference is not None:
+            p = self.preference
+            return {
+                "preference": {
+                    "generators": list(p.generators),
+                    "num_generations": p.num_generations,
+                    "judge": p.judge,
+                    "aspect": p.aspect,
+                }
+            }
+        return {}
 
     def models_used(self) -> set[str]:
         if self.distill is not None:
