@@ -1,0 +1,97 @@
+"""How big and how many: the sizes and repeats of a full run and of ``--quick``.
+
+A full run is sized to finish in about 30 minutes on a 2-core machine, with every
+measured run long enough (several seconds) that process start-up is a small part of
+it. ``--quick`` is a smoke run of about two minutes: small sizes, one or two repeats,
+no 10^6 run, and no peers unless their venv is already installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    quick: bool
+    repeats: int  # interleaved repeats of each A/B comparison
+    overhead_single: int  # prompts, 0 ms
+    overhead_multi: int  # conversations of 1-6 turns, 0 ms
+    overhead_cap: int
+    latencies_ms: tuple[float, ...]
+    caps: tuple[int, ...]
+    latency_seconds: float  # aim for runs this long in the latency grid...
+    latency_waves: int  # ...and at least this many rounds of `cap` requests
+    latency_repeats: int
+    cpu_rate: float  # turns/s this machine manages at most (sizes CPU-bound runs)
+    durability_single: int
+    durability_repeats: int
+    memory_rows: tuple[int, ...]
+    memory_cap: int
+    resume_kill_fraction: float  # SIGKILL the biggest run once this much is written
+    peer_single: int
+    peer_multi: int
+    peer_caps: tuple[int, ...]  # Distilabel at 50 ms, single-turn
+    peer_latency_rows: int
+    peer_repeats: int
+    peer_latency_repeats: int
+    install_peers: bool
+    real_prompts: int
+    real_repeats: int
+
+
+FULL = Plan(
+    quick=False,
+    repeats=5,
+    overhead_single=20_000,
+    overhead_multi=6_000,
+    overhead_cap=64,
+    latencies_ms=(50.0, 200.0),
+    caps=(16, 64, 256, 1024),
+    latency_seconds=3.0,
+    latency_waves=30,
+    latency_repeats=2,
+    cpu_rate=2_500.0,
+    durability_single=20_000,
+    durability_repeats=3,
+    memory_rows=(10_000, 100_000, 1_000_000),
+    memory_cap=1024,
+    resume_kill_fraction=0.99,
+    peer_single=3_000,
+    peer_multi=600,
+    peer_caps=(16, 64, 256),
+    peer_latency_rows=1_500,
+    peer_repeats=2,
+    peer_latency_repeats=1,
+    install_peers=True,
+    real_prompts=24,
+    real_repeats=3,
+)
+
+QUICK = Plan(
+    quick=True,
+    repeats=2,
+    overhead_single=3_000,
+    overhead_multi=1_000,
+    overhead_cap=64,
+    latencies_ms=(50.0, 200.0),
+    caps=(16, 64, 256, 1024),
+    latency_seconds=1.0,
+    latency_waves=5,
+    latency_repeats=1,
+    cpu_rate=2_500.0,
+    durability_single=3_000,
+    durability_repeats=1,
+    memory_rows=(10_000, 100_000),
+    memory_cap=1024,
+    resume_kill_fraction=0.99,
+    peer_single=1_000,
+    peer_multi=150,
+    peer_caps=(64,),
+    peer_latency_rows=500,
+    peer_repeats=1,
+    peer_latency_repeats=1,
+    install_peers=False,
+    real_prompts=8,
+    real_repeats=1,
+)

@@ -1,0 +1,297 @@
+"""Turning measurements into RESULTS.md: summaries, tables, targets, plots, the machine.
+
+Every figure is a median over interleaved repeats with its range (min-max); ratios
+are taken per repeat (Turnstile and its reference ran back to back) and then
+summarised the same way, so a slow minute on a shared machine hits both sides.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import math
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.runners import Result
+
+
+@dataclass(slots=True)
+class Target:
+    """One goal from the brief and whether this run met it (None: not measured)."""
+
+    what: str
+    goal: str
+    value: str
+    met: bool | None
+
+
+@dataclass(slots=True)
+class Section:
+    """One experiment's part of RESULTS.md."""
+
+    key: str
+    title: str
+    lines: list[str] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+# -- numbers -----------------------------------------------------------------
+
+
+def median(values: Iterable[float]) -> float:
+    clean = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(clean) if clean else float("nan")
+
+
+def spread(values: Sequence[float], fmt: str = "{:,.0f}", scale: float = 1.0) -> str:
+    """``median (min-max)``, or just the value when there is one."""
+    clean = [v * scale for v in values if v is not None and not math.isnan(v)]
+    if not clean:
+        return "n/a"
+    mid = fmt.format(statistics.median(clean))
+    if len(clean) == 1 or min(clean) == max(clean):
+        return mid
+    return f"{mid} ({fmt.format(min(clean))}-{fmt.format(max(clean))})"
+
+
+def pct(values: Sequence[float]) -> str:
+    return spread(values, "{:.0f}%", 100.0)
+
+
+def ratios(top: Sequence[Result], bottom: Sequence[Result], attr: str) -> list[float]:
+    """Per-repeat ratios ``top.attr / bottom.attr``, pairing runs in order."""
+    out = []
+    for a, b in zip(top, bottom, strict=False):
+        x, y = getattr(a, attr), getattr(b, attr)
+        if y:
+            out.append(x / y)
+    return out
+
+
+def flat(results: dict[str, list[Result]]) -> list[Result]:
+    """Every run of every system, in one list."""
+    return [r for runs in results.values() for r in runs]
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
+    return lines
+
+
+def other_load(results: Iterable[Result]) -> str:
+    """The CPU other processes on the machine used during these runs, in cores."""
+    runs = list(results)
+    busy = sum(r.other_cpu_s for r in runs)
+    wall = sum(r.wall_s for r in runs)
+    return f"{busy / wall:.2f} cores" if wall else "n/a"
+
+
+def failed_runs(results: Iterable[Result]) -> list[str]:
+    """A note line per run that did not end cleanly or wrote the wrong number of rows."""
+    notes = []
+    for r in results:
+        if r.extra.get("killed"):
+            continue  # SIGKILLed on purpose
+        expected = r.extra.get("expected_rows")
+        if r.rc != 0 or (expected is not None and r.rows_out != expected):
+            tail = str(r.extra.get("stderr_tail", "")).strip().splitlines()[-3:]
+            notes.append(
+                f"- **{r.system} {r.label}: exit {r.rc}, {r.rows_out:,} rows written"
+                f" (expected {expected})** {' / '.join(tail)}"
+            )
+    return notes
+
+
+def verdict(met: bool | None) -> str:
+    return {True: "met", False: "**not met**", None: "(no target)"}[met]
+
+
+# -- the machine -------------------------------------------------------------
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _ram_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    from bench import peers
+
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": f"{os.cpu_count()} (nproc), {_cpu_model()}",
+        "ram": f"{_ram_gib():.1f} GiB",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "turnstile": _version("turnstile"),
+        "aiohttp": _version("aiohttp"),
+        "orjson": _version("orjson"),
+        "anyio": _version("anyio"),
+        "distilabel": peers.distilabel_version() or "not installed",
+        "bespokelabs-curator": peers.curator_version() or "not installed",
+        "load": Path("/proc/loadavg").read_text().split(" ")[0] + " (1-min load average, end)",
+        "git": _git_head(),
+    }
+
+
+def _git_head() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "engine"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" + uncommitted engine changes" if dirty else "")
+
+
+# -- plots -------------------------------------------------------------------
+
+
+def plot_caps(data: dict[str, Any], peers: dict[str, Any], path: Path) -> bool:
+    """Turns/s against the cap, one panel per (latency, shape), with the ideal line."""
+    points = data.get("points", [])
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    latencies = sorted({p["latency_ms"] for p in points})
+    shapes = ["single", "multi"]
+    fig, axes = plt.subplots(len(latencies), 2, figsize=(11, 4.2 * len(latencies)), squeeze=False)
+    styles = {"turnstile": "o-", "bare": "s--", "distilabel": "^:", "curator": "v:"}
+    for row, latency in enumerate(latencies):
+        for col, shape in enumerate(shapes):
+            ax = axes[row][col]
+            here = [p for p in points if p["latency_ms"] == latency and p["shape"] == shape]
+            extra = [  # the peers' own points (their Turnstile/bare runs repeat ours)
+                p
+                for p in peers.get("points", [])
+                if p["latency_ms"] == latency
+                and p["shape"] == shape
+                and p["system"] not in ("turnstile", "bare")
+            ]
+            caps = sorted({p["cap"] for p in here + extra})
+            if not caps:
+                ax.set_visible(False)
+                continue
+            ax.plot(caps, [c / (latency / 1000) for c in caps], "k-", lw=0.8, label="ideal")
+            for system in styles:
+                mine = sorted(
+                    (p for p in here + extra if p["system"] == system), key=lambda p: p["cap"]
+                )
+                if mine:
+                    ax.plot(
+                        [p["cap"] for p in mine],
+                        [p["rate"] for p in mine],
+                        styles[system],
+                        label="bare aiohttp loop" if system == "bare" else system,
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("cap (max_concurrency)")
+            ax.set_ylabel("turns/s (steady state)")
+            ax.set_title(f"{shape}-turn, mock latency {latency:g} ms")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_memory(data: dict[str, Any], path: Path) -> bool:
+    points = data.get("points", [])
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs = [p["rows"] for p in points]
+    ax.plot(xs, [p["rss_mb"] for p in points], "o-", label="turnstile run: peak RSS")
+    ax.axhline(200, color="r", lw=0.8, ls="--", label="target: 200 MB")
+    ax.set_xscale("log")
+    ax.set_ylim(0, max(220, *(p["rss_mb"] * 1.2 for p in points)))
+    ax.set_xlabel("conversations in the input")
+    ax.set_ylabel("peak RSS (MB)")
+    ax.set_title("Memory against input size (0 ms mock, cap 1024)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# -- the document ------------------------------------------------------------
+
+
+def _number(section: Section) -> float:
+    """Sections are titled "N. ..."; the experiments' numbering orders the report."""
+    head = section.title.split(".", 1)[0]
+    return float(head) if head.isdigit() else float("inf")
+
+
+def render(sections: list[Section], info: dict[str, str], command: str, notes: list[str]) -> str:
+    """The whole RESULTS.md: machine, targets, one part per experiment, then the method."""
+    lines = [
+        "# Turnstile benchmarks",
+        "",
+        f"Generated by `{command}` on {info['date']}. Every number below was measured in that "
+        "one run, side by side with its reference (runs interleaved, several repeats); "
+        "figures are medians with the range (min-max) over repeats. Ratios are what to read: "
+        "absolute rates belong to this machine.",
+        "",
+        "## Machine and versions",
+        "",
+        *table(["", ""], [[k, v] for k, v in info.items()]),
+    ]
+    sections = sorted(sections, key=_number)
+    targets = [t for s in sections for t in s.targets]
+    if targets:
+        lines += ["", "## Targets", ""]
+        lines += table(
+            ["experiment", "target", "measured", "verdict"],
+            [[t.what, t.goal, t.value, verdict(t.met)] for t in targets],
+        )
+    for section in sections:
+        lines += ["", f"## {section.title}", "", *section.lines]
+    lines += notes
+    return "\n".join(lines).rstrip() + "\n"
