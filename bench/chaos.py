@@ -219,6 +219,8 @@ def markdown(report: ChaosReport, command: str) -> str:
             f"{report.mismatched} |",
             f"| requests sent (incl. retries) | {report.requests} |",
             f"| requests re-sent after kills and faults (same history twice) | {report.re_sent} |",
+            f"| of which after the kills (re-sent minus faulted requests) | "
+            f"{max(0, report.re_sent - sum(report.faults.values()))} |",
             f"| faults injected | {faults} |",
             f"| wall time | {report.seconds:.0f} s |",
             "",
