@@ -27,7 +27,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from engine.mock_server import MockServer
+from engine.mock_server import MockServer, serve_until_signalled
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -66,22 +66,14 @@ class ClockedMockServer(MockServer):
         return await super()._reset(request)
 
 
-async def _serve(server: MockServer) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with server:
-        print(f"mock server listening on {server.base_url}", flush=True)
-        await stop.wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.mockserver")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     args = parser.parse_args(argv)
-    asyncio.run(_serve(ClockedMockServer(latency_ms=args.latency_ms, port=args.port)))
+    asyncio.run(
+        serve_until_signalled(ClockedMockServer(latency_ms=args.latency_ms, port=args.port))
+    )
     return 0
 
 

@@ -347,7 +347,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(server: MockServer) -> None:
+async def serve_until_signalled(server: MockServer) -> None:
+    """Serve, print the URL (what callers read to learn the port), stop on SIGINT/SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     server = MockServer(latency_ms=args.latency_ms, faults=faults, host=args.host, port=args.port)
     try:
-        asyncio.run(_serve(server))
+        asyncio.run(serve_until_signalled(server))
     except OSError as exc:
         print(
             f"turnstile mock-server: cannot listen on {args.host}:{args.port}: {exc}",
