@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import anyio
@@ -97,7 +97,6 @@ class Outcome:
     elapsed_s: float
     interrupted_by: int | None = None
     resumed: bool = False
-    notes: list[str] = field(default_factory=list)
 
 
 def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:
