@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from engine.config import RunConfig
+from engine.dialogue import describe_rule
 
 REDACTED = "<redacted>"
 _SECRET_PARTS = frozenset(
@@ -130,7 +131,7 @@ def _task_text(config: RunConfig) -> str:
         return (
             "Multi-turn distillation: each conversation keeps its system and user turns, and "
             f"`{teacher}` wrote every assistant turn, one at a time, each request carrying the "
-            "full history so far."
+            f"full history so far. Turns: {describe_rule(config.distill.turns)}."
         )
     if config.preference is not None:
         p = config.preference

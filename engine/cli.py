@@ -3,7 +3,9 @@
 Exit codes: 0 every row succeeded; 1 some rows failed (see the failed file);
 2 the config, input or checkpoint cannot be used as it is (nothing was sent);
 3 the run stopped on an error it cannot go past (disk full, local server would
-not start): run the same command to resume; 128+N stopped by signal N, resumable.
+not start): run the same command to resume; 70 Turnstile crashed (a bug: the
+traceback is in <checkpoint_dir>/crash.log), resumable; 128+N stopped by signal N,
+resumable.
 """
 
 from __future__ import annotations
@@ -17,14 +19,17 @@ import anyio
 
 from engine import progress
 from engine.config import RunConfig, load_config
+from engine.crash import crash_report, write_crash_log
+from engine.dialogue import describe_rule
 from engine.errors import CheckpointError, ConfigError, InputError, TurnstileError
 from engine.journal import JOURNAL_NAME, replay
 from engine.journal import repair as repair_journal
-from engine.manifest import lock_checkpoint, read_manifest
+from engine.manifest import lock_checkpoint, read_manifest, recorded_turn_rule
 from engine.run import Outcome, Task, execute, prepare
 from engine.sources import count_input, detect_format
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
+EXIT_CRASHED = 70  # EX_SOFTWARE: a bug, never to be read as "some rows failed"
 
 
 def make_task(config: RunConfig) -> Task:
@@ -75,6 +80,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         except TurnstileError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_STOPPED
+        except Exception as exc:  # a bug: say so, keep the traceback, leave it resumable
+            return _crashed(exc, config)
     finally:
         lock.close()
     print(progress.summary(outcome), file=sys.stderr)
@@ -86,6 +93,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED_ROWS
     progress.log(f"done: {config.output}")
     return EXIT_OK
+
+
+def _crashed(exc: BaseException, config: RunConfig) -> int:
+    secrets = [key for model in config.models.values() if (key := model.api_key())]
+    summary, log = write_crash_log(config.checkpoint_dir, exc, secrets)
+    print(
+        f"error: Turnstile crashed: {summary} (a bug; the traceback is in {log}). "
+        f"Nothing finished is lost: run `turnstile run {config.config_path}` again to resume",
+        file=sys.stderr,
+    )
+    return EXIT_CRASHED
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -122,6 +140,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"checkpoint: {config.checkpoint_dir} (started {manifest.get('created')})")
     print(f"input:      {config.input} ({'missing' if total is None else f'{total} rows'})")
     print(f"output:     {config.output}")
+    if config.distill is not None:
+        rule = recorded_turn_rule(manifest)
+        print(
+            f"turns:      {describe_rule(rule)}"
+            if rule is not None
+            else "turns:      as_in_input (made before distill.turns existed; resume needs --fresh)"
+        )
     filtered = f", {state.rows_filtered} filtered" if state.rows_filtered else ""
     print(f"finished:   {done} rows ({state.rows_ok} ok, {state.rows_failed} failed{filtered})")
     print(f"in progress: {len(state.partial)} rows, {state.work_records} replies journaled")
@@ -249,6 +274,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] == "bench":
         return _bench(args_list[1:])
     args = build_parser().parse_args(args_list)
-    code = args.func(args)
+    try:
+        code = args.func(args)
+    except Exception as exc:  # a bug outside a run (cmd_run keeps its own crash log)
+        summary, text = crash_report(exc, ())
+        print(text, file=sys.stderr, end="")
+        print(f"error: Turnstile crashed: {summary} (a bug)", file=sys.stderr)
+        return EXIT_CRASHED
     assert isinstance(code, int)
     return code

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import orjson
 import yaml
 
+from engine.dialogue import EVERY_USER, TURN_RULES, TurnRule
 from engine.errors import ConfigError
 from engine.filters import FilterConfig, filtered_path, parse_filters
 from engine.judge import ASPECTS
@@ -67,6 +69,7 @@ class ModelConfig:
 class DistillConfig:
     model: str
     system_prompt: str | None = None
+    turns: TurnRule = EVERY_USER  # which user messages get a reply of their own
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +148,7 @@ class RunConfig:
                 "distill": {
                     "model": self.distill.model,
                     "system_prompt": self.distill.system_prompt,
+                    "turns": self.distill.turns,
                 }
             }
         if self.preference is not None:
@@ -272,6 +276,8 @@ _MODEL_KEYS = (
     "fail_on_length",
 )
 _LOCAL_KEYS = ("parallel", "ctx_size", "threads", "port")
+# Model names appear in keys, file names and metric labels: keep them plain.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def load_config(path: str | Path, *, check_env: bool = True) -> RunConfig:
@@ -376,6 +382,13 @@ def _parse_models(
         p.add("models", "is empty; add at least one model")
     models: dict[str, ModelConfig] = {}
     for name, body in section.items():
+        if not _MODEL_NAME.fullmatch(str(name)):
+            p.add(
+                f"models.{name}",
+                "a model name may hold only letters, digits, '_', '-' and '.'; rename it "
+                f"(e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '_', str(name)) or 'teacher'!r})",
+            )
+            continue
         model = _parse_model(p, str(name), body, env, base)
         if model is not None:
             models[str(name)] = model
@@ -524,13 +537,24 @@ def _parse_distill(
     body = p.mapping("distill", raw)
     if body is None:
         return None
-    p.unknown("distill", body, ("model", "system_prompt"))
+    p.unknown("distill", body, ("model", "system_prompt", "turns"))
     model = _model_ref(p, "distill.model", body.get("model"), models)
     system_prompt = body.get("system_prompt")
     if system_prompt is not None and not isinstance(system_prompt, str):
         p.add("distill.system_prompt", "must be a string or null")
         system_prompt = None
-    return DistillConfig(model=model, system_prompt=system_prompt) if model else None
+    turns = body.get("turns", EVERY_USER)
+    if turns not in TURN_RULES:
+        p.add(
+            "distill.turns",
+            f"must be one of {', '.join(TURN_RULES)}, got {turns!r} (every_user: each user "
+            "message gets its own reply; as_in_input: the input's assistant messages mark "
+            "where a turn ends)",
+        )
+        turns = EVERY_USER
+    if not model:
+        return None
+    return DistillConfig(model=model, system_prompt=system_prompt, turns=turns)
 
 
 def _parse_preference(

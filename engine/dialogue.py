@@ -2,18 +2,38 @@
 
 A conversation is split into *turns*: each turn is the system and user messages
 that the teacher must answer with one assistant message. The input's own
-assistant messages are dropped (the teacher writes them anew) but they mark
-where one turn ends and the next begins, so ``user, assistant, user`` is two
-turns and ``user, user, assistant`` is one turn whose reply follows the
-second user message.
+assistant messages are always dropped (the teacher writes them anew). Where one
+turn ends is the rule's to say:
+
+- ``every_user`` (the default): every user message is a turn of its own and gets
+  its own reply, so ``user, user, assistant, user`` is three turns;
+- ``as_in_input``: the input's assistant messages mark where a turn ends, so
+  ``user, user, assistant`` is one turn answered after the second user message
+  (for datasets where a user really sent two messages in a row).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final, Literal
 
 from engine.errors import InputError
 from engine.rows import InputRow, Message
+
+TurnRule = Literal["every_user", "as_in_input"]
+EVERY_USER: Final = "every_user"
+AS_IN_INPUT: Final = "as_in_input"
+TURN_RULES: Final = (EVERY_USER, AS_IN_INPUT)
+
+
+def describe_rule(rule: str) -> str:
+    """The rule in words, for the progress display, ``turnstile status`` and the card."""
+    if rule == AS_IN_INPUT:
+        return (
+            f"{AS_IN_INPUT}: the input's assistant messages mark where a turn ends "
+            "(consecutive user messages are one turn)"
+        )
+    return f"{EVERY_USER}: every user message gets its own reply"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +98,7 @@ class Dialogue:
 
 
 def split_turns(
-    messages: list[Message], system_prompt: str | None = None
+    messages: list[Message], system_prompt: str | None = None, rule: TurnRule = EVERY_USER
 ) -> tuple[list[list[Message]], list[Message]]:
     """Split a conversation into turns and a tail of messages after the last user turn.
 
@@ -87,6 +107,7 @@ def split_turns(
     turns: list[list[Message]] = []
     pending: list[Message] = []
     has_user = False
+    every_user = rule == EVERY_USER
     for message in messages:
         role = message["role"]
         if role == "assistant":
@@ -96,6 +117,11 @@ def split_turns(
             continue
         if role == "tool":
             continue  # tool results belong to assistant turns the teacher rewrites
+        if every_user and has_user:
+            # Each user message is answered before whatever follows it (the next
+            # user message, or a system message that belongs before the next turn).
+            turns.append(pending)
+            pending, has_user = [], False
         pending.append(message)
         has_user = has_user or role == "user"
     if has_user:
@@ -112,8 +138,10 @@ def split_turns(
     return turns, pending
 
 
-def new_dialogue(row: InputRow, system_prompt: str | None = None) -> Dialogue:
-    turns, tail = split_turns(row.messages, system_prompt)
+def new_dialogue(
+    row: InputRow, system_prompt: str | None = None, rule: TurnRule = EVERY_USER
+) -> Dialogue:
+    turns, tail = split_turns(row.messages, system_prompt, rule)
     return Dialogue(row=row, turns=turns, tail=tail)
 
 

@@ -56,6 +56,7 @@ class DistillTask:
         assert config.distill is not None
         self.model_name = config.distill.model
         self.system_prompt = config.distill.system_prompt
+        self.turn_rule = config.distill.turns
         self.model = config.models[self.model_name].model
         self.fail_on_length = config.models[self.model_name].fail_on_length
 
@@ -66,7 +67,7 @@ class DistillTask:
 
     async def process(self, row: InputRow, records: Records, ctx: Context) -> None:
         try:
-            dialogue = new_dialogue(row, self.system_prompt)
+            dialogue = new_dialogue(row, self.system_prompt, self.turn_rule)
         except InputError as exc:
             await self._fail(ctx, row, None, f"input: {exc}")
             return

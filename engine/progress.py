@@ -42,14 +42,18 @@ def _num(value: float) -> str:
     return f"{value:.0f}" if value >= 100 or value == int(value) else f"{value:.1f}"
 
 
-def _turns_total(stats: RunStats) -> str:
-    """'/~N': the run's turns estimated from the rows finished so far (rows vary in length)."""
+def _turns(stats: RunStats) -> str:
+    """'N/~M rule': turns written, the run's total estimated from the rows finished so far
+    (rows vary in length), and the turn rule the estimate counts by."""
+    text = str(stats.turns_done)
     finished = stats.rows_done - stats.rows_skipped - stats.rows_failed
-    if stats.rows_total is None or finished < 10:
-        return ""
-    per_row = (stats.turns_done + stats.turns_resumed) / finished
-    remaining_rows = max(0, stats.rows_total - stats.rows_done)
-    return f"/~{stats.turns_done + round(per_row * remaining_rows)}"
+    if stats.rows_total is not None and finished >= 10:
+        per_row = (stats.turns_done + stats.turns_resumed) / finished
+        remaining_rows = max(0, stats.rows_total - stats.rows_done)
+        text += f"/~{stats.turns_done + round(per_row * remaining_rows)}"
+    if stats.turn_rule is not None:
+        text += f" {stats.turn_rule}"
+    return text
 
 
 def status_line(stats: RunStats, elapsed: float) -> str:
@@ -58,8 +62,7 @@ def status_line(stats: RunStats, elapsed: float) -> str:
     tokens = stats.prompt_tokens + stats.completion_tokens
     parts = [
         f"rows {stats.rows_done}/{total} ({stats.rows_failed} failed)",
-        f"turns {stats.turns_done}{_turns_total(stats)}"
-        f" ({_num(_rate(stats.turns_done, elapsed))}/s)",
+        f"turns {_turns(stats)} ({_num(_rate(stats.turns_done, elapsed))}/s)",
         f"tokens {_num(tokens)} ({_num(_rate(stats.completion_tokens, elapsed))} out/s)",
     ]
     for m in stats.models.values():
@@ -98,7 +101,7 @@ def _panel(stats: RunStats, elapsed: float) -> Group:
     head = Text(
         f"rows {done}/{'?' if total is None else total}"
         + (f" ({100 * done / total:.0f}%)" if total else "")
-        + f"  failed {stats.rows_failed}  turns {stats.turns_done}{_turns_total(stats)}"
+        + f"  failed {stats.rows_failed}  turns {_turns(stats)}"
         + f" ({_rate(stats.turns_done, elapsed):.1f}/s)"
         + f"  tokens out {_num(stats.completion_tokens)}"
         + f" ({_rate(stats.completion_tokens, elapsed):.0f}/s)"

@@ -202,6 +202,7 @@ async def _execute(
         rows_failed=state.rows_failed,
         rows_filtered=state.rows_filtered,
         rows_skipped=len(state.done),
+        turn_rule=config.distill.turns if config.distill is not None else None,
     )
     started = time.monotonic()
     outcome = Outcome(stats=stats, elapsed_s=0.0, resumed=resumed)
@@ -218,10 +219,10 @@ async def _execute(
     )
     async with AsyncExitStack() as stack:
         local_urls: dict[str, str] = {}
-        for server in local_servers(config):
+        for group in local_servers(config):
             opener = open_local or _local_server()
-            url = await stack.enter_async_context(opener(server, config.checkpoint_dir))
-            for name in server.name.split("+"):
+            url = await stack.enter_async_context(opener(group.server, config.checkpoint_dir))
+            for name in group.members:
                 local_urls[name] = url
         clients: dict[str, ModelClient] = {}
         for name in sorted(config.models_used()):
@@ -256,13 +257,21 @@ async def _execute(
     return outcome
 
 
-def local_servers(config: RunConfig) -> list[ModelConfig]:
+@dataclass(frozen=True, slots=True)
+class LocalGroup:
+    """One llama-server to start: its settings, and the models it serves."""
+
+    server: ModelConfig
+    members: tuple[str, ...]
+
+
+def local_servers(config: RunConfig) -> list[LocalGroup]:
     """One llama-server per distinct set of local settings, shared by its models.
 
     Models with the same GGUF file and server settings (two generators at
     different temperatures and a judge, say) share a server whose slots are the
-    sum of their caps; each keeps its own cap. The returned config is named
-    ``a+b+...`` after the models it serves.
+    sum of their caps; each keeps its own cap. The server's settings are the
+    first member's (its log is named after it).
     """
     groups: dict[tuple[Any, ...], list[ModelConfig]] = {}
     for name in sorted(config.models_used()):
@@ -275,14 +284,8 @@ def local_servers(config: RunConfig) -> list[ModelConfig]:
     for models in groups.values():
         first = models[0]
         slots = sum(m.local.parallel or m.max_concurrency for m in models)
-        servers.append(
-            replace(
-                first,
-                name="+".join(m.name for m in models),
-                max_concurrency=slots,
-                local=replace(first.local, parallel=slots),
-            )
-        )
+        server = replace(first, max_concurrency=slots, local=replace(first.local, parallel=slots))
+        servers.append(LocalGroup(server=server, members=tuple(m.name for m in models)))
     return servers
 
 

@@ -67,6 +67,7 @@ class RunStats:
     rows_skipped: int = 0  # finished in an earlier run
     turns_done: int = 0  # replies written this run
     turns_resumed: int = 0  # replies recovered from the journal
+    turn_rule: str | None = None  # distillation: which user messages are turns (the estimate's)
     models: dict[str, ModelStats] = field(default_factory=dict)
 
     @property

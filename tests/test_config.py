@@ -520,8 +520,9 @@ def _set(*path: str, value: Any) -> Any:
         _set("models", "teacher", "model", value="gpt-4o"),
         _set("distill", "system_prompt", value="Be thorough."),
         _set("distill", "system_prompt", value=None),
+        _set("distill", "turns", value="as_in_input"),
     ],
-    ids=["params", "seed", "model", "system_prompt", "no_system_prompt"],
+    ids=["params", "seed", "model", "system_prompt", "no_system_prompt", "turns"],
 )
 def test_fingerprint_changes_with_what_changes_the_data(edit: Any) -> None:
     assert _fingerprint(edit) != BASE
@@ -565,3 +566,46 @@ def test_fingerprint_of_a_preference_run() -> None:
     }
     raw["preference"]["aspect"] = "honesty"
     assert parse(raw).fingerprint_fields() != fields
+
+
+# --- distill.turns and model names ------------------------------------------------------
+
+
+def test_turns_default_to_every_user_and_are_in_the_fingerprint() -> None:
+    config = parse(example())
+    assert config.distill is not None
+    assert config.distill.turns == "every_user"
+    assert config.fingerprint_fields()["distill"]["turns"] == "every_user"
+
+
+def test_turns_as_in_input_is_accepted() -> None:
+    raw = example()
+    raw["distill"]["turns"] = "as_in_input"
+    config = parse(raw)
+    assert config.distill is not None
+    assert config.distill.turns == "as_in_input"
+
+
+def test_an_unknown_turn_rule_names_both_rules() -> None:
+    raw = example()
+    raw["distill"]["turns"] = "each"
+    problem = one_problem(raw)
+    assert problem.startswith("distill.turns: ")
+    assert "every_user" in problem and "as_in_input" in problem and "'each'" in problem
+
+
+@pytest.mark.parametrize("name", ["a+b", "my model", "x/y", "tea:cher", "é"])
+def test_model_names_must_be_plain(name: str) -> None:
+    raw = example()
+    raw["models"] = {name: raw["models"]["teacher"]}
+    raw["distill"]["model"] = name
+    found = problems(raw)
+    assert any(p.startswith(f"models.{name}: ") and "letters, digits" in p for p in found), found
+
+
+@pytest.mark.parametrize("name", ["teacher", "gen-1", "qwen2.5_7b", "A"])
+def test_plain_model_names_are_accepted(name: str) -> None:
+    raw = example()
+    raw["models"] = {name: raw["models"]["teacher"]}
+    raw["distill"]["model"] = name
+    assert set(parse(raw).models) == {name}

@@ -40,10 +40,46 @@ def test_user_assistant_user_is_two_turns() -> None:
     assert tail == []
 
 
-def test_consecutive_users_share_one_turn() -> None:
+def test_every_user_message_is_a_turn_by_default() -> None:
     turns, tail = split_turns([user("a"), user("b"), bot("old")])
+    assert turns == [[user("a")], [user("b")]]
+    assert tail == []
+
+
+def test_every_user_the_issue_example() -> None:
+    # [system, u1, u2, a, u3] -> [system, u1, A1, u2, A2, u3, A3]
+    turns, tail = split_turns([sys_("s"), user("u1"), user("u2"), bot("a"), user("u3")])
+    assert turns == [[sys_("s"), user("u1")], [user("u2")], [user("u3")]]
+    assert tail == []
+
+
+@pytest.mark.parametrize("n", range(1, 7))
+def test_a_user_only_list_of_n_messages_is_n_turns(n: int) -> None:
+    turns, _ = split_turns([user(f"u{i}") for i in range(n)])
+    assert turns == [[user(f"u{i}")] for i in range(n)]
+
+
+def test_every_user_keeps_a_system_message_in_the_middle_before_the_next_turn() -> None:
+    turns, tail = split_turns([user("a"), sys_("mid"), user("b"), sys_("late")])
+    assert turns == [[user("a")], [sys_("mid"), user("b")]]
+    assert tail == [sys_("late")]
+
+
+def test_as_in_input_consecutive_users_share_one_turn() -> None:
+    turns, tail = split_turns([user("a"), user("b"), bot("old")], rule="as_in_input")
     assert turns == [[user("a"), user("b")]]
     assert tail == []
+
+
+def test_as_in_input_splits_where_the_input_has_assistant_turns() -> None:
+    messages = [sys_("s"), user("u1"), user("u2"), bot("a"), user("u3")]
+    turns, _ = split_turns(messages, rule="as_in_input")
+    assert turns == [[sys_("s"), user("u1"), user("u2")], [user("u3")]]
+
+
+def test_as_in_input_keeps_a_system_message_in_the_middle_of_a_turn() -> None:
+    turns, _ = split_turns([user("a"), sys_("mid"), user("b")], rule="as_in_input")
+    assert turns == [[user("a"), sys_("mid"), user("b")]]
 
 
 def test_input_assistant_turns_are_dropped() -> None:
@@ -105,12 +141,17 @@ def test_no_user_turn_is_an_input_error(messages: list[Message]) -> None:
     [
         ([user("")], 0),
         ([user("a"), bot("old"), user("  \n")], 1),
-        ([user("a"), user(" "), bot("old")], 0),
+        ([user("a"), user(" "), bot("old")], 1),
     ],
 )
 def test_empty_user_content_is_an_input_error(messages: list[Message], turn: int) -> None:
     with pytest.raises(InputError, match=f"user turn {turn} is empty"):
         split_turns(messages)
+
+
+def test_empty_user_content_as_in_input_names_the_turn_it_is_in() -> None:
+    with pytest.raises(InputError, match="user turn 0 is empty"):
+        split_turns([user("a"), user(" "), bot("old")], rule="as_in_input")
 
 
 # --- Dialogue -------------------------------------------------------------------------------
