@@ -27,7 +27,11 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 def split_turns(row: dict[str, Any]) -> list[list[dict[str, str]]]:
-    """The row's turns: the system/user messages each assistant reply answers."""
+    """The row's turns under Turnstile's default rule: every user message gets a reply.
+
+    A turn is the system messages before a user message, then that message; the
+    input's assistant messages are dropped.
+    """
     if "prompt" in row:
         return [[{"role": "user", "content": row["prompt"]}]]
     if "conversations" in row:
@@ -40,13 +44,11 @@ def split_turns(row: dict[str, Any]) -> list[list[dict[str, str]]]:
     pending: list[dict[str, str]] = []
     for message in messages:
         if message["role"] == "assistant":
-            if pending:
-                turns.append(pending)
-                pending = []
             continue
         pending.append({"role": message["role"], "content": message["content"]})
-    if pending:
-        turns.append(pending)
+        if message["role"] == "user":
+            turns.append(pending)
+            pending = []
     return turns
 
 

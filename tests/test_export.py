@@ -245,6 +245,7 @@ def test_hf_export_loads_with_datasets_and_carries_a_card(tmp_path: Path) -> Non
     assert ds[2]["messages"] == rows[2]["messages"]
     card = (dest / "README.md").read_text()
     assert "Multi-turn distillation" in card and "`teacher-m`" in card
+    assert "Turns: every_user: every user message gets its own reply." in card
     assert "| in this dataset | 7 |" in card
     assert "| failed (not in this dataset) | 3 |" in card
     assert "| not finished yet (the run was stopped) | 2 |" in card

@@ -47,6 +47,13 @@ CHATS = [
     },
     {"id": "colour", "prompt": "Name one colour."},
     {
+        "id": "c1",  # user messages only: each one gets its own reply
+        "messages": [
+            {"role": "user", "content": "Name a fruit that is yellow."},
+            {"role": "user", "content": "Why is it yellow?"},
+        ],
+    },
+    {
         "id": "count",
         "conversations": [
             {"from": "human", "value": "Count to three."},
@@ -117,9 +124,11 @@ async def test_a_real_distillation_writes_every_turn_and_stops_its_server(
 
     assert result.returncode == 0, result.stderr
     rows = by_id(read_jsonl(tmp_path / "out" / "distilled.jsonl"))
-    assert set(rows) == {"greet", "colour", "count"}
-    turns = {"greet": 2, "colour": 1, "count": 2}
+    assert set(rows) == {"greet", "colour", "c1", "count"}
+    turns = {"greet": 2, "colour": 1, "c1": 2, "count": 2}
     for name, row in rows.items():
+        roles = [m["role"] for m in row["messages"] if m["role"] != "system"]
+        assert roles == ["user", "assistant"] * turns[name], row
         replies = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
         assert len(replies) == turns[name]
         assert all(r.strip() and r != "old" for r in replies), row
