@@ -26,6 +26,7 @@ from engine.retry import is_retryable_status, parse_retry_after, retry_delay_s
 from engine.stats import ModelStats
 
 Sleep = Callable[[float], Awaitable[None]]
+Clock = Callable[[], float]
 _ERROR_BODY_CHARS = 300
 
 
@@ -50,13 +51,18 @@ class ModelClient:
         *,
         base_url: str | None = None,
         sleep: Sleep = anyio.sleep,
+        clock: Clock = time.monotonic,
         draw: Callable[[], float] = random.random,
     ) -> None:
+        """``sleep`` and ``clock`` (monotonic seconds) drive pacing, backoff and
+        model-down detection, so tests inject a fake sleep that advances a fake
+        clock. Latency is measured with the real ``perf_counter``: it is only reported."""
         self.config = config
         self.stats = stats
         self.url = f"{base_url or config.base_url}/chat/completions"
         self.limiter = Limiter(config.max_concurrency, stats)
         self._sleep = sleep
+        self._clock = clock
         self._draw = draw
         self._session: aiohttp.ClientSession | None = None
         self._last_ok = float("-inf")
@@ -66,7 +72,7 @@ class ModelClient:
             headers["Authorization"] = f"Bearer {key}"
         self._headers = headers
         self._params = dict(config.params)
-        now = time.monotonic()
+        now = clock()
         self._requests = (
             per_minute(config.requests_per_minute, now) if config.requests_per_minute else None
         )
@@ -138,7 +144,7 @@ class ModelClient:
         the retries are spent.
         """
         body = self.request_body(messages, extra)
-        first_try = time.monotonic()
+        first_try = self._clock()
         estimate = estimate_tokens(len(body), self._params.get("max_tokens"))
         attempt = 0
         while True:
@@ -150,7 +156,7 @@ class ModelClient:
                     error = exc
                 else:
                     self.limiter.succeeded()
-                    self._last_ok = time.monotonic()
+                    self._last_ok = self._clock()
                     if self._tokens is not None:
                         used = completion.prompt_tokens + completion.completion_tokens
                         self._tokens.adjust(used - estimate if used else 0, self._last_ok)
@@ -174,7 +180,7 @@ class ModelClient:
 
     async def _pace(self, tokens: int) -> None:
         wait = 0.0
-        now = time.monotonic()
+        now = self._clock()
         if self._requests is not None:
             wait = self._requests.reserve(1, now)
         if self._tokens is not None:
@@ -201,6 +207,7 @@ class ModelClient:
             ) from exc
         latency = time.perf_counter() - started
         if status != 200:
+            # An HTTP-date Retry-After names wall-clock time, so it is read against time.time().
             raise ModelError(
                 f"HTTP {status}: {_error_message(raw)}",
                 retryable=is_retryable_status(status),

@@ -10,9 +10,11 @@ for its generations is held to the same rules.
 Rules, checked in this order, the first that fires wins:
 
 - ``empty`` (default off): a reply that is empty or whitespace;
-- ``truncated`` (default off): a reply cut off by ``max_tokens`` (the distillation
-  row's ``truncated_turns``; a preference row's ``truncated_generations``, when it
-  has one);
+- ``truncated`` (default off): a reply cut off by ``max_tokens`` (finish_reason
+  ``length``), as the task recorded it in the row: the distillation row's
+  ``truncated_turns``, the preference row's ``truncated_generations``. Both are
+  the task's own keys: an input column of either name is dropped from the row,
+  never obeyed;
 - ``min_chars`` / ``max_chars``: a reply's length in characters, outer whitespace
   not counted;
 - ``same_as_previous`` (default off): a reply identical (outer whitespace aside) to
@@ -37,6 +39,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from engine.pairs import TRUNCATED_KEY
 
 FILTER_KEY = "filter"
 _KEYS = (
@@ -259,7 +263,7 @@ def _preference_replies(row: Mapping[str, Any]) -> Iterator[Reply]:
         if message.get("role") == "assistant":
             previous = _text(message)
     generations = [g if isinstance(g, str) else None for g in _list(row.get("generations"))]
-    cut_at = _ints(row.get("truncated_generations"))
+    cut_at = _ints(row.get(TRUNCATED_KEY))
     cut = {generations[i] for i in cut_at if i < len(generations)}
     chosen, rejected = _pair_texts(row)
     if chosen is not None:

@@ -35,6 +35,12 @@ ROW_KEYS = (
     "generation_errors",
     "usage",
 )
+# The generations cut off by max_tokens (0-based, finish_reason "length"): written
+# after ``usage``, only when there are any, as distillation's ``truncated_turns``.
+TRUNCATED_KEY = "truncated_generations"
+# Every key the row writes itself: an input field of one of these names is dropped,
+# so ``filters.truncated`` never obeys an input column.
+_OWN_KEYS = frozenset({*ROW_KEYS, TRUNCATED_KEY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +103,15 @@ def preference_row(
     judged: bool,
     ratings: Sequence[int | None] | None = None,
     rationales: Sequence[str | None] | None = None,
+    truncated: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Build one output row for a prompt: its generations, ratings and pair.
 
-    Keys, in order: the input's other fields (``extra``), then :data:`ROW_KEYS`.
-    An ``extra`` key that collides with one of those is dropped, so the row's
-    own value wins and its place in the order is fixed.
+    Keys, in order: the input's other fields (``extra``), then :data:`ROW_KEYS`,
+    then :data:`TRUNCATED_KEY` when ``truncated`` (indices into ``generations``
+    of those cut off by max_tokens) is not empty. An ``extra`` key that collides
+    with one of those is dropped, so the row's own value wins and its place in
+    the order is fixed.
 
     ``generations[i]`` was written by ``generation_models[i]``; a generation
     that failed is ``None`` (its error is in ``generation_errors``) and is never
@@ -123,7 +132,9 @@ def preference_row(
     n = len(generations)
     if len(generation_models) != n:
         raise ValueError(f"{len(generation_models)} generation models for {n} generations")
-    row: dict[str, Any] = {k: v for k, v in extra.items() if k not in ROW_KEYS}
+    if any(not 0 <= i < n for i in truncated):
+        raise ValueError(f"truncated generations {list(truncated)} for {n} generations")
+    row: dict[str, Any] = {k: v for k, v in extra.items() if k not in _OWN_KEYS}
     row["id"] = row_id
     row["prompt"] = [dict(m) for m in prompt]
     row["generations"] = list(generations)
@@ -131,6 +142,8 @@ def preference_row(
     row.update(_judged_fields(generations, generation_models, judged, ratings, rationales))
     row["generation_errors"] = [dict(e) for e in generation_errors]
     row["usage"] = dict(usage)
+    if truncated:
+        row[TRUNCATED_KEY] = sorted(set(truncated))
     return row
 
 

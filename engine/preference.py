@@ -45,6 +45,7 @@ class Generation:
     error: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    finish_reason: str | None = None
 
 
 @dataclass(slots=True)
@@ -81,6 +82,7 @@ def state_from(records: Records) -> RowState:
                     text=str(record.get("c", "")),
                     prompt_tokens=int(record.get("p") or 0),
                     completion_tokens=int(record.get("o") or 0),
+                    finish_reason=_reason(record.get("f")),
                 ),
             )
         elif kind == GENERATION_ERROR and isinstance(record.get("s"), int):
@@ -90,6 +92,10 @@ def state_from(records: Records) -> RowState:
                 (str(record.get("c", "")), int(record.get("p") or 0), int(record.get("o") or 0))
             )
     return state
+
+
+def _reason(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 class PreferenceTask:
@@ -127,6 +133,9 @@ class PreferenceTask:
         made = [(s, state.generations[s.index]) for s in self.slots]
         texts = [g.text for _, g in made if g.text is not None]
         models = [self.served[s.model] for s, g in made if g.text is not None]
+        # Indices into `texts`: which replies max_tokens cut off (for filters.truncated).
+        kept = [g for _, g in made if g.text is not None]
+        truncated = [i for i, g in enumerate(kept) if g.finish_reason == "length"]
         errors = [
             {"model": self.served[s.model], "generation": s.repeat, "error": g.error}
             for s, g in made
@@ -170,6 +179,7 @@ class PreferenceTask:
             judged=self.config.judge is not None,
             ratings=ratings,
             rationales=rationales,
+            truncated=truncated,
         )
         if judge_note is not None:
             out["pair_error"] = judge_note
@@ -199,6 +209,7 @@ class PreferenceTask:
                 text=completion.texts[0],
                 prompt_tokens=completion.prompt_tokens,
                 completion_tokens=completion.completion_tokens,
+                finish_reason=completion.finish_reasons[0],
             )
             record = {
                 "k": GENERATION,
@@ -207,7 +218,7 @@ class PreferenceTask:
                 "c": generation.text,
                 "p": generation.prompt_tokens,
                 "o": generation.completion_tokens,
-                "f": completion.finish_reasons[0],
+                "f": generation.finish_reason,
             }
             ctx.stats.turns_done += 1
         await ctx.writer.record(record)

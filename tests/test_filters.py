@@ -16,6 +16,7 @@ from engine.filters import (
     repeated_ngrams,
     rule_of,
 )
+from engine.pairs import preference_row
 
 GOOD = "Paris is the capital of France, and it sits on the Seine."
 
@@ -178,12 +179,53 @@ def test_an_unpaired_row_has_each_generation_checked() -> None:
     assert check_row(row, "preference", ON) is None
 
 
-def test_truncated_generations_when_the_row_carries_them() -> None:
-    row = pref_row(GOOD, "cut", truncated_generations=[1])
-    assert check_row(row, "preference", FilterConfig(truncated=True)) == (
+def task_pref_row(
+    texts: tuple[str, str], ratings: tuple[int, int], truncated: tuple[int, ...] = (), **extra: Any
+) -> dict[str, Any]:
+    """A preference row as the task builds it: ``truncated`` is what the server said."""
+    return preference_row(
+        extra=extra,
+        row_id="p",
+        prompt=[{"role": "user", "content": "q"}],
+        generations=list(texts),
+        generation_models=["a", "b"],
+        generation_errors=[],
+        usage={},
+        judged=True,
+        ratings=list(ratings),
+        rationales=[None, None],
+        truncated=truncated,
+    )
+
+
+def test_a_preference_reply_cut_off_by_max_tokens_is_filtered() -> None:
+    cut = FilterConfig(truncated=True)
+    rejected_cut = task_pref_row((GOOD, "cut off mid"), (5, 1), truncated=(1,))
+    assert rejected_cut["truncated_generations"] == [1]
+    assert check_row(rejected_cut, "preference", cut) == (
         "truncated: the reply in rejected (b) was cut off by max_tokens"
     )
-    assert check_row(pref_row(GOOD, "cut"), "preference", FilterConfig(truncated=True)) is None
+    assert check_row(rejected_cut, "preference", ON) is None  # only when asked
+    chosen_cut = task_pref_row(("cut off mid", GOOD), (5, 1), truncated=(0,))
+    assert check_row(chosen_cut, "preference", cut) == (
+        "truncated: the reply in chosen (a) was cut off by max_tokens"
+    )
+    # Unpaired (equal ratings): every generation is checked.
+    unpaired = task_pref_row((GOOD, "cut off mid"), (3, 3), truncated=(1,))
+    assert unpaired["chosen"] is None
+    assert check_row(unpaired, "preference", cut) == (
+        "truncated: the reply in generation 1 was cut off by max_tokens"
+    )
+    assert check_row(task_pref_row((GOOD, "whole"), (5, 1)), "preference", cut) is None
+
+
+def test_an_input_column_named_like_the_truncation_record_is_not_obeyed() -> None:
+    row = task_pref_row((GOOD, "Lyon is not the capital."), (5, 1), truncated_generations=[0, 1])
+    assert "truncated_generations" not in row  # the task's own key: the input's is dropped
+    assert check_row(row, "preference", FilterConfig(truncated=True)) is None
+    # And the input's value never overrides what the task recorded.
+    row = task_pref_row((GOOD, "cut off mid"), (5, 1), truncated=(1,), truncated_generations=[0])
+    assert row["truncated_generations"] == [1]
 
 
 # --- config ------------------------------------------------------------------------------

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 import pytest
 
-from engine import config, mock_replies
+from engine import judge, mock_replies
 from engine.judge import ASPECTS, has_usable_rating, judge_messages, parse_ratings
 
 PROMPT = [{"role": "user", "content": "Name three primary colours."}]
@@ -32,8 +33,25 @@ def _mock_extract(text: str, i: int) -> str | None:
 # --- the request ---------------------------------------------------------------
 
 
-def test_aspects_match_the_config() -> None:
-    assert ASPECTS == config.ASPECTS
+def test_the_aspects_are_the_ones_the_readme_documents() -> None:
+    assert ASPECTS == ("overall", "helpfulness", "honesty", "instruction-following", "truthfulness")
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    documented = re.search(r"^\s*aspect: overall\s+# (.+)$", readme, re.MULTILINE)
+    assert documented is not None, "the README no longer documents preference.aspect"
+    assert tuple(documented.group(1).strip().split(" | ")) == ASPECTS
+
+
+@pytest.mark.parametrize("aspect", ASPECTS)
+def test_each_aspect_has_a_rubric_that_the_prompt_includes(aspect: str) -> None:
+    rubric = judge._RUBRICS[aspect]
+    assert rubric.strip()
+    assert rubric in _user(judge_messages(PROMPT, ["a", "b"], aspect))
+
+
+def test_an_aspect_without_a_rubric_is_refused() -> None:
+    assert set(judge._RUBRICS) == set(ASPECTS)
+    with pytest.raises(ValueError, match="unknown judge aspect 'style'"):
+        judge_messages(PROMPT, ["a", "b"], "style")
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5])

@@ -10,6 +10,7 @@ import yaml
 
 from engine.mock_replies import judge_rating
 from engine.mock_server import Faults, MockServer, reply_for
+from engine.preference import state_from
 from tests.conftest import by_id, kill_after, read_jsonl, turnstile, write_jsonl
 
 
@@ -181,7 +182,59 @@ async def test_each_model_keeps_its_own_cap(tmp_path: Path, mock: MockServer) ->
 
     assert result.returncode == 0, result.stderr
     peaks = mock.stats.peak_in_flight_by_model
-    assert peaks == {"gen-a": 2, "gen-b": 5, "judge-m": 1}
+    caps = {"gen-a": 2, "gen-b": 5, "judge-m": 1}
+    assert set(peaks) == set(caps)
+    for model, cap in caps.items():
+        assert peaks[model] <= cap, f"{model}: {peaks[model]} in flight, above its cap of {cap}"
+    # 80 requests to each generator and 40 to the judge, each held 15 ms, with 10 rows
+    # in flight: every cap is reached.
+    for model, cap in caps.items():
+        assert peaks[model] == cap, f"{model}: its cap of {cap} was never reached"
+
+
+async def test_a_reply_cut_off_by_max_tokens_is_filtered_and_an_input_column_is_not(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    long = " ".join("abcdefghijklmnopqrst")  # gen-a's reply to it is over 10 words
+    write_jsonl(
+        tmp_path / "in.jsonl",
+        [
+            {"id": "long", "prompt": long},
+            # gen-a's 5-word reply to "x" is whole: this column must not filter the row.
+            {"id": "short", "prompt": "x", "truncated_generations": [0, 1]},
+        ],
+    )
+    path = prefs_config(tmp_path, mock.base_url)
+    config = yaml.safe_load(path.read_text())
+    config["models"]["a"]["params"] = {"max_tokens": 10}
+    config["filters"] = {"truncated": True}
+    path.write_text(yaml.safe_dump(config))
+
+    result = await turnstile("run", str(path), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    kept = by_id(read_jsonl(tmp_path / "out" / "prefs.jsonl"))
+    filtered = by_id(read_jsonl(tmp_path / "out" / "prefs.filtered.jsonl"))
+    assert set(kept) == {"short"} and set(filtered) == {"long"}
+    assert "truncated_generations" not in kept["short"]  # the task's own key, never the input's
+    row = filtered["long"]
+    assert row["truncated_generations"] == [0]  # gen-a's, cut by max_tokens; gen-b's is whole
+    assert len(row["generations"][0].split()) == 10
+    if row["chosen"] is None:  # unpaired: every generation is checked
+        where = "generation 0"
+    else:
+        where = "chosen (gen-a)" if row["chosen_model"] == "gen-a" else "rejected (gen-a)"
+    assert row["filter"] == f"truncated: the reply in {where} was cut off by max_tokens"
+
+
+def test_a_resumed_row_remembers_which_generations_were_cut_off() -> None:
+    state = state_from(
+        [
+            {"k": "g", "l": 0, "s": 0, "c": "cut", "p": 1, "o": 10, "f": "length"},
+            {"k": "g", "l": 0, "s": 1, "c": "whole", "p": 1, "o": 2, "f": "stop"},
+        ]
+    )
+    assert [state.generations[i].finish_reason for i in (0, 1)] == ["length", "stop"]
 
 
 async def test_without_a_judge_rows_carry_generations_only(
