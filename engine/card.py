@@ -118,7 +118,8 @@ def _secret_name(name: str) -> bool:
 
 def _public_model(config: RunConfig, name: str) -> dict[str, Any]:
     model = config.models[name]
-    out: dict[str, Any] = {"base_url": public_url(model.base_url), "model": model.model}
+    urls = [public_url(url) for url in model.base_urls]
+    out: dict[str, Any] = {"base_url": urls[0] if len(urls) == 1 else urls, "model": model.model}
     if model.api_key_env:
         out["api_key_env"] = model.api_key_env  # the variable's name, never its value
     out["params"] = redact(dict(model.params))

@@ -33,9 +33,10 @@ class LocalServerConfig:
     """How to start llama.cpp's server for a model whose ``base_url`` is ``local``."""
 
     parallel: int | None = None  # server slots; default: the model's max_concurrency
-    ctx_size: int = 8192
-    threads: int | None = None  # default: the machine's CPU count
-    port: int | None = None  # default: a free loopback port
+    ctx_size: int = 4096  # tokens of ONE conversation; the KV cache holds `parallel` of them
+    threads: int | None = None  # default: the machine's CPU count, split between replicas
+    port: int | None = None  # default: a free loopback port (the first replica's, then +1...)
+    replicas: int = 1  # llama-servers to start for this model
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +44,10 @@ class ModelConfig:
     """One OpenAI-compatible endpoint and how hard to drive it."""
 
     name: str
-    base_url: str
+    base_urls: tuple[str, ...]  # one URL per replica (a server of this model), or ("local",)
     model: str
     api_key_env: str | None = None
-    max_concurrency: int = 16
+    max_concurrency: int = 16  # per replica
     timeout_s: float = 120.0
     max_retries: int = 6
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -55,10 +56,21 @@ class ModelConfig:
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
     fail_on_length: bool = False  # a reply cut off by max_tokens fails its row
+    down_after_s: float = 300.0  # unreachable this long (every replica out): the model is down
+    affinity: bool = True  # a conversation's next turn goes back to the replica of its last
 
     @property
     def is_local(self) -> bool:
-        return self.base_url == LOCAL
+        return self.base_urls == (LOCAL,)
+
+    @property
+    def replica_count(self) -> int:
+        return self.local.replicas if self.is_local else len(self.base_urls)
+
+    @property
+    def total_concurrency(self) -> int:
+        """The most requests in flight to this model: its cap on every replica."""
+        return self.max_concurrency * self.replica_count
 
     def api_key(self) -> str | None:
         """The key, read from the environment at the moment it is needed."""
@@ -274,8 +286,10 @@ _MODEL_KEYS = (
     "requests_per_minute",
     "tokens_per_minute",
     "fail_on_length",
+    "down_after_s",
+    "affinity",
 )
-_LOCAL_KEYS = ("parallel", "ctx_size", "threads", "port")
+_LOCAL_KEYS = ("parallel", "ctx_size", "threads", "port", "replicas")
 # Model names appear in keys, file names and metric labels: keep them plain.
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -403,37 +417,22 @@ def _parse_model(
     if body is None:
         return None
     p.unknown(key, body, _MODEL_KEYS)
-    base_url = p.string(
-        f"{key}.base_url",
-        body.get("base_url"),
-        required=True,
-        fix="set it to the server's OpenAI-compatible URL, e.g. http://127.0.0.1:8080/v1, "
-        "or to 'local' for the built-in llama.cpp server",
-    )
-    if base_url is not None and base_url != LOCAL:
-        if (
-            not base_url.startswith(("http://", "https://"))
-            or len(base_url.split("://", 1)[1]) == 0
-        ):
-            p.add(
-                f"{key}.base_url",
-                f"{base_url!r} is not an http(s) URL; write it like http://127.0.0.1:8080/v1",
-            )
-        base_url = base_url.rstrip("/")
+    base_urls = _parse_base_urls(p, f"{key}.base_url", body.get("base_url"))
+    is_local = base_urls == (LOCAL,)
     model_path = p.string(
         f"{key}.model_path", body.get("model_path"), required=False, fix="a path to a GGUF file"
     )
     if model_path is not None and not Path(model_path).expanduser().is_absolute():
         model_path = str(base / Path(model_path))
-    if model_path is not None and base_url != LOCAL:
+    if model_path is not None and not is_local:
         p.add(f"{key}.model_path", "only used with base_url: local; remove it or use local")
     model_name = p.string(
         f"{key}.model",
         body.get("model"),
-        required=base_url != LOCAL,
+        required=base_urls is not None and not is_local,
         fix="set it to the model name the server expects, e.g. model: gpt-4o-mini",
     )
-    if model_name is None and base_url == LOCAL:
+    if model_name is None and is_local:
         model_name = Path(model_path).stem if model_path else "SmolLM2-135M-Instruct"
     api_key_env = p.string(
         f"{key}.api_key_env",
@@ -468,14 +467,19 @@ def _parse_model(
     if not isinstance(fail_on_length, bool):
         p.add(f"{key}.fail_on_length", f"must be true or false, got {fail_on_length!r}")
         fail_on_length = False
+    down_after_s = p.positive_float(f"{key}.down_after_s", body.get("down_after_s"), 300.0)
+    affinity = body.get("affinity", True)
+    if not isinstance(affinity, bool):
+        p.add(f"{key}.affinity", f"must be true or false, got {affinity!r}")
+        affinity = True
     local = _parse_local(p, f"{key}.local", body.get("local"))
-    if body.get("local") is not None and base_url != LOCAL:
+    if body.get("local") is not None and not is_local:
         p.add(f"{key}.local", "only used with base_url: local; remove it or use local")
-    if base_url is None or model_name is None or params is None:
+    if base_urls is None or model_name is None or params is None:
         return None
     return ModelConfig(
         name=name,
-        base_url=base_url,
+        base_urls=base_urls,
         model=model_name,
         api_key_env=api_key_env,
         max_concurrency=cap or 16,
@@ -487,7 +491,44 @@ def _parse_model(
         requests_per_minute=rpm,
         tokens_per_minute=tpm,
         fail_on_length=fail_on_length,
+        down_after_s=down_after_s,
+        affinity=affinity,
     )
+
+
+_URL_FIX = (
+    "set it to the server's OpenAI-compatible URL, e.g. http://127.0.0.1:8080/v1, to a list of "
+    "such URLs (replicas of one model), or to 'local' for the built-in llama.cpp server"
+)
+
+
+def _parse_base_urls(p: _Problems, key: str, value: Any) -> tuple[str, ...] | None:
+    """``base_url``: one URL, a list of replica URLs, or ``local``."""
+    if isinstance(value, list):
+        if not value:
+            p.add(key, f"is an empty list; {_URL_FIX}")
+            return None
+        items = [(f"{key}[{i}]", item) for i, item in enumerate(value)]
+    else:
+        items = [(key, value)]
+    urls: list[str] = []
+    for item_key, item in items:
+        url = p.string(item_key, item, required=True, fix=_URL_FIX)
+        if url is None:
+            continue
+        if url == LOCAL:
+            if len(items) > 1:
+                p.add(item_key, "'local' cannot be one of several URLs; use local: {replicas: N}")
+            urls.append(url)
+            continue
+        if not url.startswith(("http://", "https://")) or not url.split("://", 1)[1]:
+            p.add(
+                item_key, f"{url!r} is not an http(s) URL; write it like http://127.0.0.1:8080/v1"
+            )
+        urls.append(url.rstrip("/"))
+    if len(set(urls)) != len(urls):
+        p.add(key, "lists a URL twice; each replica once")
+    return tuple(urls) if len(urls) == len(items) else None
 
 
 def _optional_rate(p: _Problems, key: str, value: Any) -> float | None:
@@ -514,9 +555,10 @@ def _parse_local(p: _Problems, key: str, raw: Any) -> LocalServerConfig:
         p.add(f"{key}.port", f"must be a TCP port (1-65535), got {port}")
     return LocalServerConfig(
         parallel=p.positive_int(f"{key}.parallel", body.get("parallel"), None),
-        ctx_size=p.positive_int(f"{key}.ctx_size", body.get("ctx_size"), 8192) or 8192,
+        ctx_size=p.positive_int(f"{key}.ctx_size", body.get("ctx_size"), 4096) or 4096,
         threads=p.positive_int(f"{key}.threads", body.get("threads"), None),
         port=port,
+        replicas=p.positive_int(f"{key}.replicas", body.get("replicas"), 1) or 1,
     )
 
 

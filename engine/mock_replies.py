@@ -20,9 +20,12 @@ DROP = "drop"
 RATE_LIMITED = "429"
 SERVER_ERROR = "500"
 MALFORMED = "malformed"
+KV_FULL = "kv_full"  # llama.cpp's 500 when conversations outgrow a shared KV cache
 FAIL_MODEL = "fail_model"
+CONTEXT = "context"  # llama.cpp's 400 for a request longer than a slot's context
 OK = "ok"
-_RANDOM_FAULTS = (HANG, DROP, RATE_LIMITED, SERVER_ERROR, MALFORMED)  # the order of Faults.rates()
+# The order of Faults.rates().
+_RANDOM_FAULTS = (HANG, DROP, RATE_LIMITED, SERVER_ERROR, MALFORMED, KV_FULL)
 
 MAX_N = 128
 _WORD = re.compile(r"\S+")
@@ -45,9 +48,11 @@ class Faults:
     rate_drop: float = 0.0
     rate_malformed: float = 0.0
     rate_hang: float = 0.0
+    rate_kv_full: float = 0.0
     retry_after_s: float = 0.05
     seed: int = 0
     fail_models: dict[str, int] = field(default_factory=dict)
+    context_tokens: int | None = None  # a slot's context, as llama.cpp's -c / -np
 
     def __post_init__(self) -> None:
         problems = [
@@ -75,6 +80,7 @@ class Faults:
             ("rate_429", self.rate_429),
             ("rate_500", self.rate_500),
             ("rate_malformed", self.rate_malformed),
+            ("rate_kv_full", self.rate_kv_full),
         ]
 
 
@@ -273,6 +279,19 @@ def completion_body(request: ChatRequest, *, completion_id: str, created: int) -
             "total_tokens": prompt + completion_tokens,
         },
     }
+
+
+def context_overflow(request: ChatRequest, context_tokens: int | None) -> str | None:
+    """llama.cpp's message for a request that does not fit a slot's context, or None."""
+    if context_tokens is None:
+        return None
+    needed = prompt_tokens(request.messages) + (request.max_tokens or 0)
+    if needed <= context_tokens:
+        return None
+    return (
+        f"request ({needed} tokens) exceeds the available context size "
+        f"({context_tokens} tokens), try increasing it"
+    )
 
 
 def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:

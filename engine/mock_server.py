@@ -23,9 +23,11 @@ import orjson
 from aiohttp import web
 
 from engine.mock_replies import (
+    CONTEXT,
     DROP,
     FAIL_MODEL,
     HANG,
+    KV_FULL,
     MALFORMED,
     OK,
     RATE_LIMITED,
@@ -33,6 +35,7 @@ from engine.mock_replies import (
     BadRequest,
     Faults,
     completion_body,
+    context_overflow,
     error_body,
     parse_chat_request,
     pick_fault,
@@ -188,6 +191,7 @@ class MockServer:
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/stats", self._get_stats)
+        app.router.add_get("/wait", self._wait)
         app.router.add_post("/reset", self._reset)
         # handler_cancellation: a client that gives up frees its slot in in_flight,
         # as a real inference server aborts the request.
@@ -248,6 +252,10 @@ class MockServer:
         stats.requests_by_key[request_key(model, chat.messages)] += 1
         # Decide first, then do the I/O; the draw happens in arrival order.
         fault = pick_fault(self._faults, model, self._rng.random())
+        too_long = context_overflow(chat, self._faults.context_tokens)
+        if too_long is not None:
+            stats.faults[CONTEXT] += 1
+            return _error(400, too_long, "exceed_context_size_error")
 
         stats.in_flight += 1
         stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
@@ -287,6 +295,8 @@ class MockServer:
             return response
         if fault == SERVER_ERROR:
             return _error(500, "mock injected server error")
+        if fault == KV_FULL:
+            return _error(500, "Context size has been exceeded.", "server_error")
         if fault == MALFORMED:
             return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
         if fault == HANG:
@@ -305,6 +315,16 @@ class MockServer:
         return _json({"status": "ok"})
 
     async def _get_stats(self, request: web.Request) -> web.Response:
+        return _json(self._stats.as_dict())
+
+    async def _wait(self, request: web.Request) -> web.Response:
+        """``GET /wait?requests=N``: answers once N chat requests have arrived (a test
+        in another process acts at a known point of a run without polling)."""
+        try:
+            count = int(request.query.get("requests", "0"))
+        except ValueError:
+            return _error(400, "requests must be a whole number")
+        await self.wait_for_requests(count)
         return _json(self._stats.as_dict())
 
     async def _reset(self, request: web.Request) -> web.Response:
@@ -334,6 +354,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate-drop", type=float, default=0.0)
     parser.add_argument("--rate-malformed", type=float, default=0.0)
     parser.add_argument("--rate-hang", type=float, default=0.0)
+    parser.add_argument("--rate-kv-full", type=float, default=0.0)
+    parser.add_argument(
+        "--context-tokens", type=int, default=None, help="answer longer requests with a 400"
+    )
     parser.add_argument("--retry-after-s", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -369,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
             rate_drop=args.rate_drop,
             rate_malformed=args.rate_malformed,
             rate_hang=args.rate_hang,
+            rate_kv_full=args.rate_kv_full,
+            context_tokens=args.context_tokens,
             retry_after_s=args.retry_after_s,
             seed=args.seed,
             fail_models=dict(args.fail_model),

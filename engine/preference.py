@@ -114,8 +114,11 @@ class PreferenceTask:
     def rows_in_flight(self, config: RunConfig) -> int:
         # Each row fans out to every generator: enough rows to keep the largest
         # cap busy while rows wait for their slowest model or the judge.
-        caps = [config.models[name].max_concurrency for name in config.models_used()]
+        caps = [config.models[name].total_concurrency for name in config.models_used()]
         return max(4, 2 * max(caps))
+
+    def optional_models(self) -> frozenset[str]:
+        return frozenset(self.config.generators)  # one failing generator never stops the others
 
     async def process(self, row: InputRow, records: Records, ctx: Context) -> None:
         prompt = prompt_of(row.messages)
@@ -249,7 +252,8 @@ class PreferenceTask:
             except ModelError as exc:
                 if exc.model_down:
                     raise ModelDown(
-                        f"models.{self.config.judge} (the judge) stopped answering: {exc}"
+                        f"{exc} (the judge); start it (or fix base_url) and run the same "
+                        "command to resume"
                     ) from exc
                 return [None] * n, [None] * n, f"judge failed: {exc}"
             reply = completion.texts[0]

@@ -14,7 +14,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from engine.stats import RunStats
+from engine.stats import ModelStats, ReplicaStats, RunStats
 
 if TYPE_CHECKING:
     from engine.run import Outcome
@@ -69,9 +69,25 @@ def status_line(stats: RunStats, elapsed: float) -> str:
         limit = f" limit {m.limit}" if m.limit is not None and m.limit != m.cap else ""
         parts.append(
             f"{m.name}: {m.in_flight}/{m.cap} in flight{limit}, "
-            f"{m.retries} retries, {m.failures} failures"
+            f"{m.retries} retries, {m.failures} failures" + _replicas_line(m)
         )
     return " | ".join(parts)
+
+
+def _replicas_line(m: ModelStats) -> str:
+    """' [r0 3/8, r1 out, ...]' for a model with several replicas or one out."""
+    if len(m.replicas) < 2 and all(r.live for r in m.replicas):
+        return ""
+    items = [
+        f"r{i} {r.in_flight}/{r.cap}" if r.live else f"r{i} out" for i, r in enumerate(m.replicas)
+    ]
+    return f" [{', '.join(items)}]"
+
+
+def _state(r: ReplicaStats, now: float) -> str:
+    if r.live:
+        return "live"
+    return f"out {now - r.out_since:.0f}s" if r.out_since is not None else "out"
 
 
 class Display:
@@ -108,17 +124,31 @@ def _panel(stats: RunStats, elapsed: float) -> Group:
         + f"  elapsed {elapsed:.0f}s"
     )
     table = Table(box=None, pad_edge=False)
-    for column in ("model", "in flight", "limit", "requests", "retries", "failures"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    for column in ("model", "in flight", "limit", "state", "requests", "retries", "failures"):
+        table.add_column(column, justify="left" if column in ("model", "state") else "right")
+    now = time.monotonic()
     for m in stats.models.values():
+        live = sum(r.live for r in m.replicas)
         table.add_row(
             m.name,
             f"{m.in_flight}/{m.cap}",
             str(m.limit if m.limit is not None else m.cap),
+            "live" if live == len(m.replicas) else f"{live}/{len(m.replicas)} live",
             str(m.requests),
             str(m.retries),
             str(m.failures),
         )
+        if len(m.replicas) > 1:
+            for r in m.replicas:
+                table.add_row(
+                    f"  {r.url}",
+                    f"{r.in_flight}/{r.cap}",
+                    str(r.limit if r.limit is not None else r.cap),
+                    _state(r, now),
+                    str(r.requests),
+                    "",
+                    str(r.failures),
+                )
     return Group(head, table)
 
 
@@ -151,5 +181,14 @@ def summary(outcome: Outcome) -> str:
         lines.append(
             f"model {m.name}: {m.ok}/{m.requests} requests ok, {lat}, "
             f"{m.retries} retries, {m.failures} failures"
+            + (f", {m.resent} re-sent after server failures" if m.resent else "")
         )
+        if len(m.replicas) > 1:
+            for r in m.replicas:
+                lines.append(f"  {r.url}: {r.ok}/{r.requests} ok, {r.failures} server failures")
+        end = time.monotonic()
+        for outage in m.outages:
+            took = (outage.ended if outage.ended is not None else end) - outage.started
+            still = "" if outage.ended is not None else " (still out at the end)"
+            lines.append(f"  outage: {m.name} {outage.url} out for {took:.1f}s{still}")
     return "\n".join(lines)

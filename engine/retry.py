@@ -11,6 +11,18 @@ from email.utils import parsedate_to_datetime
 # Statuses that say "not now" rather than "never": rate limits, overload, timeouts.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
+# What a failed request says, and so what to do about it:
+PERMANENT = "permanent"  # a 4xx: the same request fails again; the row fails at once
+BACKPRESSURE = "backpressure"  # 429, 503, a full KV cache: this server wants fewer requests
+UNHEALTHY = "unhealthy"  # connection errors, timeouts, other 5xx: the server may be down
+FLAKY = "flaky"  # it answered, but not usefully (a broken 200 body, 408/409/425): try again
+
+# llama.cpp's server when two conversations outgrow one shared KV pool: both are
+# cancelled with a 500, and both fit again at a lower concurrency.
+KV_CACHE_FULL = "Context size has been exceeded"
+# llama.cpp's server when one request is longer than a slot's context: permanent.
+CONTEXT_OVERFLOW = ("exceed_context_size_error", "exceeds the available context size")
+
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0
 RETRY_AFTER_CAP_S = 600.0
@@ -19,6 +31,35 @@ RETRY_AFTER_CAP_S = 600.0
 def is_retryable_status(status: int) -> bool:
     """429 and 5xx (and a few transient 4xx) are retried; every other 4xx is permanent."""
     return status in RETRYABLE_STATUSES or 500 <= status < 600
+
+
+def classify_status(status: int, message: str) -> str:
+    """What an HTTP error status (and the server's message) means for the request."""
+    if status in (429, 503) or (status == 500 and KV_CACHE_FULL in message):
+        return BACKPRESSURE
+    if status >= 500:
+        return UNHEALTHY
+    if is_retryable_status(status):
+        return FLAKY
+    return PERMANENT
+
+
+def charged(kind: str, *, answered_meanwhile: bool) -> bool:
+    """Whether a failure of ``kind`` costs the row one of its retries.
+
+    A server failure (``UNHEALTHY``) is the row's only when the same server
+    answered other requests while this one was in flight: otherwise the server is
+    failing everyone, which is an outage to ride out, not the row's fault.
+    Backpressure and broken answers are always charged (a full KV cache is
+    handled before this); permanent failures are not retried at all.
+    """
+    if kind == UNHEALTHY:
+        return answered_meanwhile
+    return kind in (BACKPRESSURE, FLAKY)
+
+
+def is_context_overflow(status: int, message: str) -> bool:
+    return status == 400 and any(marker in message for marker in CONTEXT_OVERFLOW)
 
 
 def backoff_s(

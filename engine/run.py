@@ -23,7 +23,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from engine import progress
 from engine.client import ModelClient
 from engine.config import ModelConfig, RunConfig
-from engine.errors import CheckpointError, InputError, TurnstileError
+from engine.errors import CheckpointError, InputError, ModelDown, TurnstileError
 from engine.filters import check_row, filtered_record, rule_of
 from engine.journal import JOURNAL_NAME, Replay, replay
 from engine.manifest import (
@@ -81,6 +81,10 @@ class Context:
 class Task(Protocol):
     def rows_in_flight(self, config: RunConfig) -> int:
         """How many rows to work on at once by default."""
+        ...
+
+    def optional_models(self) -> frozenset[str]:
+        """Models the task can go on without (a row records their failure)."""
         ...
 
     async def process(self, row: InputRow, records: Records, ctx: Context) -> None:
@@ -218,22 +222,24 @@ async def _execute(
         filtered_end=state.filtered_end,
     )
     async with AsyncExitStack() as stack:
-        local_urls: dict[str, str] = {}
+        local_urls: dict[str, list[str]] = {}
         for group in local_servers(config):
             opener = open_local or _local_server()
-            url = await stack.enter_async_context(opener(group.server, config.checkpoint_dir))
+            urls = []
+            for replica in range(group.server.local.replicas):
+                server = opener(group.server, config.checkpoint_dir, replica=replica)
+                urls.append(await stack.enter_async_context(server))
             for name in group.members:
-                local_urls[name] = url
+                local_urls[name] = urls
         clients: dict[str, ModelClient] = {}
         for name in sorted(config.models_used()):
             model = config.models[name]
-            base_url = local_urls.get(name)
             model_stats = ModelStats(name=name, cap=model.max_concurrency)
             stats.models[name] = model_stats
             clients[name] = await stack.enter_async_context(
-                ModelClient(model, model_stats, base_url=base_url)
+                ModelClient(model, model_stats, base_urls=local_urls.get(name))
             )
-            await clients[name].probe()
+        await _probe_models(clients, task.optional_models())
         ctx = Context(config=config, writer=writer, clients=clients, stats=stats)
         workers = config.max_conversations or task.rows_in_flight(config)
 
@@ -265,6 +271,40 @@ class LocalGroup:
     members: tuple[str, ...]
 
 
+async def _probe_models(clients: dict[str, ModelClient], optional: frozenset[str]) -> None:
+    """Check every replica answers before any row is touched.
+
+    A replica that does not is taken out and probed (a warning names it). A model
+    none of whose replicas answers stops the run at once (ModelDown), unless it is
+    optional (a preference generator) and another optional one answers: then it
+    is treated as an outage, its requests waiting up to its ``down_after_s``.
+    """
+    dead: list[str] = []
+    for name, client in clients.items():
+        problems = await client.probe()
+        for problem in problems:
+            progress.log(f"warning: {problem}")
+        if client.pool.live_count == 0:
+            dead.append(name)
+    fatal = [name for name in dead if name not in optional]
+    if optional and set(optional) <= set(dead):
+        fatal = dead
+    if fatal:
+        urls = "; ".join(
+            f"models.{name}: {', '.join(r.url for r in clients[name].pool.replicas)}"
+            for name in fatal
+        )
+        raise ModelDown(
+            f"cannot reach {urls} (no replica answers); start the server or fix base_url"
+        )
+    for name in dead:
+        seconds = clients[name].config.down_after_s
+        progress.log(
+            f"warning: models.{name} is unreachable; the others go on, and its requests wait "
+            f"for it up to {seconds:g} s (down_after_s) before they are recorded as failed"
+        )
+
+
 def local_servers(config: RunConfig) -> list[LocalGroup]:
     """One llama-server per distinct set of local settings, shared by its models.
 
@@ -278,7 +318,7 @@ def local_servers(config: RunConfig) -> list[LocalGroup]:
         model = config.models[name]
         if model.is_local:
             local = model.local
-            key = (model.model_path, local.ctx_size, local.threads, local.port)
+            key = (model.model_path, local.ctx_size, local.threads, local.port, local.replicas)
             groups.setdefault(key, []).append(model)
     servers = []
     for models in groups.values():

@@ -39,20 +39,48 @@ class LatencyHistogram:
 
 
 @dataclass(slots=True)
+class ReplicaStats:
+    """One server of a model: what the display shows per replica."""
+
+    url: str
+    cap: int
+    in_flight: int = 0
+    limit: int | None = None
+    requests: int = 0
+    ok: int = 0
+    failures: int = 0  # health failures: connection errors, timeouts, 5xx
+    live: bool = True
+    out_since: float | None = None  # monotonic time it was taken out, while out
+
+
+@dataclass(slots=True)
+class Outage:
+    """A replica taken out (monotonic times); ``ended`` is None while it is still out."""
+
+    replica: int
+    url: str
+    started: float
+    ended: float | None = None
+
+
+@dataclass(slots=True)
 class ModelStats:
-    """Per-model counters, updated by the client."""
+    """Per-model counters, updated by the client and its replica pool."""
 
     name: str
     cap: int
     in_flight: int = 0
     requests: int = 0
     ok: int = 0
-    retries: int = 0
+    retries: int = 0  # charged to the row (its max_retries)
+    resent: int = 0  # sent again after a server failure, charged to no row
     failures: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     limit: int | None = None  # the current adaptive limit, where one applies
+    replicas: list[ReplicaStats] = field(default_factory=list)
+    outages: list[Outage] = field(default_factory=list)
 
 
 @dataclass(slots=True)

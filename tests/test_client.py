@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import anyio
 import pytest
@@ -11,8 +10,7 @@ from anyio.lowlevel import checkpoint
 
 from engine.client import ModelClient, parse_completion
 from engine.config import ModelConfig
-from engine.errors import ModelDown, ModelError
-from engine.limiter import Limiter
+from engine.errors import ModelError
 from engine.mock_server import Faults, MockServer, reply_for
 from engine.ratelimit import TokenBucket, estimate_tokens, per_minute
 from engine.stats import ModelStats
@@ -33,7 +31,7 @@ class FakeTime:
         self.now = start
         self.calls: list[float] = []
         self.held: list[int] = []
-        self.limiter: Limiter | None = None
+        self.stats: ModelStats | None = None
         self.during: Callable[[], Awaitable[None]] | None = None
 
     def clock(self) -> float:
@@ -41,8 +39,8 @@ class FakeTime:
 
     async def sleep(self, seconds: float) -> None:
         self.calls.append(seconds)
-        if self.limiter is not None:
-            self.held.append(self.limiter.in_flight)
+        if self.stats is not None:
+            self.held.append(self.stats.in_flight)
         self.now += seconds
         during, self.during = self.during, None
         if during is not None:
@@ -51,9 +49,11 @@ class FakeTime:
 
 
 def client_for(
-    server: MockServer, time: FakeTime, *, draw: float = 0.5, **fields: object
+    server: MockServer | list[MockServer], time: FakeTime, *, draw: float = 0.5, **fields: object
 ) -> ModelClient:
-    config = ModelConfig(name="m", base_url=server.base_url, model="mock", **fields)  # type: ignore[arg-type]
+    servers = server if isinstance(server, list) else [server]
+    urls = tuple(s.base_url for s in servers)
+    config = ModelConfig(name="m", base_urls=urls, model="mock", **fields)  # type: ignore[arg-type]
     client = ModelClient(
         config,
         ModelStats(name="m", cap=config.max_concurrency),
@@ -61,7 +61,7 @@ def client_for(
         clock=time.clock,
         draw=lambda: draw,
     )
-    time.limiter = client.limiter
+    time.stats = client.stats
     return client
 
 
@@ -83,11 +83,11 @@ async def test_429_waits_what_retry_after_says_without_holding_a_slot(mock: Mock
             await client.complete(MESSAGES)
     assert time.calls == [3.0, 3.0]  # Retry-After, and no jitter with a draw of 0
     assert time.held == [0, 0], "a retry held a slot while it waited"
-    assert caught.value.model_down  # nothing ever succeeded
+    assert not caught.value.model_down  # it answered: rate limited, not down
     assert "gave up after 3 attempts" in str(caught.value)
-    # Each retry was sent under the limit the previous 429 set: 4 -> 2 -> 1.
-    assert client.limiter.limit == 1
-    assert client.limiter.in_flight == 0
+    # Three 429s one after another are sporadic, not a burst: the limit stays.
+    assert client.stats.limit == 4
+    assert client.stats.in_flight == 0
 
 
 async def test_while_a_retry_waits_another_request_uses_the_slot(mock: MockServer) -> None:
@@ -98,7 +98,7 @@ async def test_while_a_retry_waits_another_request_uses_the_slot(mock: MockServe
 
         async def meanwhile() -> None:
             # With a cap of 1 this request can only be sent if the retry let go of the slot.
-            assert client.limiter.in_flight == 0, "the waiting retry holds the only slot"
+            assert client.stats.in_flight == 0, "the waiting retry holds the only slot"
             mock.faults = Faults()
             answered.append((await client.complete(OTHER)).texts)
 
@@ -128,14 +128,14 @@ async def test_a_burst_of_429s_shrinks_the_limit_once_and_success_grows_it_back(
         peak = mock.stats.peak_in_flight
         assert peak <= 8, f"{peak} requests in flight, above the cap of 8"
         assert peak > 1, "the burst was sent one request at a time"
-        assert client.limiter.limit == 4  # eight 429s, one burst: halved once
+        assert client.pool.replicas[0].limit == 4  # eight 429s, one burst: halved once
         assert client.stats.limit == 4  # what the progress display shows
 
         mock.faults = Faults()
         mock.latency_ms = 0
         for _ in range(4 + 5):
             await client.complete(MESSAGES)
-        assert client.limiter.limit == 6  # +1 after 4 successes, +1 after 5 more
+        assert client.stats.limit == 6  # +1 after 4 successes, +1 after 5 more
     assert time.calls == []
 
 
@@ -149,39 +149,47 @@ async def test_a_400_is_permanent_and_not_retried(mock: MockServer) -> None:
     assert mock.stats.total_requests == 1 and time.calls == []
 
 
-async def test_500s_back_off_exponentially(mock: MockServer) -> None:
-    mock.faults = Faults(rate_500=1.0)
-    time = FakeTime()
-    async with client_for(mock, time, max_retries=4, draw=0.5) as client:
-        with pytest.raises(ModelError):
-            await client.complete(MESSAGES)
-    # Ceilings 0.5, 1, 2, 4 s; half fixed plus half the draw (0.5) of the other half.
-    assert time.calls == [0.375, 0.75, 1.5, 3.0]
-    assert time.now == 1000.0 + sum(time.calls)
-    assert time.held == [0, 0, 0, 0]
-
-
-async def test_a_success_while_a_request_retries_means_the_model_is_up(
+async def test_a_server_failing_everyone_costs_no_retry_and_is_down_after_down_after_s(
     mock: MockServer,
 ) -> None:
     mock.faults = Faults(rate_500=1.0)
     time = FakeTime()
-    async with client_for(mock, time, max_retries=2) as client:
-
-        async def meanwhile() -> None:  # runs once the clock has moved past the first try
-            mock.faults = Faults()
-            await client.complete(OTHER)
-            mock.faults = Faults(rate_500=1.0)
-
-        time.during = meanwhile
+    async with client_for(mock, time, max_retries=0, down_after_s=30.0, draw=0.5) as client:
         with pytest.raises(ModelError) as caught:
             await client.complete(MESSAGES)
-        assert not caught.value.model_down
+    # No retry was charged (max_retries 0 would have failed it at once): it waited
+    # the outage out until the model had been unreachable for down_after_s.
+    assert caught.value.model_down
+    assert "models.m down for 30 s" in str(caught.value)
+    assert client.stats.retries == 0 and client.stats.resent > 1
+    assert time.now - 1000.0 >= 30.0
+    # Backoff between its first attempts, before the replica was taken out: half
+    # fixed plus half the draw (0.5) of ceilings 0.5 and 1 s.
+    assert time.calls[:2] == [0.375, 0.75]
+    assert set(time.held) == {0}, "a request held a slot while it waited"
+    assert len(client.stats.outages) >= 1
 
-        time.now += 10  # a request that starts after that success, and never succeeds
-        with pytest.raises(ModelError) as caught:
-            await client.complete(MESSAGES)
-        assert caught.value.model_down
+
+async def test_a_request_on_a_failing_replica_goes_to_another_at_once() -> None:
+    async with MockServer() as broken, MockServer() as healthy:
+        broken.faults = Faults(rate_500=1.0)
+        time = FakeTime()
+        async with client_for([broken, healthy], time, max_retries=0) as client:
+            completion = await client.complete(MESSAGES, prefer=0)
+        assert completion.replica == 1
+        assert completion.texts == [reply_for("mock", MESSAGES)]
+        assert time.calls == []  # re-sent without waiting
+        assert client.stats.retries == 0 and client.stats.resent == 1
+        assert broken.stats.total_requests == 1 and healthy.stats.completed == 1
+
+
+async def test_a_conversation_returns_to_its_replica_while_it_has_room() -> None:
+    async with MockServer() as first, MockServer() as second:
+        time = FakeTime()
+        async with client_for([first, second], time, max_concurrency=2) as client:
+            served = [(await client.complete(MESSAGES, prefer=1)).replica for _ in range(5)]
+        assert served == [1] * 5
+        assert first.stats.total_requests == 0 and second.stats.completed == 5
 
 
 async def test_requests_per_minute_paces_requests(mock: MockServer) -> None:
@@ -213,11 +221,43 @@ async def test_tokens_per_minute_paces_by_the_estimate_then_refunds(mock: MockSe
     ]
 
 
-async def test_an_unreachable_server_is_named_by_the_probe(tmp_path: Path) -> None:
-    config = ModelConfig(name="teacher", base_url="http://127.0.0.1:9/v1", model="x")
+async def test_an_unreachable_server_is_named_by_the_probe_and_taken_out() -> None:
+    config = ModelConfig(name="teacher", base_urls=("http://127.0.0.1:9/v1",), model="x")
     async with ModelClient(config, ModelStats(name="teacher", cap=1)) as client:
-        with pytest.raises(ModelDown, match=r"models\.teacher: cannot reach"):
-            await client.probe()
+        [problem] = await client.probe()
+        assert problem.startswith("models.teacher: cannot reach http://127.0.0.1:9/v1/models")
+        assert client.pool.live_count == 0
+
+
+async def test_a_request_longer_than_the_context_fails_at_once_and_names_the_fix(
+    mock: MockServer,
+) -> None:
+    mock.faults = Faults(context_tokens=20)
+    time = FakeTime()
+    async with client_for(mock, time, params={"max_tokens": 16}) as client:
+        with pytest.raises(ModelError) as caught:
+            await client.complete([{"role": "user", "content": "a question of several words"}])
+    message = str(caught.value)
+    assert not caught.value.retryable
+    assert message.startswith("HTTP 400: request (24 tokens) exceeds the available context size")
+    assert "local.ctx_size" in message and "models.m.params.max_tokens" in message
+    assert mock.stats.total_requests == 1 and time.calls == []
+
+
+async def test_a_full_kv_cache_shrinks_the_limit_and_costs_no_retry(mock: MockServer) -> None:
+    mock.faults = Faults(rate_kv_full=1.0)
+    time = FakeTime()
+    async with client_for(mock, time, max_retries=0, max_concurrency=4, draw=0.0) as client:
+
+        async def meanwhile() -> None:
+            mock.faults = Faults()
+
+        time.during = meanwhile
+        completion = await client.complete(MESSAGES)
+    assert completion.texts == [reply_for("mock", MESSAGES)]
+    assert client.stats.retries == 0 and client.stats.resent == 1
+    assert client.stats.limit == 2  # halved at once: too many conversations at a time
+    assert time.held == [0]
 
 
 def test_parse_completion_classifies_bad_bodies() -> None:

@@ -107,7 +107,7 @@ def test_example_model_gets_the_defaults() -> None:
     teacher = parse(example()).models["teacher"]
     assert teacher == ModelConfig(
         name="teacher",
-        base_url="http://127.0.0.1:8080/v1",  # the trailing slash is dropped
+        base_urls=("http://127.0.0.1:8080/v1",),  # the trailing slash is dropped
         model="gpt-4o-mini",
         api_key_env=None,
         max_concurrency=16,
@@ -291,7 +291,7 @@ def test_local_base_url_needs_no_model() -> None:
     raw["models"]["teacher"] = {"base_url": "local"}
     model = parse(raw).models["teacher"]
     assert model.is_local
-    assert model.base_url == "local"
+    assert model.base_urls == ("local",)
     assert model.model == "SmolLM2-135M-Instruct"
     assert model.local == LocalServerConfig()
 

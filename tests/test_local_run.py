@@ -230,7 +230,7 @@ async def real_server(tmp_path: Path) -> AsyncIterator[str]:
 
     model = ModelConfig(
         name="teacher",
-        base_url="local",
+        base_urls=("local",),
         model="SmolLM2-135M-Instruct",
         max_concurrency=3,
         local=LocalServerConfig(ctx_size=2048, threads=2),

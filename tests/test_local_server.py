@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def a_model(**local: Any) -> ModelConfig:
     return ModelConfig(
         name="teacher",
-        base_url="local",
+        base_urls=("local",),
         model=DEFAULT_MODEL,
         max_concurrency=4,
         local=LocalServerConfig(**local),
@@ -66,7 +66,7 @@ def fake_model(tmp_path: Path, **local: Any) -> ModelConfig:
     gguf.write_bytes(b"GGUF")
     return ModelConfig(
         name="teacher",
-        base_url="local",
+        base_urls=("local",),
         model="fake",
         model_path=str(gguf),
         local=LocalServerConfig(**local),
@@ -119,8 +119,7 @@ def test_command_defaults_slots_to_max_concurrency_and_threads_to_cpus() -> None
         "-np",
         "4",
         "-c",
-        "8192",
-        "--kv-unified",
+        str(4 * 4096),  # a whole conversation of ctx_size (4096) for each of the 4 slots
         "-t",
         str(cpu_count()),
         "--alias",
@@ -137,8 +136,15 @@ def test_command_takes_the_local_section() -> None:
     def after(flag: str) -> str:
         return cmd[cmd.index(flag) + 1]
 
-    assert (after("-np"), after("-c"), after("-t")) == ("2", "2048", "3")
+    assert (after("-np"), after("-c"), after("-t")) == ("2", "4096", "3")
+    assert "--kv-unified" not in cmd  # a slot's context is its own
     assert (after("--host"), after("--port")) == ("0.0.0.0", "9000")
+
+
+def test_replicas_split_the_threads() -> None:
+    model = a_model(threads=5, replicas=2)
+    cmd = server_command(model, 9000, Path("llama-server"), Path("x.gguf"))
+    assert cmd[cmd.index("-t") + 1] == "2"
 
 
 def test_env_stops_openmp_spinning_unless_the_user_chose() -> None:
@@ -190,7 +196,7 @@ def test_missing_model_names_the_install(monkeypatch: pytest.MonkeyPatch) -> Non
 async def test_missing_model_path_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(BINARY_ENV, str(fake_binary(tmp_path, "exit 0")))
     model = ModelConfig(
-        name="teacher", base_url="local", model="m", model_path=str(tmp_path / "nope.gguf")
+        name="teacher", base_urls=("local",), model="m", model_path=str(tmp_path / "nope.gguf")
     )
     with pytest.raises(LocalServerError, match=r"models\.teacher\.model_path"):
         async with local_server(model, tmp_path):
@@ -263,7 +269,7 @@ from engine.local_server import local_server
 
 async def main() -> None:
     model = ModelConfig(
-        name="teacher", base_url="local", model="smol", max_concurrency=2,
+        name="teacher", base_urls=("local",), model="smol", max_concurrency=2,
         model_path=sys.argv[1] or None,
         local=LocalServerConfig(parallel=2, ctx_size=1024, threads=1),
     )
@@ -365,7 +371,7 @@ def real_server() -> Path:
 def small_model() -> ModelConfig:
     return ModelConfig(
         name="teacher",
-        base_url="local",
+        base_urls=("local",),
         model="smol",
         max_concurrency=2,
         local=LocalServerConfig(parallel=2, ctx_size=1024, threads=2),

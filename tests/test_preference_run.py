@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from engine.mock_replies import judge_rating
@@ -44,6 +45,7 @@ def prefs_config(
     judge: bool = True,
     b_model: str = "gen-b",
     retries: int = 6,
+    down_after_s: float = 300,
 ) -> Path:
     def model(name: str, cap: int) -> dict[str, Any]:
         return {
@@ -52,6 +54,7 @@ def prefs_config(
             "max_concurrency": cap,
             "timeout_s": 10,
             "max_retries": retries,
+            "down_after_s": down_after_s,
         }
 
     preference: dict[str, Any] = {
@@ -153,13 +156,20 @@ async def test_all_equal_and_unusable_ratings_leave_the_row_unpaired(
     assert mock.stats.completed == 2 * 2 + 1 + 2
 
 
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(400, "HTTP 400"), (500, "models.b down for 0.5 s")],
+    ids=["a_4xx_fails_each_generation", "a_5xx_for_down_after_s_is_down"],
+)
 async def test_a_generator_that_always_fails_does_not_stop_the_others(
-    tmp_path: Path, mock: MockServer
+    tmp_path: Path, mock: MockServer, status: int, error: str
 ) -> None:
-    mock.faults = Faults(fail_models={"broken": 500})
+    mock.faults = Faults(fail_models={"broken": status})
     source = prompts(6)
     write_jsonl(tmp_path / "in.jsonl", source)
-    config = prefs_config(tmp_path, mock.base_url, num_generations=2, b_model="broken", retries=1)
+    config = prefs_config(
+        tmp_path, mock.base_url, num_generations=2, b_model="broken", retries=1, down_after_s=0.5
+    )
 
     result = await turnstile("run", str(config), "--quiet")
 
@@ -169,7 +179,7 @@ async def test_a_generator_that_always_fails_does_not_stop_the_others(
     for row in rows:
         assert row["generation_models"] == ["gen-a", "gen-a"]
         assert [e["model"] for e in row["generation_errors"]] == ["broken", "broken"]
-        assert "HTTP 500" in row["generation_errors"][0]["error"]
+        assert error in row["generation_errors"][0]["error"]
         assert row["ratings"] is not None and len(row["ratings"]) == 2
 
 

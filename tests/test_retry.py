@@ -11,8 +11,15 @@ import pytest
 from engine.retry import (
     BACKOFF_BASE_S,
     BACKOFF_CAP_S,
+    BACKPRESSURE,
+    FLAKY,
+    PERMANENT,
     RETRY_AFTER_CAP_S,
+    UNHEALTHY,
     backoff_s,
+    charged,
+    classify_status,
+    is_context_overflow,
     is_retryable_status,
     parse_retry_after,
     retry_delay_s,
@@ -131,3 +138,39 @@ def test_retry_delay_jitter_is_small_for_small_hints() -> None:
 @pytest.mark.parametrize("attempt", [0, 3, 9])
 def test_retry_delay_without_hint_is_the_backoff(attempt: int) -> None:
     assert retry_delay_s(attempt, 0.3, retry_after=None) == backoff_s(attempt, 0.3)
+
+
+# --- what a failure means ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "message", "kind"),
+    [
+        (429, "slow down", BACKPRESSURE),
+        (503, "loading", BACKPRESSURE),
+        (500, "Context size has been exceeded.", BACKPRESSURE),
+        (500, "boom", UNHEALTHY),
+        (502, "bad gateway", UNHEALTHY),
+        (408, "timeout", FLAKY),
+        (400, "bad request", PERMANENT),
+        (404, "no such model", PERMANENT),
+    ],
+)
+def test_classify_status(status: int, message: str, kind: str) -> None:
+    assert classify_status(status, message) == kind
+
+
+def test_a_context_overflow_is_recognised_by_llama_cpp_s_words() -> None:
+    message = "request (751 tokens) exceeds the available context size (512 tokens)"
+    assert is_context_overflow(400, message)
+    assert is_context_overflow(400, "exceed_context_size_error")
+    assert not is_context_overflow(500, message)
+    assert not is_context_overflow(400, "bad request")
+
+
+def test_a_server_failure_is_charged_only_when_the_server_answered_others() -> None:
+    assert charged(UNHEALTHY, answered_meanwhile=True)
+    assert not charged(UNHEALTHY, answered_meanwhile=False)
+    assert charged(BACKPRESSURE, answered_meanwhile=False)
+    assert charged(FLAKY, answered_meanwhile=False)
+    assert not charged(PERMANENT, answered_meanwhile=True)

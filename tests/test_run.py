@@ -16,7 +16,7 @@ def test_local_models_with_the_same_settings_share_one_server(tmp_path: Path) ->
         "models": {
             "a": {"base_url": "local", "max_concurrency": 4},
             "b": {"base_url": "local", "max_concurrency": 3},
-            "judge": {"base_url": "local", "max_concurrency": 2, "local": {"ctx_size": 4096}},
+            "judge": {"base_url": "local", "max_concurrency": 2, "local": {"ctx_size": 2048}},
             "remote": {"base_url": "http://127.0.0.1:1/v1", "model": "m"},
         },
         "preference": {"generators": ["a", "b", "remote"], "judge": "judge"},
@@ -28,7 +28,7 @@ def test_local_models_with_the_same_settings_share_one_server(tmp_path: Path) ->
     assert set(servers) == {("a", "b"), ("judge",)}
     assert servers["a", "b"].local.parallel == 7
     assert servers["judge",].local.parallel == 2
-    assert servers["judge",].local.ctx_size == 4096
+    assert servers["judge",].local.ctx_size == 2048
 
 
 def test_a_shared_server_lists_its_models_by_name_not_by_a_joined_string(tmp_path: Path) -> None:
