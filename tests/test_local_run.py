@@ -7,6 +7,7 @@ installs both).
 from __future__ import annotations
 
 import asyncio
+import re
 import resource
 import signal
 import sys
@@ -143,6 +144,11 @@ async def test_the_server_is_stopped_after_a_failed_run(tmp_path: Path) -> None:
     # A file-size limit makes the journal unwritable mid-run: the run fails (exit 3).
     write_jsonl(tmp_path / "in.jsonl", CHATS * 20)
     config = local_config(tmp_path)
+    # The limit also reaches the server's log: past it, llama-server drops its
+    # connections, an outage the run rides out only for down_after_s.
+    raw = yaml.safe_load(config.read_text())
+    raw["models"]["teacher"]["down_after_s"] = 2
+    config.write_text(yaml.safe_dump(raw))
 
     def limit() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -282,3 +288,58 @@ async def test_sigkill_mid_run_then_resume_against_the_real_server(
                 assert replies[record["i"]] == record["c"]
         repeated = sum(c - 1 for c in proxy.requests.values() if c > 1)
         assert repeated <= 2 * 2  # at most the turns in flight at the kill
+
+
+async def test_two_local_replicas_share_a_real_distillation(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", CHATS)
+    config = local_config(tmp_path, cap=2)
+    raw = yaml.safe_load(config.read_text())
+    raw["models"]["teacher"]["local"] = {"ctx_size": 2048, "threads": 2, "replicas": 2}
+    config.write_text(yaml.safe_dump(raw))
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    rows = by_id(read_jsonl(tmp_path / "out" / "distilled.jsonl"))
+    assert set(rows) == {"greet", "colour", "c1", "count"}
+    served = re.findall(r"^  http://127\.0\.0\.1:(\d+)/v1: (\d+)/(\d+) ok", result.stderr, re.M)
+    assert len(served) == 2, result.stderr
+    assert all(int(ok) > 0 for _, ok, _ in served), "a replica served nothing"
+    for log in ("llama-server-teacher.log", "llama-server-teacher-1.log"):
+        (port,) = started_ports(tmp_path / "ck" / log)
+        assert llama_servers_on(port) == []  # each stopped
+
+
+async def test_eight_long_conversations_at_once_never_overflow_the_context(
+    tmp_path: Path,
+) -> None:
+    # Each slot holds a whole conversation of ctx_size tokens: eight long ones
+    # generating at once on the default settings get no context error.
+    long_chats = [
+        {
+            "id": f"long{i}",
+            "messages": [
+                {"role": "user", "content": f"Tell me a fact about the number {i * 7 + t}."}
+                for t in range(6)
+            ],
+        }
+        for i in range(8)
+    ]
+    write_jsonl(tmp_path / "in.jsonl", long_chats)
+    config = local_config(tmp_path, cap=8)
+    raw = yaml.safe_load(config.read_text())
+    teacher = raw["models"]["teacher"]
+    teacher["params"]["max_tokens"] = 64
+    teacher["max_retries"] = 0  # any context error would fail its row
+    del teacher["local"]  # the defaults: ctx_size 4096 for each of the 8 slots
+    config.write_text(yaml.safe_dump(raw))
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    assert "Context size has been exceeded" not in result.stderr
+    assert "re-sent" not in result.stderr  # no request had to be sent twice
+    rows = read_jsonl(tmp_path / "out" / "distilled.jsonl")
+    assert len(rows) == 8
+    for row in rows:
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * 6

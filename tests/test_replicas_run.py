@@ -245,3 +245,77 @@ async def test_a_model_down_past_down_after_s_stops_resumable_then_finishes(
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming" in rerun.stderr
     assert_exact(tmp_path, expected)
+
+
+async def test_a_generator_down_from_the_start_leaves_pairs_from_the_others(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    prompts = [{"id": f"p{i}", "prompt": f"question {i}"} for i in range(6)]
+    write_jsonl(tmp_path / "in.jsonl", prompts)
+    nowhere = "http://127.0.0.1:9/v1"  # nothing listens on the discard port
+
+    def model(name: str, url: str) -> dict[str, Any]:
+        return {
+            "base_url": url,
+            "model": name,
+            "max_concurrency": 2,
+            "down_after_s": 1,
+        }
+
+    config = tmp_path / "prefs.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "task": "preference",
+                "input": "in.jsonl",
+                "output": "out/prefs.jsonl",
+                "checkpoint_dir": "ck",
+                "models": {
+                    "a": model("gen-a", mock.base_url),
+                    "b": model("gen-b", nowhere),
+                    "c": model("gen-c", mock.base_url),
+                    "judge": model("judge-m", mock.base_url),
+                },
+                "preference": {"generators": ["a", "b", "c"], "judge": "judge"},
+            }
+        )
+    )
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    assert "warning: models.b is unreachable" in result.stderr
+    rows = by_id(read_jsonl(tmp_path / "out" / "prefs.jsonl"))
+    assert set(rows) == {p["id"] for p in prompts}
+    for row in rows.values():
+        assert row["generation_models"] == ["gen-a", "gen-c"]
+        [error] = row["generation_errors"]
+        assert error["model"] == "gen-b" and "models.b down for 1 s" in error["error"]
+    paired = [row for row in rows.values() if row["pair_error"] is None]
+    assert paired, "no row got a pair from the generators that answer"
+    for row in paired:
+        assert {row["chosen_model"], row["rejected_model"]} == {"gen-a", "gen-c"}
+
+
+async def test_a_teacher_unreachable_at_start_stops_at_once(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", user_only_rows(3))
+    config = replicas_config(tmp_path, ["http://127.0.0.1:9/v1"], down_after_s=300)
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 3, result.stderr
+    assert "cannot reach models.teacher: http://127.0.0.1:9/v1" in result.stderr
+
+
+async def test_one_replica_unreachable_at_start_warns_and_the_others_serve(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    rows = user_only_rows(20)
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    config = replicas_config(tmp_path, [mock.base_url, "http://127.0.0.1:9/v1"])
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    assert "warning: models.teacher: cannot reach http://127.0.0.1:9/v1/models" in result.stderr
+    assert_exact(tmp_path, expected_for(rows))
