@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from engine.progress import status_line
-from engine.stats import RunStats
+import time
+
+from engine.progress import status_line, summary
+from engine.run import Outcome
+from engine.stats import ModelStats, Outage, ReplicaStats, RunStats
 
 
 def test_the_turn_estimate_names_the_turn_rule() -> None:
@@ -16,3 +19,29 @@ def test_the_turn_estimate_names_the_turn_rule() -> None:
 def test_no_estimate_before_ten_rows_and_no_rule_outside_distillation() -> None:
     stats = RunStats(rows_total=100, rows_done=5, turns_done=15)
     assert "turns 15 (" in status_line(stats, elapsed=1.0)
+
+
+def replicated_stats() -> RunStats:
+    model = ModelStats(name="teacher", cap=8, in_flight=3, requests=10, ok=9)
+    model.replicas = [
+        ReplicaStats(url="http://a/v1", cap=4, in_flight=3, requests=7, ok=7),
+        ReplicaStats(url="http://b/v1", cap=4, requests=3, ok=2, failures=3, live=False),
+    ]
+    model.outages = [
+        Outage(replica=1, url="http://b/v1", started=10.0, ended=22.5),
+        Outage(replica=1, url="http://b/v1", started=time.monotonic()),
+    ]
+    return RunStats(models={"teacher": model})
+
+
+def test_the_progress_line_shows_each_replica_and_which_is_out() -> None:
+    line = status_line(replicated_stats(), elapsed=1.0)
+    assert "teacher: 3/8 in flight" in line and "[r0 3/4, r1 out]" in line
+
+
+def test_the_summary_names_every_outage() -> None:
+    text = summary(Outcome(stats=replicated_stats(), elapsed_s=30.0))
+    assert "  http://a/v1: 7/7 ok, 0 server failures" in text
+    assert "  http://b/v1: 2/3 ok, 3 server failures" in text
+    assert "  outage: teacher http://b/v1 out for 12.5s\n" in text + "\n"
+    assert "(still out at the end)" in text
