@@ -19,7 +19,6 @@ from urllib.parse import urlsplit, urlunsplit
 import yaml
 
 from engine.config import RunConfig
-from engine.dialogue import describe_rule
 
 REDACTED = "<redacted>"
 _SECRET_PARTS = frozenset(
@@ -48,15 +47,12 @@ class Counts:
 
 def card_text(config: RunConfig, counts: Counts) -> str:
     """The whole card: YAML front matter, then Markdown."""
-    task = config.task
-    tags = ["turnstile", "synthetic", "distillation" if task == "distill" else "preference"]
-    if task == "preference":
-        tags.append("dpo")
+    tags = ["turnstile", "synthetic", *config.kind.tags]
     front = yaml.safe_dump({"tags": tags, "task_categories": ["text-generation"]}, sort_keys=False)
     parts = [
         f"---\n{front}---\n",
         f"# {config.output.stem}\n",
-        _task_text(config) + "\n",
+        config.kind.card_text(config) + "\n",
         "## Models\n\n" + _models_table(config),
         "## Rows\n\n" + _counts_table(counts),
         "## Columns\n\n" + _columns_text(config, counts),
@@ -126,30 +122,6 @@ def _public_model(config: RunConfig, name: str) -> dict[str, Any]:
     return out
 
 
-def _task_text(config: RunConfig) -> str:
-    if config.distill is not None:
-        teacher = config.models[config.distill.model].model
-        return (
-            "Multi-turn distillation: each conversation keeps its system and user turns, and "
-            f"`{teacher}` wrote every assistant turn, one at a time, each request carrying the "
-            f"full history so far. Turns: {describe_rule(config.distill.turns)}."
-        )
-    if config.preference is not None:
-        p = config.preference
-        makers = ", ".join(f"`{config.models[g].model}`" for g in p.generators)
-        judge = (
-            f"`{config.models[p.judge].model}` rated them together (UltraFeedback template, "
-            f"aspect: {p.aspect}); chosen is the highest rating, rejected the lowest"
-            if p.judge
-            else "no judge was configured, so no row has a pair"
-        )
-        return (
-            f"Preference pairs: each prompt went to {makers} ({p.num_generations} generation(s) "
-            f"each); {judge}."
-        )
-    return f"Task: {config.task}."
-
-
 def _models_table(config: RunConfig) -> str:
     rows = []
     for name in sorted(config.models_used()):
@@ -179,27 +151,7 @@ def _counts_table(c: Counts) -> str:
 
 def _columns_text(config: RunConfig, c: Counts) -> str:
     lines = [f"Columns: {', '.join(f'`{name}`' for name in c.columns)}.", ""]
-    if config.task == "distill":
-        lines.append(
-            "`messages` is the conversation in OpenAI chat format (a list of `{role, content}`), "
-            "ready for TRL's `SFTTrainer`. Rows are in input order."
-        )
-    else:
-        lines.append(
-            "`prompt`, `chosen` and `rejected` are lists of `{role, content}` messages: TRL's "
-            "conversational preference format, ready for `DPOTrainer` and `ORPOTrainer`. "
-            "Rows are in input order."
-        )
-        if c.pairs_only:
-            lines.append(
-                "Exported with `--pairs-only`: rows with no pair are left out of this dataset."
-            )
-        else:
-            lines.append(
-                "Rows with no pair have null `chosen` and `rejected`, and `pair_error` says why; "
-                "drop them before training (`dataset.filter(lambda r: r['chosen'] is not None)`), "
-                "or export with `--pairs-only`."
-            )
+    lines.append(config.kind.card_usage(config, pairs_only=c.pairs_only))
     if c.json_columns:
         names = ", ".join(f"`{name}`" for name in c.json_columns)
         lines.append(

@@ -20,26 +20,15 @@ import anyio
 from engine import progress
 from engine.config import RunConfig, load_config
 from engine.crash import crash_report, write_crash_log
-from engine.dialogue import describe_rule
 from engine.errors import CheckpointError, ConfigError, InputError, TurnstileError
 from engine.journal import JOURNAL_NAME, replay
 from engine.journal import repair as repair_journal
-from engine.manifest import lock_checkpoint, read_manifest, recorded_turn_rule
-from engine.run import Outcome, Task, execute, prepare
+from engine.manifest import lock_checkpoint, read_manifest
+from engine.run import Outcome, execute, prepare
 from engine.sources import count_input, detect_format
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
 EXIT_CRASHED = 70  # EX_SOFTWARE: a bug, never to be read as "some rows failed"
-
-
-def make_task(config: RunConfig) -> Task:
-    if config.task == "preference":
-        from engine.preference import PreferenceTask
-
-        return PreferenceTask(config)
-    from engine.distill import DistillTask
-
-    return DistillTask(config)
 
 
 def _load(path: str, *, check_env: bool = True) -> RunConfig | None:
@@ -56,7 +45,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_UNUSABLE
-    task = make_task(config)
+    task = config.kind.build(config)
     try:
         lock, state, resumed = prepare(config, fresh=args.fresh)
     except (CheckpointError, InputError) as exc:
@@ -140,13 +129,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"checkpoint: {config.checkpoint_dir} (started {manifest.get('created')})")
     print(f"input:      {config.input} ({'missing' if total is None else f'{total} rows'})")
     print(f"output:     {config.output}")
-    if config.distill is not None:
-        rule = recorded_turn_rule(manifest)
-        print(
-            f"turns:      {describe_rule(rule)}"
-            if rule is not None
-            else "turns:      as_in_input (made before distill.turns existed; resume needs --fresh)"
-        )
+    note = config.kind.describe(config.section)
+    if note is not None:
+        print(f"turns:      {note}")
+    recorded = manifest.get("config")
+    section = recorded.get(config.task) if isinstance(recorded, dict) else None
+    problem = config.kind.resume_problem(section if isinstance(section, dict) else None, config)
+    if problem is not None:
+        print(f"resume:     refused: {problem}run with --fresh to start over")
     filtered = f", {state.rows_filtered} filtered" if state.rows_filtered else ""
     print(f"finished:   {done} rows ({state.rows_ok} ok, {state.rows_failed} failed{filtered})")
     print(f"in progress: {len(state.partial)} rows, {state.work_records} replies journaled")

@@ -17,15 +17,15 @@ from typing import Any
 import orjson
 import yaml
 
-from engine.dialogue import EVERY_USER, TURN_RULES, TurnRule
 from engine.errors import ConfigError
 from engine.filters import FilterConfig, filtered_path, parse_filters
-from engine.judge import ASPECTS
+from engine.problems import Problems
 from engine.sources import parse_input_columns
+from engine.tasks import kind_of, registry
+from engine.tasks.base import TaskKind
 
 LOCAL = "local"
 FSYNC_MODES = ("interval", "always", "never")
-TASKS = ("distill", "preference")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,21 +78,6 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class DistillConfig:
-    model: str
-    system_prompt: str | None = None
-    turns: TurnRule = EVERY_USER  # which user messages get a reply of their own
-
-
-@dataclass(frozen=True, slots=True)
-class PreferenceConfig:
-    generators: tuple[str, ...]
-    num_generations: int = 1
-    judge: str | None = None
-    aspect: str = "overall"
-
-
-@dataclass(frozen=True, slots=True)
 class JournalConfig:
     """Durability of the journal.
 
@@ -114,8 +99,7 @@ class RunConfig:
     output: Path
     checkpoint_dir: Path
     models: Mapping[str, ModelConfig]
-    distill: DistillConfig | None = None
-    preference: PreferenceConfig | None = None
+    section: Any = None  # the task's own section, as its TaskKind parsed it
     journal: JournalConfig = field(default_factory=JournalConfig)
     max_conversations: int | None = None  # rows in flight; default from the caps
     shutdown_grace_s: float = 10.0
@@ -153,102 +137,16 @@ class RunConfig:
             fields["filters"] = self.filters.as_dict()
         return fields
 
+    @property
+    def kind(self) -> TaskKind:
+        return kind_of(self.task)
+
     def task_fields(self) -> dict[str, Any]:
-        """The task's own section (``distill`` or ``preference``) as plain values."""
-        if self.distill is not None:
-            return {
-                "distill": {
-                    "model": self.distill.model,
-                    "system_prompt": self.distill.system_prompt,
-                    "turns": self.distill.turns,
-                }
-            }
-        if self.preference is not None:
-            p = self.preference
-            return {
-                "preference": {
-                    "generators": list(p.generators),
-                    "num_generations": p.num_generations,
-                    "judge": p.judge,
-                    "aspect": p.aspect,
-                }
-            }
-        return {}
+        """The task's own section as plain values, under the task's name."""
+        return {self.task: self.kind.section_fields(self.section)}
 
     def models_used(self) -> set[str]:
-        if self.distill is not None:
-            return {self.distill.model}
-        if self.preference is not None:
-            used = set(self.preference.generators)
-            if self.preference.judge:
-                used.add(self.preference.judge)
-            return used
-        return set()
-
-
-class _Problems:
-    """Collects problems while parsing, so every one is reported at once."""
-
-    def __init__(self) -> None:
-        self.items: list[str] = []
-
-    def add(self, key: str, message: str) -> None:
-        self.items.append(f"{key}: {message}")
-
-    def unknown(self, key: str, raw: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
-        for name in raw:
-            if name not in allowed:
-                self.add(
-                    f"{key}.{name}" if key else str(name),
-                    f"unknown key; allowed keys here: {', '.join(allowed)}",
-                )
-
-    def mapping(self, key: str, value: Any) -> Mapping[str, Any] | None:
-        if value is None:
-            return {}
-        if not isinstance(value, Mapping):
-            self.add(key, f"must be a mapping of keys, got {type(value).__name__}")
-            return None
-        return value
-
-    def positive_int(self, key: str, value: Any, default: int | None) -> int | None:
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            self.add(key, f"must be a positive whole number, got {value!r}")
-            return default
-        return value
-
-    def non_negative_int(self, key: str, value: Any, default: int) -> int:
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            self.add(key, f"must be a whole number >= 0, got {value!r}")
-            return default
-        return value
-
-    def positive_float(self, key: str, value: Any, default: float) -> float:
-        if value is None:
-            return default
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            self.add(key, f"must be a positive number of seconds, got {value!r}")
-            return default
-        return float(value)
-
-    def string(self, key: str, value: Any, *, required: bool, fix: str) -> str | None:
-        if value is None:
-            if required:
-                self.add(key, f"missing; {fix}")
-            return None
-        if not isinstance(value, str) or not value.strip():
-            self.add(key, f"must be a non-empty string; {fix}")
-            return None
-        return value
+        return self.kind.models_used(self.section)
 
 
 class _AnyEnv(dict[str, str]):
@@ -264,8 +162,6 @@ _TOP_KEYS = (
     "output",
     "checkpoint_dir",
     "models",
-    "distill",
-    "preference",
     "journal",
     "max_conversations",
     "shutdown_grace_s",
@@ -319,13 +215,14 @@ def parse_config(
 ) -> RunConfig:
     """Validate a parsed config mapping; ``env`` defaults to the process environment."""
     env = os.environ if env is None else env
-    p = _Problems()
-    p.unknown("", raw, _TOP_KEYS)
+    p = Problems()
+    kinds = registry()
+    p.unknown("", raw, (*_TOP_KEYS, *kinds))
     base = config_path.resolve().parent
 
     task = raw.get("task", "distill")
-    if task not in TASKS:
-        p.add("task", f"must be one of {', '.join(TASKS)}, got {task!r}")
+    if task not in kinds:
+        p.add("task", f"must be one of {', '.join(kinds)}, got {task!r}")
 
     def a_path(key: str, required: bool) -> Path | None:
         value = p.string(key, raw.get(key), required=required, fix=f"set {key}: to a file path")
@@ -344,22 +241,18 @@ def parse_config(
 
     models = _parse_models(p, raw.get("models"), env, base)
 
-    distill = None
-    preference = None
-    if task == "distill":
-        distill = _parse_distill(p, raw.get("distill"), models)
-        if raw.get("preference") is not None:
-            p.add("preference", "only used with task: preference; remove it or change task")
-    elif task == "preference":
-        preference = _parse_preference(p, raw.get("preference"), models)
-        if raw.get("distill") is not None:
-            p.add("distill", "only used with task: distill; remove it or change task")
+    kind = kinds.get(task)
+    section = kind.parse_section(raw.get(task), models, p, base) if kind else None
+    for other in kinds if kind else ():
+        if other != task and raw.get(other) is not None:
+            p.add(other, f"only used with task: {other}; remove it or change task")
 
     journal = _parse_journal(p, raw.get("journal"))
     max_conversations = p.positive_int("max_conversations", raw.get("max_conversations"), None)
     grace = p.positive_float("shutdown_grace_s", raw.get("shutdown_grace_s"), 10.0)
     interval = p.positive_float("progress_interval_s", raw.get("progress_interval_s"), 10.0)
-    input_columns = parse_input_columns(raw.get("input_columns"), p)
+    column_keys = ("id", *(kind.column_keys if kind else ()))
+    input_columns = parse_input_columns(raw.get("input_columns"), p, column_keys)
     filters = parse_filters(raw.get("filters"), p)
 
     if p.items:
@@ -372,8 +265,7 @@ def parse_config(
         output=output_path,
         checkpoint_dir=checkpoint_dir,
         models=models,
-        distill=distill,
-        preference=preference,
+        section=section,
         journal=journal,
         max_conversations=max_conversations,
         shutdown_grace_s=grace,
@@ -384,7 +276,7 @@ def parse_config(
 
 
 def _parse_models(
-    p: _Problems, raw: Any, env: Mapping[str, str], base: Path
+    p: Problems, raw: Any, env: Mapping[str, str], base: Path
 ) -> dict[str, ModelConfig]:
     if raw is None:
         p.add("models", "missing; add at least one model, e.g. models: {teacher: {base_url: ...}}")
@@ -410,7 +302,7 @@ def _parse_models(
 
 
 def _parse_model(
-    p: _Problems, name: str, raw: Any, env: Mapping[str, str], base: Path
+    p: Problems, name: str, raw: Any, env: Mapping[str, str], base: Path
 ) -> ModelConfig | None:
     key = f"models.{name}"
     body = p.mapping(key, raw)
@@ -502,7 +394,7 @@ _URL_FIX = (
 )
 
 
-def _parse_base_urls(p: _Problems, key: str, value: Any) -> tuple[str, ...] | None:
+def _parse_base_urls(p: Problems, key: str, value: Any) -> tuple[str, ...] | None:
     """``base_url``: one URL, a list of replica URLs, or ``local``."""
     if isinstance(value, list):
         if not value:
@@ -531,7 +423,7 @@ def _parse_base_urls(p: _Problems, key: str, value: Any) -> tuple[str, ...] | No
     return tuple(urls) if len(urls) == len(items) else None
 
 
-def _optional_rate(p: _Problems, key: str, value: Any) -> float | None:
+def _optional_rate(p: Problems, key: str, value: Any) -> float | None:
     if value is None:
         return None
     if (
@@ -545,7 +437,7 @@ def _optional_rate(p: _Problems, key: str, value: Any) -> float | None:
     return float(value)
 
 
-def _parse_local(p: _Problems, key: str, raw: Any) -> LocalServerConfig:
+def _parse_local(p: Problems, key: str, raw: Any) -> LocalServerConfig:
     body = p.mapping(key, raw)
     if body is None:
         return LocalServerConfig()
@@ -562,78 +454,7 @@ def _parse_local(p: _Problems, key: str, raw: Any) -> LocalServerConfig:
     )
 
 
-def _model_ref(p: _Problems, key: str, value: Any, models: Mapping[str, ModelConfig]) -> str | None:
-    name = p.string(key, value, required=True, fix="name one of the models under models:")
-    if name is not None and models and name not in models:
-        known = ", ".join(sorted(models)) or "none"
-        p.add(key, f"model {name!r} is not defined under models: (defined: {known})")
-    return name
-
-
-def _parse_distill(
-    p: _Problems, raw: Any, models: Mapping[str, ModelConfig]
-) -> DistillConfig | None:
-    if raw is None:
-        p.add("distill", "missing; add distill: {model: <a name under models>}")
-        return None
-    body = p.mapping("distill", raw)
-    if body is None:
-        return None
-    p.unknown("distill", body, ("model", "system_prompt", "turns"))
-    model = _model_ref(p, "distill.model", body.get("model"), models)
-    system_prompt = body.get("system_prompt")
-    if system_prompt is not None and not isinstance(system_prompt, str):
-        p.add("distill.system_prompt", "must be a string or null")
-        system_prompt = None
-    turns = body.get("turns", EVERY_USER)
-    if turns not in TURN_RULES:
-        p.add(
-            "distill.turns",
-            f"must be one of {', '.join(TURN_RULES)}, got {turns!r} (every_user: each user "
-            "message gets its own reply; as_in_input: the input's assistant messages mark "
-            "where a turn ends)",
-        )
-        turns = EVERY_USER
-    if not model:
-        return None
-    return DistillConfig(model=model, system_prompt=system_prompt, turns=turns)
-
-
-def _parse_preference(
-    p: _Problems, raw: Any, models: Mapping[str, ModelConfig]
-) -> PreferenceConfig | None:
-    if raw is None:
-        p.add("preference", "missing; add preference: {generators: [a, b], judge: judge}")
-        return None
-    body = p.mapping("preference", raw)
-    if body is None:
-        return None
-    p.unknown("preference", body, ("generators", "num_generations", "judge", "aspect"))
-    generators_raw = body.get("generators")
-    generators: list[str] = []
-    if not isinstance(generators_raw, list) or not generators_raw:
-        p.add("preference.generators", "must be a non-empty list of model names, e.g. [a, b]")
-    else:
-        for i, item in enumerate(generators_raw):
-            name = _model_ref(p, f"preference.generators[{i}]", item, models)
-            if name is not None:
-                generators.append(name)
-        if len(set(generators)) != len(generators):
-            p.add("preference.generators", "lists a model twice; use num_generations instead")
-    num = p.positive_int("preference.num_generations", body.get("num_generations"), 1) or 1
-    judge = None
-    if body.get("judge") is not None:
-        judge = _model_ref(p, "preference.judge", body.get("judge"), models)
-    aspect = body.get("aspect", "overall")
-    if aspect not in ASPECTS:
-        p.add("preference.aspect", f"must be one of {', '.join(ASPECTS)}, got {aspect!r}")
-        aspect = "overall"
-    return PreferenceConfig(
-        generators=tuple(generators), num_generations=num, judge=judge, aspect=aspect
-    )
-
-
-def _parse_journal(p: _Problems, raw: Any) -> JournalConfig:
+def _parse_journal(p: Problems, raw: Any) -> JournalConfig:
     body = p.mapping("journal", raw)
     if body is None:
         return JournalConfig()

@@ -73,8 +73,8 @@ def export(
     destination that would overwrite something else).
     """
     dest = (to if to is not None else default_destination(config.output, fmt)).absolute()
-    if pairs_only and config.task != "preference":
-        raise ExportError("--pairs-only is for preference runs; this run's task is distill")
+    if pairs_only and not config.kind.pairs:
+        raise ExportError(f"--pairs-only is for preference runs; this run's task is {config.task}")
     _check_destination(config, fmt, dest)
     # Missing extras are reported before any work.
     pa = _require("pyarrow", fmt) if fmt != "jsonl" else None
@@ -405,7 +405,7 @@ def _counts(
         rows_ok=sum(1 for e in ends if e >= 0),
         rows_failed=failed,
         rows_filtered=filtered,
-        unpaired=seen.unpaired if config.task == "preference" else None,
+        unpaired=seen.unpaired if config.kind.pairs else None,
         input_rows=_input_rows(config),
         top_errors=errors,
         filter_rules=rules,

@@ -1,11 +1,11 @@
 """Quality filters for finished rows. Pure: a row and the rules in, the rule that fired out.
 
-A distillation row's replies are the assistant messages of its ``messages``
-(turn *i* is the *i*-th of them). A preference row's replies are its ``chosen``
-and ``rejected`` messages: the row is filtered when either fails a rule (a pair
-is only as good as its worse half). A preference row with no pair (``chosen``
-null) has each of its ``generations`` checked instead, so an unpaired row kept
-for its generations is held to the same rules.
+Which texts of a row are its replies is the task's to say (``RowView``, which
+each ``TaskKind`` is): a distillation row's are the assistant messages of its
+``messages`` (turn *i* is the *i*-th of them); a preference row's are its
+``chosen`` and ``rejected`` messages (a pair is only as good as its worse half),
+or each of its ``generations`` when it has no pair; a generate row's are its
+``generations``.
 
 Rules, checked in this order, the first that fires wins:
 
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from engine.pairs import TRUNCATED_KEY
+from engine.problems import Problems
 
 FILTER_KEY = "filter"
 _KEYS = (
@@ -53,12 +53,6 @@ _KEYS = (
     "deny",
     "same_as_previous",
 )
-
-
-class Problems(Protocol):
-    """Where parsing reports a problem (engine.config's collector is one)."""
-
-    def add(self, key: str, message: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,86 +213,38 @@ class Reply:
     truncated: bool = False
 
 
-def check_row(row: Mapping[str, Any], task: str, cfg: FilterConfig) -> str | None:
+class RowView(Protocol):
+    """What a task shows the filters of its finished rows (a ``TaskKind``)."""
+
+    def replies(self, row: Mapping[str, Any]) -> Iterator[Reply]: ...
+
+    def row_problem(self, row: Mapping[str, Any], cfg: FilterConfig) -> str | None: ...
+
+
+def check_row(row: Mapping[str, Any], view: RowView, cfg: FilterConfig) -> str | None:
     """The first rule the row fails, as ``"rule: detail"``, or None when it passes."""
-    replies = list(replies_of(row, task))
+    replies = list(view.replies(row))
     for rule in _RULES:
         for reply in replies:
             detail = rule(reply, cfg)
             if detail is not None:
                 return detail
-    if cfg.same_as_previous and task == "preference":
-        chosen, rejected = _pair_texts(row)
-        if chosen is not None and chosen.strip() == (rejected or "").strip():
-            return "same_as_previous: chosen and rejected are identical"
-    return None
+    return view.row_problem(row, cfg)
 
 
-def replies_of(row: Mapping[str, Any], task: str) -> Iterator[Reply]:
-    """The replies a row offers for training (see the module docstring)."""
-    if task == "distill":
-        yield from _distill_replies(row)
-    elif task == "preference":
-        yield from _preference_replies(row)
-    else:
-        raise ValueError(f"unknown task {task!r}")
+def messages_of(value: Any) -> list[Mapping[str, Any]]:
+    return [m for m in list_of(value) if isinstance(m, Mapping)]
 
 
-def _distill_replies(row: Mapping[str, Any]) -> Iterator[Reply]:
-    truncated = _ints(row.get("truncated_turns"))
-    previous: str | None = None
-    turn = 0
-    for message in _messages(row.get("messages")):
-        if message.get("role") != "assistant":
-            continue
-        text = _text(message)
-        yield Reply(text, f"turn {turn}", previous, turn in truncated)
-        previous = text
-        turn += 1
-
-
-def _preference_replies(row: Mapping[str, Any]) -> Iterator[Reply]:
-    previous = None
-    for message in _messages(row.get("prompt")):
-        if message.get("role") == "assistant":
-            previous = _text(message)
-    generations = [g if isinstance(g, str) else None for g in _list(row.get("generations"))]
-    cut_at = _ints(row.get(TRUNCATED_KEY))
-    cut = {generations[i] for i in cut_at if i < len(generations)}
-    chosen, rejected = _pair_texts(row)
-    if chosen is not None:
-        pair: tuple[tuple[str, str], ...] = (("chosen", chosen), ("rejected", rejected or ""))
-        for name, text in pair:
-            model = row.get(f"{name}_model")
-            where = f"{name} ({model})" if isinstance(model, str) else name
-            yield Reply(text, where, previous, text in cut)
-        return
-    for i, generation in enumerate(generations):
-        if generation is not None:  # a failed generation is recorded, not offered
-            yield Reply(generation, f"generation {i}", previous, i in cut_at)
-
-
-def _pair_texts(row: Mapping[str, Any]) -> tuple[str | None, str | None]:
-    chosen = _messages(row.get("chosen"))
-    rejected = _messages(row.get("rejected"))
-    if not chosen or not rejected:
-        return None, None
-    return _text(chosen[-1]), _text(rejected[-1])
-
-
-def _messages(value: Any) -> list[Mapping[str, Any]]:
-    return [m for m in _list(value) if isinstance(m, Mapping)]
-
-
-def _list(value: Any) -> Sequence[Any]:
+def list_of(value: Any) -> Sequence[Any]:
     return value if isinstance(value, list | tuple) else ()
 
 
-def _ints(value: Any) -> set[int]:
-    return {i for i in _list(value) if isinstance(i, int) and not isinstance(i, bool)}
+def ints_of(value: Any) -> set[int]:
+    return {i for i in list_of(value) if isinstance(i, int) and not isinstance(i, bool)}
 
 
-def _text(message: Mapping[str, Any]) -> str:
+def text_of(message: Mapping[str, Any]) -> str:
     content = message.get("content")
     return content if isinstance(content, str) else ""
 

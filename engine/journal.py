@@ -5,7 +5,7 @@ One orjson object per line. Record kinds (short keys keep a 10^6-turn journal sm
 - ``{"k": "t", "l": line, "i": turn, "c": text, "p": prompt_tokens, "o": completion_tokens,
   "f": finish_reason}``: a distillation turn;
 - ``{"k": "g", ...}``, ``{"k": "ge", ...}``, ``{"k": "r", ...}``: preference generations,
-  generation errors and judge replies (see engine.preference);
+  generation errors and judge replies (see engine.tasks.preference.task);
 - ``{"k": "o", "l": line, "e": end}``: the row of input line ``l`` was written to the output,
   which then ended at byte ``e``; ``{"k": "x", ...}`` the same for the failed file, and
   ``{"k": "q", ...}`` for the filtered file.

@@ -122,7 +122,7 @@ def check_manifest(manifest: dict[str, Any], config: RunConfig) -> InputPrint:
             f"restore the original file to resume, or {hint}"
         )
     if manifest.get("config_digest") != config_digest(config):
-        _refuse_other_turn_rule(manifest, config, hint)
+        _refuse_task_resume(manifest, config, hint)
         changed = _changed_keys(manifest.get("config"), config.fingerprint_fields())
         raise CheckpointError(
             f"the config changed since the run in {where} started ({', '.join(changed)}): "
@@ -136,32 +136,13 @@ def check_manifest(manifest: dict[str, Any], config: RunConfig) -> InputPrint:
     return fingerprint
 
 
-def recorded_turn_rule(manifest: dict[str, Any]) -> str | None:
-    """The distillation turn rule a checkpoint was made under; None before the key existed."""
+def _refuse_task_resume(manifest: dict[str, Any], config: RunConfig, hint: str) -> None:
+    """The task's own reasons not to resume a checkpoint (distillation: another turn rule)."""
     recorded = manifest.get("config")
-    section = recorded.get("distill") if isinstance(recorded, dict) else None
-    rule = section.get("turns") if isinstance(section, dict) else None
-    return rule if isinstance(rule, str) else None
-
-
-def _refuse_other_turn_rule(manifest: dict[str, Any], config: RunConfig, hint: str) -> None:
-    """Replies made under one turn rule never mix with the other's in one output."""
-    if config.distill is None:
-        return
-    rule = recorded_turn_rule(manifest)
-    if rule == config.distill.turns:
-        return
-    made = (
-        f"under distill.turns: {rule}"
-        if rule is not None
-        else "before distill.turns existed (consecutive user messages were one turn then)"
-    )
-    back = f"set distill.turns: {rule} to resume, or " if rule is not None else ""
-    raise CheckpointError(
-        f"the checkpoint in {config.checkpoint_dir} was made {made}, the config says "
-        f"distill.turns: {config.distill.turns}; the two rules never mix in one output: "
-        f"{back}{hint}"
-    )
+    section = recorded.get(config.task) if isinstance(recorded, dict) else None
+    problem = config.kind.resume_problem(section if isinstance(section, dict) else None, config)
+    if problem is not None:
+        raise CheckpointError(problem + hint)
 
 
 def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:

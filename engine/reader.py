@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Container
 from pathlib import Path
+from typing import Any
 
 import anyio
 import orjson
 
 from engine.errors import InputError
-from engine.rows import InputRow, parse_row
 
 CHUNK = 1 << 20
 _BOM = b"\xef\xbb\xbf"
@@ -67,15 +67,17 @@ def count_rows(path: Path, chunk: int = CHUNK) -> int:
     return rows
 
 
-def decode_row(line: int, raw: bytes) -> InputRow:
-    """Parse one input line into a row; InputError names what is wrong with it."""
+def decode_line(raw: bytes) -> dict[str, Any]:
+    """One input line as a JSON object; InputError names what is wrong with it."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         if _bad_utf8(raw):
             raise InputError("is not valid UTF-8; re-encode the file as UTF-8") from exc
         raise InputError(f"is not valid JSON ({exc}); each line must be one JSON object") from exc
-    return parse_row(obj, line)
+    if not isinstance(obj, dict):
+        raise InputError(f"must be a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def raw_id(line: int, raw: bytes) -> object:

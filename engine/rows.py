@@ -41,6 +41,12 @@ class InputRow:
     extra: dict[str, Any]
 
 
+def record_id(record: dict[str, Any], line: int) -> Any:
+    """A record's ``id`` when it has a usable one (a string or a number), else its line."""
+    value = record.get("id")
+    return value if isinstance(value, str | int | float) and not isinstance(value, bool) else line
+
+
 def parse_row(obj: Any, line: int) -> InputRow:
     """Detect the row's format and return its messages; raises InputError naming the fix."""
     if not isinstance(obj, dict):

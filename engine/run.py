@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -24,7 +24,6 @@ from engine import progress
 from engine.client import ModelClient
 from engine.config import ModelConfig, RunConfig
 from engine.errors import CheckpointError, InputError, ModelDown, TurnstileError
-from engine.filters import check_row, filtered_record, rule_of
 from engine.journal import JOURNAL_NAME, Replay, replay
 from engine.manifest import (
     check_manifest,
@@ -35,64 +34,18 @@ from engine.manifest import (
     read_manifest,
     write_manifest,
 )
-from engine.rows import InputRow
 from engine.sources import (
     Item,
     check_input,
     count_input,
-    decode_input,
+    decode_record,
     detect_format,
     input_id,
     read_input,
 )
 from engine.stats import ModelStats, RunStats
+from engine.tasks.base import Context, Task
 from engine.writer import Writer
-
-Records = Sequence[dict[str, Any]]
-
-
-@dataclass(slots=True)
-class Context:
-    """What a task sees while it processes rows."""
-
-    config: RunConfig
-    writer: Writer
-    clients: dict[str, ModelClient]
-    stats: RunStats
-    stopping: bool = False
-
-    async def finish(self, line: int, row: dict[str, Any], records: Records = ()) -> None:
-        """Write a finished row: to the output, or to the filtered file when a rule fires.
-
-        ``records`` are journaled with it (in the same group write, before it).
-        """
-        filters = self.config.filters
-        reason = check_row(row, self.config.task, filters) if filters.active else None
-        if reason is None:
-            await self.writer.output(line, row, records)
-        else:
-            await self.writer.filtered(line, filtered_record(row, reason), records)
-            self.stats.rows_filtered += 1
-            rule = rule_of(reason)
-            self.stats.filtered_by_rule[rule] = self.stats.filtered_by_rule.get(rule, 0) + 1
-        self.stats.rows_done += 1
-
-
-class Task(Protocol):
-    def rows_in_flight(self, config: RunConfig) -> int:
-        """How many rows to work on at once by default."""
-        ...
-
-    def optional_models(self) -> frozenset[str]:
-        """Models the task can go on without (a row records their failure)."""
-        ...
-
-    async def process(self, row: InputRow, records: Records, ctx: Context) -> None:
-        """Move one row to its end (or until ctx.stopping), journaling as it goes.
-
-        ``records`` are this row's journal records from earlier runs.
-        """
-        ...
 
 
 @dataclass(slots=True)
@@ -206,7 +159,7 @@ async def _execute(
         rows_failed=state.rows_failed,
         rows_filtered=state.rows_filtered,
         rows_skipped=len(state.done),
-        turn_rule=config.distill.turns if config.distill is not None else None,
+        turn_rule=config.kind.progress_note(config.section),
     )
     started = time.monotonic()
     outcome = Outcome(stats=stats, elapsed_s=0.0, resumed=resumed)
@@ -240,7 +193,7 @@ async def _execute(
                 ModelClient(model, model_stats, base_urls=local_urls.get(name))
             )
         await _probe_models(clients, task.optional_models())
-        ctx = Context(config=config, writer=writer, clients=clients, stats=stats)
+        ctx = Context(config=config, kind=config.kind, writer=writer, clients=clients, stats=stats)
         workers = config.max_conversations or task.rows_in_flight(config)
 
         fmt = await anyio.to_thread.run_sync(detect_format, config.input)
@@ -375,21 +328,12 @@ async def _work(
                 return
             records = state.partial.pop(line, [])
             try:
-                row = decode_input(line, raw, ctx.config.input_columns)
+                record = decode_record(line, raw, ctx.config.input_columns)
             except InputError as exc:
-                await ctx.writer.failed(
-                    line,
-                    {
-                        "id": input_id(line, raw, ctx.config.input_columns),
-                        "line": line,
-                        "turn": None,
-                        "error": f"input: {exc}",
-                    },
-                )
-                ctx.stats.rows_done += 1
-                ctx.stats.rows_failed += 1
+                row_id = input_id(line, raw, ctx.config.input_columns)
+                await ctx.fail(line, row_id, f"input: {exc}")
                 continue
-            await task.process(row, records, ctx)
+            await task.process(line, record, records, ctx)
 
 
 async def _count_rows(config: RunConfig, fmt: str, stats: RunStats) -> None:

@@ -28,20 +28,19 @@ import datetime
 import decimal
 import importlib
 import math
-from collections.abc import AsyncIterator, Container, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Container, Generator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import anyio
 import orjson
 
 from engine.errors import InputError
-from engine.reader import count_rows, decode_row, raw_id, read_lines
-from engine.rows import FORMAT_KEYS, InputRow, parse_row
+from engine.problems import Problems
+from engine.reader import count_rows, decode_line, raw_id, read_lines
+from engine.rows import FORMAT_KEYS
 
 FORMATS = ("jsonl", "parquet", "hf")
-# Row keys that ``input_columns`` may map from a column of another name.
-COLUMN_KEYS = ("messages", "conversations", "prompt", "id")
 CHUNK_ROWS = 1024  # rows converted per thread hop
 PARQUET_SUFFIXES = (".parquet", ".pq", ".parq")
 _PARQUET_MAGIC = b"PAR1"
@@ -50,10 +49,6 @@ EXTRAS = {"parquet": "parquet", "hf": "hf"}
 
 # A row as the run loop sees it: a JSONL line's bytes, or a columnar row already a dict.
 Item = bytes | dict[str, Any]
-
-
-class _Adds(Protocol):
-    def add(self, key: str, message: str) -> None: ...
 
 
 # -- detection, counting, fingerprints (blocking: call from a thread or before the loop) --
@@ -196,26 +191,22 @@ async def read_input(
         yield index, row
 
 
-def decode_input(line: int, item: Item, columns: Mapping[str, str] | None = None) -> InputRow:
-    """Turn one item of :func:`read_input` into a row; InputError names what is wrong.
-
-    ``columns`` applies to JSONL lines here (columnar rows are mapped when read).
-    """
+def decode_record(
+    line: int, item: Item, columns: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """One item of :func:`read_input` as the record a task gets; InputError names what is
+    wrong with it. ``columns`` applies to JSONL lines here (columnar rows are mapped
+    when read)."""
     if isinstance(item, dict):
-        return parse_row(item, line)
-    if not columns:
-        return decode_row(line, item)
-    try:
-        obj = orjson.loads(item)
-    except orjson.JSONDecodeError:
-        return decode_row(line, item)  # raises the reader's InputError for these bytes
-    return parse_row(rename_columns(obj, columns) if isinstance(obj, dict) else obj, line)
+        return item
+    record = decode_line(item)
+    return rename_columns(record, columns) if columns else record
 
 
 def input_id(line: int, item: Item, columns: Mapping[str, str] | None = None) -> object:
     """The row's id for the failed file, when it has one, else its row number.
 
-    ``columns`` applies to JSONL lines, as in :func:`decode_input`.
+    ``columns`` applies to JSONL lines, as in :func:`decode_record`.
     """
     if isinstance(item, bytes):
         id_column = (columns or {}).get("id")
@@ -246,8 +237,9 @@ def rename_columns(row: dict[str, Any], columns: Mapping[str, str]) -> dict[str,
     return out
 
 
-def parse_input_columns(raw: Any, problems: _Adds) -> dict[str, str]:
-    """Validate ``input_columns:`` (row key -> column name); problems name the key."""
+def parse_input_columns(raw: Any, problems: Problems, keys: Sequence[str]) -> dict[str, str]:
+    """Validate ``input_columns:`` (row key -> column name); ``keys`` are the row keys the
+    task reads. Problems name the key."""
     if raw is None:
         return {}
     if not isinstance(raw, Mapping):
@@ -260,8 +252,8 @@ def parse_input_columns(raw: Any, problems: _Adds) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, column in raw.items():
         name = f"input_columns.{key}"
-        if key not in COLUMN_KEYS:
-            problems.add(name, f"unknown key; allowed keys here: {', '.join(COLUMN_KEYS)}")
+        if key not in keys:
+            problems.add(name, f"unknown key; allowed keys here: {', '.join(keys)}")
         elif not isinstance(column, str) or not column.strip():
             problems.add(name, "must be the name of a column of the input, e.g. chat")
         else:

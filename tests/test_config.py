@@ -14,13 +14,14 @@ from engine.config import (
     JournalConfig,
     LocalServerConfig,
     ModelConfig,
-    PreferenceConfig,
     RunConfig,
     load_config,
     parse_config,
 )
 from engine.errors import ConfigError
-from engine.judge import ASPECTS
+from engine.tasks.distill import DistillConfig
+from engine.tasks.preference import PreferenceConfig
+from engine.tasks.preference.judge import ASPECTS
 
 # The contract example: a multi-turn distillation against one OpenAI-compatible server.
 EXAMPLE = """
@@ -92,10 +93,9 @@ def test_example_parses_with_paths_relative_to_the_config(
     assert config.output == folder.resolve() / "out" / "distilled.jsonl"
     assert config.failed_output == folder.resolve() / "out" / "distilled.failed.jsonl"
     assert config.checkpoint_dir == tmp_path / "checkpoints" / "nightly"
-    assert config.distill is not None
-    assert config.distill.model == "teacher"
-    assert config.distill.system_prompt is None
-    assert config.preference is None
+    assert isinstance(config.section, DistillConfig)
+    assert config.section.model == "teacher"
+    assert config.section.system_prompt is None
     assert config.journal == JournalConfig(fsync="interval", fsync_interval_s=1.0)
     assert config.max_conversations is None
     assert config.shutdown_grace_s == 10.0
@@ -350,8 +350,7 @@ def test_preference_section_parses() -> None:
     config = parse(
         preference(generators=["a", "b"], num_generations=2, judge="judge", aspect="honesty")
     )
-    assert config.distill is None
-    assert config.preference == PreferenceConfig(
+    assert config.section == PreferenceConfig(
         generators=("a", "b"), num_generations=2, judge="judge", aspect="honesty"
     )
     assert config.models_used() == {"a", "b", "judge"}
@@ -359,7 +358,7 @@ def test_preference_section_parses() -> None:
 
 def test_preference_judge_is_optional() -> None:
     config = parse(preference(generators=["a"]))
-    assert config.preference == PreferenceConfig(
+    assert config.section == PreferenceConfig(
         generators=("a",), num_generations=1, judge=None, aspect="overall"
     )
     assert config.models_used() == {"a"}
@@ -368,7 +367,7 @@ def test_preference_judge_is_optional() -> None:
 @pytest.mark.parametrize("aspect", ASPECTS)
 def test_every_judge_aspect_is_accepted(aspect: str) -> None:
     config = parse(preference(generators=["a", "b"], judge="judge", aspect=aspect))
-    assert config.preference is not None and config.preference.aspect == aspect
+    assert isinstance(config.section, PreferenceConfig) and config.section.aspect == aspect
 
 
 @pytest.mark.parametrize(
@@ -573,8 +572,8 @@ def test_fingerprint_of_a_preference_run() -> None:
 
 def test_turns_default_to_every_user_and_are_in_the_fingerprint() -> None:
     config = parse(example())
-    assert config.distill is not None
-    assert config.distill.turns == "every_user"
+    assert isinstance(config.section, DistillConfig)
+    assert config.section.turns == "every_user"
     assert config.fingerprint_fields()["distill"]["turns"] == "every_user"
 
 
@@ -582,8 +581,8 @@ def test_turns_as_in_input_is_accepted() -> None:
     raw = example()
     raw["distill"]["turns"] = "as_in_input"
     config = parse(raw)
-    assert config.distill is not None
-    assert config.distill.turns == "as_in_input"
+    assert isinstance(config.section, DistillConfig)
+    assert config.section.turns == "as_in_input"
 
 
 def test_an_unknown_turn_rule_names_both_rules() -> None:

@@ -11,8 +11,8 @@ from anyio.from_thread import start_blocking_portal
 
 from engine import cli
 from engine.crash import crash_report, redact_secrets
-from engine.distill import DistillTask
 from engine.mock_server import MockServer
+from engine.tasks.distill.task import DistillTask
 from tests.conftest import by_id, conversations, read_jsonl, write_config, write_jsonl
 
 KEY = "sk-test-secret-0123456789"
@@ -74,12 +74,12 @@ def test_a_crash_exits_70_with_a_crash_log_and_the_rerun_is_exact(
     real_process = DistillTask.process
     seen = 0
 
-    async def buggy(self: DistillTask, row: Any, records: Any, ctx: Any) -> None:
+    async def buggy(self: DistillTask, line: int, record: Any, records: Any, ctx: Any) -> None:
         nonlocal seen
         seen += 1
         if seen == 10:
             raise ZeroDivisionError(f"a bug that mentions the key {KEY}")
-        await real_process(self, row, records, ctx)
+        await real_process(self, line, record, records, ctx)
 
     monkeypatch.setattr(DistillTask, "process", buggy)
     code = run_cli("run", str(config), "--quiet")

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from engine.dialogue import Dialogue, Reply, new_dialogue, output_row, split_turns
 from engine.errors import InputError
 from engine.rows import InputRow, Message
+from engine.tasks.distill.dialogue import Dialogue, Reply, new_dialogue, output_row, split_turns
 
 
 def sys_(text: str) -> Message:

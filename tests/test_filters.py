@@ -9,6 +9,7 @@ import pytest
 
 from engine.filters import (
     FilterConfig,
+    Reply,
     check_row,
     filtered_path,
     filtered_record,
@@ -16,7 +17,11 @@ from engine.filters import (
     repeated_ngrams,
     rule_of,
 )
-from engine.pairs import preference_row
+from engine.tasks import kind_of
+from engine.tasks.preference.pairs import preference_row
+
+DISTILL = kind_of("distill")
+PREFERENCE = kind_of("preference")
 
 GOOD = "Paris is the capital of France, and it sits on the Seine."
 
@@ -64,42 +69,40 @@ def parsed(raw: Any) -> tuple[FilterConfig, list[str]]:
 
 
 def test_a_good_row_passes_the_defaults() -> None:
-    assert check_row(distill_row(GOOD, "Berlin is the capital of Germany."), "distill", ON) is None
+    assert check_row(distill_row(GOOD, "Berlin is the capital of Germany."), DISTILL, ON) is None
 
 
 def test_empty_fires_on_whitespace_and_names_the_turn() -> None:
-    reason = check_row(distill_row(GOOD, "  \n "), "distill", ON)
+    reason = check_row(distill_row(GOOD, "  \n "), DISTILL, ON)
     assert reason == "empty: the reply in turn 1 is empty"
     assert rule_of(reason) == "empty"
-    assert check_row(distill_row(GOOD, " "), "distill", FilterConfig(empty=False)) is None
+    assert check_row(distill_row(GOOD, " "), DISTILL, FilterConfig(empty=False)) is None
 
 
 def test_truncated_fires_only_when_asked() -> None:
     row = distill_row(GOOD, "cut off mid", truncated_turns=[1])
-    assert check_row(row, "distill", ON) is None
-    reason = check_row(row, "distill", FilterConfig(truncated=True))
+    assert check_row(row, DISTILL, ON) is None
+    reason = check_row(row, DISTILL, FilterConfig(truncated=True))
     assert reason == "truncated: the reply in turn 1 was cut off by max_tokens"
-    assert check_row(distill_row(GOOD), "distill", FilterConfig(truncated=True)) is None
+    assert check_row(distill_row(GOOD), DISTILL, FilterConfig(truncated=True)) is None
 
 
 def test_min_and_max_chars_count_the_reply_without_outer_whitespace() -> None:
     cfg = FilterConfig(min_chars=5, max_chars=60)
-    assert check_row(distill_row(GOOD, "  ok  "), "distill", cfg) == (
+    assert check_row(distill_row(GOOD, "  ok  "), DISTILL, cfg) == (
         "min_chars: the reply in turn 1 has 2 characters (min 5)"
     )
-    assert check_row(distill_row("x" * 61), "distill", cfg) == (
+    assert check_row(distill_row("x" * 61), DISTILL, cfg) == (
         "max_chars: the reply in turn 0 has 61 characters (max 60)"
     )
-    assert check_row(distill_row("x" * 60, "  hello  "), "distill", cfg) is None
+    assert check_row(distill_row("x" * 60, "  hello  "), DISTILL, cfg) is None
 
 
 def test_same_as_previous_fires_on_a_repeated_turn() -> None:
-    reason = check_row(distill_row(GOOD, f" {GOOD}\n"), "distill", ON)
+    reason = check_row(distill_row(GOOD, f" {GOOD}\n"), DISTILL, ON)
     assert reason == "same_as_previous: the reply in turn 1 repeats the assistant turn before it"
-    assert (
-        check_row(distill_row(GOOD, GOOD), "distill", FilterConfig(same_as_previous=False)) is None
-    )
-    assert check_row(distill_row(GOOD, GOOD + "!"), "distill", ON) is None
+    assert check_row(distill_row(GOOD, GOOD), DISTILL, FilterConfig(same_as_previous=False)) is None
+    assert check_row(distill_row(GOOD, GOOD + "!"), DISTILL, ON) is None
 
 
 def test_repetition_fires_above_the_share_of_repeated_ngrams() -> None:
@@ -108,11 +111,11 @@ def test_repetition_fires_above_the_share_of_repeated_ngrams() -> None:
     assert repeated_ngrams(GOOD, 4) == 0.0
     assert repeated_ngrams("too short", 4) == 0.0
     cfg = FilterConfig(repetition=0.5)
-    reason = check_row(distill_row(GOOD, looping), "distill", cfg)
+    reason = check_row(distill_row(GOOD, looping), DISTILL, cfg)
     assert reason is not None and reason.startswith("repetition: ")
     assert "of 4-grams repeated in turn 1 (max 50%)" in reason
-    assert check_row(distill_row(GOOD, looping), "distill", ON) is None
-    assert check_row(distill_row(GOOD), "distill", cfg) is None
+    assert check_row(distill_row(GOOD, looping), DISTILL, ON) is None
+    assert check_row(distill_row(GOOD), DISTILL, cfg) is None
 
 
 def test_repetition_share_is_exact() -> None:
@@ -123,17 +126,17 @@ def test_repetition_share_is_exact() -> None:
 
 def test_deny_fires_on_a_matching_regex() -> None:
     cfg = FilterConfig(deny=(r"(?i)as an ai\b", "^Sorry"))
-    reason = check_row(distill_row(GOOD, "Well, as an AI model I cannot."), "distill", cfg)
+    reason = check_row(distill_row(GOOD, "Well, as an AI model I cannot."), DISTILL, cfg)
     assert reason == "deny: the reply in turn 1 matches '(?i)as an ai\\\\b'"
-    assert check_row(distill_row("I'm Sorry"), "distill", cfg) is None  # ^ anchors
-    assert check_row(distill_row("Sorry, no."), "distill", cfg) is not None
-    assert check_row(distill_row(GOOD), "distill", cfg) is None
+    assert check_row(distill_row("I'm Sorry"), DISTILL, cfg) is None  # ^ anchors
+    assert check_row(distill_row("Sorry, no."), DISTILL, cfg) is not None
+    assert check_row(distill_row(GOOD), DISTILL, cfg) is None
 
 
 def test_rules_are_checked_in_order_across_turns() -> None:
     cfg = FilterConfig(empty=True, deny=("Paris",))
     # Turn 0 matches deny, turn 1 is empty: empty comes first in the rule order.
-    assert rule_of(check_row(distill_row(GOOD, ""), "distill", cfg) or "") == "empty"
+    assert rule_of(check_row(distill_row(GOOD, ""), DISTILL, cfg) or "") == "empty"
 
 
 # --- preference rows -------------------------------------------------------------------------
@@ -141,22 +144,20 @@ def test_rules_are_checked_in_order_across_turns() -> None:
 
 def test_a_preference_row_is_filtered_when_its_chosen_or_rejected_fails() -> None:
     cfg = FilterConfig(empty=True, deny=("As an AI",))
-    assert check_row(pref_row(GOOD, "Lyon."), "preference", cfg) is None
-    assert check_row(pref_row(GOOD, "As an AI, no."), "preference", cfg) == (
+    assert check_row(pref_row(GOOD, "Lyon."), PREFERENCE, cfg) is None
+    assert check_row(pref_row(GOOD, "As an AI, no."), PREFERENCE, cfg) == (
         "deny: the reply in rejected (b) matches 'As an AI'"
     )
-    assert check_row(pref_row("", "Lyon."), "preference", cfg) == (
+    assert check_row(pref_row("", "Lyon."), PREFERENCE, cfg) == (
         "empty: the reply in chosen (a) is empty"
     )
 
 
 def test_identical_chosen_and_rejected_is_same_as_previous() -> None:
-    assert check_row(pref_row(GOOD, GOOD), "preference", ON) == (
+    assert check_row(pref_row(GOOD, GOOD), PREFERENCE, ON) == (
         "same_as_previous: chosen and rejected are identical"
     )
-    assert (
-        check_row(pref_row(GOOD, GOOD), "preference", FilterConfig(same_as_previous=False)) is None
-    )
+    assert check_row(pref_row(GOOD, GOOD), PREFERENCE, FilterConfig(same_as_previous=False)) is None
 
 
 def test_a_reply_that_repeats_the_prompts_last_assistant_turn() -> None:
@@ -166,7 +167,7 @@ def test_a_reply_that_repeats_the_prompts_last_assistant_turn() -> None:
         {"role": "assistant", "content": "Lyon."},
         {"role": "user", "content": "again?"},
     ]
-    assert check_row(row, "preference", ON) == (
+    assert check_row(row, PREFERENCE, ON) == (
         "same_as_previous: the reply in rejected (b) repeats the assistant turn before it"
     )
 
@@ -174,9 +175,9 @@ def test_a_reply_that_repeats_the_prompts_last_assistant_turn() -> None:
 def test_an_unpaired_row_has_each_generation_checked() -> None:
     row = pref_row(None, None)
     row["generations"] = [GOOD, None, "   "]
-    assert check_row(row, "preference", ON) == ("empty: the reply in generation 2 is empty")
+    assert check_row(row, PREFERENCE, ON) == ("empty: the reply in generation 2 is empty")
     row["generations"] = [GOOD, None]
-    assert check_row(row, "preference", ON) is None
+    assert check_row(row, PREFERENCE, ON) is None
 
 
 def task_pref_row(
@@ -202,27 +203,27 @@ def test_a_preference_reply_cut_off_by_max_tokens_is_filtered() -> None:
     cut = FilterConfig(truncated=True)
     rejected_cut = task_pref_row((GOOD, "cut off mid"), (5, 1), truncated=(1,))
     assert rejected_cut["truncated_generations"] == [1]
-    assert check_row(rejected_cut, "preference", cut) == (
+    assert check_row(rejected_cut, PREFERENCE, cut) == (
         "truncated: the reply in rejected (b) was cut off by max_tokens"
     )
-    assert check_row(rejected_cut, "preference", ON) is None  # only when asked
+    assert check_row(rejected_cut, PREFERENCE, ON) is None  # only when asked
     chosen_cut = task_pref_row(("cut off mid", GOOD), (5, 1), truncated=(0,))
-    assert check_row(chosen_cut, "preference", cut) == (
+    assert check_row(chosen_cut, PREFERENCE, cut) == (
         "truncated: the reply in chosen (a) was cut off by max_tokens"
     )
     # Unpaired (equal ratings): every generation is checked.
     unpaired = task_pref_row((GOOD, "cut off mid"), (3, 3), truncated=(1,))
     assert unpaired["chosen"] is None
-    assert check_row(unpaired, "preference", cut) == (
+    assert check_row(unpaired, PREFERENCE, cut) == (
         "truncated: the reply in generation 1 was cut off by max_tokens"
     )
-    assert check_row(task_pref_row((GOOD, "whole"), (5, 1)), "preference", cut) is None
+    assert check_row(task_pref_row((GOOD, "whole"), (5, 1)), PREFERENCE, cut) is None
 
 
 def test_an_input_column_named_like_the_truncation_record_is_not_obeyed() -> None:
     row = task_pref_row((GOOD, "Lyon is not the capital."), (5, 1), truncated_generations=[0, 1])
     assert "truncated_generations" not in row  # the task's own key: the input's is dropped
-    assert check_row(row, "preference", FilterConfig(truncated=True)) is None
+    assert check_row(row, PREFERENCE, FilterConfig(truncated=True)) is None
     # And the input's value never overrides what the task recorded.
     row = task_pref_row((GOOD, "cut off mid"), (5, 1), truncated=(1,), truncated_generations=[0])
     assert row["truncated_generations"] == [1]
@@ -298,6 +299,14 @@ def test_the_filtered_record_and_path() -> None:
     assert filtered_path(Path("out/distilled.jsonl")) == Path("out/distilled.filtered.jsonl")
 
 
-def test_an_unknown_task_is_a_bug() -> None:
-    with pytest.raises(ValueError):
-        check_row({}, "translate", ON)
+def test_the_filters_check_what_the_task_offers_as_replies() -> None:
+    class OneReply:
+        def replies(self, row: Any) -> Any:
+            yield Reply(row["text"], "the text")
+
+        def row_problem(self, row: Any, cfg: FilterConfig) -> str | None:
+            return "whole row: vetoed" if row.get("veto") else None
+
+    assert check_row({"text": " "}, OneReply(), ON) == "empty: the reply in the text is empty"
+    assert check_row({"text": "fine"}, OneReply(), ON) is None
+    assert check_row({"text": "fine", "veto": True}, OneReply(), ON) == "whole row: vetoed"

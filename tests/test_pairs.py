@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from engine.pairs import NO_JUDGE, ROW_KEYS, Pair, choose_pair, preference_row
+from engine.tasks.preference.pairs import NO_JUDGE, ROW_KEYS, Pair, choose_pair, preference_row
 
 # --- choose_pair -----------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import yaml
 
 from engine.mock_replies import judge_rating
 from engine.mock_server import Faults, MockServer, reply_for
-from engine.preference import state_from
+from engine.tasks.preference.task import state_from
 from tests.conftest import by_id, kill_after, read_jsonl, turnstile, write_jsonl
 
 

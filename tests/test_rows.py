@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from engine.errors import InputError
-from engine.reader import decode_row, raw_id
+from engine.reader import decode_line, raw_id
 from engine.rows import InputRow, parse_row
 
 # --- the three formats ------------------------------------------------------------------
@@ -194,7 +194,11 @@ def test_assistant_tool_call_with_null_content_is_accepted() -> None:
     ]
 
 
-# --- decode_row and raw_id --------------------------------------------------------------
+# --- decode_line and raw_id -------------------------------------------------------------
+
+
+def decode_row(line: int, raw: bytes) -> InputRow:
+    return parse_row(decode_line(raw), line)
 
 
 def test_decode_row_parses_one_line() -> None:

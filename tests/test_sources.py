@@ -14,11 +14,12 @@ import pytest
 
 from engine.errors import InputError
 from engine.journal import LineSet
+from engine.rows import InputRow, parse_row
 from engine.sources import (
     check_input,
     count_input,
     count_records,
-    decode_input,
+    decode_record,
     detect_format,
     fingerprint_paths,
     input_id,
@@ -28,6 +29,8 @@ from engine.sources import (
     rename_columns,
 )
 from tests.conftest import write_jsonl
+
+KEYS = ("messages", "conversations", "prompt", "id")
 
 try:
     import pyarrow as pa
@@ -304,15 +307,19 @@ class Problems:
 
 def test_input_columns_are_validated() -> None:
     p = Problems()
-    assert parse_input_columns({"messages": "chat", "id": "uid"}, p) == {
+    assert parse_input_columns({"messages": "chat", "id": "uid"}, p, KEYS) == {
         "messages": "chat",
         "id": "uid",
     }
     assert p.items == []
-    parse_input_columns({"text": "x", "prompt": 3, "messages": "q", "conversations": "q"}, p)
+    parse_input_columns({"text": "x", "prompt": 3, "messages": "q", "conversations": "q"}, p, KEYS)
     assert any(item.startswith("input_columns.text: unknown key") for item in p.items)
     assert any(item.startswith("input_columns.prompt: must be the name") for item in p.items)
     assert any("already mapped" in item for item in p.items)
     p = Problems()
-    parse_input_columns(["chat"], p)
+    parse_input_columns(["chat"], p, KEYS)
     assert p.items and p.items[0].startswith("input_columns: must be a mapping")
+
+
+def decode_input(line: int, item: Any, columns: dict[str, str] | None = None) -> InputRow:
+    return parse_row(decode_record(line, item, columns), line)

@@ -19,12 +19,13 @@ from typing import Any
 
 import anyio
 
-from engine.config import PreferenceConfig, RunConfig
-from engine.errors import ModelDown, ModelError
-from engine.judge import has_usable_rating, judge_messages, parse_ratings
-from engine.pairs import preference_row
-from engine.rows import InputRow, Message
-from engine.run import Context, Records
+from engine.config import RunConfig
+from engine.errors import InputError, ModelDown, ModelError
+from engine.rows import InputRow, Message, parse_row, record_id
+from engine.tasks.base import Context, Records, usage_of
+from engine.tasks.preference import PreferenceConfig
+from engine.tasks.preference.judge import has_usable_rating, judge_messages, parse_ratings
+from engine.tasks.preference.pairs import preference_row
 
 GENERATION, GENERATION_ERROR, RATING = "g", "ge", "r"
 JUDGE_TRIES = 2  # a reply with no usable rating is retried once
@@ -102,8 +103,7 @@ class PreferenceTask:
     """Generates with a pool of models and pairs the answers by a judge's ratings."""
 
     def __init__(self, config: RunConfig) -> None:
-        assert config.preference is not None
-        self.config = config.preference
+        self.config: PreferenceConfig = config.section
         self.slots = slots_for(self.config)
         # Rows name models as the server knows them (like distillation's `model`).
         self.served = {name: config.models[name].model for name in self.config.generators}
@@ -120,10 +120,17 @@ class PreferenceTask:
     def optional_models(self) -> frozenset[str]:
         return frozenset(self.config.generators)  # one failing generator never stops the others
 
-    async def process(self, row: InputRow, records: Records, ctx: Context) -> None:
+    async def process(
+        self, line: int, record: dict[str, Any], records: Records, ctx: Context
+    ) -> None:
+        try:
+            row = parse_row(record, line)
+        except InputError as exc:
+            await ctx.fail(line, record_id(record, line), f"input: {exc}")
+            return
         prompt = prompt_of(row.messages)
         if not prompt or prompt[-1]["role"] != "user":
-            await self._fail(ctx, row, "input: has no user turn; add at least one user message")
+            await ctx.fail(line, row.id, "input: has no user turn; add at least one user message")
             return
         state = state_from(records)
         missing = [s for s in self.slots if s.index not in state.generations]
@@ -145,9 +152,9 @@ class PreferenceTask:
             if g.error is not None
         ]
         if not texts:
-            await self._fail(
-                ctx,
-                row,
+            await ctx.fail(
+                line,
+                row.id,
                 "every generation failed: "
                 + "; ".join(f"{e['model']}: {e['error']}" for e in errors),
             )
@@ -165,12 +172,10 @@ class PreferenceTask:
             judge_note = (
                 f"fewer than two generations to compare ({len(texts)} of {len(self.slots)})"
             )
-        usage = {
-            "prompt_tokens": sum(g.prompt_tokens for _, g in made)
-            + sum(p for _, p, _ in state.judge_replies),
-            "completion_tokens": sum(g.completion_tokens for _, g in made)
-            + sum(o for _, _, o in state.judge_replies),
-        }
+        usage = usage_of(
+            [(g.prompt_tokens, g.completion_tokens) for _, g in made]
+            + [(p, o) for _, p, o in state.judge_replies]
+        )
         out = preference_row(
             extra=row.extra,
             row_id=row.id,
@@ -275,10 +280,3 @@ class PreferenceTask:
             if has_usable_rating(ratings):
                 return ratings, rationales, None
         return [None] * n, [None] * n, f"the judge gave no usable rating in {JUDGE_TRIES} replies"
-
-    async def _fail(self, ctx: Context, row: InputRow, error: str) -> None:
-        await ctx.writer.failed(
-            row.line, {"id": row.id, "line": row.line, "turn": None, "error": error}
-        )
-        ctx.stats.rows_done += 1
-        ctx.stats.rows_failed += 1

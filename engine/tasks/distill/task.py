@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from engine.config import RunConfig
-from engine.dialogue import Reply, new_dialogue, output_row
 from engine.errors import InputError, ModelDown, ModelError
-from engine.rows import InputRow
-from engine.run import Context, Records
+from engine.rows import InputRow, parse_row, record_id
+from engine.tasks.base import Context, Records
+from engine.tasks.distill import DistillConfig
+from engine.tasks.distill.dialogue import Reply, new_dialogue, output_row
 
 TURN = "t"
 
@@ -53,10 +54,10 @@ class DistillTask:
     """Rewrites every assistant turn of each conversation with the teacher model."""
 
     def __init__(self, config: RunConfig) -> None:
-        assert config.distill is not None
-        self.model_name = config.distill.model
-        self.system_prompt = config.distill.system_prompt
-        self.turn_rule = config.distill.turns
+        section: DistillConfig = config.section
+        self.model_name = section.model
+        self.system_prompt = section.system_prompt
+        self.turn_rule = section.turns
         self.model = config.models[self.model_name].model
         self.fail_on_length = config.models[self.model_name].fail_on_length
 
@@ -68,11 +69,14 @@ class DistillTask:
     def optional_models(self) -> frozenset[str]:
         return frozenset()  # without its teacher the run cannot go on
 
-    async def process(self, row: InputRow, records: Records, ctx: Context) -> None:
+    async def process(
+        self, line: int, record: dict[str, Any], records: Records, ctx: Context
+    ) -> None:
         try:
+            row = parse_row(record, line)
             dialogue = new_dialogue(row, self.system_prompt, self.turn_rule)
         except InputError as exc:
-            await self._fail(ctx, row, None, f"input: {exc}")
+            await ctx.fail(line, record_id(record, line), f"input: {exc}")
             return
         for reply in replies_from(records)[: len(dialogue.turns)]:
             if await self._cut_off(ctx, row, dialogue.next_turn, reply):
@@ -94,7 +98,7 @@ class DistillTask:
                     raise ModelDown(
                         f"{exc}; start it (or fix base_url) and run the same command to resume"
                     ) from exc
-                await self._fail(ctx, row, turn, str(exc))
+                await ctx.fail(line, row.id, str(exc), turn=turn)
                 return
             replica = completion.replica
             reply = Reply(
@@ -104,13 +108,13 @@ class DistillTask:
                 finish_reason=completion.finish_reasons[0],
             )
             ctx.stats.turns_done += 1
-            record = turn_record(row.line, turn, reply)
+            entry = turn_record(row.line, turn, reply)
             if turn == len(dialogue.turns) - 1 and not self._is_cut_off(reply):
                 # The last turn is journaled in the same group write as its row.
                 dialogue.apply(reply)
-                await ctx.finish(row.line, output_row(dialogue, self.model), (record,))
+                await ctx.finish(row.line, output_row(dialogue, self.model), (entry,))
                 return
-            await ctx.writer.record(record)
+            await ctx.writer.record(entry)
             if await self._cut_off(ctx, row, turn, reply):
                 return
             dialogue.apply(reply)
@@ -123,18 +127,11 @@ class DistillTask:
         """With fail_on_length, a reply cut off by max_tokens fails its row."""
         if not self._is_cut_off(reply):
             return False
-        await self._fail(
-            ctx,
-            row,
-            turn,
+        await ctx.fail(
+            row.line,
+            row.id,
             "the reply was cut off by max_tokens (finish_reason: length); raise "
             f"models.{self.model_name}.params.max_tokens or set fail_on_length: false",
+            turn=turn,
         )
         return True
-
-    async def _fail(self, ctx: Context, row: InputRow, turn: int | None, error: str) -> None:
-        await ctx.writer.failed(
-            row.line, {"id": row.id, "line": row.line, "turn": turn, "error": error}
-        )
-        ctx.stats.rows_done += 1
-        ctx.stats.rows_failed += 1

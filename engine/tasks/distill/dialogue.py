@@ -19,6 +19,7 @@ from typing import Final, Literal
 
 from engine.errors import InputError
 from engine.rows import InputRow, Message
+from engine.tasks.base import usage_of
 
 TurnRule = Literal["every_user", "as_in_input"]
 EVERY_USER: Final = "every_user"
@@ -91,10 +92,7 @@ class Dialogue:
         return out
 
     def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": sum(r.prompt_tokens for r in self.replies),
-            "completion_tokens": sum(r.completion_tokens for r in self.replies),
-        }
+        return usage_of((r.prompt_tokens, r.completion_tokens) for r in self.replies)
 
 
 def split_turns(
