@@ -1,7 +1,7 @@
 """``python -m bench [--quick] [--only NAME[,NAME]] [--out PATH]``: the benchmark suite.
 
 Experiments, in the order a full run does them: overhead, durability, latency, peers,
-real, memory, resume (memory and resume share the biggest run). Results go to
+real, memory, resume (memory and resume share the biggest run), replicas. Results go to
 ``--out`` (a Markdown file) with PNG plots beside it; the raw numbers to
 ``bench/_work/results.json``.
 """
@@ -23,13 +23,13 @@ from bench.plan import FULL, QUICK, Plan
 from bench.report import Section
 from bench.runners import ROOT, WORK
 
-NAMES = ("overhead", "durability", "latency", "peers", "real", "memory", "resume")
+NAMES = ("overhead", "durability", "latency", "peers", "real", "memory", "resume", "replicas")
 DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
 QUICK_OUT = WORK / "quick" / "RESULTS.md"
 
 
 def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
-    from bench import memory, peers, realmodel, throughput
+    from bench import memory, peers, realmodel, replicas, throughput
 
     suites: list[Callable[[], list[Section]]] = []
     if "overhead" in chosen:
@@ -48,6 +48,8 @@ def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
                 plan, memory="memory" in chosen, resume="resume" in chosen
             )
         )
+    if "replicas" in chosen:
+        suites.append(lambda: [replicas.replicas(plan)])
     return suites
 
 
@@ -70,7 +72,8 @@ def _notes(plan: Plan, command: str, elapsed_s: float) -> list[str]:
         f"- Bare loop: `{py} -m bench.baseline --url URL --input IN --output OUT --cap CAP` "
         "(bench/baseline.py: one aiohttp `ClientSession`, `asyncio.Semaphore(CAP)`, "
         "2 x CAP rows in flight, orjson, the same multi-turn logic and output rows; no "
-        "journal, no retries, no resume).",
+        "journal, no retries, no resume; with `--retry-429`, as in section 8, a 429 is "
+        "sent again after its Retry-After).",
         "- Distilabel: `bench/_work/venv-distilabel/bin/python bench/distilabel_job.py "
         "--url URL --input IN --output OUT --cap CAP --mode single|multi --cache-dir DIR`; "
         "Curator: `bench/_work/venv-curator/bin/python bench/curator_job.py --url URL "
@@ -84,7 +87,9 @@ def _notes(plan: Plan, command: str, elapsed_s: float) -> list[str]:
         "server's: this machine is shared, and a high figure there means noisier numbers.",
         "- Inputs: bench/workloads.py, deterministic; single-turn rows are one 20-40 word "
         "prompt, multi-turn rows have 1-6 user turns (3.5 on average) whose assistant "
-        "messages are rewritten, each request resending the whole history.",
+        "messages are rewritten, each request resending the whole history. User and "
+        "assistant messages alternate, so every user message gets a reply under either "
+        "turn rule (`distill.turns: every_user`, the default, or `as_in_input`).",
     ]
 
 
@@ -152,6 +157,8 @@ def _write(sections: list[Section], plan: Plan, command: str, elapsed: float, ou
         plots.append("![turns/s against cap](turns_vs_cap.png)")
     if report.plot_memory(data.get("memory", {}), out.parent / "rss_vs_rows.png"):
         plots.append("![peak RSS against input size](rss_vs_rows.png)")
+    # Linked from its own section (replicas), not from the list below.
+    report.plot_outage(data.get("replicas", {}).get("outage", {}), out.parent / "outage.png")
     if plots:
         notes += ["", "## Plots", "", *plots]
     out.write_text(report.render(sections, report.machine(), command, notes))

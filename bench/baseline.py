@@ -5,6 +5,8 @@ One ``ClientSession``, an ``asyncio.Semaphore`` holding the same cap as the run'
 whole history so far; the input's assistant messages are dropped and rewritten).
 It writes the same output rows, but keeps no journal, makes no retries and cannot
 resume: what Turnstile costs on top of this loop is the price of its guarantees.
+With ``--retry-429`` it retries one thing, the plain way: a 429 is sent again after
+its Retry-After (seconds; 1 s when absent), the slot released meanwhile.
 
 Run it as ``python -m bench.baseline --url URL --input IN --output OUT --cap N``; it
 prints one JSON line of counters on stdout when it is done.
@@ -64,7 +66,9 @@ class Loop:
         self.rows = rows
         self.out = out
         self.params: dict[str, Any] = {}
+        self.retry_429 = False
         self.requests = 0
+        self.retries = 0
         self.turns = 0
         self.errors = 0
         self.prompt_tokens = 0
@@ -81,11 +85,17 @@ class Loop:
             for turn in split_turns(row):
                 history.extend(turn)
                 body = orjson.dumps({**self.params, "model": self.model, "messages": history})
-                async with slots:
-                    self.requests += 1
-                    async with session.post(self.url, data=body) as response:
-                        data = await response.read()
-                        status = response.status
+                while True:
+                    async with slots:
+                        self.requests += 1
+                        async with session.post(self.url, data=body) as response:
+                            data = await response.read()
+                            status = response.status
+                            retry_after = response.headers.get("Retry-After")
+                    if status != 429 or not self.retry_429:
+                        break
+                    self.retries += 1
+                    await asyncio.sleep(_seconds(retry_after))
                 if status != 200:
                     self.errors += 1
                     failed = True
@@ -108,6 +118,13 @@ class Loop:
             self.out.write(orjson.dumps(out) + b"\n")
 
 
+def _seconds(retry_after: str | None) -> float:
+    try:
+        return max(0.0, float(retry_after)) if retry_after is not None else 1.0
+    except ValueError:
+        return 1.0  # an HTTP date: not sent by the servers this loop is measured against
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
     # Rows in flight: twice the cap, as Turnstile's default, so that conversations
@@ -118,6 +135,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with open(args.input, "rb") as rows, open(args.output, "wb") as out:
         loop = Loop(args.url, args.model, args.cap, iter(rows), out)
         loop.params = orjson.loads(args.params)
+        loop.retry_429 = args.retry_429
         async with aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=args.timeout_s),
@@ -129,6 +147,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "elapsed_s": time.monotonic() - started,
         "requests": loop.requests,
+        "retries": loop.retries,
         "turns": loop.turns,
         "errors": loop.errors,
         "prompt_tokens": loop.prompt_tokens,
@@ -146,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mock")
     parser.add_argument("--params", default="{}", help="extra request fields as JSON")
     parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument(
+        "--retry-429", action="store_true", help="send a 429 again after its Retry-After"
+    )
     args = parser.parse_args(argv)
     result = asyncio.run(run(args))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")

@@ -38,6 +38,17 @@ class Plan:
     install_peers: bool
     real_prompts: int
     real_repeats: int
+    replica_counts: tuple[int, ...]  # replicas in the scaling runs (multi-turn)
+    replica_cap: int  # max_concurrency of each replica
+    replica_latency_ms: float
+    replica_seconds: float  # scaling and affinity runs sized for this long at the ideal rate
+    replica_repeats: int
+    affinity_replicas: int
+    rate429_rows: int  # single-turn rows against a mock answering 2% with 429
+    rate429_latency_ms: float
+    rate429_repeats: int
+    outage_turns: int  # multi-turn run whose 2 replicas are SIGKILLed a third of the way in
+    outage_s: float  # ...and restarted this long after
 
 
 FULL = Plan(
@@ -66,6 +77,17 @@ FULL = Plan(
     install_peers=True,
     real_prompts=24,
     real_repeats=3,
+    replica_counts=(1, 2, 4),
+    replica_cap=32,
+    replica_latency_ms=50.0,
+    replica_seconds=8.0,
+    replica_repeats=2,
+    affinity_replicas=3,
+    rate429_rows=4_000,
+    rate429_latency_ms=40.0,
+    rate429_repeats=3,
+    outage_turns=12_000,
+    outage_s=10.0,
 )
 
 QUICK = Plan(
@@ -94,4 +116,15 @@ QUICK = Plan(
     install_peers=False,
     real_prompts=8,
     real_repeats=1,
+    replica_counts=(1, 2, 4),
+    replica_cap=32,
+    replica_latency_ms=50.0,
+    replica_seconds=2.0,
+    replica_repeats=1,
+    affinity_replicas=3,
+    rate429_rows=1_000,
+    rate429_latency_ms=40.0,
+    rate429_repeats=1,
+    outage_turns=4_000,
+    outage_s=4.0,
 )

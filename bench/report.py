@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import itertools
 import math
 import os
 import platform
@@ -254,6 +255,42 @@ def plot_memory(data: dict[str, Any], path: Path) -> bool:
     ax.set_title("Memory against input size (0 ms mock, cap 1024)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_outage(data: dict[str, Any], path: Path) -> bool:
+    """Turns/s over time (per sampling interval) through an outage of every replica."""
+    points = data.get("points", [])
+    if len(points) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Bins from sample to sample; one much shorter than the sampling interval (the
+    # driver's sample just before the kill) joins the bin before it, or its rate is noise.
+    bins: list[tuple[float, int]] = [(points[0][0], points[0][1])]  # (end time, served)
+    for t, n in points[1:]:
+        if len(bins) > 1 and t - bins[-1][0] < 0.2:
+            bins[-1] = (t, n)
+        elif t > bins[-1][0]:
+            bins.append((t, n))
+    edges = [t for t, _ in bins]
+    rates = [(n1 - n0) / (t1 - t0) for (t0, n0), (t1, n1) in itertools.pairwise(bins)]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    ax.stairs(rates, edges, lw=1.5, label="turns/s (replies served by both mocks)")
+    ax.axvspan(data["kill_s"], data["back_s"], color="r", alpha=0.15, label="both mocks down")
+    ax.axvline(data["resumed_s"], color="g", lw=0.8, ls="--", label="first request after restart")
+    ax.set_xlabel("seconds since the run started")
+    ax.set_ylabel("turns/s (between samples, every 0.5 s)")
+    ax.set_title(f"{data.get('outage_s', 0):g} s outage of both replicas ({data.get('label', '')})")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

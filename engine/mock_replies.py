@@ -21,11 +21,12 @@ RATE_LIMITED = "429"
 SERVER_ERROR = "500"
 MALFORMED = "malformed"
 KV_FULL = "kv_full"  # llama.cpp's 500 when conversations outgrow a shared KV cache
+INVALID_JSON = "invalid_json"  # a 200 whose reply is not the JSON the request asked for
 FAIL_MODEL = "fail_model"
 CONTEXT = "context"  # llama.cpp's 400 for a request longer than a slot's context
 OK = "ok"
 # The order of Faults.rates().
-_RANDOM_FAULTS = (HANG, DROP, RATE_LIMITED, SERVER_ERROR, MALFORMED, KV_FULL)
+_RANDOM_FAULTS = (HANG, DROP, RATE_LIMITED, SERVER_ERROR, MALFORMED, KV_FULL, INVALID_JSON)
 
 MAX_N = 128
 _WORD = re.compile(r"\S+")
@@ -49,6 +50,7 @@ class Faults:
     rate_malformed: float = 0.0
     rate_hang: float = 0.0
     rate_kv_full: float = 0.0
+    rate_invalid_json: float = 0.0  # replies of JSON requests that are not JSON
     retry_after_s: float = 0.05
     seed: int = 0
     fail_models: dict[str, int] = field(default_factory=dict)
@@ -81,6 +83,7 @@ class Faults:
             ("rate_500", self.rate_500),
             ("rate_malformed", self.rate_malformed),
             ("rate_kv_full", self.rate_kv_full),
+            ("rate_invalid_json", self.rate_invalid_json),
         ]
 
 
@@ -112,6 +115,7 @@ class ChatRequest:
     messages: list[dict[str, Any]]
     n: int = 1
     max_tokens: int | None = None
+    json_schema: dict[str, Any] | None = None  # response_format: {type: json_schema, ...}
 
 
 def _is_int(value: object) -> bool:
@@ -148,7 +152,56 @@ def parse_chat_request(body: object) -> ChatRequest:
         max_tokens = body.get("max_completion_tokens")
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
         raise BadRequest("'max_tokens' must be a positive integer")
-    return ChatRequest(model=model, messages=messages, n=n, max_tokens=max_tokens)
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        n=n,
+        max_tokens=max_tokens,
+        json_schema=_json_schema(body.get("response_format")),
+    )
+
+
+def _json_schema(response_format: object) -> dict[str, Any] | None:
+    """The schema of an OpenAI ``response_format: {type: json_schema, json_schema: {schema}}``."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict) or response_format.get("type") != "json_schema":
+        raise BadRequest("'response_format' must be {type: json_schema, json_schema: {...}}")
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise BadRequest("'response_format.json_schema.schema' must be a JSON Schema object")
+    return schema
+
+
+def json_reply(schema: dict[str, Any], seed: str) -> Any:
+    """A value that fits ``schema`` (its common keywords), the same for the same seed text.
+
+    What a server with structured output answers: strings are ``seed``, numbers
+    its length, and every property of an object is filled in.
+    """
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if "enum" in schema and schema["enum"]:
+        return schema["enum"][len(seed) % len(schema["enum"])]
+    if kind == "object" or "properties" in schema:
+        props = schema.get("properties")
+        props = props if isinstance(props, dict) else {}
+        return {name: json_reply(sub, f"{seed} {name}") for name, sub in props.items()}
+    if kind == "array":
+        items = schema.get("items")
+        count = max(1, int(schema.get("minItems", 1)))
+        return [json_reply(items if isinstance(items, dict) else {}, seed) for _ in range(count)]
+    if kind == "integer":
+        return max(len(seed), int(schema.get("minimum", 0)))
+    if kind == "number":
+        return float(max(len(seed), schema.get("minimum", 0)))
+    if kind == "boolean":
+        return len(seed) % 2 == 0
+    if kind == "null":
+        return None
+    return seed
 
 
 def request_key(model: str, messages: list[dict[str, Any]]) -> str:
@@ -253,6 +306,8 @@ def completion_body(request: ChatRequest, *, completion_id: str, created: int) -
     completion_tokens = 0
     for choice in range(request.n):
         content = reply_for(request.model, request.messages, choice)
+        if request.json_schema is not None:
+            content = orjson.dumps(json_reply(request.json_schema, content)).decode()
         finish_reason = "stop"
         if request.max_tokens is not None:
             content, cut = truncate_words(content, request.max_tokens)

@@ -15,7 +15,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
@@ -27,6 +27,7 @@ from engine.mock_replies import (
     DROP,
     FAIL_MODEL,
     HANG,
+    INVALID_JSON,
     KV_FULL,
     MALFORMED,
     OK,
@@ -297,6 +298,13 @@ class MockServer:
             return _error(500, "mock injected server error")
         if fault == KV_FULL:
             return _error(500, "Context size has been exceeded.", "server_error")
+        if fault == INVALID_JSON:
+            chat = parse_chat_request(orjson.loads(await request.read()))
+            body = completion_body(
+                replace(chat, json_schema=None), completion_id="chatcmpl-mock-bad", created=0
+            )
+            body["choices"][0]["message"]["content"] = "Sure! Here is the JSON: {not json"
+            return _json(body)
         if fault == MALFORMED:
             return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
         if fault == HANG:
@@ -355,6 +363,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate-malformed", type=float, default=0.0)
     parser.add_argument("--rate-hang", type=float, default=0.0)
     parser.add_argument("--rate-kv-full", type=float, default=0.0)
+    parser.add_argument("--rate-invalid-json", type=float, default=0.0)
     parser.add_argument(
         "--context-tokens", type=int, default=None, help="answer longer requests with a 400"
     )
@@ -394,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             rate_malformed=args.rate_malformed,
             rate_hang=args.rate_hang,
             rate_kv_full=args.rate_kv_full,
+            rate_invalid_json=args.rate_invalid_json,
             context_tokens=args.context_tokens,
             retry_after_s=args.retry_after_s,
             seed=args.seed,

@@ -387,3 +387,53 @@ def test_cli_rejects_bad_fail_model(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--fail-model", "broken"])
     assert exit_info.value.code == 2
     assert "NAME=STATUS" in capsys.readouterr().err
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "question": {"type": "string"},
+        "difficulty": {"enum": ["easy", "hard"]},
+        "points": {"type": "integer", "minimum": 1},
+        "tags": {"type": "array", "items": {"type": "string"}, "minItems": 2},
+    },
+    "required": ["question", "difficulty", "points", "tags"],
+}
+
+
+def json_format(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+
+
+async def test_a_json_schema_request_gets_json_that_fits_it(
+    server: MockServer, client: aiohttp.ClientSession
+) -> None:
+    import jsonschema
+
+    body = chat("m", [user("a question")], response_format=json_format(SCHEMA))
+    status, first = await post(client, server, body)
+    _, second = await post(client, server, body)
+    assert status == 200
+    value = orjson.loads(first["choices"][0]["message"]["content"])
+    jsonschema.validate(value, SCHEMA)
+    assert len(value["tags"]) == 2
+    assert first["choices"] == second["choices"]  # deterministic
+
+
+async def test_invalid_json_fault_answers_text_that_is_not_json(
+    server: MockServer, client: aiohttp.ClientSession
+) -> None:
+    server.faults = Faults(rate_invalid_json=1.0)
+    body = chat("m", [user("a question")], response_format=json_format(SCHEMA))
+    status, reply = await post(client, server, body)
+    assert status == 200
+    with pytest.raises(orjson.JSONDecodeError):
+        orjson.loads(reply["choices"][0]["message"]["content"])
+    assert server.stats.faults["invalid_json"] == 1
+
+
+async def test_a_response_format_that_is_not_a_schema_is_a_400(
+    server: MockServer, client: aiohttp.ClientSession
+) -> None:
+    status, reply = await post(client, server, chat("m", [user("q")], response_format={"x": 1}))
+    assert status == 400 and "response_format" in reply["error"]["message"]
