@@ -183,7 +183,7 @@ def json_reply(schema: dict[str, Any], seed: str) -> Any:
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
-    if "enum" in schema and schema["enum"]:
+    if schema.get("enum"):
         return schema["enum"][len(seed) % len(schema["enum"])]
     if kind == "object" or "properties" in schema:
         props = schema.get("properties")
