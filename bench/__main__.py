@@ -62,7 +62,7 @@ def _notes(plan: Plan, command: str, elapsed_s: float) -> list[str]:
         f"- This run: `{command}` ({'quick smoke run' if plan.quick else 'full run'}), "
         f"{elapsed_s / 60:.1f} minutes.",
         "- Mock server: `python -m bench.mockserver --latency-ms L`, i.e. "
-        "`engine.mock_server.MockServer` in a process of its own (so its CPU is never "
+        "`engine.testing.mock_server.MockServer` in a process of its own (so its CPU is never "
         "billed to a client), plus a clock of the first request's arrival and the last "
         "reply, which gives every system a *steady* rate measured the same way, start-up "
         "and shutdown excluded.",

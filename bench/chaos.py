@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 import yaml
 
-from engine.mock_server import Faults, MockServer
+from engine.testing.mock_server import Faults, MockServer
 
 CHAOS_FAULTS = {
     "rate_429": 0.05,

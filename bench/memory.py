@@ -37,7 +37,7 @@ from bench.workloads import SINGLE
 _REPLAY = """
 import sys, time
 from pathlib import Path
-from engine.journal import replay
+from engine.checkpoint.journal import replay
 t = time.perf_counter()
 state = replay(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
 print(time.perf_counter() - t, state.records, len(state.done), len(state.partial))
@@ -45,7 +45,7 @@ print(time.perf_counter() - t, state.records, len(state.done), len(state.partial
 
 
 def _replay_alone(checkpoint: Path, output: Path) -> dict[str, float]:
-    """Time engine.journal.replay on its own, in a fresh process."""
+    """Time engine.checkpoint.journal.replay on its own, in a fresh process."""
     out = subprocess.run(
         [
             sys.executable,
@@ -216,7 +216,7 @@ def memory_and_resume(plan: Plan, *, memory: bool, resume: bool) -> list[Section
                         f"{facts['journal_bytes'] / 2**20:.0f} MiB",
                     ],
                     [
-                        "`engine.journal.replay` alone (fresh process)",
+                        "`engine.checkpoint.journal.replay` alone (fresh process)",
                         f"{replay.get('seconds', float('nan')):.2f} s",
                     ],
                     [

@@ -30,8 +30,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from engine.mock_replies import Faults
-from engine.mock_server import MockServer, serve_until_signalled
+from engine.testing.mock_replies import Faults
+from engine.testing.mock_server import MockServer, serve_until_signalled
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

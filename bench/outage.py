@@ -24,7 +24,7 @@ from bench.report import Section, Target, table
 from bench.runners import Result, count_lines
 from bench.throughput import INPUTS, log
 from bench.workloads import MULTI, Workload
-from engine.mock_server import reply_for
+from engine.testing.mock_server import reply_for
 
 
 class _Sampler(threading.Thread):

@@ -170,9 +170,9 @@ class _NoServer:
 def missing() -> str | None:
     """Why the real-model comparison cannot run here, or None."""
     try:
-        from engine.local_server import default_model_path, find_llama_server
+        from engine.local.server import default_model_path, find_llama_server
     except ImportError as exc:
-        return f"engine.local_server cannot be imported ({exc})"
+        return f"engine.local.server cannot be imported ({exc})"
     try:
         find_llama_server()
         default_model_path()

@@ -49,7 +49,7 @@ from bench.runners import (
 )
 from bench.throughput import INPUTS, LOGS, interleave
 from bench.workloads import MULTI, SINGLE, Workload
-from engine.mock_server import request_key
+from engine.testing.mock_server import request_key
 
 MODEL = "mock"
 _REPLICA_LINE = re.compile(r"^\s+(http\S+): (\d+)/(\d+) ok, (\d+) server failures$", re.M)
@@ -307,8 +307,8 @@ def _affinity(plan: Plan, mocks: list[MockProcess], section: Section) -> list[Re
         f"{plan.replica_repeats} interleaved repeat(s). *On one replica* counts the "
         f"{on[0].extra['multi_turn_rows']:,} conversations of 2 or more turns (one-turn ones "
         "are on one replica by definition): the key of each turn's request "
-        "(`engine.mock_server.request_key(model, messages before that reply)`) is looked up "
-        "in each mock's `requests_by_key`. Spread at random, "
+        "(`engine.testing.mock_server.request_key(model, messages before that reply)`) is "
+        "looked up in each mock's `requests_by_key`. Spread at random, "
         f"{sum(chance) / len(chance):.0%} of them would be on one replica by chance. "
         "*Keys not found* should be 0 (every turn located). With one latency for all "
         "replicas, replies come back in waves and the conversations waiting in order fall "

@@ -18,14 +18,14 @@ from pathlib import Path
 import anyio
 
 from engine import progress
+from engine._runner import Outcome, execute, prepare
+from engine.checkpoint.journal import JOURNAL_NAME, replay
+from engine.checkpoint.journal import repair as repair_journal
+from engine.checkpoint.manifest import lock_checkpoint, read_manifest
 from engine.config import RunConfig, load_config
 from engine.crash import crash_report, write_crash_log
 from engine.errors import CheckpointError, ConfigError, InputError, TurnstileError
-from engine.journal import JOURNAL_NAME, replay
-from engine.journal import repair as repair_journal
-from engine.manifest import lock_checkpoint, read_manifest
-from engine.run import Outcome, execute, prepare
-from engine.sources import count_input, detect_format
+from engine.input.sources import count_input, detect_format
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
 EXIT_CRASHED = 70  # EX_SOFTWARE: a bug, never to be read as "some rows failed"
@@ -193,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     config = _load(args.config, check_env=False)
     if config is None:
         return EXIT_UNUSABLE
-    from engine.export import export
+    from engine.output.export import export
 
     try:
         dest = export(
@@ -254,11 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     # Subcommands with parsers of their own get the rest of the line untouched.
     if args_list and args_list[0] == "mock-server":
-        from engine import mock_server
+        from engine.testing import mock_server
 
         return mock_server.main(args_list[1:])
     if args_list and args_list[0] == "serve-local":
-        from engine import local_server
+        from engine.local import server as local_server
 
         return local_server.main(args_list[1:])
     if args_list and args_list[0] == "bench":

@@ -18,9 +18,9 @@ import orjson
 import yaml
 
 from engine.errors import ConfigError
-from engine.filters import FilterConfig, filtered_path, parse_filters
+from engine.input.sources import parse_input_columns
+from engine.output.filters import FilterConfig, filtered_path, parse_filters
 from engine.problems import Problems
-from engine.sources import parse_input_columns
 from engine.tasks import kind_of, registry
 from engine.tasks.base import TaskKind
 

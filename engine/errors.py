@@ -28,7 +28,7 @@ class ModelError(TurnstileError):
 
     ``retryable`` says whether the same request may succeed later (429, 5xx,
     timeouts, dropped connections); ``kind`` says why it failed (one of
-    ``engine.retry``'s PERMANENT, BACKPRESSURE, UNHEALTHY, FLAKY); ``retry_after``
+    ``engine.http.retry``'s PERMANENT, BACKPRESSURE, UNHEALTHY, FLAKY); ``retry_after``
     is the server's hint in seconds, when it gave one. ``model_down`` marks a
     model that has been unreachable for its ``down_after_s``: the model is down,
     not this request.

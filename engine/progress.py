@@ -17,7 +17,7 @@ from rich.text import Text
 from engine.stats import ModelStats, ReplicaStats, RunStats
 
 if TYPE_CHECKING:
-    from engine.run import Outcome
+    from engine._runner import Outcome
 
 _console = Console(stderr=True, highlight=False)
 

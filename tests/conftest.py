@@ -15,7 +15,7 @@ import orjson
 import pytest
 import yaml
 
-from engine.mock_server import MockServer
+from engine.testing.mock_server import MockServer
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import anyio
 import pytest
 from anyio.lowlevel import checkpoint
 
-from engine.client import ModelClient, parse_completion
 from engine.config import ModelConfig
 from engine.errors import ModelError
-from engine.mock_server import Faults, MockServer, reply_for
-from engine.ratelimit import TokenBucket, estimate_tokens, per_minute
+from engine.http.client import ModelClient, parse_completion
+from engine.http.ratelimit import TokenBucket, estimate_tokens, per_minute
 from engine.stats import ModelStats
+from engine.testing.mock_server import Faults, MockServer, reply_for
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 OTHER = [{"role": "user", "content": "another question"}]

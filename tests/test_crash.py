@@ -11,8 +11,8 @@ from anyio.from_thread import start_blocking_portal
 
 from engine import cli
 from engine.crash import crash_report, redact_secrets
-from engine.mock_server import MockServer
 from engine.tasks.distill.task import DistillTask
+from engine.testing.mock_server import MockServer
 from tests.conftest import by_id, conversations, read_jsonl, write_config, write_jsonl
 
 KEY = "sk-test-secret-0123456789"

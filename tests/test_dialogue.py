@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from engine.errors import InputError
-from engine.rows import InputRow, Message
+from engine.input.rows import InputRow, Message
 from engine.tasks.distill.dialogue import Dialogue, Reply, new_dialogue, output_row, split_turns
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from engine.mock_server import Faults, MockServer, reply_for
+from engine.testing.mock_server import Faults, MockServer, reply_for
 from tests.conftest import (
     by_id,
     conversations,

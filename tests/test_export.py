@@ -10,10 +10,10 @@ from typing import Any
 import orjson
 import pytest
 
+from engine.checkpoint.journal import JOURNAL_NAME, encode
 from engine.config import RunConfig, parse_config
-from engine.export import ExportError, default_destination, export, index_rows, infer_schema
-from engine.journal import JOURNAL_NAME, encode
-from engine.mock_server import MockServer
+from engine.output.export import ExportError, default_destination, export, index_rows, infer_schema
+from engine.testing.mock_server import MockServer
 from tests.conftest import conversations, read_jsonl, turnstile, write_config, write_jsonl
 from tests.test_preference_run import prefs_config, prompts
 
@@ -182,7 +182,7 @@ def test_parquet_schema_is_stable_across_batches(
 ) -> None:
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
-    monkeypatch.setattr("engine.export.ROWS_PER_GROUP", 2)  # several batches, several groups
+    monkeypatch.setattr("engine.output.export.ROWS_PER_GROUP", 2)  # several batches, several groups
     config = make_config(tmp_path)
     rows = tricky_rows()
     write_run(config, rows, [6, 5, 4, 3, 2, 1, 0])

@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from engine.manifest import lock_checkpoint
-from engine.mock_server import Faults, MockServer
+from engine.checkpoint.manifest import lock_checkpoint
+from engine.testing.mock_server import Faults, MockServer
 from tests.conftest import by_id, conversations, read_jsonl, turnstile, write_config, write_jsonl
 from tests.test_distill_run import assert_each_turn_answers_its_history
 

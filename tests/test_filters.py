@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from engine.filters import (
+from engine.output.filters import (
     FilterConfig,
     Reply,
     check_row,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engine.mock_server import MockServer
+from engine.testing.mock_server import MockServer
 from tests.conftest import conversations, read_jsonl, turnstile, write_config
 
 pa = pytest.importorskip("pyarrow")

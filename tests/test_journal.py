@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from engine.checkpoint.journal import EMIT_FAILED, EMIT_OUTPUT, LineSet, encode, iter_lines, replay
 from engine.errors import CheckpointError
-from engine.journal import EMIT_FAILED, EMIT_OUTPUT, LineSet, encode, iter_lines, replay
 
 
 def turn(line: int, i: int, text: str = "reply") -> dict[str, Any]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import mock_replies
 from engine.tasks.preference import judge
 from engine.tasks.preference.judge import ASPECTS, has_usable_rating, judge_messages, parse_ratings
+from engine.testing import mock_replies
 
 PROMPT = [{"role": "user", "content": "Name three primary colours."}]
 

@@ -24,8 +24,8 @@ from aiohttp import web
 
 from engine.config import ModelConfig
 from engine.errors import TurnstileError
-from engine.local_server import default_model_path, find_llama_server, local_server
-from engine.mock_replies import request_key
+from engine.local.server import default_model_path, find_llama_server, local_server
+from engine.testing.mock_replies import request_key
 from tests.conftest import by_id, read_jsonl, turnstile, write_jsonl
 
 try:

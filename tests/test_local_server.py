@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from engine.config import LocalServerConfig, ModelConfig
-from engine.local_server import (
+from engine.local.server import (
     BINARY_ENV,
     DEFAULT_MODEL,
     INSTALL_BINARY,
@@ -264,7 +264,7 @@ import anyio
 import psutil
 
 from engine.config import LocalServerConfig, ModelConfig
-from engine.local_server import local_server
+from engine.local.server import local_server
 
 
 async def main() -> None:
@@ -429,7 +429,7 @@ def test_real_server_dies_with_a_sigkilled_parent(
 
 @pytest.mark.llama
 def test_serve_local_prints_the_url_and_stops_on_ctrl_c(real_server: Path) -> None:
-    code = "from engine.local_server import main; raise SystemExit(main(sys.argv[1:]))"
+    code = "from engine.local.server import main; raise SystemExit(main(sys.argv[1:]))"
     process = subprocess.Popen(
         [sys.executable, "-c", f"import sys; {code}", "--parallel", "1", "--ctx-size", "512"],
         stdout=subprocess.PIPE,

@@ -15,7 +15,7 @@ import anyio
 import orjson
 import pytest
 
-from engine.mock_replies import (
+from engine.testing.mock_replies import (
     DROP,
     HANG,
     MALFORMED,
@@ -25,7 +25,7 @@ from engine.mock_replies import (
     judge_candidates,
     pick_fault,
 )
-from engine.mock_server import Faults, MockServer, main, reply_for, request_key
+from engine.testing.mock_server import Faults, MockServer, main, reply_for, request_key
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -353,7 +353,7 @@ async def test_cli_serves_and_exits_on_sigterm(client: aiohttp.ClientSession) ->
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "engine.mock_server",
+        "engine.testing.mock_server",
         "--port",
         "0",
         "--fail-model",

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from engine.mock_replies import judge_rating
-from engine.mock_server import Faults, MockServer, reply_for
 from engine.tasks.preference.task import state_from
+from engine.testing.mock_replies import judge_rating
+from engine.testing.mock_server import Faults, MockServer, reply_for
 from tests.conftest import by_id, kill_after, read_jsonl, turnstile, write_jsonl
 
 

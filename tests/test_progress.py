@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
+from engine._runner import Outcome
 from engine.progress import status_line, summary
-from engine.run import Outcome
 from engine.stats import ModelStats, Outage, ReplicaStats, RunStats
 
 

@@ -17,7 +17,7 @@ import pytest
 from anyio.abc import TaskGroup
 
 from engine.errors import ModelError
-from engine.replicas import BURST_MIN, BURST_WINDOW, OUT_AFTER_FAILURES, Replica, ReplicaPool
+from engine.http.replicas import BURST_MIN, BURST_WINDOW, OUT_AFTER_FAILURES, Replica, ReplicaPool
 from engine.stats import ModelStats, Outage
 
 URLS = ["http://a:1/v1", "http://b:2/v1", "http://c:3/v1"]

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 import yaml
 
-from engine.mock_server import MockServer, request_key
+from engine.testing.mock_server import MockServer, request_key
 from tests.conftest import by_id, read_jsonl, start_turnstile, turnstile, write_jsonl
 from tests.test_turn_rules_run import A, expected_messages, u
 

@@ -8,7 +8,7 @@ from email.utils import format_datetime
 
 import pytest
 
-from engine.retry import (
+from engine.http.retry import (
     BACKOFF_BASE_S,
     BACKOFF_CAP_S,
     BACKPRESSURE,

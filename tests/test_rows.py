@@ -8,8 +8,8 @@ import orjson
 import pytest
 
 from engine.errors import InputError
-from engine.reader import decode_line, raw_id
-from engine.rows import InputRow, parse_row
+from engine.input.reader import decode_line, raw_id
+from engine.input.rows import InputRow, parse_row
 
 # --- the three formats ------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine._runner import local_servers
 from engine.config import parse_config
-from engine.run import local_servers
 
 
 def test_local_models_with_the_same_settings_share_one_server(tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 import orjson
 import pytest
 
+from engine.checkpoint.journal import LineSet
 from engine.errors import InputError
-from engine.journal import LineSet
-from engine.rows import InputRow, parse_row
-from engine.sources import (
+from engine.input.rows import InputRow, parse_row
+from engine.input.sources import (
     check_input,
     count_input,
     count_records,

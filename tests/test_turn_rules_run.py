@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
-from engine.mock_server import MockServer, reply_for
+from engine.testing.mock_server import MockServer, reply_for
 from tests.conftest import by_id, kill_after, read_jsonl, turnstile, write_config, write_jsonl
 
 A = "A"  # where a generated reply goes

@@ -12,9 +12,9 @@ import anyio
 import orjson
 import pytest
 
+from engine.checkpoint.journal import encode, replay
+from engine.checkpoint.writer import Writer
 from engine.config import JournalConfig
-from engine.journal import encode, replay
-from engine.writer import Writer
 
 PROC_FD = Path("/proc/self/fd")
 

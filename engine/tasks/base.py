@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from engine.filters import FilterConfig, Reply, check_row, filtered_record, rule_of
+from engine.output.filters import FilterConfig, Reply, check_row, filtered_record, rule_of
 
 if TYPE_CHECKING:
-    from engine.client import ModelClient
+    from engine.checkpoint.writer import Writer
     from engine.config import ModelConfig, RunConfig
+    from engine.http.client import ModelClient
     from engine.problems import Problems
     from engine.stats import RunStats
-    from engine.writer import Writer
 
 Records = Sequence[dict[str, Any]]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.filters import Reply, ints_of, messages_of, text_of
+from engine.output.filters import Reply, ints_of, messages_of, text_of
 from engine.tasks.base import Task, TaskKind
 from engine.tasks.distill.dialogue import EVERY_USER, TURN_RULES, TurnRule, describe_rule
 

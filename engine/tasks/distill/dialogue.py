@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from engine.errors import InputError
-from engine.rows import InputRow, Message
+from engine.input.rows import InputRow, Message
 from engine.tasks.base import usage_of
 
 TurnRule = Literal["every_user", "as_in_input"]

@@ -10,7 +10,7 @@ from typing import Any
 
 from engine.config import RunConfig
 from engine.errors import InputError, ModelDown, ModelError
-from engine.rows import InputRow, parse_row, record_id
+from engine.input.rows import InputRow, parse_row, record_id
 from engine.tasks.base import Context, Records
 from engine.tasks.distill import DistillConfig
 from engine.tasks.distill.dialogue import Reply, new_dialogue, output_row

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.filters import FilterConfig, Reply, ints_of, list_of, messages_of, text_of
+from engine.output.filters import FilterConfig, Reply, ints_of, list_of, messages_of, text_of
 from engine.tasks.base import Task, TaskKind
 from engine.tasks.preference.judge import ASPECTS
 from engine.tasks.preference.pairs import TRUNCATED_KEY

@@ -21,7 +21,7 @@ import anyio
 
 from engine.config import RunConfig
 from engine.errors import InputError, ModelDown, ModelError
-from engine.rows import InputRow, Message, parse_row, record_id
+from engine.input.rows import InputRow, Message, parse_row, record_id
 from engine.tasks.base import Context, Records, usage_of
 from engine.tasks.preference import PreferenceConfig
 from engine.tasks.preference.judge import has_usable_rating, judge_messages, parse_ratings

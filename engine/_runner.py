@@ -21,11 +21,8 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from engine import progress
-from engine.client import ModelClient
-from engine.config import ModelConfig, RunConfig
-from engine.errors import CheckpointError, InputError, ModelDown, TurnstileError
-from engine.journal import JOURNAL_NAME, Replay, replay
-from engine.manifest import (
+from engine.checkpoint.journal import JOURNAL_NAME, Replay, replay
+from engine.checkpoint.manifest import (
     check_manifest,
     clear_checkpoint,
     input_print,
@@ -34,7 +31,11 @@ from engine.manifest import (
     read_manifest,
     write_manifest,
 )
-from engine.sources import (
+from engine.checkpoint.writer import Writer
+from engine.config import ModelConfig, RunConfig
+from engine.errors import CheckpointError, InputError, ModelDown, TurnstileError
+from engine.http.client import ModelClient
+from engine.input.sources import (
     Item,
     check_input,
     count_input,
@@ -45,7 +46,6 @@ from engine.sources import (
 )
 from engine.stats import ModelStats, RunStats
 from engine.tasks.base import Context, Task
-from engine.writer import Writer
 
 
 @dataclass(slots=True)
@@ -283,7 +283,7 @@ def local_servers(config: RunConfig) -> list[LocalGroup]:
 
 
 def _local_server() -> Callable[..., Any]:
-    from engine.local_server import local_server
+    from engine.local.server import local_server
 
     opener: Callable[..., Any] = local_server
     return opener

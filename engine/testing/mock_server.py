@@ -1,7 +1,7 @@
 """A real OpenAI-compatible HTTP server on loopback, with deterministic replies and faults.
 
 The test-suite, the benchmarks and users (``turnstile mock-server``) run it. Replies
-and fault choice are pure functions in ``engine.mock_replies``; this module is the
+and fault choice are pure functions in ``engine.testing.mock_replies``; this module is the
 aiohttp wiring, the counters and the CLI. The chat handler stays lean (orjson, no
 per-request logging) because the benchmark drives it at thousands of requests/s.
 """
@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from engine.mock_replies import (
+from engine.testing.mock_replies import (
     CONTEXT,
     DROP,
     FAIL_MODEL,

@@ -36,9 +36,9 @@ import anyio
 import orjson
 
 from engine.errors import InputError
+from engine.input.reader import count_rows, decode_line, raw_id, read_lines
+from engine.input.rows import FORMAT_KEYS
 from engine.problems import Problems
-from engine.reader import count_rows, decode_line, raw_id, read_lines
-from engine.rows import FORMAT_KEYS
 
 FORMATS = ("jsonl", "parquet", "hf")
 CHUNK_ROWS = 1024  # rows converted per thread hop

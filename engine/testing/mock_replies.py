@@ -1,7 +1,7 @@
 """What the mock server says: deterministic replies, usage counts and fault choice.
 
 Pure functions only (no loop, no sockets), so tests can recompute exactly what
-the mock answered for any history. ``engine.mock_server`` wires them to aiohttp.
+the mock answered for any history. ``engine.testing.mock_server`` wires them to aiohttp.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ from typing import IO, Any
 
 import orjson
 
+from engine.checkpoint.journal import JOURNAL_NAME
 from engine.config import RunConfig
 from engine.errors import CheckpointError
-from engine.journal import JOURNAL_NAME
-from engine.sources import detect_format, fingerprint_paths
+from engine.input.sources import detect_format, fingerprint_paths
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "lock"

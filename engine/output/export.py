@@ -36,11 +36,11 @@ from typing import Any
 
 import orjson
 
-from engine.card import Counts, card_text
+from engine.checkpoint.journal import EMIT_OUTPUT, JOURNAL_NAME, iter_lines
 from engine.config import RunConfig
 from engine.errors import TurnstileError
-from engine.filters import FILTER_KEY, filtered_path, rule_of
-from engine.journal import EMIT_OUTPUT, JOURNAL_NAME, iter_lines
+from engine.output.card import Counts, card_text
+from engine.output.filters import FILTER_KEY, filtered_path, rule_of
 
 EXPORT_FORMATS = ("jsonl", "parquet", "hf")
 ROWS_PER_GROUP = 10_000  # rows per Parquet row group, and per conversion batch
@@ -443,7 +443,7 @@ def _error_key(message: str) -> str:
 
 
 def _input_rows(config: RunConfig) -> int | None:
-    from engine.sources import count_input, detect_format
+    from engine.input.sources import count_input, detect_format
 
     try:
         return count_input(config.input, detect_format(config.input))

@@ -1,7 +1,7 @@
 """The model client: OpenAI-compatible chat completions over aiohttp.
 
 One aiohttp session per model, its connector sized to the caps of its replicas.
-A slot on one replica (``engine.replicas``) is held for exactly one HTTP attempt
+A slot on one replica (``engine.http.replicas``) is held for exactly one HTTP attempt
 and released before any backoff, so a waiting retry never starves other
 requests. Replicas taken out are probed in the background (one task each, in
 the client's own task group) until they answer again.
@@ -23,9 +23,9 @@ from anyio.abc import TaskGroup
 
 from engine.config import ModelConfig
 from engine.errors import ModelError
-from engine.ratelimit import estimate_tokens, per_minute
-from engine.replicas import Replica, ReplicaPool
-from engine.retry import (
+from engine.http.ratelimit import estimate_tokens, per_minute
+from engine.http.replicas import Replica, ReplicaPool
+from engine.http.retry import (
     BACKPRESSURE,
     FLAKY,
     PERMANENT,

@@ -23,9 +23,9 @@ from typing import Any
 import anyio
 import orjson
 
+from engine.checkpoint.journal import EMIT_FAILED, EMIT_FILTERED, EMIT_OUTPUT, encode
 from engine.config import JournalConfig
 from engine.errors import CheckpointError
-from engine.journal import EMIT_FAILED, EMIT_FILTERED, EMIT_OUTPUT, encode
 
 
 @dataclass(slots=True)

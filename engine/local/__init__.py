@@ -1,0 +1,1 @@
+"""The built-in model: llama.cpp's server started, checked and stopped around a run."""

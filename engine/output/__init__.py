@@ -1,0 +1,1 @@
+"""Finished rows: the quality filters, exports and the dataset card."""
