@@ -1,3 +1,52 @@
-"""Turnstile: a streaming, checkpointed engine for LLM-generated training data."""
+"""Turnstile: a streaming, checkpointed engine for LLM-generated training data.
+
+From Python::
+
+    import engine
+
+    summary = engine.run("run.yaml")              # or a dict shaped like the YAML
+    print(summary.rows_ok, summary.rows_failed, summary.output)
+    engine.export("run.yaml", format="parquet", to="out.parquet")
+
+``await engine.arun(config)`` does the same inside a running event loop. Neither
+installs signal handlers or exits the process: errors are raised as the classes
+below (``ConfigError.problems`` lists every problem of a config), and a run that
+was stopped resumes where it stopped on the next call with the same config.
+"""
+
+from engine._api import arun, export, run
+from engine.errors import (
+    CheckpointError,
+    ConfigError,
+    ExportError,
+    InputError,
+    LocalServerError,
+    ModelDown,
+    ModelError,
+    TurnstileError,
+)
+from engine.stats import Summary
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "ExportError",
+    "InputError",
+    "LocalServerError",
+    "ModelDown",
+    "ModelError",
+    "Summary",
+    "TurnstileError",
+    "arun",
+    "export",
+    "run",
+]
+
+# Tracebacks and docs show the public path of these names.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("engine."):
+        _obj.__module__ = "engine"
+del _name, _obj

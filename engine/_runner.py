@@ -9,6 +9,7 @@ barriers: a worker moves its row forward the moment a reply lands.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -44,16 +45,10 @@ from engine.input.sources import (
     input_id,
     read_input,
 )
-from engine.stats import ModelStats, RunStats
+from engine.stats import ModelStats, Outcome, RunStats
 from engine.tasks.base import Context, Task
 
-
-@dataclass(slots=True)
-class Outcome:
-    stats: RunStats
-    elapsed_s: float
-    interrupted_by: int | None = None
-    resumed: bool = False
+log = logging.getLogger("turnstile")
 
 
 def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:
@@ -93,6 +88,17 @@ def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:
     return lock, state, resumed
 
 
+def announce(config: RunConfig, state: Replay, *, resumed: bool) -> None:
+    """Log what a run is about to do: start, or resume how far along."""
+    if resumed:
+        log.info(
+            f"resuming {config.checkpoint_dir}: {len(state.done)} rows finished, "
+            f"{len(state.partial)} in progress ({state.work_records} replies journaled)"
+        )
+    else:
+        log.info(f"starting {config.checkpoint_dir}: {config.input} -> {config.output}")
+
+
 def _refuse_foreign_output(config: RunConfig) -> None:
     for path in (config.output, config.failed_output, config.filtered_output):
         if _size(path):
@@ -117,15 +123,25 @@ async def execute(
     resumed: bool,
     display: progress.Display,
     open_local: Callable[..., Any] | None = None,
+    signals: bool = False,
 ) -> Outcome:
     """Run every row not finished in ``state`` through ``task``.
+
+    ``signals`` installs SIGINT/SIGTERM handlers that stop the run gracefully
+    (the CLI's; a library caller keeps its own, and cancellation stops the run).
 
     A TurnstileError from any task (disk full, a model down) stops the run and
     is raised as itself, not wrapped in an exception group.
     """
     try:
         return await _execute(
-            config, task, state, resumed=resumed, display=display, open_local=open_local
+            config,
+            task,
+            state,
+            resumed=resumed,
+            display=display,
+            open_local=open_local,
+            signals=signals,
         )
     except BaseExceptionGroup as group:
         error = _first_error(group)
@@ -153,6 +169,7 @@ async def _execute(
     resumed: bool,
     display: progress.Display,
     open_local: Callable[..., Any] | None,
+    signals: bool,
 ) -> Outcome:
     stats = RunStats(
         rows_done=len(state.done),
@@ -202,7 +219,8 @@ async def _execute(
             outer.start_soon(_count_rows, config, fmt, stats)
             outer.start_soon(display.run, stats, started)
             work = anyio.CancelScope()
-            outer.start_soon(_watch_signals, ctx, outcome, work, outer)
+            if signals:
+                outer.start_soon(_watch_signals, ctx, outcome, work, outer)
             with work:
                 async with anyio.create_task_group() as inner:
                     send, receive = anyio.create_memory_object_stream[tuple[int, Item]](workers)
@@ -236,7 +254,7 @@ async def _probe_models(clients: dict[str, ModelClient], optional: frozenset[str
     for name, client in clients.items():
         problems = await client.probe()
         for problem in problems:
-            progress.log(f"warning: {problem}")
+            log.warning(problem)
         if client.pool.live_count == 0:
             dead.append(name)
     fatal = [name for name in dead if name not in optional]
@@ -252,8 +270,8 @@ async def _probe_models(clients: dict[str, ModelClient], optional: frozenset[str
         )
     for name in dead:
         seconds = clients[name].config.down_after_s
-        progress.log(
-            f"warning: models.{name} is unreachable; the others go on, and its requests wait "
+        log.warning(
+            f"models.{name} is unreachable; the others go on, and its requests wait "
             f"for it up to {seconds:g} s (down_after_s) before they are recorded as failed"
         )
 
@@ -353,7 +371,7 @@ async def _watch_signals(
                 continue
             ctx.stopping = True
             outcome.interrupted_by = signum
-            progress.log(
+            log.info(
                 f"{signal.Signals(signum).name}: no new turns; letting requests in flight "
                 f"finish for up to {grace:g}s (signal again to stop now)"
             )

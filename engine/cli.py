@@ -18,7 +18,7 @@ from pathlib import Path
 import anyio
 
 from engine import progress
-from engine._runner import Outcome, execute, prepare
+from engine._runner import announce, execute, prepare
 from engine.checkpoint.journal import JOURNAL_NAME, replay
 from engine.checkpoint.journal import repair as repair_journal
 from engine.checkpoint.manifest import lock_checkpoint, read_manifest
@@ -26,6 +26,7 @@ from engine.config import RunConfig, load_config
 from engine.crash import crash_report, write_crash_log
 from engine.errors import CheckpointError, ConfigError, InputError, TurnstileError
 from engine.input.sources import count_input, detect_format
+from engine.stats import Outcome
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
 EXIT_CRASHED = 70  # EX_SOFTWARE: a bug, never to be read as "some rows failed"
@@ -52,17 +53,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     try:
-        if resumed:
-            progress.log(
-                f"resuming {config.checkpoint_dir}: {len(state.done)} rows finished, "
-                f"{len(state.partial)} in progress ({state.work_records} replies journaled)"
-            )
-        else:
-            progress.log(f"starting {config.checkpoint_dir}: {config.input} -> {config.output}")
+        announce(config, state, resumed=resumed)
         display = progress.Display(config.progress_interval_s, quiet=args.quiet)
 
         async def main() -> Outcome:
-            return await execute(config, task, state, resumed=resumed, display=display)
+            return await execute(
+                config, task, state, resumed=resumed, display=display, signals=True
+            )
 
         try:
             outcome = anyio.run(main, backend="asyncio")
@@ -75,12 +72,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         lock.close()
     print(progress.summary(outcome), file=sys.stderr)
     if outcome.interrupted_by is not None:
-        progress.log(f"stopped; run `turnstile run {args.config}` again to resume")
+        progress.log.info(f"stopped; run `turnstile run {args.config}` again to resume")
         return 128 + outcome.interrupted_by
     if outcome.stats.rows_failed:
-        progress.log(f"{outcome.stats.rows_failed} rows failed: see {config.failed_output}")
+        progress.log.info(f"{outcome.stats.rows_failed} rows failed: see {config.failed_output}")
         return EXIT_FAILED_ROWS
-    progress.log(f"done: {config.output}")
+    progress.log.info(f"done: {config.output}")
     return EXIT_OK
 
 
@@ -197,7 +194,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         dest = export(
-            config, args.format, Path(args.to) if args.to else None, pairs_only=args.pairs_only
+            config,
+            args.format,
+            Path(args.to) if args.to else None,
+            pairs_only=args.pairs_only,
+            keep_columns=args.keep_columns,
         )
     except TurnstileError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -243,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="preference runs: keep only rows with a chosen/rejected pair",
     )
+    export.add_argument(
+        "--keep-columns",
+        action="store_true",
+        help="keep input fields named like TRL's own columns (completion, label, "
+        "chat_template_kwargs); by default they are left out, with a note in the card",
+    )
     export.set_defaults(func=cmd_export)
     sub.add_parser("mock-server", help="the mock OpenAI-compatible server (see --help)")
     sub.add_parser("serve-local", help="the built-in llama.cpp server in the foreground")
@@ -264,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] == "bench":
         return _bench(args_list[1:])
     args = build_parser().parse_args(args_list)
+    progress.log_to_console()
     try:
         code = args.func(args)
     except Exception as exc:  # a bug outside a run (cmd_run keeps its own crash log)

@@ -54,3 +54,11 @@ class ModelError(TurnstileError):
 
 class ModelDown(TurnstileError):
     """A model stopped answering altogether; the run stops, resumable."""
+
+
+class LocalServerError(TurnstileError):
+    """The local llama.cpp server cannot be found, started or made ready."""
+
+
+class ExportError(TurnstileError):
+    """The export cannot be made as asked; the message names the fix."""

@@ -4,9 +4,9 @@ and the final summary. Everything here goes to stderr; the data goes to files.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
-from typing import TYPE_CHECKING
 
 import anyio
 from rich.console import Console, Group
@@ -14,20 +14,34 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from engine.stats import ModelStats, ReplicaStats, RunStats
-
-if TYPE_CHECKING:
-    from engine._runner import Outcome
+from engine.stats import ModelStats, Outcome, ReplicaStats, RunStats
 
 _console = Console(stderr=True, highlight=False)
 
 
-def log(message: str) -> None:
-    """One line for the user, timestamped when not on a terminal."""
-    if _console.is_terminal:
-        _console.print(message)
-    else:
-        print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+log = logging.getLogger("turnstile")
+
+
+class ConsoleHandler(logging.Handler):
+    """The CLI's log lines: plain on a terminal (under the live display), timestamped
+    when not. A library caller configures ``logging`` as it likes instead."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            message = f"{record.levelname.lower()}: {message}"
+        if _console.is_terminal:
+            _console.print(message)
+        else:
+            print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+def log_to_console() -> None:
+    """Send the ``turnstile`` logger's lines to stderr, once."""
+    if not any(isinstance(h, ConsoleHandler) for h in log.handlers):
+        log.addHandler(ConsoleHandler())
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _rate(count: float, seconds: float) -> float:
@@ -104,7 +118,7 @@ class Display:
         if not self.live:
             while True:
                 await anyio.sleep(self.interval_s)
-                log(status_line(stats, time.monotonic() - started))
+                log.info(status_line(stats, time.monotonic() - started))
         with Live(console=_console, refresh_per_second=4, transient=True) as live:
             while True:
                 live.update(_panel(stats, time.monotonic() - started))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _BUCKET_RATIO = 1.05
 _BUCKET_FLOOR_S = 1e-4
@@ -105,3 +106,50 @@ class RunStats:
     @property
     def completion_tokens(self) -> int:
         return sum(m.completion_tokens for m in self.models.values())
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one run went: its counters, its time, and whether a signal stopped it."""
+
+    stats: RunStats
+    elapsed_s: float
+    interrupted_by: int | None = None
+    resumed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """What ``engine.run`` returns: the whole run's counts (earlier runs of the same
+    checkpoint included) and where its files are."""
+
+    rows_ok: int
+    rows_failed: int
+    rows_filtered: int
+    turns: int  # replies written by this call (journaled in earlier runs: turns_resumed)
+    turns_resumed: int
+    output: Path
+    failed_output: Path
+    filtered_output: Path
+    elapsed_s: float
+    resumed: bool
+    interrupted: bool
+    stats: RunStats
+
+    @classmethod
+    def of(cls, outcome: Outcome, output: Path, failed: Path, filtered: Path) -> Summary:
+        s = outcome.stats
+        return cls(
+            rows_ok=s.rows_done - s.rows_failed - s.rows_filtered,
+            rows_failed=s.rows_failed,
+            rows_filtered=s.rows_filtered,
+            turns=s.turns_done,
+            turns_resumed=s.turns_resumed,
+            output=output,
+            failed_output=failed,
+            filtered_output=filtered,
+            elapsed_s=outcome.elapsed_s,
+            resumed=outcome.resumed,
+            interrupted=outcome.interrupted_by is not None,
+            stats=s,
+        )

@@ -6,7 +6,7 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 import yaml
+from anyio.from_thread import start_blocking_portal
 
 from engine.testing.mock_server import MockServer
 
@@ -22,6 +23,17 @@ from engine.testing.mock_server import MockServer
 async def mock() -> AsyncIterator[MockServer]:
     """A real mock OpenAI-compatible server on a free loopback port."""
     async with MockServer() as server:
+        yield server
+
+
+@pytest.fixture
+def threaded_mock() -> Iterator[MockServer]:
+    """The mock server on an event loop of its own, for sync tests that run Turnstile in
+    this process (``engine.run``, or the CLI, which only the main thread may run)."""
+    with (
+        start_blocking_portal() as portal,
+        portal.wrap_async_context_manager(MockServer()) as server,
+    ):
         yield server
 
 

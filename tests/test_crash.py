@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from anyio.from_thread import start_blocking_portal
 
 from engine import cli
 from engine.crash import crash_report, redact_secrets
@@ -33,17 +31,6 @@ def test_crash_report_has_one_summary_line_and_the_traceback() -> None:
     assert summary == "ValueError: bad value"
     assert "Traceback (most recent call last)" in text
     assert KEY not in text and "<redacted>" in text
-
-
-@pytest.fixture
-def threaded_mock() -> Iterator[MockServer]:
-    """The mock server on an event loop of its own, so the test's main thread can run
-    the CLI in process (it installs signal handlers, which only the main thread may)."""
-    with (
-        start_blocking_portal() as portal,
-        portal.wrap_async_context_manager(MockServer()) as server,
-    ):
-        yield server
 
 
 def run_cli(*args: str) -> int:

@@ -343,3 +343,36 @@ def test_a_missing_extra_says_what_to_install(
     with pytest.raises(ExportError, match=r"needs pyarrow: pip install 'turnstile\[parquet\]'"):
         export(config, "parquet", None)
     assert export(config, "jsonl", None).exists()  # JSONL needs no extra
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "hf"])
+def test_columns_trl_reserves_are_left_out_unless_kept(tmp_path: Path, fmt: str) -> None:
+    if fmt == "hf":
+        pytest.importorskip("datasets")
+    config = make_config(tmp_path)
+    rows = {
+        i: {
+            "id": f"r{i}",
+            "completion": "an input column named like TRL's",
+            "label": i % 2 == 0,
+            "topic": "kept",
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        }
+        for i in range(3)
+    }
+    write_run(config, rows, [0, 1, 2])
+
+    dest = export(config, fmt, tmp_path / f"plain.{fmt}")
+    kept = export(config, fmt, tmp_path / f"kept.{fmt}", keep_columns=True)
+
+    if fmt == "jsonl":
+        assert [set(r) for r in read_jsonl(dest)] == [{"id", "topic", "messages"}] * 3
+        assert read_jsonl(kept) == [rows[i] for i in range(3)]
+        return
+    import datasets
+
+    assert set(datasets.load_from_disk(str(dest)).column_names) == {"id", "topic", "messages"}
+    assert {"completion", "label"} <= set(datasets.load_from_disk(str(kept)).column_names)
+    card = (dest / "README.md").read_text()
+    assert "Left out: `completion`, `label`" in card and "--keep-columns" in card
+    assert "Left out" not in (kept / "README.md").read_text()

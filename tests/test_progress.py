@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 
-from engine._runner import Outcome
 from engine.progress import status_line, summary
-from engine.stats import ModelStats, Outage, ReplicaStats, RunStats
+from engine.stats import ModelStats, Outage, Outcome, ReplicaStats, RunStats
 
 
 def test_the_turn_estimate_names_the_turn_rule() -> None:

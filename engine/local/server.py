@@ -40,7 +40,7 @@ import aiohttp
 import anyio
 
 from engine.config import LOCAL, LocalServerConfig, ModelConfig
-from engine.errors import TurnstileError
+from engine.errors import LocalServerError
 
 BINARY_ENV = "TURNSTILE_LLAMA_SERVER"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -54,10 +54,6 @@ POLL_S = 0.2
 LOG_TAIL_LINES = 20
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-class LocalServerError(TurnstileError):
-    """The local llama.cpp server cannot be found, started or made ready."""
 
 
 def find_llama_server() -> Path:

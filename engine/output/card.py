@@ -42,6 +42,7 @@ class Counts:
     json_columns: Sequence[str] = ()
     columns: Sequence[str] = ()
     pairs_only: bool = False
+    dropped_columns: Sequence[str] = ()  # input fields left out (names TRL reserves)
     extra_config: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -152,6 +153,12 @@ def _counts_table(c: Counts) -> str:
 def _columns_text(config: RunConfig, c: Counts) -> str:
     lines = [f"Columns: {', '.join(f'`{name}`' for name in c.columns)}.", ""]
     lines.append(config.kind.card_usage(config, pairs_only=c.pairs_only))
+    if c.dropped_columns:
+        names = ", ".join(f"`{name}`" for name in c.dropped_columns)
+        lines.append(
+            f"\nLeft out: {names}, input fields under names TRL reserves (its chat-template "
+            "step fails on every row that has them). Export with `--keep-columns` to keep them."
+        )
     if c.json_columns:
         names = ", ".join(f"`{name}`" for name in c.json_columns)
         lines.append(

@@ -30,7 +30,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +38,18 @@ import orjson
 
 from engine.checkpoint.journal import EMIT_OUTPUT, JOURNAL_NAME, iter_lines
 from engine.config import RunConfig
-from engine.errors import TurnstileError
+from engine.errors import ExportError, TurnstileError
 from engine.output.card import Counts, card_text
 from engine.output.filters import FILTER_KEY, filtered_path, rule_of
 
 EXPORT_FORMATS = ("jsonl", "parquet", "hf")
+# Column names TRL gives a meaning of its own: an input field carried into the export
+# under one of them breaks TRL's chat-template step on every row (tried with TRL 1.16's
+# DPO preparation), so exports leave them out unless asked to keep them.
+TRL_RESERVED = ("completion", "label", "chat_template_kwargs")
 ROWS_PER_GROUP = 10_000  # rows per Parquet row group, and per conversion batch
 TOP_ERRORS = 10
 _EMIT_MARK = b'"k":"' + EMIT_OUTPUT.encode() + b'"'
-
-
-class ExportError(TurnstileError):
-    """The export cannot be made as asked; the message names the fix."""
 
 
 def default_destination(output: Path, fmt: str) -> Path:
@@ -64,13 +64,19 @@ def default_destination(output: Path, fmt: str) -> Path:
 
 
 def export(
-    config: RunConfig, fmt: str, to: Path | None = None, *, pairs_only: bool = False
+    config: RunConfig,
+    fmt: str,
+    to: Path | None = None,
+    *,
+    pairs_only: bool = False,
+    keep_columns: bool = False,
 ) -> Path:
     """Write the run's finished rows, in input order, as ``fmt``; return where.
 
     ``pairs_only`` (preference runs) keeps only the rows with a chosen/rejected
-    pair. Raises ExportError naming the fix (no run yet, a missing extra, a
-    destination that would overwrite something else).
+    pair. Columns TRL reserves (:data:`TRL_RESERVED`) are left out, and the card
+    says so, unless ``keep_columns``. Raises ExportError naming the fix (no run
+    yet, a missing extra, a destination that would overwrite something else).
     """
     dest = (to if to is not None else default_destination(config.output, fmt)).absolute()
     if pairs_only and not config.kind.pairs:
@@ -90,16 +96,19 @@ def export(
     if not any(e >= 0 for e in ends):
         raise ExportError(f"nothing to export: {config.output} has no finished rows yet")
     with _mapped(config.output, out_size) as data:
+        drop = () if keep_columns else TRL_RESERVED
         if fmt == "jsonl":
-            _write_jsonl(_ordered(data, ends), dest, pairs_only)
+            _write_jsonl(_ordered(data, ends), dest, pairs_only, drop)
             return dest
-        schema, json_columns = infer_schema(_batches(_ordered(data, ends), pairs_only), pa)
+        schema, json_columns = infer_schema(
+            _batches(_ordered(data, ends), pairs_only, drop=drop), pa
+        )
         if not len(schema):
             raise ExportError("nothing to export: no finished row has a chosen/rejected pair")
         seen = _Seen(pairs_only=pairs_only)
         tables = (
             _table(batch, schema, json_columns, pa)
-            for batch in _batches(_ordered(data, ends), pairs_only, seen)
+            for batch in _batches(_ordered(data, ends), pairs_only, seen, drop=drop)
         )
         if fmt == "parquet":
             _write_parquet(tables, schema, dest)
@@ -196,10 +205,15 @@ class _Seen:
 
     unpaired: int = 0  # rows with no chosen/rejected pair (exported or not)
     pairs_only: bool = False
+    dropped: set[str] = field(default_factory=set)  # TRL-reserved columns left out
 
 
 def _batches(
-    rows: Iterable[bytes], pairs_only: bool, seen: _Seen | None = None
+    rows: Iterable[bytes],
+    pairs_only: bool,
+    seen: _Seen | None = None,
+    *,
+    drop: Sequence[str] = (),
 ) -> Iterator[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     for raw in rows:
@@ -209,6 +223,11 @@ def _batches(
             seen.unpaired += unpaired
         if pairs_only and unpaired:
             continue
+        for name in drop:
+            if name in row:
+                del row[name]
+                if seen is not None:
+                    seen.dropped.add(name)
         batch.append(row)
         if len(batch) >= ROWS_PER_GROUP:
             yield batch
@@ -289,12 +308,18 @@ def _as_text(value: Any) -> str | None:
 # -- writers ----------------------------------------------------------------------------
 
 
-def _write_jsonl(rows: Iterable[bytes], dest: Path, pairs_only: bool) -> int:
+def _write_jsonl(
+    rows: Iterable[bytes], dest: Path, pairs_only: bool, drop: Sequence[str] = ()
+) -> int:
     count = 0
     with _replacing(dest) as tmp, tmp.open("wb") as f:
         for raw in rows:
-            if pairs_only and orjson.loads(raw).get("chosen") is None:
-                continue
+            row = orjson.loads(raw) if pairs_only or drop else None
+            if row is not None:
+                if pairs_only and row.get("chosen") is None:
+                    continue
+                if any(name in row for name in drop):
+                    raw = orjson.dumps({k: v for k, v in row.items() if k not in drop})
             f.write(raw + b"\n")
             count += 1
     return count
@@ -412,6 +437,7 @@ def _counts(
         json_columns=json_columns,
         columns=columns,
         pairs_only=seen.pairs_only,
+        dropped_columns=sorted(seen.dropped),
         extra_config=extra,
     )
 
