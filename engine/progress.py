@@ -11,6 +11,7 @@ import time
 import anyio
 from rich.console import Console, Group
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
@@ -125,17 +126,38 @@ class Display:
                 await anyio.sleep(0.25)
 
 
+def eta_s(stats: RunStats, elapsed: float) -> float | None:
+    """Seconds left at this run's pace of finishing rows; None until it can tell."""
+    finished = stats.rows_done - stats.rows_skipped
+    if stats.rows_total is None or finished <= 0 or elapsed <= 0:
+        return None
+    return max(0, stats.rows_total - stats.rows_done) * elapsed / finished
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def _panel(stats: RunStats, elapsed: float) -> Group:
     total = stats.rows_total
     done = stats.rows_done
+    eta = eta_s(stats, elapsed)
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        ProgressBar(total=total or None, completed=done, width=40),
+        Text(
+            f"rows {done}/{'?' if total is None else total}"
+            + (f" ({100 * done / total:.0f}%)" if total else "")
+            + f"  ETA {'?' if eta is None else _clock(eta)}  elapsed {_clock(elapsed)}"
+        ),
+    )
     head = Text(
-        f"rows {done}/{'?' if total is None else total}"
-        + (f" ({100 * done / total:.0f}%)" if total else "")
-        + f"  failed {stats.rows_failed}  turns {_turns(stats)}"
+        f"failed {stats.rows_failed}  turns {_turns(stats)}"
         + f" ({_rate(stats.turns_done, elapsed):.1f}/s)"
-        + f"  tokens out {_num(stats.completion_tokens)}"
-        + f" ({_rate(stats.completion_tokens, elapsed):.0f}/s)"
-        + f"  elapsed {elapsed:.0f}s"
+        + f"  tokens {_num(stats.prompt_tokens + stats.completion_tokens)}"
+        + f" ({_rate(stats.completion_tokens, elapsed):.0f} out/s)"
     )
     table = Table(box=None, pad_edge=False)
     for column in ("model", "in flight", "limit", "state", "requests", "retries", "failures"):
@@ -163,7 +185,7 @@ def _panel(stats: RunStats, elapsed: float) -> Group:
                     "",
                     str(r.failures),
                 )
-    return Group(head, table)
+    return Group(bar, head, table)
 
 
 def summary(outcome: Outcome) -> str:

@@ -44,3 +44,22 @@ def test_the_summary_names_every_outage() -> None:
     assert "  http://b/v1: 2/3 ok, 3 server failures" in text
     assert "  outage: teacher http://b/v1 out for 12.5s\n" in text + "\n"
     assert "(still out at the end)" in text
+
+
+def test_the_terminal_panel_has_a_bar_an_eta_and_each_replica() -> None:
+    from rich.console import Console
+
+    from engine.progress import _panel, eta_s
+
+    stats = replicated_stats()
+    stats.rows_total, stats.rows_done, stats.rows_skipped = 100, 40, 20
+    stats.turns_done, stats.turn_rule = 50, "every_user"
+    # 20 rows finished in this run's 10 s: 60 to go at 2 a second.
+    assert eta_s(stats, elapsed=10.0) == 30.0
+    console = Console(record=True, width=120, color_system=None)
+    console.print(_panel(stats, elapsed=10.0))
+    screen = console.export_text()
+    assert "rows 40/100 (40%)" in screen and "ETA 0:30" in screen and "elapsed 0:10" in screen
+    assert "━" in screen  # the bar itself
+    assert "turns 50/~" in screen and "every_user" in screen
+    assert "http://a/v1" in screen and "http://b/v1" in screen and "out" in screen
