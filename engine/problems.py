@@ -75,6 +75,19 @@ class Problems:
             return None
         return value
 
+    def section(
+        self, key: str, raw: Any, allowed: tuple[str, ...], example: str
+    ) -> Mapping[str, Any] | None:
+        """A required section of known keys; None (with a problem) when it is missing or
+        not a mapping. ``example`` shows how to write it."""
+        if raw is None:
+            self.add(key, f"missing; add {key}: {example}")
+            return None
+        body = self.mapping(key, raw)
+        if body is not None:
+            self.unknown(key, body, allowed)
+        return body
+
     def model_ref(self, key: str, value: Any, models: Mapping[str, Any]) -> str | None:
         """A model name that must be defined under ``models:``."""
         name = self.string(key, value, required=True, fix="name one of the models under models:")

@@ -36,13 +36,10 @@ class Distill(TaskKind):
     def parse_section(
         self, raw: Any, models: Mapping[str, ModelConfig], p: Problems, base: Path
     ) -> DistillConfig | None:
-        if raw is None:
-            p.add("distill", "missing; add distill: {model: <a name under models>}")
-            return None
-        body = p.mapping("distill", raw)
+        allowed = ("model", "system_prompt", "turns")
+        body = p.section("distill", raw, allowed, "{model: <a name under models>}")
         if body is None:
             return None
-        p.unknown("distill", body, ("model", "system_prompt", "turns"))
         model = p.model_ref("distill.model", body.get("model"), models)
         system_prompt = body.get("system_prompt")
         if system_prompt is not None and not isinstance(system_prompt, str):
