@@ -200,7 +200,7 @@ def test_env_argument_is_used_instead_of_the_process_environment(
 @pytest.mark.parametrize(
     ("path", "value", "key", "fragment"),
     [
-        (("task",), "summarise", "task", "must be one of distill, preference"),
+        (("task",), "summarise", "task", "must be one of distill, generate, preference"),
         (("input",), None, "input", "missing; set input: to a file path"),
         (("output",), "", "output", "must be a non-empty string"),
         (("output",), "data/conversations.jsonl", "output", "must not be the input file"),

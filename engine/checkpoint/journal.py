@@ -6,6 +6,8 @@ One orjson object per line. Record kinds (short keys keep a 10^6-turn journal sm
   "f": finish_reason}``: a distillation turn;
 - ``{"k": "g", ...}``, ``{"k": "ge", ...}``, ``{"k": "r", ...}``: preference generations,
   generation errors and judge replies (see engine.tasks.preference.task);
+- ``{"k": "gg", ...}``: a generate task's reply to one attempt of one generation, valid
+  or not (see engine.tasks.generate.attempts);
 - ``{"k": "o", "l": line, "e": end}``: the row of input line ``l`` was written to the output,
   which then ended at byte ``e``; ``{"k": "x", ...}`` the same for the failed file, and
   ``{"k": "q", ...}`` for the filtered file.

@@ -12,9 +12,9 @@ Rules, checked in this order, the first that fires wins:
 - ``empty`` (default off): a reply that is empty or whitespace;
 - ``truncated`` (default off): a reply cut off by ``max_tokens`` (finish_reason
   ``length``), as the task recorded it in the row: the distillation row's
-  ``truncated_turns``, the preference row's ``truncated_generations``. Both are
-  the task's own keys: an input column of either name is dropped from the row,
-  never obeyed;
+  ``truncated_turns``, the preference and generate rows' ``truncated_generations``.
+  They are the tasks' own keys: an input column of such a name is dropped from the
+  row, never obeyed;
 - ``min_chars`` / ``max_chars``: a reply's length in characters, outer whitespace
   not counted;
 - ``same_as_previous`` (default off): a reply identical (outer whitespace aside) to
