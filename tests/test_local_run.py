@@ -343,3 +343,47 @@ async def test_eight_long_conversations_at_once_never_overflow_the_context(
     assert len(rows) == 8
     for row in rows:
         assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * 6
+
+
+async def test_a_generate_run_with_a_schema_on_the_built_in_model(tmp_path: Path) -> None:
+    topics = [{"id": f"t{i}", "topic": topic} for i, topic in enumerate(["rain", "bread", "cats"])]
+    write_jsonl(tmp_path / "in.jsonl", topics)
+    schema = {
+        "type": "object",
+        "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+        "required": ["question", "answer"],
+    }
+    config = {
+        "task": "generate",
+        "input": "in.jsonl",
+        "output": "out/questions.jsonl",
+        "checkpoint_dir": "ck",
+        "models": {
+            "writer": {
+                "base_url": "local",
+                "max_concurrency": 3,
+                "params": {"temperature": 0.0, "max_tokens": 96, "seed": 1},
+                "local": {"ctx_size": 2048, "threads": 2},
+            }
+        },
+        "generate": {
+            "model": "writer",
+            "template": "Write one short quiz question about {{ topic }}, with its answer.",
+            "json_schema": schema,
+            "max_invalid": 2,
+        },
+    }
+    path = tmp_path / "generate.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    result = await turnstile("run", str(path), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    rows = by_id(read_jsonl(tmp_path / "out" / "questions.jsonl"))
+    assert set(rows) == {"t0", "t1", "t2"}
+    for row in rows.values():
+        [generation] = row["generations"]
+        assert isinstance(generation, dict), row
+        assert isinstance(generation["question"], str) and generation["question"].strip()
+        assert isinstance(generation["answer"], str)
+        assert row["model"] == "SmolLM2-135M-Instruct"
