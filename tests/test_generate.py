@@ -24,9 +24,9 @@ from engine.tasks.generate.attempts import (
     invalid_count,
     seed_for,
 )
-from engine.tasks.generate.schema import ReplyChecker, response_format, schema_problem
 from engine.tasks.generate.task import output_row
-from engine.tasks.generate.template import BadTemplate, RenderError, compile_template, render
+from engine.tasks.structured import ReplyChecker, response_format, schema_problem
+from engine.tasks.templates import BadTemplate, RenderError, compile_template, render
 
 EXAMPLE = """
 task: generate
@@ -292,7 +292,7 @@ def test_a_syntax_error_carries_its_line() -> None:
 
 
 def test_response_format_asks_for_the_schema_strictly() -> None:
-    assert response_format(SCHEMA) == {
+    assert response_format(SCHEMA, "generate") == {
         "type": "json_schema",
         "json_schema": {"name": "generate", "schema": SCHEMA, "strict": True},
     }
@@ -306,7 +306,9 @@ def test_schema_problem() -> None:
 
 
 def test_a_reply_that_fits_is_parsed() -> None:
-    value, error = ReplyChecker(SCHEMA).check('{"question": "Why?", "level": 2}')
+    value, error = ReplyChecker(SCHEMA, "generate.json_schema").check(
+        '{"question": "Why?", "level": 2}'
+    )
     assert error is None
     assert value == {"question": "Why?", "level": 2}
 
@@ -322,13 +324,13 @@ def test_a_reply_that_fits_is_parsed() -> None:
     ],
 )
 def test_a_reply_that_does_not_fit_says_why(reply: str, fragment: str) -> None:
-    value, error = ReplyChecker(SCHEMA).check(reply)
+    value, error = ReplyChecker(SCHEMA, "generate.json_schema").check(reply)
     assert value is None
     assert error is not None and fragment in error, error
 
 
 def test_a_long_reply_that_is_not_json_is_shortened_in_the_error() -> None:
-    _, error = ReplyChecker(SCHEMA).check("x" * 1000)
+    _, error = ReplyChecker(SCHEMA, "generate.json_schema").check("x" * 1000)
     assert error is not None and len(error) < 200
 
 

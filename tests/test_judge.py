@@ -1,15 +1,29 @@
-"""The judge request template and the reply parser."""
+"""The judge request template and the reply parsers (free text and JSON)."""
 
 from __future__ import annotations
 
 import random
 import re
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
+from jsonschema import Draft202012Validator
 
 from engine.tasks.preference import judge
-from engine.tasks.preference.judge import ASPECTS, has_usable_rating, judge_messages, parse_ratings
+from engine.tasks.preference.judge import (
+    ASPECTS,
+    JSON,
+    has_usable_rating,
+    judge_messages,
+    parse_ratings,
+)
+from engine.tasks.preference.judge_json import (
+    parse_json_ratings,
+    ratings_response_format,
+    ratings_schema,
+)
 from engine.testing import mock_replies
 
 PROMPT = [{"role": "user", "content": "Name three primary colours."}]
@@ -391,3 +405,85 @@ def test_has_usable_rating() -> None:
     assert has_usable_rating([1])
     assert not has_usable_rating([None, None])
     assert not has_usable_rating([])
+
+
+# --- judge_format: json ------------------------------------------------------------
+
+
+def _json_ratings(*entries: tuple[Any, Any]) -> str:
+    return orjson.dumps({"ratings": [{"rating": r, "rationale": t} for r, t in entries]}).decode()
+
+
+def test_the_json_request_asks_for_the_schema_s_shape_and_keeps_the_candidates_exact() -> None:
+    candidates = ["Red, yellow, blue.", "Line one\nline two", "RGB"]
+    user = _user(judge_messages(PROMPT, candidates, "helpfulness", judge_format=JSON))
+
+    assert '{"ratings": [{"rating": <an integer from 1 to 5>' in user
+    assert 'exactly 3 entries in "ratings"' in user
+    assert "#### Output for Text" not in user and "Rationale:" not in user
+    assert judge._RUBRICS["helpfulness"] in user
+    assert mock_replies.judge_candidates(user) == list(enumerate(candidates, start=1))
+    with pytest.raises(ValueError, match="unknown judge format 'xml'"):
+        judge_messages(PROMPT, candidates, "overall", judge_format="xml")
+
+
+def test_the_response_format_carries_a_strict_schema_of_exactly_n_ratings() -> None:
+    body = ratings_response_format(3)
+    assert body["type"] == "json_schema"
+    assert body["json_schema"]["name"] == "ratings" and body["json_schema"]["strict"] is True
+    schema = body["json_schema"]["schema"]
+    assert schema == ratings_schema(3)
+    Draft202012Validator.check_schema(schema)
+    ratings = schema["properties"]["ratings"]
+    assert ratings["minItems"] == ratings["maxItems"] == 3
+    assert ratings["items"]["required"] == ["rating", "rationale"]
+
+
+def test_a_json_reply_that_fits_gives_every_rating_and_rationale() -> None:
+    reply = _json_ratings((4, " clear and right "), (1, "wrong"), (5.0, "best"))
+    assert parse_json_ratings(reply, 3) == ([4, 1, 5], ["clear and right", "wrong", "best"], None)
+    assert parse_json_ratings(_json_ratings((2, "  ")), 1) == ([2], [None], None)
+
+
+@pytest.mark.parametrize(
+    ("reply", "fragment"),
+    [
+        ("Sure! Here is the JSON: {not json", "the reply is not JSON"),
+        ("", "the reply is not JSON"),
+        (_json_ratings((4, "a")), "is too short"),
+        (_json_ratings((4, "a"), (3, "b"), (2, "c")), "is too long"),
+        (_json_ratings((4, "a"), (6, "b")), "is not one of"),
+        (_json_ratings((0, "a"), (3, "b")), "is not one of"),
+        (_json_ratings((True, "a"), (3, "b")), "(at $.ratings[0].rating)"),
+        (_json_ratings((3.5, "a"), (3, "b")), "(at $.ratings[0].rating)"),
+        (_json_ratings(("4", "a"), (3, "b")), "(at $.ratings[0].rating)"),
+        (_json_ratings((4, None), (3, "b")), "(at $.ratings[0].rationale)"),
+        ('{"ratings": [{"rating": 4}, {"rating": 3, "rationale": "b"}]}', "'rationale'"),
+        ('{"ratings": [], "extra": 1}', "ratings schema"),
+        ("[4, 3]", "ratings schema"),
+    ],
+)
+def test_a_json_reply_that_does_not_fit_rates_nothing_and_says_why(
+    reply: str, fragment: str
+) -> None:
+    ratings, rationales, problem = parse_json_ratings(reply, 2)
+    assert ratings == [None, None] and rationales == [None, None]
+    assert problem is not None and fragment in problem, problem
+    assert not has_usable_rating(ratings)
+
+
+def test_the_mock_s_structured_reply_parses() -> None:
+    user = _user(judge_messages(PROMPT, ["a", "b"], "overall", judge_format=JSON))
+    seed = mock_replies.judge_reply(user)
+    reply = orjson.dumps(mock_replies.json_reply(ratings_schema(2), seed)).decode()
+
+    ratings, rationales, problem = parse_json_ratings(reply, 2)
+
+    assert problem is None
+    # The mock fills every entry from one seed text, so its ratings are all equal.
+    assert ratings == [1 + len(f"{seed} ratings rating") % 5] * 2
+    assert rationales == [f"{seed} ratings rationale"] * 2
+
+
+def test_zero_candidates_parse_to_nothing() -> None:
+    assert parse_json_ratings("{}", 0) == ([], [], None)

@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 import yaml
 
+from engine.tasks.preference.judge import judge_messages
+from engine.tasks.preference.judge_json import ratings_schema
 from engine.tasks.preference.task import state_from
-from engine.testing.mock_replies import judge_rating
-from engine.testing.mock_server import Faults, MockServer, reply_for
+from engine.testing.mock_replies import json_reply, judge_rating
+from engine.testing.mock_server import Faults, MockServer, reply_for, request_key
 from tests.conftest import by_id, kill_after, read_jsonl, turnstile, write_jsonl
 
 
@@ -289,3 +291,94 @@ async def test_sigkill_then_rerun_equals_an_uninterrupted_run(
     # Only requests in flight at the kill may be sent again: at most the caps
     # (4 + 4 + 2) plus replies that had arrived but were not yet journaled.
     assert repeated <= 2 * 10
+
+
+# --- the judge's prompt and reply format -------------------------------------------
+
+JUDGE_TEMPLATE = """\
+Judge for {{ aspect }}: {{ prompt[-1].content }}
+{% for g in generations %}<text {{ loop.index }}> {{ g }}
+{% endfor %}### Output
+"""
+
+
+def judge_config(folder: Path, base_url: str, **keys: Any) -> Path:
+    """``prefs_config`` with ``keys`` added to its preference section."""
+    path = prefs_config(folder, base_url)
+    config = yaml.safe_load(path.read_text())
+    config["preference"].update(keys)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def test_the_judge_sees_the_configs_own_template_rendered(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    source = prompts(6)
+    write_jsonl(tmp_path / "in.jsonl", source)
+    (tmp_path / "judge.j2").write_text(JUDGE_TEMPLATE)
+    config = judge_config(tmp_path, mock.base_url, judge_template="judge.j2")
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    rows = by_id(read_jsonl(tmp_path / "out" / "prefs.jsonl"))
+    for src in source:
+        row = rows[src["id"]]
+        prompt = expected_prompt(src)
+        generations = [reply_for("gen-a", prompt), reply_for("gen-b", prompt)]
+        assert row["generations"] == generations
+        rendered = (
+            f"Judge for helpfulness: {prompt[-1]['content']}\n"
+            + "".join(f"<text {i}> {g}\n" for i, g in enumerate(generations, start=1))
+            + "### Output"
+        )
+        judge_request = [{"role": "user", "content": rendered}]
+        assert mock.stats.requests_by_key[request_key("judge-m", judge_request)] == 1
+        ratings = [judge_rating(g) for g in generations]
+        assert row["ratings"] == ratings
+        assert row["rationales"] == [
+            f"The mock judge gives text {i} a {r} out of 5." for i, r in enumerate(ratings, 1)
+        ]
+    assert mock.stats.completed == len(source) * 3
+
+
+async def test_a_json_judge_s_ratings_are_read_from_its_structured_reply(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    source = prompts(6)
+    write_jsonl(tmp_path / "in.jsonl", source)
+    config = judge_config(tmp_path, mock.base_url, judge_format="json")
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    rows = by_id(read_jsonl(tmp_path / "out" / "prefs.jsonl"))
+    for src in source:
+        row = rows[src["id"]]
+        prompt = expected_prompt(src)
+        generations = [reply_for("gen-a", prompt), reply_for("gen-b", prompt)]
+        messages = judge_messages(prompt, generations, "helpfulness", judge_format="json")
+        assert mock.stats.requests_by_key[request_key("judge-m", messages)] == 1
+        # What the mock answers a request carrying the ratings schema.
+        answer = json_reply(ratings_schema(2), reply_for("judge-m", messages))["ratings"]
+        assert row["ratings"] == [entry["rating"] for entry in answer]
+        assert row["rationales"] == [entry["rationale"] for entry in answer]
+        # The mock rates every entry alike, so no JSON-judged row of it has a pair.
+        assert row["pair_error"] == f"all ratings are equal ({answer[0]['rating']})"
+    assert mock.stats.completed == len(source) * 3
+
+
+async def test_a_judge_template_that_does_not_compile_stops_before_any_request(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    write_jsonl(tmp_path / "in.jsonl", prompts(2))
+    (tmp_path / "judge.j2").write_text("{{ prompt }}\n{% for g in generations %}\n{{ g }\n")
+    config = judge_config(tmp_path, mock.base_url, judge_template="judge.j2")
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 2, result.stderr
+    assert "preference.judge_template: " in result.stderr
+    assert "judge.j2, line 3: the template does not compile" in result.stderr
+    assert mock.stats.total_requests == 0

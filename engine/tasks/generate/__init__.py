@@ -17,8 +17,8 @@ import orjson
 
 from engine.output.filters import Reply, ints_of, list_of
 from engine.tasks.base import Task, TaskKind
-from engine.tasks.generate.schema import plain_schema, schema_problem
-from engine.tasks.generate.template import BadTemplate, compile_template
+from engine.tasks.structured import plain_schema, schema_problem
+from engine.tasks.templates import BadTemplate, compile_template
 
 if TYPE_CHECKING:
     from engine.config import ModelConfig, RunConfig

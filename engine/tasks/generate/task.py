@@ -30,8 +30,8 @@ from engine.tasks.generate.attempts import (
     invalid_count,
     seed_for,
 )
-from engine.tasks.generate.schema import ReplyChecker, response_format
-from engine.tasks.generate.template import RenderError, compile_template, render
+from engine.tasks.structured import ReplyChecker, response_format
+from engine.tasks.templates import RenderError, compile_template, render
 
 # Keys the row writes itself: an input column of one of these names is dropped, so the
 # row's own value wins (and filters.truncated never obeys an input column).
@@ -76,9 +76,9 @@ class GenerateTask:
         self.fail_on_length = model.fail_on_length
         self.template = compile_template(self.config.template)
         schema = self.config.json_schema
-        self.checker = ReplyChecker(schema) if schema is not None else None
+        self.checker = ReplyChecker(schema, "generate.json_schema") if schema is not None else None
         self.extra: dict[str, Any] = (
-            {"response_format": response_format(schema)} if schema is not None else {}
+            {"response_format": response_format(schema, "generate")} if schema is not None else {}
         )
 
     def rows_in_flight(self, config: RunConfig) -> int:

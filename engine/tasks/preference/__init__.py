@@ -2,7 +2,13 @@
 
 ``task: preference``. The section, the fingerprint, the filters' view and the
 card live here; the runner is ``engine.tasks.preference.task``, the judge's
-prompt and parsing ``judge``, the pairing and the output row ``pairs``.
+UltraFeedback prompt and reply parser ``judge``, its JSON ratings
+``judge_json``, a judge prompt of the user's own ``judge_template``, the
+pairing and the output row ``pairs``.
+
+Rows may bring generations of their own (``generations``, with
+``generation_models``): they are judged with the generators' (theirs first),
+and with no generators the judge alone runs.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from engine.output.filters import FilterConfig, Reply, ints_of, list_of, messages_of, text_of
 from engine.tasks.base import Task, TaskKind
-from engine.tasks.preference.judge import ASPECTS
+from engine.tasks.preference.judge import ASPECTS, JSON, JUDGE_FORMATS, ULTRAFEEDBACK
+from engine.tasks.preference.judge_template import BadTemplate, read_template
 from engine.tasks.preference.pairs import TRUNCATED_KEY
 
 if TYPE_CHECKING:
@@ -22,18 +29,33 @@ if TYPE_CHECKING:
     from engine.problems import Problems
 
 
+_KEYS = (
+    "generators",
+    "num_generations",
+    "judge",
+    "aspect",
+    "judge_template",
+    "judge_format",
+)
+# Row keys a row brings its own generations under (input_columns may map onto them).
+BROUGHT_KEYS = ("generations", "generation_models")
+
+
 @dataclass(frozen=True, slots=True)
 class PreferenceConfig:
-    generators: tuple[str, ...]
+    generators: tuple[str, ...] = ()  # empty: only the input's own generations are judged
     num_generations: int = 1
     judge: str | None = None
     aspect: str = "overall"
+    judge_template: str | None = None  # the template file, as the config names it
+    judge_template_text: str | None = None  # its text, read and checked with the config
+    judge_format: str = ULTRAFEEDBACK
 
 
 class Preference(TaskKind):
     name = "preference"
     tags = ("preference", "dpo")
-    column_keys = ("messages", "conversations", "prompt")
+    column_keys = ("messages", "conversations", "prompt", *BROUGHT_KEYS)
     pairs = True
 
     def parse_section(
@@ -45,37 +67,58 @@ class Preference(TaskKind):
         body = p.mapping("preference", raw)
         if body is None:
             return None
-        p.unknown("preference", body, ("generators", "num_generations", "judge", "aspect"))
-        generators_raw = body.get("generators")
-        generators: list[str] = []
-        if not isinstance(generators_raw, list) or not generators_raw:
-            p.add("preference.generators", "must be a non-empty list of model names, e.g. [a, b]")
-        else:
-            for i, item in enumerate(generators_raw):
-                name = p.model_ref(f"preference.generators[{i}]", item, models)
-                if name is not None:
-                    generators.append(name)
-            if len(set(generators)) != len(generators):
-                p.add("preference.generators", "lists a model twice; use num_generations instead")
+        p.unknown("preference", body, _KEYS)
+        has_judge = body.get("judge") is not None
+        judge = p.model_ref("preference.judge", body.get("judge"), models) if has_judge else None
+        generators = _generators(body.get("generators"), models, p, judged=has_judge)
         num = p.positive_int("preference.num_generations", body.get("num_generations"), 1) or 1
-        judge = None
-        if body.get("judge") is not None:
-            judge = p.model_ref("preference.judge", body.get("judge"), models)
         aspect = body.get("aspect", "overall")
         if aspect not in ASPECTS:
             p.add("preference.aspect", f"must be one of {', '.join(ASPECTS)}, got {aspect!r}")
             aspect = "overall"
+        judge_format = body.get("judge_format")
+        if judge_format is None:
+            judge_format = ULTRAFEEDBACK
+        elif judge_format not in JUDGE_FORMATS:
+            p.add(
+                "preference.judge_format",
+                f"must be one of {' | '.join(JUDGE_FORMATS)}, got {judge_format!r}",
+            )
+            judge_format = ULTRAFEEDBACK
+        template, text = _judge_template(body.get("judge_template"), p, base)
+        if not has_judge:
+            for key in ("judge_template", "judge_format"):
+                if body.get(key) is not None:
+                    p.add(
+                        f"preference.{key}",
+                        "is set but there is no preference.judge to use it; "
+                        "add judge: <a model under models:>, or remove it",
+                    )
         return PreferenceConfig(
-            generators=tuple(generators), num_generations=num, judge=judge, aspect=aspect
+            generators=tuple(generators),
+            num_generations=num,
+            judge=judge,
+            aspect=aspect,
+            judge_template=template,
+            judge_template_text=text,
+            judge_format=judge_format,
         )
 
     def section_fields(self, section: PreferenceConfig) -> dict[str, Any]:
-        return {
+        fields: dict[str, Any] = {
             "generators": list(section.generators),
             "num_generations": section.num_generations,
             "judge": section.judge,
             "aspect": section.aspect,
         }
+        # Only when set, so checkpoints made before these keys existed still resume.
+        # The template's text, not its path, decides the judge's replies: moving the
+        # file is fine, editing it is a change.
+        if section.judge_template_text is not None:
+            fields["judge_template"] = section.judge_template_text
+        if section.judge_format != ULTRAFEEDBACK:
+            fields["judge_format"] = section.judge_format
+        return fields
 
     def models_used(self, section: PreferenceConfig) -> set[str]:
         used = set(section.generators)
@@ -90,17 +133,26 @@ class Preference(TaskKind):
 
     def card_text(self, config: RunConfig) -> str:
         p: PreferenceConfig = config.section
-        makers = ", ".join(f"`{config.models[g].model}`" for g in p.generators)
-        judge = (
-            f"`{config.models[p.judge].model}` rated them together (UltraFeedback template, "
-            f"aspect: {p.aspect}); chosen is the highest rating, rejected the lowest"
-            if p.judge
-            else "no judge was configured, so no row has a pair"
-        )
-        return (
-            f"Preference pairs: each prompt went to {makers} ({p.num_generations} generation(s) "
-            f"each); {judge}."
-        )
+        brings = "generations" in config.input_columns
+        if p.generators:
+            makers = ", ".join(f"`{config.models[g].model}`" for g in p.generators)
+            made = f"each prompt went to {makers} ({p.num_generations} generation(s) each)"
+            if brings:
+                made += (
+                    f"; the generations an input row brought (column "
+                    f"`{config.input_columns['generations']}`) come first"
+                )
+        else:
+            column = config.input_columns.get("generations", "generations")
+            made = f"the generations came with the input (column `{column}`), none were made"
+        if p.judge:
+            judge = (
+                f"`{config.models[p.judge].model}` rated them together ({_judged_by(p)}); "
+                "chosen is the highest rating, rejected the lowest"
+            )
+        else:
+            judge = "no judge was configured, so no row has a pair"
+        return f"Preference pairs: {made}; {judge}."
 
     def card_usage(self, config: RunConfig, *, pairs_only: bool) -> str:
         text = (
@@ -149,6 +201,54 @@ class Preference(TaskKind):
 
     def is_paired(self, row: Mapping[str, Any]) -> bool:
         return _pair_texts(row)[0] is not None
+
+
+def _generators(
+    raw: Any, models: Mapping[str, ModelConfig], p: Problems, *, judged: bool
+) -> list[str]:
+    """The generator names; an empty list is fine when a judge rates the input's own."""
+    key = "preference.generators"
+    fix = "e.g. [a, b], or [] with a judge to rate the generations the input rows bring"
+    if raw is None or raw == []:
+        if not judged:
+            p.add(key, f"must be a non-empty list of model names when there is no judge; {fix}")
+        return []
+    if not isinstance(raw, list):
+        p.add(key, f"must be a non-empty list of model names, got {type(raw).__name__}; {fix}")
+        return []
+    generators: list[str] = []
+    for i, item in enumerate(raw):
+        name = p.model_ref(f"{key}[{i}]", item, models)
+        if name is not None:
+            generators.append(name)
+    if len(set(generators)) != len(generators):
+        p.add(key, "lists a model twice; use num_generations instead")
+    return generators
+
+
+def _judge_template(raw: Any, p: Problems, base: Path) -> tuple[str | None, str | None]:
+    """The template file as the config names it and its text, read and checked."""
+    key = "preference.judge_template"
+    name = p.string(key, raw, required=False, fix="set it to a Jinja2 template file's path")
+    if name is None:
+        return None, None
+    path = Path(name).expanduser()
+    try:
+        text = read_template(path if path.is_absolute() else base / path)
+    except BadTemplate as exc:
+        p.add(key, str(exc))
+        return None, None
+    return name, text
+
+
+def _judged_by(p: PreferenceConfig) -> str:
+    if p.judge_template is not None:
+        prompt = f"the config's Jinja2 judge template `{p.judge_template}`"
+    else:
+        prompt = f"UltraFeedback template, aspect: {p.aspect}"
+    if p.judge_format == JSON:
+        return f"{prompt}; ratings asked for as JSON fitting a schema, and checked against it"
+    return f"{prompt}; ratings read from free-text UltraFeedback blocks"
 
 
 def _pair_texts(row: Mapping[str, Any]) -> tuple[str | None, str | None]:

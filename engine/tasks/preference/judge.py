@@ -7,7 +7,9 @@ Models with Scaled AI Feedback"; the wording here is our own rendering of it).
 :func:`parse_ratings` reads the judge's free-text reply back into one rating
 (1-5, or ``None``) and one rationale per candidate, and never raises: judges
 write markdown, reorder blocks and drift from the format, and a reply we cannot
-read is data (``None`` ratings), not a crash.
+read is data (``None`` ratings), not a crash. With ``judge_format: json`` the
+format section asks for a JSON object instead, and
+``engine.tasks.preference.judge_json`` holds its schema and its parser.
 
 The request lays out, in order: the rubric, the answer format, then the
 annotation itself (instruction, then ``<text 1> ...``, ``<text 2> ...`` each
@@ -23,6 +25,10 @@ import re
 from collections.abc import Sequence
 
 Message = dict[str, str]
+
+ULTRAFEEDBACK, JSON = "ultrafeedback", "json"
+JUDGE_FORMATS = (ULTRAFEEDBACK, JSON)  # free-text blocks, or a JSON object fitting a schema
+RATINGS = (1, 2, 3, 4, 5)
 
 ASPECTS = ("overall", "helpfulness", "honesty", "instruction-following", "truthfulness")
 
@@ -178,7 +184,11 @@ Texts:
 
 
 def judge_messages(
-    prompt: Sequence[Message], candidates: Sequence[str], aspect: str
+    prompt: Sequence[Message],
+    candidates: Sequence[str],
+    aspect: str,
+    *,
+    judge_format: str = ULTRAFEEDBACK,
 ) -> list[Message]:
     """Build the judge request: a system message and one user message.
 
@@ -186,7 +196,9 @@ def judge_messages(
     user turn, which becomes the instruction. Earlier turns, when there are
     any, are shown before it as labelled context. ``candidates`` are the
     answers to rate, shown as ``<text 1> ...``, ``<text 2> ...``, each tag at
-    the start of its own line. ``aspect`` is one of :data:`ASPECTS`.
+    the start of its own line. ``aspect`` is one of :data:`ASPECTS`. With
+    ``judge_format`` :data:`JSON` the format section asks for the JSON object
+    of ``judge_json.ratings_schema`` instead of one text block per candidate.
 
     Raises ValueError for an unknown aspect, no candidates, or a prompt that
     does not end with a user turn: those are the caller's bugs, not data.
@@ -197,12 +209,20 @@ def judge_messages(
         raise ValueError("judge_messages needs at least one candidate")
     if not prompt or prompt[-1].get("role") != "user":
         raise ValueError("the prompt to judge must end with a user turn")
+    if judge_format not in JUDGE_FORMATS:
+        raise ValueError(f"unknown judge format {judge_format!r}; use one of {JUDGE_FORMATS}")
     n = len(candidates)
-    scale = 'an integer from 1 to 5, or "N/A"' if aspect == "honesty" else "an integer from 1 to 5"
+    if judge_format == JSON:
+        answer = _JSON_ANSWER.format(n=n)
+    else:
+        scale = (
+            'an integer from 1 to 5, or "N/A"' if aspect == "honesty" else "an integer from 1 to 5"
+        )
+        answer = _format_blocks(n, scale)
     texts = "\n".join(f"<text {i}> {text}" for i, text in enumerate(candidates, start=1))
     user = (
         f"{_RUBRICS[aspect]}\n\n"
-        f"{_FORMAT.format(n=n, blocks=_format_blocks(n, scale))}"
+        f"{_FORMAT.format(n=n, blocks=answer)}"
         f"{_render_prompt(prompt)}\n\n"
         f"Texts:\n{texts}\n\n"
         "### Output\n"
@@ -211,6 +231,15 @@ def judge_messages(
         {"role": "system", "content": _SYSTEM.format(n=n)},
         {"role": "user", "content": user},
     ]
+
+
+# The JSON format's answer section. Like the text format it never writes a
+# literal numbered tag (see the module docstring).
+_JSON_ANSWER = """\
+One JSON object and nothing else, with exactly {n} entries in "ratings", the first \
+for text 1, the second for text 2 and so on:
+{{"ratings": [{{"rating": <an integer from 1 to 5>, "rationale": "<rationale for the \
+rating, in short sentences>"}}, ...]}}"""
 
 
 def _format_blocks(n: int, scale: str) -> str:

@@ -2,9 +2,12 @@
 
 Each prompt goes to every generator ``num_generations`` times, all at once, each
 request under its own model's cap. When all of a row's generations are in, one
-judge request rates them together (UltraFeedback template) and the row gets its
-chosen/rejected pair. Every generation and judge reply is journaled before it is
-used, so a resumed run re-requests none of them. A generator that fails is
+judge request rates them together (UltraFeedback's template or the config's
+own, read as text blocks or JSON) and the row gets its chosen/rejected pair. A
+row may bring generations of its own (``generations``, ``generation_models``):
+they come first and are judged with the rest. Every generation and judge reply
+is journaled before it is used, so a resumed run re-requests none of them (the
+brought generations are read from the input again). A generator that fails is
 recorded in the row; it delays nothing but its own requests.
 
 Journal records (besides the emits): ``{"k": "g", "l", "s", "c", "p", "o", "f"}`` a
@@ -23,12 +26,17 @@ from engine.config import RunConfig
 from engine.errors import InputError, ModelDown, ModelError
 from engine.input.rows import InputRow, Message, parse_row, record_id
 from engine.tasks.base import Context, Records, usage_of
-from engine.tasks.preference import PreferenceConfig
-from engine.tasks.preference.judge import has_usable_rating, judge_messages, parse_ratings
+from engine.tasks.preference import BROUGHT_KEYS, PreferenceConfig
+from engine.tasks.preference.judge import JSON, has_usable_rating, judge_messages, parse_ratings
+from engine.tasks.preference.judge_json import parse_json_ratings, ratings_response_format
+from engine.tasks.preference.judge_template import compile_template, render_judge
 from engine.tasks.preference.pairs import preference_row
+from engine.tasks.templates import RenderError
 
 GENERATION, GENERATION_ERROR, RATING = "g", "ge", "r"
 JUDGE_TRIES = 2  # a reply with no usable rating is retried once
+BROUGHT_MODEL = "input"  # generation_models' entry for a brought generation it does not name
+_COLUMN_FIX = "map a list column onto it with input_columns, e.g. {generations: responses}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +103,62 @@ def state_from(records: Records) -> RowState:
     return state
 
 
+@dataclass(frozen=True, slots=True)
+class Brought:
+    """The generations an input row brings, and the models it says wrote them."""
+
+    texts: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+
+
+def brought_from(record: dict[str, Any]) -> Brought:
+    """A row's own ``generations`` and ``generation_models``; raises InputError naming the fix.
+
+    Both are optional (a null counts as absent, as a Parquet row's often is);
+    ``generations`` is a list of strings, ``generation_models`` a list of names
+    of the same length, by default ``"input"`` for each.
+    """
+    texts = record.get("generations")
+    if texts is None:
+        texts = []
+    elif not isinstance(texts, list):
+        raise InputError(
+            f"'generations' must be a list of strings (the responses to rate), "
+            f"got {type(texts).__name__}; {_COLUMN_FIX}"
+        )
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(
+                f"'generations[{i}]' must be a string, got {type(text).__name__}; "
+                "give each response as text"
+            )
+    models = record.get("generation_models")
+    if models is None:
+        return Brought(list(texts), [BROUGHT_MODEL] * len(texts))
+    if not isinstance(models, list) or not all(isinstance(m, str) for m in models):
+        raise InputError(
+            "'generation_models' must be a list of model names (strings), one per generation; "
+            "fix the column or leave it out (each then reads 'input')"
+        )
+    if len(models) != len(texts):
+        raise InputError(
+            f"'generation_models' has {len(models)} names for {len(texts)} generations; "
+            "give one name per generation, in the same order"
+        )
+    return Brought(list(texts), list(models))
+
+
+def read_reply(
+    judge_format: str, reply: str, n: int
+) -> tuple[list[int | None], list[str | None], str | None]:
+    """A judge reply as ratings and rationales for ``n`` candidates, and why it is
+    unusable when it is (JSON only: a free-text reply just has no ratings)."""
+    if judge_format == JSON:
+        return parse_json_ratings(reply, n)
+    ratings, rationales = parse_ratings(reply, n)
+    return ratings, rationales, None
+
+
 def _reason(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -110,6 +174,8 @@ class PreferenceTask:
         self.seeds = {
             name: config.models[name].params.get("seed") for name in self.config.generators
         }
+        text = self.config.judge_template_text
+        self.template = compile_template(text) if text is not None else None
 
     def rows_in_flight(self, config: RunConfig) -> int:
         # Each row fans out to every generator: enough rows to keep the largest
@@ -125,9 +191,11 @@ class PreferenceTask:
     ) -> None:
         try:
             row = parse_row(record, line)
+            brought = brought_from(record)
         except InputError as exc:
             await ctx.fail(line, record_id(record, line), f"input: {exc}")
             return
+        extra = {k: v for k, v in row.extra.items() if k not in BROUGHT_KEYS}
         prompt = prompt_of(row.messages)
         if not prompt or prompt[-1]["role"] != "user":
             await ctx.fail(line, row.id, "input: has no user turn; add at least one user message")
@@ -141,17 +209,19 @@ class PreferenceTask:
         if ctx.stopping or len(state.generations) < len(self.slots):
             return
         made = [(s, state.generations[s.index]) for s in self.slots]
-        texts = [g.text for _, g in made if g.text is not None]
-        models = [self.served[s.model] for s, g in made if g.text is not None]
+        # The row's own generations first, then the generators', in output order.
+        texts = brought.texts + [g.text for _, g in made if g.text is not None]
+        models = brought.models + [self.served[s.model] for s, g in made if g.text is not None]
         # Indices into `texts`: which replies max_tokens cut off (for filters.truncated).
         kept = [g for _, g in made if g.text is not None]
-        truncated = [i for i, g in enumerate(kept) if g.finish_reason == "length"]
+        first = len(brought.texts)
+        truncated = [first + i for i, g in enumerate(kept) if g.finish_reason == "length"]
         errors = [
             {"model": self.served[s.model], "generation": s.repeat, "error": g.error}
             for s, g in made
             if g.error is not None
         ]
-        if not texts:
+        if not texts and errors:
             await ctx.fail(
                 line,
                 row.id,
@@ -169,15 +239,14 @@ class PreferenceTask:
             ratings, rationales, judge_note = judged
         elif self.config.judge:
             ratings, rationales = [None] * len(texts), [None] * len(texts)
-            judge_note = (
-                f"fewer than two generations to compare ({len(texts)} of {len(self.slots)})"
-            )
+            total = len(brought.texts) + len(self.slots)
+            judge_note = f"fewer than two generations to compare ({len(texts)} of {total})"
         usage = usage_of(
             [(g.prompt_tokens, g.completion_tokens) for _, g in made]
             + [(p, o) for _, p, o in state.judge_replies]
         )
         out = preference_row(
-            extra=row.extra,
+            extra=extra,
             row_id=row.id,
             prompt=prompt,
             generations=texts,
@@ -243,24 +312,34 @@ class PreferenceTask:
         """Ratings and rationales for ``texts``, a note when unusable; None when stopping."""
         assert self.config.judge is not None
         n = len(texts)
+        unrated: tuple[list[int | None], list[str | None]] = ([None] * n, [None] * n)
+        fmt = self.config.judge_format
+        problem = None
         for reply, _, _ in state.judge_replies:
-            ratings, rationales = parse_ratings(reply, n)
+            ratings, rationales, problem = read_reply(fmt, reply, n)
             if has_usable_rating(ratings):
                 return ratings, rationales, None
+        if self.template is None:
+            messages = judge_messages(prompt, texts, self.config.aspect, judge_format=fmt)
+        else:
+            try:
+                messages = render_judge(self.template, prompt, texts, self.config.aspect)
+            except RenderError as exc:
+                return *unrated, str(exc)
+        extra = {"response_format": ratings_response_format(n)} if fmt == JSON else None
         client = ctx.clients[self.config.judge]
-        messages = judge_messages(prompt, texts, self.config.aspect)
         while len(state.judge_replies) < JUDGE_TRIES:
             if ctx.stopping:
                 return None
             try:
-                completion = await client.complete(messages)
+                completion = await client.complete(messages, extra)
             except ModelError as exc:
                 if exc.model_down:
                     raise ModelDown(
                         f"{exc} (the judge); start it (or fix base_url) and run the same "
                         "command to resume"
                     ) from exc
-                return [None] * n, [None] * n, f"judge failed: {exc}"
+                return *unrated, f"judge failed: {exc}"
             reply = completion.texts[0]
             await ctx.writer.record(
                 {
@@ -276,7 +355,8 @@ class PreferenceTask:
                 (reply, completion.prompt_tokens, completion.completion_tokens)
             )
             ctx.stats.turns_done += 1
-            ratings, rationales = parse_ratings(reply, n)
+            ratings, rationales, problem = read_reply(fmt, reply, n)
             if has_usable_rating(ratings):
                 return ratings, rationales, None
-        return [None] * n, [None] * n, f"the judge gave no usable rating in {JUDGE_TRIES} replies"
+        why = f" (the last one: {problem})" if problem else ""
+        return *unrated, f"the judge gave no usable rating in {JUDGE_TRIES} replies{why}"

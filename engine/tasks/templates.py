@@ -1,5 +1,8 @@
 """Prompt templates: Jinja2 in a sandbox, the row's columns as its variables. Pure.
 
+Every template a task runs (``generate.template``, ``preference.judge_template``)
+is compiled in the one environment here.
+
 A template comes from a config, but it is still code run on every row, so it
 runs in Jinja2's immutable sandbox: no attributes starting with ``_`` (no
 ``''.__class__.__mro__`` walk to ``os``), no mutation of the row, bounded
@@ -59,13 +62,13 @@ class _Strict(StrictUndefined):
 
 
 # One environment for every template: it holds no state a row could change.
-_ENV = ImmutableSandboxedEnvironment(undefined=_Strict, autoescape=False)
+ENV = ImmutableSandboxedEnvironment(undefined=_Strict, autoescape=False)
 
 
 def compile_template(text: str) -> Template:
     """The compiled template; raises BadTemplate naming the line that does not compile."""
     try:
-        return _ENV.from_string(text)
+        return ENV.from_string(text)
     except TemplateSyntaxError as exc:
         raise BadTemplate(exc.lineno, exc.message or str(exc)) from exc
 

@@ -1,5 +1,8 @@
 """Structured replies: the JSON Schema a reply must fit, as requested and as checked. Pure.
 
+Shared by every task that asks for JSON: ``generate`` (its ``json_schema``) and the
+preference judge (``judge_format: json``).
+
 The schema goes to the server as OpenAI's ``response_format`` (servers with
 structured output constrain decoding to it), and every reply is still parsed
 and validated here: many servers ignore ``response_format`` or honour only
@@ -15,7 +18,6 @@ import orjson
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 from jsonschema.validators import validator_for
 
-RESPONSE_FORMAT_NAME = "generate"
 _SNIPPET_CHARS = 80
 
 
@@ -37,19 +39,22 @@ def schema_problem(schema: dict[str, Any]) -> str | None:
     return None
 
 
-def response_format(schema: Mapping[str, Any]) -> dict[str, Any]:
+def response_format(schema: Mapping[str, Any], name: str) -> dict[str, Any]:
     """The request field asking an OpenAI-compatible server for replies that fit ``schema``."""
     return {
         "type": "json_schema",
-        "json_schema": {"name": RESPONSE_FORMAT_NAME, "schema": dict(schema), "strict": True},
+        "json_schema": {"name": name, "schema": dict(schema), "strict": True},
     }
 
 
 class ReplyChecker:
-    """Parses a reply as JSON and validates it against one schema (checked beforehand)."""
+    """Parses a reply as JSON and validates it against one schema (checked beforehand).
 
-    def __init__(self, schema: Mapping[str, Any]) -> None:
+    ``label`` names the schema in the error, e.g. ``generate.json_schema``."""
+
+    def __init__(self, schema: Mapping[str, Any], label: str) -> None:
         self._validator = validator_for(schema)(schema)
+        self._label = label
 
     def check(self, text: str) -> tuple[Any, str | None]:
         """``(value, None)`` for a reply that fits, ``(None, why not)`` otherwise."""
@@ -63,7 +68,7 @@ class ReplyChecker:
             return value, None
         where = _path(error)
         return None, (
-            f"the reply does not fit generate.json_schema: {error.message}"
+            f"the reply does not fit {self._label}: {error.message}"
             f"{f' (at {where})' if where else ''}"
         )
 
