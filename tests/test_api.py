@@ -129,3 +129,25 @@ def test_export_from_python(tmp_path: Path, threaded_mock: MockServer) -> None:
 
     assert dest == tmp_path / "sorted.jsonl"
     assert [r["id"] for r in read_jsonl(dest)] == [f"c{i}" for i in range(4)]
+
+
+async def test_arun_installs_no_signal_handlers(tmp_path: Path, mock: MockServer) -> None:
+    import signal
+
+    import anyio
+
+    write_jsonl(tmp_path / "in.jsonl", conversations(30))
+    mock.latency_ms = 5
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    seen: dict[int, object] = {}
+
+    async def look_mid_run() -> None:
+        await mock.wait_for_requests(10)
+        seen.update({sig: signal.getsignal(sig) for sig in before})
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(look_mid_run)
+        summary = await engine.arun(config_dict(tmp_path, mock.base_url))
+
+    assert summary.rows_ok == 30
+    assert seen == before  # the caller's Ctrl-C is still the caller's
