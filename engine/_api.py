@@ -20,19 +20,22 @@ from typing import Any
 import anyio
 
 from engine import progress
-from engine._runner import announce, execute, prepare
+from engine._runner import announce, execute, prepare, run_loop
 from engine.config import RunConfig, load_config, parse_config
 from engine.stats import Summary
 
-ConfigLike = str | Path | Mapping[str, Any]
+ConfigLike = str | Path | Mapping[str, Any] | RunConfig
 
 
 def load(config: ConfigLike) -> RunConfig:
-    """A validated config from a YAML path or a dict shaped like the YAML.
+    """A validated config from a YAML path or a dict shaped like the YAML (a RunConfig
+    is taken as it is).
 
     In a dict, relative paths resolve against the current folder, and
     ``checkpoint_dir`` defaults to ``checkpoints/<output file stem>`` there.
     """
+    if isinstance(config, RunConfig):
+        return config
     if isinstance(config, Mapping):
         stem = Path(str(config.get("output") or "run")).stem
         return parse_config(config, Path.cwd() / f"{stem}.yaml")
@@ -65,9 +68,9 @@ def run(config: ConfigLike, *, fresh: bool = False, progress_log: bool = False) 
     ``config`` is a path to a YAML config or a dict shaped like one. Raises the
     errors of ``engine.errors``; never exits the process.
     """
-    return anyio.run(
-        functools.partial(arun, config, fresh=fresh, progress_log=progress_log),
-        backend="asyncio",
+    cfg = load(config)
+    return run_loop(
+        functools.partial(arun, cfg, fresh=fresh, progress_log=progress_log), uvloop=cfg.uvloop
     )
 
 

@@ -9,13 +9,14 @@ barriers: a worker moves its row forward the moment a reply lands.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -49,6 +50,13 @@ from engine.stats import ModelStats, Outcome, RunStats
 from engine.tasks.base import Context, Task
 
 log = logging.getLogger("turnstile")
+T = TypeVar("T")
+
+
+def run_loop(main: Callable[[], Awaitable[T]], *, uvloop: bool) -> T:
+    """Run ``main`` to its end on a new event loop: uvloop when asked and installed."""
+    use = uvloop and importlib.util.find_spec("uvloop") is not None
+    return anyio.run(main, backend="asyncio", backend_options={"use_uvloop": use})
 
 
 def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:

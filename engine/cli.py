@@ -15,10 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import anyio
-
 from engine import progress
-from engine._runner import announce, execute, prepare
+from engine._runner import announce, execute, prepare, run_loop
 from engine.checkpoint.journal import JOURNAL_NAME, replay
 from engine.checkpoint.journal import repair as repair_journal
 from engine.checkpoint.manifest import lock_checkpoint, read_manifest
@@ -62,7 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
 
         try:
-            outcome = anyio.run(main, backend="asyncio")
+            outcome = run_loop(main, uvloop=config.uvloop)
         except TurnstileError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_STOPPED

@@ -106,6 +106,7 @@ class RunConfig:
     progress_interval_s: float = 10.0
     input_columns: Mapping[str, str] = field(default_factory=dict)  # row key -> column
     filters: FilterConfig = field(default_factory=FilterConfig)
+    uvloop: bool = True  # run on uvloop where it is installed (the CLI and engine.run)
 
     @property
     def failed_output(self) -> Path:
@@ -168,6 +169,7 @@ _TOP_KEYS = (
     "progress_interval_s",
     "input_columns",
     "filters",
+    "uvloop",
 )
 _MODEL_KEYS = (
     "base_url",
@@ -254,6 +256,10 @@ def parse_config(
     column_keys = ("id", *(kind.column_keys if kind else ()))
     input_columns = parse_input_columns(raw.get("input_columns"), p, column_keys)
     filters = parse_filters(raw.get("filters"), p)
+    uvloop = raw.get("uvloop", True)
+    if not isinstance(uvloop, bool):
+        p.add("uvloop", f"must be true or false, got {uvloop!r}")
+        uvloop = True
 
     if p.items:
         raise ConfigError(p.items)
@@ -272,6 +278,7 @@ def parse_config(
         progress_interval_s=interval,
         input_columns=input_columns,
         filters=filters,
+        uvloop=uvloop,
     )
 
 

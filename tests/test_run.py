@@ -48,3 +48,37 @@ def test_a_shared_server_lists_its_models_by_name_not_by_a_joined_string(tmp_pat
 
     assert group.members == ("gen-1.a", "gen_2")
     assert group.server.name == "gen-1.a"
+
+
+def test_runs_use_uvloop_unless_the_config_turns_it_off() -> None:
+    import asyncio
+
+    import pytest
+
+    from engine._runner import run_loop
+
+    pytest.importorskip("uvloop")
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert run_loop(loop_module, uvloop=True).startswith("uvloop")
+    assert run_loop(loop_module, uvloop=False).startswith("asyncio")
+
+
+def test_uvloop_key_parses(tmp_path: Path) -> None:
+    import pytest
+
+    from engine.errors import ConfigError
+
+    raw = {
+        "task": "distill",
+        "input": "in.jsonl",
+        "output": "out.jsonl",
+        "models": {"t": {"base_url": "http://127.0.0.1:1/v1", "model": "m"}},
+        "distill": {"model": "t"},
+    }
+    assert parse_config(raw, tmp_path / "c.yaml", env={}).uvloop is True
+    assert parse_config({**raw, "uvloop": False}, tmp_path / "c.yaml", env={}).uvloop is False
+    with pytest.raises(ConfigError, match="uvloop: must be true or false"):
+        parse_config({**raw, "uvloop": "yes"}, tmp_path / "c.yaml", env={})
