@@ -59,15 +59,10 @@ class Generate(TaskKind):
     def parse_section(
         self, raw: Any, models: Mapping[str, ModelConfig], p: Problems, base: Path
     ) -> GenerateConfig | None:
-        if raw is None:
-            p.add(
-                "generate", "missing; add generate: {model: <a name under models>, template: ...}"
-            )
-            return None
-        body = p.mapping("generate", raw)
+        example = "{model: <a name under models>, template: ...}"
+        body = p.section("generate", raw, _KEYS, example)
         if body is None:
             return None
-        p.unknown("generate", body, _KEYS)
         model = p.model_ref("generate.model", body.get("model"), models)
         template = _template(body, p, base)
         system_prompt = body.get("system_prompt")

@@ -61,13 +61,9 @@ class Preference(TaskKind):
     def parse_section(
         self, raw: Any, models: Mapping[str, ModelConfig], p: Problems, base: Path
     ) -> PreferenceConfig | None:
-        if raw is None:
-            p.add("preference", "missing; add preference: {generators: [a, b], judge: judge}")
-            return None
-        body = p.mapping("preference", raw)
+        body = p.section("preference", raw, _KEYS, "{generators: [a, b], judge: judge}")
         if body is None:
             return None
-        p.unknown("preference", body, _KEYS)
         has_judge = body.get("judge") is not None
         judge = p.model_ref("preference.judge", body.get("judge"), models) if has_judge else None
         generators = _generators(body.get("generators"), models, p, judged=has_judge)
