@@ -1,7 +1,8 @@
 """``python -m bench [--quick] [--only NAME[,NAME]] [--out PATH]``: the benchmark suite.
 
 Experiments, in the order a full run does them: overhead, durability, latency, peers,
-real, memory, resume (memory and resume share the biggest run), replicas. Results go to
+real, memory, resume (memory and resume share the biggest run), replicas, caps (four
+systems side by side across caps, with memory against input size). Results go to
 ``--out`` (a Markdown file) with PNG plots beside it; the raw numbers to
 ``bench/_work/results.json``.
 """
@@ -23,13 +24,23 @@ from bench.plan import FULL, QUICK, Plan
 from bench.report import Section
 from bench.runners import ROOT, WORK
 
-NAMES = ("overhead", "durability", "latency", "peers", "real", "memory", "resume", "replicas")
+NAMES = (
+    "overhead",
+    "durability",
+    "latency",
+    "peers",
+    "real",
+    "memory",
+    "resume",
+    "replicas",
+    "caps",
+)
 DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
 QUICK_OUT = WORK / "quick" / "RESULTS.md"
 
 
 def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
-    from bench import memory, peers, realmodel, replicas, throughput
+    from bench import caps, memory, peers, realmodel, replicas, throughput
 
     suites: list[Callable[[], list[Section]]] = []
     if "overhead" in chosen:
@@ -50,6 +61,8 @@ def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
         )
     if "replicas" in chosen:
         suites.append(lambda: [replicas.replicas(plan)])
+    if "caps" in chosen:
+        suites.append(lambda: caps.caps(plan))
     return suites
 
 
@@ -159,6 +172,10 @@ def _write(sections: list[Section], plan: Plan, command: str, elapsed: float, ou
         plots.append("![peak RSS against input size](rss_vs_rows.png)")
     # Linked from its own section (replicas), not from the list below.
     report.plot_outage(data.get("replicas", {}).get("outage", {}), out.parent / "outage.png")
+    if report.plot_systems(data.get("caps", {}), out.parent / "caps.png"):
+        plots.append("![requests/s and CPU per request against cap, four systems](caps.png)")
+    if report.plot_memory(data.get("caps_memory", {}), out.parent / "caps_rss_vs_rows.png"):
+        plots.append("![peak RSS against input size, the caps run](caps_rss_vs_rows.png)")
     if plots:
         notes += ["", "## Plots", "", *plots]
     out.write_text(report.render(sections, report.machine(), command, notes))

@@ -9,7 +9,9 @@ With ``--retry-429`` it retries one thing, the plain way: a 429 is sent again af
 its Retry-After (seconds; 1 s when absent), the slot released meanwhile.
 
 Run it as ``python -m bench.baseline --url URL --input IN --output OUT --cap N``; it
-prints one JSON line of counters on stdout when it is done.
+prints one JSON line of counters on stdout when it is done. ``--uvloop`` runs the same
+loop on uvloop instead of asyncio's own event loop (the reference for Turnstile's
+default, which uses uvloop where it is installed).
 """
 
 from __future__ import annotations
@@ -168,8 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--retry-429", action="store_true", help="send a 429 again after its Retry-After"
     )
+    parser.add_argument("--uvloop", action="store_true", help="run on uvloop, not asyncio's loop")
     args = parser.parse_args(argv)
-    result = asyncio.run(run(args))
+    loop_factory = None
+    if args.uvloop:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        result = runner.run(run(args))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
     return 1 if result["errors"] else 0
 

@@ -160,7 +160,7 @@ def memory_and_resume(plan: Plan, *, memory: bool, resume: bool) -> list[Section
                 log(f"{n:,} rows: peak RSS {result.maxrss_mb:.0f} MB, wall {result.wall_s:.1f}s")
                 runs.append(result)
                 rss, rate, wall, note = result.maxrss_mb, result.rate_steady, result.wall_s, ""
-            points.append({"rows": n, "rss_mb": rss})
+            points.append({"rows": n, "rss_mb": rss, "wall_s": wall, "rate": rate})
             rows_md.append([f"{n:,}", f"{rss:.0f}", f"{wall:.1f}", f"{rate:,.0f}", note])
     sections = []
     if memory:

@@ -77,10 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-429", type=float, default=0.0)
     parser.add_argument("--retry-after-s", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--uvloop", action="store_true", help="serve on uvloop")
     args = parser.parse_args(argv)
     faults = Faults(rate_429=args.rate_429, retry_after_s=args.retry_after_s, seed=args.seed)
     server = ClockedMockServer(latency_ms=args.latency_ms, faults=faults, port=args.port)
-    asyncio.run(serve_until_signalled(server))
+    loop_factory = None
+    if args.uvloop:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve_until_signalled(server))
     return 0
 
 
@@ -89,7 +96,8 @@ class MockProcess:
 
     ``port`` 0 picks a free one; after ``kill()``, ``__enter__`` starts it again on
     the same port. ``rate_429`` answers that share of requests with a 429 carrying
-    ``Retry-After: retry_after_s``.
+    ``Retry-After: retry_after_s``. ``uvloop`` serves on uvloop (a cheaper server
+    leaves more of a small machine to the client being measured).
     """
 
     def __init__(
@@ -101,8 +109,10 @@ class MockProcess:
         rate_429: float = 0.0,
         retry_after_s: float = 0.05,
         name: str = "",
+        uvloop: bool = False,
     ) -> None:
         self.latency_ms = latency_ms
+        self.uvloop = uvloop
         self.port = port
         self.rate_429 = rate_429
         self.retry_after_s = retry_after_s
@@ -117,6 +127,8 @@ class MockProcess:
         self._restart = True
         cmd = [sys.executable, "-m", "bench.mockserver", "--latency-ms", f"{self.latency_ms:g}"]
         cmd += ["--port", str(self.port)]
+        if self.uvloop:
+            cmd.append("--uvloop")
         if self.rate_429:
             cmd += [
                 "--rate-429",

@@ -49,6 +49,15 @@ class Plan:
     rate429_repeats: int
     outage_turns: int  # multi-turn run whose 2 replicas are SIGKILLed a third of the way in
     outage_s: float  # ...and restarted this long after
+    # caps (bench/caps.py): four systems side by side; about 10 minutes in a full run
+    caps_points: tuple[tuple[float, int], ...]  # (mock latency ms, cap), single-turn
+    caps_repeats: int
+    caps_seconds: float  # runs sized for this long at the point's rate...
+    caps_rate: float  # ...taken as at most this (turns/s) where the cap allows more
+    caps_zero_turns: int  # turns of the 0 ms runs
+    caps_mock_uvloop: bool
+    caps_null_writer: tuple[tuple[float, int], ...]  # points that also run bench.nullwriter
+    caps_memory_rows: tuple[int, ...]  # memory against input size, in the same run
 
 
 FULL = Plan(
@@ -88,6 +97,14 @@ FULL = Plan(
     rate429_repeats=3,
     outage_turns=12_000,
     outage_s=10.0,
+    caps_points=((0.0, 64), (50.0, 16), (50.0, 64), (50.0, 256), (50.0, 512), (50.0, 1024)),
+    caps_repeats=3,
+    caps_seconds=2.5,
+    caps_rate=6_000.0,
+    caps_zero_turns=20_000,
+    caps_mock_uvloop=True,
+    caps_null_writer=((0.0, 64), (50.0, 16), (50.0, 1024)),
+    caps_memory_rows=(10_000, 100_000, 1_000_000),
 )
 
 QUICK = Plan(
@@ -127,4 +144,12 @@ QUICK = Plan(
     rate429_repeats=1,
     outage_turns=4_000,
     outage_s=4.0,
+    caps_points=((0.0, 64), (50.0, 16), (50.0, 256), (50.0, 1024)),
+    caps_repeats=1,
+    caps_seconds=1.0,
+    caps_rate=6_000.0,
+    caps_zero_turns=5_000,
+    caps_mock_uvloop=True,
+    caps_null_writer=((0.0, 64),),
+    caps_memory_rows=(10_000, 30_000),
 )

@@ -8,6 +8,7 @@ summarised the same way, so a slow minute on a shared machine hits both sides.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.metadata
 import itertools
 import math
@@ -158,6 +159,7 @@ def machine() -> dict[str, str]:
         "aiohttp": _version("aiohttp"),
         "orjson": _version("orjson"),
         "anyio": _version("anyio"),
+        "uvloop": _version("uvloop"),
         "distilabel": peers.distilabel_version() or "not installed",
         "bespokelabs-curator": peers.curator_version() or "not installed",
         "load": Path("/proc/loadavg").read_text().split(" ")[0] + " (1-min load average, end)",
@@ -173,9 +175,16 @@ def _git_head() -> str:
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "engine"], capture_output=True, text=True, check=True
         ).stdout.strip()
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--", "engine"], capture_output=True, check=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    return head + (" + uncommitted engine changes" if dirty else "")
+    if not dirty:
+        return head
+    # Which uncommitted engine was measured: a digest of the diff (untracked files aside).
+    digest = hashlib.sha1(diff).hexdigest()[:10]
+    return f"{head} + uncommitted engine changes (diff sha1 {digest})"
 
 
 # -- plots -------------------------------------------------------------------
@@ -229,6 +238,78 @@ def plot_caps(data: dict[str, Any], peers: dict[str, Any], path: Path) -> bool:
             ax.set_title(f"{shape}-turn, mock latency {latency:g} ms")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_systems(data: dict[str, Any], path: Path) -> bool:
+    """The caps experiment: requests/s and CPU per request against the cap (50 ms), and
+    the 0 ms point, for Turnstile and the bare loop, each on asyncio and on uvloop."""
+    points = data.get("points", [])
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(dict.fromkeys(p["system"] for p in points))
+    styles = {
+        "turnstile": ("o-", "C0"),
+        "turnstile+uvloop": ("o-", "C1"),
+        "bare": ("s--", "C2"),
+        "bare+uvloop": ("s--", "C3"),
+    }
+    latencies = sorted({p["latency_ms"] for p in points if p["latency_ms"] > 0})
+    zero = [p for p in points if p["latency_ms"] == 0]
+    panels = 2 * len(latencies) + (1 if zero else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), squeeze=False)
+    col = 0
+    for latency in latencies:
+        here = [p for p in points if p["latency_ms"] == latency]
+        caps = sorted({p["cap"] for p in here})
+        rate_ax, cpu_ax = axes[0][col], axes[0][col + 1]
+        col += 2
+        rate_ax.plot(caps, [c / (latency / 1000) for c in caps], "k-", lw=0.8, label="ideal")
+        for system in systems:
+            mine = sorted((p for p in here if p["system"] == system), key=lambda p: p["cap"])
+            style, color = styles.get(system, ("x-", None))
+            xs = [p["cap"] for p in mine]
+            rate_ax.plot(xs, [p["rate"] for p in mine], style, color=color, label=system)
+            cpu_ax.plot(xs, [p["cpu_us"] for p in mine], style, color=color, label=system)
+        for ax in (rate_ax, cpu_ax):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("cap (max_concurrency)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        rate_ax.set_yscale("log")
+        rate_ax.set_ylabel("requests/s (steady)")
+        rate_ax.set_title(f"requests/s, single-turn, mock latency {latency:g} ms")
+        cpu_ax.set_ylim(bottom=0)
+        cpu_ax.set_ylabel("client CPU per request (us, steady window)")
+        cpu_ax.set_title(f"client CPU per request, {latency:g} ms")
+    if zero:
+        ax = axes[0][col]
+        names = [p["system"] for p in zero]
+        bars = ax.bar(
+            range(len(zero)),
+            [p["rate"] for p in zero],
+            color=[styles.get(n, ("", None))[1] for n in names],
+        )
+        for bar, p in zip(bars, zero, strict=True):
+            ax.annotate(
+                f"{p['rate']:,.0f}/s\n{p['cpu_us']:.0f} us",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        ax.set_xticks(range(len(zero)), names, rotation=15, fontsize=8)
+        ax.set_ylabel("requests/s (steady)")
+        ax.set_title(f"0 ms, cap {zero[0]['cap']}: the client's CPU is the limit")
+        ax.set_ylim(0, max(p["rate"] for p in zero) * 1.2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -80,6 +80,7 @@ class Result:
     rc: int
     rows_out: int = 0
     repeated: int = 0  # requests the server saw more than once (cumulative)
+    window_cpu_s: float | None = None  # client CPU within the server window (sampled)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,6 +103,14 @@ class Result:
         return 1e6 * self.cpu_s / self.turns if self.turns else float("nan")
 
     @property
+    def cpu_us_per_request(self) -> float:
+        """Client CPU microseconds per request served in the steady window: start-up
+        (imports, replay) and shutdown left out, as in the steady rate."""
+        if self.window_cpu_s is None or not self.served:
+            return float("nan")
+        return 1e6 * self.window_cpu_s / self.served
+
+    @property
     def server_busy(self) -> float:
         """Fraction of one core the mock server used over the serving window."""
         span = self.window_s or self.wall_s
@@ -113,6 +122,7 @@ class Result:
             rate_wall=self.rate_wall,
             rate_steady=self.rate_steady,
             cpu_ms_per_1k=self.cpu_ms_per_1k,
+            cpu_us_per_request=self.cpu_us_per_request,
         )
         return out
 
@@ -132,17 +142,28 @@ class _Memory(threading.Thread):
     into the child's figure, so every child of a 80 MB benchmark process would
     report at least 80 MB. ``VmHWM`` in /proc/PID/status is the peak of the
     process's own memory since exec, exact up to the last read (taken every
-    0.1 s until the process is gone). The summed RSS of the process and all its
-    descendants is sampled too, for peers that run many processes.
+    0.05 s until the process is gone). The summed RSS of the process and all its
+    descendants is sampled too, for peers that run many processes, and so is the
+    process's CPU time (``cpu``: (Unix time, CPU seconds) pairs), from which
+    ``cpu_between`` tells the CPU it used within a window such as the server's.
     """
 
-    def __init__(self, pid: int, every_s: float = 0.1) -> None:
+    def __init__(self, pid: int, every_s: float = 0.05) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.every_s = every_s
         self.hwm_kb = 0
         self.tree_peak = 0
+        self.cpu: list[tuple[float, float]] = []
         self.stop = threading.Event()
+
+    def cpu_between(self, start: float, end: float) -> float | None:
+        """CPU seconds used from ``start`` to ``end`` (Unix times), interpolated between
+        samples; None when the samples do not cover the window."""
+        points = self.cpu
+        if len(points) < 2 or start < points[0][0] or end <= start:
+            return None
+        return _interpolate(points, end) - _interpolate(points, start)
 
     def _hwm(self) -> int | None:
         try:
@@ -160,6 +181,10 @@ class _Memory(threading.Thread):
         except psutil.Error:
             return
         while not self.stop.is_set():
+            try:
+                self.cpu.append((time.time(), process_cpu_s(self.pid)))
+            except (OSError, IndexError, ValueError):
+                pass  # gone: the last sample stands for its end
             hwm = self._hwm()
             if hwm is not None:
                 self.hwm_kb = max(self.hwm_kb, hwm)
@@ -177,6 +202,21 @@ class _Memory(threading.Thread):
             self.stop.wait(self.every_s)
 
 
+def _interpolate(points: list[tuple[float, float]], at: float) -> float:
+    """The CPU seconds at Unix time ``at`` on the sampled line (flat after the last)."""
+    if at >= points[-1][0]:
+        return points[-1][1]
+    lo, hi = 0, len(points) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if points[mid][0] <= at:
+            lo = mid
+        else:
+            hi = mid
+    (t0, c0), (t1, c1) = points[lo], points[hi]
+    return c0 + (c1 - c0) * (at - t0) / (t1 - t0) if t1 > t0 else c0
+
+
 @dataclass(slots=True)
 class Exit:
     rc: int
@@ -185,6 +225,7 @@ class Exit:
     maxrss_mb: float  # peak RSS of the process itself (VmHWM)
     tree_rss_mb: float  # peak of the summed RSS of it and its descendants (sampled)
     started_at: float  # Unix time
+    cpu_samples: _Memory | None = None
 
 
 def spawn_measured(
@@ -235,6 +276,7 @@ def spawn_measured(
         maxrss_mb=sampler.hwm_kb / 1024,
         tree_rss_mb=sampler.tree_peak / 2**20,
         started_at=started_at,
+        cpu_samples=sampler,
     )
 
 
@@ -305,6 +347,11 @@ def measure(
         rc=done.rc,
         rows_out=count_lines(rows_out) if rows_out is not None else 0,
         repeated=int(stats.get("repeated_requests", 0)),
+        window_cpu_s=(
+            done.cpu_samples.cpu_between(first, last)
+            if done.cpu_samples is not None and first is not None and last is not None
+            else None
+        ),
         extra=extra,
     )
 
@@ -329,7 +376,8 @@ class RunFolder:
 
     def __init__(self, name: str, keep: bool = False) -> None:
         RunFolder._seq += 1
-        self.path = WORK / "runs" / f"{RunFolder._seq:04d}-{name}"
+        # The pid too: two benchmarks at once (on a shared machine) never share a folder.
+        self.path = WORK / "runs" / f"{RunFolder._seq:04d}-{os.getpid()}-{name}"
         self.keep = keep
 
     def __enter__(self) -> Path:
@@ -353,8 +401,11 @@ def turnstile_config(
     model: str | None = "mock",
     timeout_s: float = 120.0,
     model_extra: dict[str, Any] | None = None,
+    uvloop: bool | None = None,
 ) -> Path:
-    """A distillation config (JSON is YAML) for ``workload`` against ``url``."""
+    """A distillation config (JSON is YAML) for ``workload`` against ``url``.
+
+    ``uvloop`` None leaves the config's default (uvloop where it is installed)."""
     config: dict[str, Any] = {
         "task": "distill",
         "input": str(workload.path),
@@ -375,6 +426,8 @@ def turnstile_config(
     }
     if journal is not None:
         config["journal"] = journal
+    if uvloop is not None:
+        config["uvloop"] = uvloop
     path = folder / "run.yaml"
     path.write_bytes(orjson.dumps(config, option=orjson.OPT_INDENT_2))
     return path
@@ -423,11 +476,19 @@ def run_turnstile(
     model: str = "mock",
     system: str = TURNSTILE,
     save_output: Path | None = None,
+    uvloop: bool | None = None,
 ) -> Result:
     """One fresh ``turnstile run`` of ``workload`` in a folder of its own."""
     with RunFolder(system) as folder:
         config = turnstile_config(
-            folder, server.url, workload, cap=cap, journal=journal, params=params, model=model
+            folder,
+            server.url,
+            workload,
+            cap=cap,
+            journal=journal,
+            params=params,
+            model=model,
+            uvloop=uvloop,
         )
         output = folder / "out" / "distilled.jsonl"
         result = measure(
@@ -453,6 +514,7 @@ def bare_cmd(
     cap: int,
     params: dict[str, Any] | None = None,
     model: str = "mock",
+    uvloop: bool = False,
 ) -> list[str]:
     return [
         sys.executable,
@@ -470,6 +532,7 @@ def bare_cmd(
         model,
         "--params",
         orjson.dumps(params if params is not None else {"temperature": 0.0}).decode(),
+        *(["--uvloop"] if uvloop else []),
     ]
 
 
@@ -483,14 +546,16 @@ def run_bare(
     model: str = "mock",
     timeout_s: float = 900,
     save_output: Path | None = None,
+    uvloop: bool = False,
+    system: str = BARE,
 ) -> Result:
     """One run of the bare aiohttp loop (bench.baseline) over ``workload``."""
-    with RunFolder(BARE) as folder:
+    with RunFolder(system) as folder:
         output = folder / "out.jsonl"
         result = measure(
-            BARE,
+            system,
             label,
-            bare_cmd(server.url, workload, output, cap, params, model),
+            bare_cmd(server.url, workload, output, cap, params, model, uvloop),
             folder,
             server,
             timeout_s=timeout_s,

@@ -9,8 +9,10 @@ barriers: a worker moves its row forward the moment a reply lands.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +25,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from engine import progress
-from engine.checkpoint.journal import JOURNAL_NAME, Replay, replay
+from engine.checkpoint.journal import Replay, segment_path
 from engine.checkpoint.manifest import (
     check_manifest,
     clear_checkpoint,
@@ -33,7 +35,8 @@ from engine.checkpoint.manifest import (
     read_manifest,
     write_manifest,
 )
-from engine.checkpoint.writer import Writer
+from engine.checkpoint.snapshot import load
+from engine.checkpoint.writer import SNAPSHOT_EVERY_ROWS, Writer
 from engine.config import ModelConfig, RunConfig
 from engine.errors import CheckpointError, InputError, ModelDown, TurnstileError
 from engine.http.client import ModelClient
@@ -84,8 +87,9 @@ def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:
                 # Same bytes, new mtime (copied or touched): remember it, skip the rehash next time.
                 write_manifest(config.checkpoint_dir, new_manifest(config, fingerprint))
             resumed = True
-        state = replay(
-            config.checkpoint_dir / JOURNAL_NAME,
+        # The snapshot and the journal after it: the same state as the whole journal.
+        state = load(
+            config.checkpoint_dir,
             _size(config.output),
             _size(config.failed_output),
             _size(config.filtered_output),
@@ -94,6 +98,12 @@ def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:
         lock.close()
         raise
     return lock, state, resumed
+
+
+def snapshot_every_rows() -> int:
+    """Rows between two snapshots: TURNSTILE_SNAPSHOT_EVERY_ROWS, for tests and benchmarks."""
+    value = os.environ.get("TURNSTILE_SNAPSHOT_EVERY_ROWS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else SNAPSHOT_EVERY_ROWS
 
 
 def announce(config: RunConfig, state: Replay, *, resumed: bool) -> None:
@@ -189,7 +199,7 @@ async def _execute(
     started = time.monotonic()
     outcome = Outcome(stats=stats, elapsed_s=0.0, resumed=resumed)
     writer = Writer(
-        config.checkpoint_dir / JOURNAL_NAME,
+        segment_path(config.checkpoint_dir, state.segment),
         config.output,
         config.failed_output,
         journal_end=state.journal_end,
@@ -198,6 +208,8 @@ async def _execute(
         policy=config.journal,
         filtered=config.filtered_output,
         filtered_end=state.filtered_end,
+        state=state,
+        snapshot_every_rows=snapshot_every_rows(),
     )
     async with AsyncExitStack() as stack:
         local_urls: dict[str, list[str]] = {}
@@ -220,6 +232,7 @@ async def _execute(
         await _probe_models(clients, task.optional_models())
         ctx = Context(config=config, kind=config.kind, writer=writer, clients=clients, stats=stats)
         workers = config.max_conversations or task.rows_in_flight(config)
+        _tune_collector(stack)
 
         fmt = await anyio.to_thread.run_sync(detect_format, config.input)
         async with anyio.create_task_group() as outer:
@@ -322,8 +335,10 @@ async def _feed(
     ctx: Context,
     send: MemoryObjectSendStream[tuple[int, Item]],
 ) -> None:
+    # A fresh run skips nothing: an empty tuple spares each row a Python-level lookup.
+    skip = state.done if len(state.done) else ()
     async with send:
-        async for item in read_input(config.input, fmt, config.input_columns, skip=state.done):
+        async for item in read_input(config.input, fmt, config.input_columns, skip=skip):
             if ctx.stopping:
                 return
             try:
@@ -341,6 +356,9 @@ async def _feed(
 async def _work(
     receive: MemoryObjectReceiveStream[tuple[int, Item]], state: Replay, task: Task, ctx: Context
 ) -> None:
+    partial = state.partial
+    columns = ctx.config.input_columns
+    process = task.process
     async with receive:
         while True:
             try:
@@ -352,14 +370,35 @@ async def _work(
                 return
             if ctx.stopping:
                 return
-            records = state.partial.pop(line, [])
+            records = partial.pop(line, ()) if partial else ()
             try:
-                record = decode_record(line, raw, ctx.config.input_columns)
+                record = decode_record(line, raw, columns)
             except InputError as exc:
-                row_id = input_id(line, raw, ctx.config.input_columns)
-                await ctx.fail(line, row_id, f"input: {exc}")
+                await ctx.fail(line, input_id(line, raw, columns), f"input: {exc}")
                 continue
-            await task.process(line, record, records, ctx)
+            await process(line, record, records, ctx)
+
+
+# The collector's first generation, while rows run: see _tune_collector.
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def _tune_collector(stack: AsyncExitStack) -> None:
+    """Set the cyclic garbage collector up for the rows (``stack`` puts it back after).
+
+    Nearly everything a turn allocates dies by reference count, but with thousands
+    of rows in flight each lives a whole request: at the default threshold (700 new
+    objects) the young generation is collected every few turns, the in-flight
+    objects survive into the older ones, and those are walked over and over (a
+    third of the loop's time at cap 1024, measured in bench/RESULTS.md). So the
+    objects alive now (modules, config, the replay) are frozen out of collections,
+    and the first generation waits for 50,000 objects: a few MB of cycles at most.
+    """
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(max(GC_YOUNG_THRESHOLD, thresholds[0]), *thresholds[1:])
+    stack.callback(gc.set_threshold, *thresholds)
+    stack.callback(gc.unfreeze)
 
 
 async def _count_rows(config: RunConfig, fmt: str, stats: RunStats) -> None:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from engine import progress
 from engine._runner import announce, execute, prepare, run_loop
-from engine.checkpoint.journal import JOURNAL_NAME, replay
 from engine.checkpoint.journal import repair as repair_journal
+from engine.checkpoint.journal import segments
 from engine.checkpoint.manifest import lock_checkpoint, read_manifest
+from engine.checkpoint.snapshot import load, read_snapshot, tail_segments
 from engine.config import RunConfig, load_config
 from engine.crash import crash_report, write_crash_log
 from engine.errors import CheckpointError, ConfigError, InputError, TurnstileError
@@ -106,16 +107,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     def size(path: Path) -> int:
         return path.stat().st_size if path.exists() else 0
 
-    try:
-        state = replay(
-            config.checkpoint_dir / JOURNAL_NAME,
-            size(config.output),
-            size(config.failed_output),
-            size(config.filtered_output),
-        )
-    except CheckpointError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
+    for attempt in range(3):
+        try:
+            state = load(
+                config.checkpoint_dir,
+                size(config.output),
+                size(config.failed_output),
+                size(config.filtered_output),
+            )
+            break
+        except (FileNotFoundError, CheckpointError) as exc:
+            # Read without the lock: a snapshot that a running run took meanwhile
+            # deleted a segment we were about to read. Read again from it.
+            if attempt == 2:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_UNUSABLE
     try:
         total = count_input(config.input, detect_format(config.input))
     except (OSError, TurnstileError):
@@ -144,8 +150,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     config = _load(args.config, check_env=False)
     if config is None:
         return EXIT_UNUSABLE
-    journal = config.checkpoint_dir / JOURNAL_NAME
-    if not journal.exists():
+    if not segments(config.checkpoint_dir):
         print(f"nothing to repair: no journal in {config.checkpoint_dir}")
         return EXIT_OK
     try:
@@ -154,18 +159,26 @@ def cmd_repair(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     try:
-        dropped = repair_journal(journal)
+        # The segments a resume reads: those after the snapshot (it covers the others).
+        snapshot = read_snapshot(config.checkpoint_dir)
+        first = 0 if snapshot is None else snapshot.first_segment
+        journals = [path for _, path in tail_segments(config.checkpoint_dir, first)]
+        repaired = [(journal, repair_journal(journal)) for journal in journals]
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
     finally:
         lock.close()
-    if not dropped:
-        print(f"{journal}: no damaged records")
-        return EXIT_OK
-    for offset, length in dropped:
-        print(f"dropped a damaged record at byte {offset} ({length} bytes)")
-    print(
-        f"{journal}: {len(dropped)} damaged records dropped (the old journal is kept as "
-        f"{journal.name}.damaged); their work will be requested again on the next run"
-    )
+    for journal, dropped in repaired:
+        if not dropped:
+            print(f"{journal}: no damaged records")
+            continue
+        for offset, length in dropped:
+            print(f"dropped a damaged record at byte {offset} ({length} bytes)")
+        print(
+            f"{journal}: {len(dropped)} damaged records dropped (the old journal is kept as "
+            f"{journal.name}.damaged); their work will be requested again on the next run"
+        )
     return EXIT_OK
 
 

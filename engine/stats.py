@@ -8,6 +8,7 @@ from pathlib import Path
 
 _BUCKET_RATIO = 1.05
 _BUCKET_FLOOR_S = 1e-4
+_LOG_RATIO = math.log(_BUCKET_RATIO)  # math.log(x, base) is log(x) / log(base): the same buckets
 
 
 class LatencyHistogram:
@@ -22,8 +23,9 @@ class LatencyHistogram:
     def add(self, seconds: float) -> None:
         index = 0
         if seconds > _BUCKET_FLOOR_S:
-            index = int(math.log(seconds / _BUCKET_FLOOR_S, _BUCKET_RATIO)) + 1
-        self._counts[index] = self._counts.get(index, 0) + 1
+            index = int(math.log(seconds / _BUCKET_FLOOR_S) / _LOG_RATIO) + 1
+        counts = self._counts
+        counts[index] = counts.get(index, 0) + 1
         self.count += 1
 
     def percentile(self, q: float) -> float | None:

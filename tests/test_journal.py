@@ -7,7 +7,19 @@ from typing import Any
 
 import pytest
 
-from engine.checkpoint.journal import EMIT_FAILED, EMIT_OUTPUT, LineSet, encode, iter_lines, replay
+from engine.checkpoint.journal import (
+    EMIT_FAILED,
+    EMIT_OUTPUT,
+    LineSet,
+    Replay,
+    encode,
+    iter_lines,
+    replay,
+    replay_segments,
+    segment_number,
+    segment_path,
+    segments,
+)
 from engine.errors import CheckpointError
 
 
@@ -261,3 +273,61 @@ def test_iter_lines_offsets_point_at_each_line(tmp_path: Path) -> None:
     assert lines == [(0, b"a", True), (2, b"bb", True), (5, b"", True), (6, b"ccc", False)]
     for offset, raw, _ in lines:
         assert data[offset : offset + len(raw)] == raw
+
+
+def test_lineset_bytes_round_trip_and_compare_by_content() -> None:
+    lines = LineSet()
+    for line in (0, 9, 10_000, 77):
+        lines.add(line)
+    again = LineSet.from_bytes(lines.to_bytes())
+    assert again == lines and len(again) == 4 and 77 in again and 78 not in again
+    assert lines.to_bytes() == lines.to_bytes().rstrip(b"\0")  # no trailing zeros
+    grown = lines.copy()
+    grown.add(5)
+    assert grown != lines and len(lines) == 4 and 5 not in lines
+    assert LineSet() == LineSet.from_bytes(b"\0\0")
+
+
+def test_lineset_refuses_negative_lines() -> None:
+    lines = LineSet()
+    lines.add(7)
+    assert -1 not in lines and -8 not in lines
+
+
+# --- segments ------------------------------------------------------------------------------
+
+
+def test_segment_zero_is_the_journal_of_old_checkpoints(tmp_path: Path) -> None:
+    assert segment_path(tmp_path, 0) == tmp_path / "journal.jsonl"
+    assert segment_path(tmp_path, 12) == tmp_path / "journal.000012.jsonl"
+    for n in (0, 1, 12, 1_234_567):
+        assert segment_number(segment_path(tmp_path, n)) == n
+    with pytest.raises(ValueError):
+        segment_number(tmp_path / "journal.jsonl.damaged")
+
+
+def test_segments_lists_only_segments_in_order(tmp_path: Path) -> None:
+    assert segments(tmp_path / "missing") == []
+    for name in ("journal.000010.jsonl", "journal.jsonl", "journal.000002.jsonl"):
+        (tmp_path / name).write_bytes(b"")
+    for name in ("journal.jsonl.damaged", "journal.000003.jsonl.repair", "journal.x.jsonl"):
+        (tmp_path / name).write_bytes(b"")
+    assert [n for n, _ in segments(tmp_path)] == [0, 2, 10]
+
+
+def test_replaying_segments_is_replaying_their_concatenation(tmp_path: Path) -> None:
+    records = [turn(0, 0), turn(1, 0), emit(0, 50), turn(1, 1), emit(1, 90), turn(2, 0)]
+    whole = tmp_path / "whole.jsonl"
+    write(whole, *records)
+    parts = [(0, records[:2]), (1, records[2:3]), (2, []), (3, records[3:])]
+    paths = []
+    for n, part in parts:
+        path = tmp_path / f"journal.{n:06d}.jsonl"
+        write(path, *part)
+        paths.append((n, path))
+    state = Replay()
+    replay_segments(state, paths, (BIG, BIG, BIG))
+    want = replay(whole, BIG, BIG)
+    assert (state.done, state.partial, state.records) == (want.done, want.partial, want.records)
+    assert list(state.emits) == list(want.emits) == [0, 50, 1, 90]
+    assert (state.segment, state.journal_end) == (3, paths[-1][1].stat().st_size)

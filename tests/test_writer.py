@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import random
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,9 +15,12 @@ import anyio
 import orjson
 import pytest
 
-from engine.checkpoint.journal import encode, replay
+from engine.checkpoint import writer as writer_module
+from engine.checkpoint.journal import Replay, encode, replay, segment_path, segments
+from engine.checkpoint.snapshot import SNAPSHOT_NAME, emit_sources, load, read_snapshot
 from engine.checkpoint.writer import Writer
 from engine.config import JournalConfig
+from engine.errors import CheckpointError
 
 PROC_FD = Path("/proc/self/fd")
 
@@ -294,3 +300,292 @@ async def test_close_flushes_what_is_pending(files: Files) -> None:
         await writer.close()
     assert sorted(done) == [0, 1, 2, 3, 4]
     assert len(files.replay().done) == 5
+
+
+# --- snapshots ---------------------------------------------------------------------------
+
+Op = tuple[str, int, int]  # (what, line, turn): "t" a turn, "o"/"x"/"q" the row's end
+
+
+def script(seed: int, lines: int = 40) -> list[Op]:
+    """Rows interleaved as a run's workers write them, some left in progress."""
+    rng = random.Random(seed)
+    ops: list[Op] = []
+    waiting, open_rows = list(range(lines)), []
+    turns = {line: 0 for line in waiting}
+    while waiting or open_rows:
+        if waiting and (len(open_rows) < 5 or not open_rows):
+            open_rows.append(waiting.pop(rng.randrange(len(waiting))))
+        line = rng.choice(open_rows)
+        if rng.random() < 0.6:
+            ops.append(("t", line, turns[line]))
+            turns[line] += 1
+        elif rng.random() < 0.15:
+            open_rows.remove(line)  # in progress when the run stopped
+        else:
+            ops.append((rng.choice("oooooxq"), line, turns[line]))
+            open_rows.remove(line)
+    return ops
+
+
+async def play(writer: Writer, ops: list[Op]) -> None:
+    for what, line, i in ops:
+        if what == "t":
+            await writer.record(turn(line, i))
+        elif what == "o":
+            await writer.output(line, row(line), [turn(line, i)] if i % 2 else [])
+        elif what == "x":
+            await writer.failed(line, {"id": f"r{line}", "error": "permanent"})
+        else:
+            await writer.filtered(line, {**row(line), "filtered": "too short"})
+
+
+class Run:
+    """A checkpoint folder written by a writer that takes snapshots (or, with
+    ``every=None``, by one that does not: the reference)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.ck = folder / "ck"
+        self.outputs = [folder / "out" / f"rows.{k}.jsonl" for k in ("ok", "failed", "filtered")]
+
+    def sizes(self) -> tuple[int, int, int]:
+        a, b, c = (p.stat().st_size if p.exists() else 0 for p in self.outputs)
+        return a, b, c
+
+    def load(self) -> Replay:
+        return load(self.ck, *self.sizes())
+
+    def writer(self, state: Replay | None, every: int | None = 3, **kw: Any) -> Writer:
+        state = state or Replay()
+        return Writer(
+            segment_path(self.ck, state.segment),
+            self.outputs[0],
+            self.outputs[1],
+            filtered=self.outputs[2],
+            journal_end=state.journal_end,
+            out_end=state.out_end,
+            failed_end=state.failed_end,
+            filtered_end=state.filtered_end,
+            policy=kw.pop("policy", JournalConfig()),
+            state=state if every is not None else None,
+            snapshot_every_rows=every or 1,
+            **kw,
+        )
+
+    def contents(self) -> list[bytes]:
+        return [p.read_bytes() if p.exists() else b"" for p in self.outputs]
+
+    def emits(self) -> list[int]:
+        pairs, journals = emit_sources(self.ck)
+        return list(pairs) + [
+            n
+            for j in journals
+            for r in map(orjson.loads, j.read_bytes().splitlines())
+            if r["k"] == "o"
+            for n in (r["l"], r["e"])
+        ]
+
+    def segments(self) -> list[int]:
+        return [n for n, _ in segments(self.ck)]
+
+
+def assert_same_state(got: Replay, want: Replay) -> None:
+    assert got.done == want.done
+    assert got.partial == want.partial
+    fields = ("rows_ok", "rows_failed", "rows_filtered", "records", "work_records")
+    fields += ("out_end", "failed_end", "filtered_end")
+    assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+
+
+async def reference(folder: Path, ops: list[Op]) -> tuple[Run, Replay]:
+    ref = Run(folder)
+    async with running(ref.writer(None, every=None)) as w:
+        await play(w, ops)
+    return ref, ref.load()
+
+
+async def test_snapshots_keep_the_state_and_drop_the_segments_they_cover(tmp_path: Path) -> None:
+    ops = script(1)
+    ref, want = await reference(tmp_path / "ref", ops)
+    assert want.partial and ref.segments() == [0]
+    run = Run(tmp_path / "snap")
+    async with running(run.writer(Replay(), every=3)) as w:
+        await play(w, ops)
+
+    assert run.contents() == ref.contents()  # the same rows, byte for byte
+    assert_same_state(run.load(), want)
+    assert run.emits() == ref.emits()  # what export reads, though segment 0 is gone
+    snapshot = read_snapshot(run.ck)
+    assert snapshot is not None and snapshot.first_segment > 3
+    assert run.segments() == [snapshot.first_segment]  # every covered segment dropped
+
+
+async def test_a_big_segment_is_snapshotted_whatever_the_rows(tmp_path: Path) -> None:
+    ops = script(2)
+    _, want = await reference(tmp_path / "ref", ops)
+    run = Run(tmp_path / "snap")
+    async with running(run.writer(Replay(), every=10**9, snapshot_every_bytes=400)) as w:
+        await play(w, ops)
+    assert_same_state(run.load(), want)
+    assert len(run.segments()) == 1 and run.segments()[0] > 3
+    assert segment_path(run.ck, run.segments()[0]).stat().st_size < 400 + 300
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["snapshots", "an old single journal"])
+async def test_a_resumed_writer_goes_on_from_snapshot_and_tail(
+    tmp_path: Path, legacy: bool
+) -> None:
+    ops = script(3)
+    ref, want = await reference(tmp_path / "ref", ops)
+    run = Run(tmp_path / "snap")
+    for part in (ops[: len(ops) // 3], ops[len(ops) // 3 : len(ops) // 2], ops[len(ops) // 2 :]):
+        state = run.load()
+        every = None if legacy and part[0] == ops[0] else 4
+        async with running(run.writer(state, every=every)) as w:
+            await play(w, part)
+        if every is None:
+            assert run.segments() == [0] and not (run.ck / SNAPSHOT_NAME).exists()
+
+    assert run.contents() == ref.contents()
+    assert_same_state(run.load(), want)
+    assert run.emits() == ref.emits()
+    assert 0 not in run.segments()  # the old journal is covered, and gone
+
+
+def rows_in(data: bytes) -> list[tuple[int, int]]:
+    """(line, end) of each row of an output file, the emits that vouch for them."""
+    pairs, end = [], 0
+    for raw in data.splitlines(keepends=True):
+        end += len(raw)
+        pairs.append((int(orjson.loads(raw)["id"][1:]), end))
+    return pairs
+
+
+@pytest.mark.parametrize("instant", ["before", "torn temp", "before the drop"])
+async def test_a_kill_at_any_step_of_a_snapshot_loses_and_repeats_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instant: str
+) -> None:
+    # What a SIGKILL leaves is what is on disk at that instant: copy the folder then,
+    # from inside the snapshot, and resume from the copy.
+    ops = script(4)
+    live = Run(tmp_path / "live")
+    writer = live.writer(Replay(), every=5)
+    crashes: list[tuple[Path, Replay]] = []
+
+    def kill_here() -> None:
+        copy = tmp_path / f"kill{len(crashes)}"
+        shutil.copytree(tmp_path / "live", copy)
+        crashes.append((copy, writer._state.copy()))  # type: ignore[union-attr]
+
+    real_pack, real_write = writer_module.pack_emits, writer_module.write_snapshot
+
+    def pack(pairs: Any) -> bytes:
+        if instant == "before":
+            kill_here()
+        return real_pack(pairs)
+
+    def write(folder: Path, data: bytes) -> None:
+        if instant == "torn temp":
+            (folder / (SNAPSHOT_NAME + ".tmp")).write_bytes(data[: len(data) // 2])
+            kill_here()
+        real_write(folder, data)
+        if instant == "before the drop":
+            kill_here()
+
+    monkeypatch.setattr(writer_module, "pack_emits", pack)
+    monkeypatch.setattr(writer_module, "write_snapshot", write)
+    async with running(writer) as w:
+        await play(w, ops)
+    monkeypatch.undo()
+    assert len(crashes) > 3
+
+    for folder, true_state in crashes:
+        run = Run(folder)
+        state = run.load()
+        assert_same_state(state, true_state)
+        assert run.emits() == [n for pair in rows_in(run.contents()[0]) for n in pair]
+        # Resume: finish every row not done, as a rerun would.
+        async with running(run.writer(state, every=5)) as w:
+            assert run.segments() == list(range(state.first_segment, state.segment + 1))
+            for line in range(40):
+                if line not in state.done:
+                    await w.output(line, row(line))
+        final = run.load()
+        assert len(final.done) == 40 and final.partial == {}
+        ok = run.contents()[0]
+        assert run.emits() == [n for pair in rows_in(ok) for n in pair]
+        ids = [line for line, _ in rows_in(ok)] + [
+            int(orjson.loads(r)["id"][1:]) for p in run.contents()[1:] for r in p.splitlines()
+        ]
+        assert sorted(ids) == list(range(40))  # each row once
+
+
+async def test_a_snapshot_that_cannot_be_written_stops_the_writer_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ops = script(5)
+    ref, want = await reference(tmp_path / "ref", ops)
+    run = Run(tmp_path / "snap")
+
+    def full(folder: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_module, "write_snapshot", full)
+    done = 0
+    with pytest.raises(BaseExceptionGroup) as stopped:
+        async with running(run.writer(Replay(), every=3)) as w:
+            for op in ops:
+                await play(w, [op])
+                done += 1
+    assert stopped.group_contains(CheckpointError, match="no space left")
+    monkeypatch.undo()
+    async with running(run.writer(run.load(), every=3)) as w:
+        await play(w, ops[done:])
+    assert run.contents() == ref.contents()
+    assert_same_state(run.load(), want)
+
+
+async def test_a_snapshot_fsyncs_what_it_vouches_for_whatever_the_policy(
+    tmp_path: Path, fsyncs: list[str]
+) -> None:
+    run = Run(tmp_path)
+    async with running(run.writer(Replay(), every=1, policy=JournalConfig(fsync="never"))) as w:
+        await w.record(turn(0, 0))
+        await w.output(0, row(0))
+    ck = run.ck.resolve()
+    assert set(fsyncs) == {
+        str(run.outputs[0].resolve()),
+        str(ck / "journal.jsonl"),
+        str(ck / "emits.bin"),
+        str(ck / "snapshot.bin.tmp"),
+        str(ck),
+    }
+
+
+async def test_snapshots_never_write_more_than_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A row in flight all along with a big record is in every snapshot; a snapshot
+    # per row would write it again and again.
+    async def ops(w: Writer) -> None:
+        await w.record({**turn(999, 0), "c": "x" * 20_000})
+        for line in range(300):
+            await w.output(line, row(line), [turn(line, 0)])
+
+    ref = Run(tmp_path / "ref")
+    async with running(ref.writer(None, every=None)) as w:
+        await ops(w)
+    written: list[int] = []
+    real = writer_module.write_snapshot
+
+    def counting(folder: Path, data: bytes) -> None:
+        written.append(len(data))
+        real(folder, data)
+
+    monkeypatch.setattr(writer_module, "write_snapshot", counting)
+    run = Run(tmp_path / "snap")
+    async with running(run.writer(Replay(), every=1)) as w:
+        await ops(w)
+    assert len(written) > 1
+    assert sum(written) <= segment_path(ref.ck, 0).stat().st_size
+    assert_same_state(run.load(), ref.load())

@@ -12,15 +12,25 @@ One orjson object per line. Record kinds (short keys keep a 10^6-turn journal sm
   which then ended at byte ``e``; ``{"k": "x", ...}`` the same for the failed file, and
   ``{"k": "q", ...}`` for the filtered file.
 
-Replay is pure over the journal's bytes. A torn last record (a crash mid-write) is
-dropped; a damaged record with good records after it is an error naming the offset,
-which ``turnstile repair`` fixes by dropping the damaged records.
+The journal is a run of numbered segment files: ``journal.jsonl`` is segment 0 (the
+one file of checkpoints from before segments, which resume as they are), then
+``journal.000001.jsonl`` and so on. The writer appends to the last one and starts
+the next each time it takes a snapshot (engine.checkpoint.snapshot), which covers
+every segment before it; so a resume reads the snapshot and the segments after it.
+
+Replay is pure over the journal's bytes, the segments read as one stream. A torn
+last record (a crash mid-write) is dropped; a damaged record with good records
+after it is an error naming the offset, which ``turnstile repair`` fixes by
+dropping the damaged records.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import re
+import sys
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +39,13 @@ import orjson
 
 from engine.errors import CheckpointError
 
-JOURNAL_NAME = "journal.jsonl"
+JOURNAL_NAME = "journal.jsonl"  # segment 0
 READ_CHUNK = 1 << 22
 EMIT_OUTPUT = "o"
 EMIT_FAILED = "x"
 EMIT_FILTERED = "q"
+NO_LIMIT = (sys.maxsize, sys.maxsize, sys.maxsize)  # file sizes that vouch for every emit
+_SEGMENT = re.compile(r"journal\.(\d{6,})\.jsonl")
 
 
 def encode(record: dict[str, Any]) -> bytes:
@@ -58,13 +70,37 @@ class LineSet:
             self.count += 1
 
     def __contains__(self, line: object) -> bool:
-        if not isinstance(line, int):
+        # The input reader asks this once per input line: shifts and one try are
+        # a third cheaper than isinstance and divmod. A non-integer raises TypeError.
+        try:
+            return line >= 0 and self._bits[line >> 3] >> (line & 7) & 1 == 1  # type: ignore[operator]
+        except (IndexError, TypeError):
             return False
-        byte, bit = divmod(line, 8)
-        return byte < len(self._bits) and bool(self._bits[byte] & (1 << bit))
 
     def __len__(self) -> int:
         return self.count
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LineSet) and self.to_bytes() == other.to_bytes()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def to_bytes(self) -> bytes:
+        """The bitmap, bit ``n % 8`` of byte ``n // 8`` for line ``n``, without trailing zeros."""
+        return bytes(self._bits).rstrip(b"\0")
+
+    @classmethod
+    def from_bytes(cls, bits: bytes) -> LineSet:
+        lines = cls()
+        lines._bits = bytearray(bits)
+        lines.count = int.from_bytes(bits, "little").bit_count()
+        return lines
+
+    def copy(self) -> LineSet:
+        lines = LineSet()
+        lines._bits = bytearray(self._bits)
+        lines.count = self.count
+        return lines
 
 
 @dataclass(slots=True)
@@ -74,6 +110,12 @@ class Replay:
     ``done`` holds the input lines whose row is in the output or failed file;
     ``partial`` the records of lines not yet done; ``out_end``/``failed_end`` the
     byte lengths of the output and failed files that the journal vouches for.
+
+    ``segment`` is the journal segment that ``journal_end`` measures (the last one,
+    which the writer appends to); ``first_segment`` the first one this state needs
+    (a snapshot covers those before it). ``emits`` holds (line, end) pairs, flat, of
+    the output emits applied since the snapshot (or since the start), which the
+    next snapshot adds to the emits index; ``emits_end`` that index's length.
     """
 
     done: LineSet = field(default_factory=LineSet)
@@ -88,6 +130,59 @@ class Replay:
     filtered_end: int = 0
     journal_end: int = 0  # bytes of good records; anything after is dropped
     damaged: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
+    segment: int = 0
+    first_segment: int = 0
+    emits: array[int] = field(default_factory=lambda: array("q"))
+    emits_end: int = 0
+
+    def copy(self) -> Replay:
+        """A copy to go on applying records to, sharing only the (never mutated) records."""
+        return Replay(
+            done=self.done.copy(),
+            partial={line: list(records) for line, records in self.partial.items()},
+            rows_ok=self.rows_ok,
+            rows_failed=self.rows_failed,
+            rows_filtered=self.rows_filtered,
+            records=self.records,
+            work_records=self.work_records,
+            out_end=self.out_end,
+            failed_end=self.failed_end,
+            filtered_end=self.filtered_end,
+            journal_end=self.journal_end,
+            damaged=list(self.damaged),
+            segment=self.segment,
+            first_segment=self.first_segment,
+            emits=array("q", self.emits),
+            emits_end=self.emits_end,
+        )
+
+
+def segment_path(checkpoint_dir: Path, number: int) -> Path:
+    """The path of journal segment ``number`` (0 is the single journal of old checkpoints)."""
+    return checkpoint_dir / (JOURNAL_NAME if number == 0 else f"journal.{number:06d}.jsonl")
+
+
+def segment_number(path: Path) -> int:
+    if path.name == JOURNAL_NAME:
+        return 0
+    match = _SEGMENT.fullmatch(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a journal segment")
+    return int(match.group(1))
+
+
+def segments(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """The journal segments in the folder, (number, path) in order."""
+    found = []
+    try:
+        names = os.listdir(checkpoint_dir)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        match = _SEGMENT.fullmatch(name)
+        if name == JOURNAL_NAME or match is not None:
+            found.append((int(match.group(1)) if match else 0, checkpoint_dir / name))
+    return sorted(found)
 
 
 def iter_lines(path: Path, chunk: int = READ_CHUNK) -> Iterator[tuple[int, bytes, bool]]:
@@ -129,28 +224,44 @@ def replay(
     With ``repair`` damaged records are skipped and listed instead of raising.
     """
     state = Replay()
-    if not path.exists():
-        return state
-    pending_damage: list[tuple[int, int]] = []
-    for offset, raw, complete in iter_lines(path):
-        record = _decode(raw) if complete else None
-        if record is None:
-            if raw.strip(b"\x00 \t\r"):
-                pending_damage.append((offset, len(raw) + (1 if complete else 0)))
-            continue
-        if pending_damage:
-            if not repair:
-                first = pending_damage[0][0]
-                raise CheckpointError(
-                    f"{path}: damaged record at byte {first} with good records after it; "
-                    "run `turnstile repair CONFIG` to drop the damaged records "
-                    "(their work is simply requested again)"
-                )
-            state.damaged.extend(pending_damage)
-            pending_damage = []
-        state.journal_end = offset + len(raw) + 1
-        _apply(state, record, (out_size, failed_size, filtered_size))
+    if path.exists():
+        replay_segments(state, [(0, path)], (out_size, failed_size, filtered_size), repair=repair)
     return state
+
+
+def replay_segments(
+    state: Replay,
+    paths: Iterable[tuple[int, Path]],
+    sizes: tuple[int, int, int],
+    *,
+    repair: bool = False,
+) -> None:
+    """Apply the records of journal segments, (number, path) in order, to ``state``:
+    one stream, so damage at the end of one with good records in the next is damage.
+    ``state.segment`` and ``journal_end`` end up measuring the last one."""
+    pending: tuple[Path, list[tuple[int, int]]] | None = None
+    for number, path in paths:
+        state.segment, state.journal_end = number, 0
+        for offset, raw, complete in iter_lines(path):
+            record = _decode(raw) if complete else None
+            if record is None:
+                if raw.strip(b"\x00 \t\r"):
+                    if pending is None:
+                        pending = (path, [])
+                    pending[1].append((offset, len(raw) + (1 if complete else 0)))
+                continue
+            if pending is not None:
+                if not repair:
+                    where, damage = pending
+                    raise CheckpointError(
+                        f"{where}: damaged record at byte {damage[0][0]} with good records "
+                        "after it; run `turnstile repair CONFIG` to drop the damaged records "
+                        "(their work is simply requested again)"
+                    )
+                state.damaged.extend(pending[1])
+                pending = None
+            state.journal_end = offset + len(raw) + 1
+            apply(state, record, sizes)
 
 
 def repair(path: Path) -> list[tuple[int, int]]:
@@ -175,12 +286,17 @@ def repair(path: Path) -> list[tuple[int, int]]:
         return dropped
     os.replace(path, path.with_name(path.name + ".damaged"))
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+    return dropped
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the folder's last renames, creations and removals durable."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return dropped
 
 
 def _decode(raw: bytes) -> dict[str, Any] | None:
@@ -195,7 +311,12 @@ def _decode(raw: bytes) -> dict[str, Any] | None:
     return record
 
 
-def _apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int]) -> None:
+def apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int] = NO_LIMIT) -> None:
+    """Apply one decoded record to ``state``: the one rule replay and the writer share.
+
+    ``sizes`` are the output, failed and filtered files' lengths: an emit past its
+    file's end does not count (the writer, which knows what it wrote, passes none).
+    """
     state.records += 1
     kind = record["k"]
     line: int = record["l"]
@@ -209,6 +330,8 @@ def _apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int]) -
         if kind == EMIT_OUTPUT:
             state.rows_ok += 1
             state.out_end = max(state.out_end, end)
+            state.emits.append(line)
+            state.emits.append(end)
         elif kind == EMIT_FAILED:
             state.rows_failed += 1
             state.failed_end = max(state.failed_end, end)

@@ -18,7 +18,8 @@ from typing import IO, Any
 
 import orjson
 
-from engine.checkpoint.journal import JOURNAL_NAME
+from engine.checkpoint.journal import fsync_dir, segments
+from engine.checkpoint.snapshot import EMITS_NAME, SNAPSHOT_NAME
 from engine.config import RunConfig
 from engine.errors import CheckpointError
 from engine.input.sources import detect_format, fingerprint_paths
@@ -167,14 +168,6 @@ def write_manifest(checkpoint_dir: Path, manifest: dict[str, Any]) -> None:
     fsync_dir(checkpoint_dir)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def lock_checkpoint(checkpoint_dir: Path) -> IO[bytes]:
     """Take the checkpoint's lock, or refuse at once if another process holds it.
 
@@ -207,10 +200,16 @@ def lock_checkpoint(checkpoint_dir: Path) -> IO[bytes]:
 
 
 def clear_checkpoint(config: RunConfig) -> None:
-    """--fresh: forget the journal and manifest and remove the run's output files."""
+    """--fresh: forget the journal, snapshot and manifest and remove the run's output files."""
+    folder = config.checkpoint_dir
+    # The manifest first, the outputs last: stopped half-way, what is left is either
+    # nothing or an output that the next run refuses to overwrite without --fresh.
     for path in (
-        config.checkpoint_dir / JOURNAL_NAME,
-        config.checkpoint_dir / MANIFEST_NAME,
+        folder / MANIFEST_NAME,
+        folder / SNAPSHOT_NAME,
+        folder / (SNAPSHOT_NAME + ".tmp"),
+        folder / EMITS_NAME,
+        *(path for _, path in segments(folder)),
         config.output,
         config.failed_output,
         config.filtered_output,

@@ -3,7 +3,9 @@
 The output file is in completion order. The journal says where each row ends:
 an emit record ``{"k": "o", "l": line, "e": end}`` is written after the row of
 input line ``l`` has been appended to the output, which then ended at byte
-``e``. Export reads the journal once for those records, then reads the output
+``e``. The emits of journal segments a snapshot covers (and deleted) are kept in
+the checkpoint's emits index (engine.checkpoint.snapshot). Export reads the index
+and the segments after it once for those records, then reads the output
 memory-mapped, row by row in input-line order: a row's start is the byte after
 the newline before its end. Memory holds one 8-byte end per input line and one
 row group of rows, whatever the output's size.
@@ -31,14 +33,16 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from engine.checkpoint.journal import EMIT_OUTPUT, JOURNAL_NAME, iter_lines
+from engine.checkpoint.journal import EMIT_OUTPUT, iter_lines
+from engine.checkpoint.snapshot import emit_sources, has_journal
 from engine.config import RunConfig
-from engine.errors import ExportError, TurnstileError
+from engine.errors import CheckpointError, ExportError, TurnstileError
 from engine.output.card import Counts, card_text
 from engine.output.filters import FILTER_KEY, filtered_path, rule_of
 
@@ -86,13 +90,12 @@ def export(
     pa = _require("pyarrow", fmt) if fmt != "jsonl" else None
     datasets = _require("datasets", fmt) if fmt == "hf" else None
     out_size = _size(config.output)
-    journal = config.checkpoint_dir / JOURNAL_NAME
-    if not journal.exists():
+    if not has_journal(config.checkpoint_dir):
         raise ExportError(
             f"no run journal in {config.checkpoint_dir}: export needs the run's checkpoint to "
             "put rows in input order; run `turnstile run` first (or point checkpoint_dir: at it)"
         )
-    ends = index_rows(_emits(journal), out_size)
+    ends = _row_ends(config.checkpoint_dir, out_size)
     if not any(e >= 0 for e in ends):
         raise ExportError(f"nothing to export: {config.output} has no finished rows yet")
     with _mapped(config.output, out_size) as data:
@@ -144,6 +147,22 @@ def index_rows(emits: Iterable[tuple[int, int]], out_size: int) -> array[int]:
         if end > out_size:
             ends[line] = -1
     return ends
+
+
+def _row_ends(checkpoint_dir: Path, out_size: int) -> array[int]:
+    """index_rows over the checkpoint's emits: its emits index, then its journal segments."""
+    for attempt in range(3):
+        try:
+            pairs, journals = emit_sources(checkpoint_dir)
+            flat = iter(pairs)
+            indexed = zip(flat, flat, strict=True)
+            return index_rows(chain(indexed, *(_emits(j) for j in journals)), out_size)
+        except (FileNotFoundError, CheckpointError):
+            # A run beside us took a snapshot and deleted a segment we were about to
+            # read; its new snapshot and index hold that segment's emits.
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _emits(journal: Path) -> Iterator[tuple[int, int]]:

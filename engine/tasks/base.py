@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -122,14 +122,17 @@ class Context:
     clients: dict[str, ModelClient]
     stats: RunStats
     stopping: bool = False
+    _filtering: bool = field(init=False, repr=False)  # any filter rule on: asked once, not per row
+
+    def __post_init__(self) -> None:
+        self._filtering = self.config.filters.active
 
     async def finish(self, line: int, row: dict[str, Any], records: Records = ()) -> None:
         """Write a finished row: to the output, or to the filtered file when a rule fires.
 
         ``records`` are journaled with it (in the same group write, before it).
         """
-        filters = self.config.filters
-        reason = check_row(row, self.kind, filters) if filters.active else None
+        reason = check_row(row, self.kind, self.config.filters) if self._filtering else None
         if reason is None:
             await self.writer.output(line, row, records)
         else:

@@ -19,7 +19,6 @@ from typing import Final, Literal
 
 from engine.errors import InputError
 from engine.input.rows import InputRow, Message
-from engine.tasks.base import usage_of
 
 TurnRule = Literal["every_user", "as_in_input"]
 EVERY_USER: Final = "every_user"
@@ -37,7 +36,9 @@ def describe_rule(rule: str) -> str:
     return f"{EVERY_USER}: every user message gets its own reply"
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per turn, and a frozen dataclass's __init__ costs four times
+# as much (object.__setattr__ per field). Nothing changes one after it is made.
+@dataclass(slots=True)
 class Reply:
     """One generated assistant turn, as journaled."""
 
@@ -55,6 +56,9 @@ class Dialogue:
     turns: list[list[Message]]
     tail: list[Message] = field(default_factory=list)
     replies: list[Reply] = field(default_factory=list)
+    # The turns answered so far, each followed by its reply: the start of every later
+    # request and of the finished row, extended by apply() instead of rebuilt each turn.
+    _answered: list[Message] = field(default_factory=list, init=False, repr=False)
 
     @property
     def done(self) -> bool:
@@ -66,33 +70,32 @@ class Dialogue:
 
     def history(self) -> list[Message]:
         """The request for the next turn: every earlier turn with its reply, then this turn."""
-        if self.done:
+        n = len(self.replies)
+        if n == len(self.turns):
             raise ValueError("the conversation has no turn left to request")
-        messages: list[Message] = []
-        for turn, reply in zip(self.turns, self.replies, strict=False):
-            messages.extend(turn)
-            messages.append({"role": "assistant", "content": reply.content})
-        messages.extend(self.turns[len(self.replies)])
-        return messages
+        return self._answered + self.turns[n]
 
     def apply(self, reply: Reply) -> None:
         """Record the reply to the next turn."""
-        if self.done:
+        n = len(self.replies)
+        if n == len(self.turns):
             raise ValueError("the conversation has no turn left to answer")
         self.replies.append(reply)
+        self._answered += self.turns[n]
+        self._answered.append({"role": "assistant", "content": reply.content})
 
     def messages(self) -> list[Message]:
         """The whole conversation with the replies written so far."""
-        out: list[Message] = []
-        for turn, reply in zip(self.turns, self.replies, strict=False):
-            out.extend(turn)
-            out.append({"role": "assistant", "content": reply.content})
-        if self.done:
-            out.extend(self.tail)
-        return out
+        if len(self.replies) == len(self.turns):
+            return self._answered + self.tail
+        return self._answered.copy()
 
     def usage(self) -> dict[str, int]:
-        return usage_of((r.prompt_tokens, r.completion_tokens) for r in self.replies)
+        prompt = completion = 0
+        for reply in self.replies:
+            prompt += reply.prompt_tokens
+            completion += reply.completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion}
 
 
 def split_turns(
@@ -129,7 +132,9 @@ def split_turns(
         raise InputError("has no user turn to answer; add at least one user message")
     for i, turn in enumerate(turns):
         for message in turn:
-            if message["role"] == "user" and not message["content"].strip():
+            content = message["content"]
+            # isspace() is strip()'s test without the copy of the text.
+            if message["role"] == "user" and (not content or content.isspace()):
                 raise InputError(f"user turn {i} is empty; give it some text or drop the row")
     if system_prompt is not None and not any(m["role"] == "system" for m in messages):
         turns[0] = [{"role": "system", "content": system_prompt}, *turns[0]]
@@ -140,7 +145,7 @@ def new_dialogue(
     row: InputRow, system_prompt: str | None = None, rule: TurnRule = EVERY_USER
 ) -> Dialogue:
     turns, tail = split_turns(row.messages, system_prompt, rule)
-    return Dialogue(row=row, turns=turns, tail=tail)
+    return Dialogue(row, turns, tail)
 
 
 # The row's own keys: an input field of the same name gives way to ours.
@@ -154,13 +159,11 @@ def output_row(dialogue: Dialogue, model: str) -> dict[str, object]:
     when there are any.
     """
     extra = dialogue.row.extra
-    row: dict[str, object] = {
-        **{k: v for k, v in extra.items() if k not in _OWN_KEYS},
-        "id": dialogue.row.id,
-        "messages": dialogue.messages(),
-        "model": model,
-        "usage": dialogue.usage(),
-    }
+    row: dict[str, object] = {k: v for k, v in extra.items() if k not in _OWN_KEYS} if extra else {}
+    row["id"] = dialogue.row.id
+    row["messages"] = dialogue.messages()
+    row["model"] = model
+    row["usage"] = dialogue.usage()
     truncated = [i for i, r in enumerate(dialogue.replies) if r.finish_reason == "length"]
     if truncated:
         row["truncated_turns"] = truncated

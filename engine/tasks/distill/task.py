@@ -78,17 +78,20 @@ class DistillTask:
         except InputError as exc:
             await ctx.fail(line, record_id(record, line), f"input: {exc}")
             return
-        for reply in replies_from(records)[: len(dialogue.turns)]:
-            if await self._cut_off(ctx, row, dialogue.next_turn, reply):
-                return
-            dialogue.apply(reply)
-            ctx.stats.turns_resumed += 1
+        if records:  # a resumed conversation: its journaled replies first
+            for reply in replies_from(records)[: len(dialogue.turns)]:
+                if await self._cut_off(ctx, row, dialogue.next_turn, reply):
+                    return
+                dialogue.apply(reply)
+                ctx.stats.turns_resumed += 1
         client = ctx.clients[self.model_name]
+        stats = ctx.stats
+        last = len(dialogue.turns) - 1
+        turn = dialogue.next_turn
         replica = None  # the server of the previous turn: its cache holds this history
-        while not dialogue.done:
+        while turn <= last:
             if ctx.stopping:
                 return
-            turn = dialogue.next_turn
             try:
                 completion = await client.complete(dialogue.history(), prefer=replica)
             except ModelError as exc:
@@ -102,22 +105,24 @@ class DistillTask:
                 return
             replica = completion.replica
             reply = Reply(
-                content=completion.texts[0],
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                finish_reason=completion.finish_reasons[0],
+                completion.texts[0],
+                completion.prompt_tokens,
+                completion.completion_tokens,
+                completion.finish_reasons[0],
             )
-            ctx.stats.turns_done += 1
+            stats.turns_done += 1
             entry = turn_record(row.line, turn, reply)
-            if turn == len(dialogue.turns) - 1 and not self._is_cut_off(reply):
+            cut = self._is_cut_off(reply)
+            if turn == last and not cut:
                 # The last turn is journaled in the same group write as its row.
                 dialogue.apply(reply)
                 await ctx.finish(row.line, output_row(dialogue, self.model), (entry,))
                 return
             await ctx.writer.record(entry)
-            if await self._cut_off(ctx, row, turn, reply):
+            if cut and await self._cut_off(ctx, row, turn, reply):
                 return
             dialogue.apply(reply)
+            turn += 1
         await ctx.finish(row.line, output_row(dialogue, self.model))
 
     def _is_cut_off(self, reply: Reply) -> bool:

@@ -1,0 +1,366 @@
+"""Fast at every concurrency: Turnstile and the bare loop, each on asyncio and on uvloop.
+
+One experiment for the targets of "fast at every concurrency", every figure measured
+in this one run, the four systems interleaved at each point:
+
+- ``turnstile``: ``turnstile run`` with ``uvloop: false`` (asyncio's own loop), every
+  other setting the default (journal ``fsync: interval``, 2 x cap rows in flight);
+- ``turnstile+uvloop``: the same with ``uvloop: true``, the default configuration;
+- ``bare`` and ``bare+uvloop``: bench/baseline.py on asyncio's loop and on uvloop.
+
+Points: mock latency 0 ms at cap 64 (the client's CPU is the only limit) and 50 ms
+at caps 16 to 1024, single-turn. Measured per run: the steady rate (replies over
+the server's first-request-to-last-reply window), and client CPU per request over
+that same window (the client's CPU time is sampled every 50 ms and interpolated at
+the window's ends), so start-up and shutdown are left out of both. Memory against
+input size is measured in the same run by memory.py's runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from bench import memory, workloads
+from bench.mockserver import MockProcess
+from bench.plan import Plan
+from bench.report import Section, Target, failed_runs, median, other_load, pct, spread, table
+from bench.runners import (
+    ROOT,
+    Result,
+    RunFolder,
+    measure,
+    parse_turnstile,
+    run_bare,
+    run_turnstile,
+    turnstile_config,
+)
+from bench.throughput import INPUTS, LOGS, interleave
+from bench.workloads import SINGLE
+
+TS, TS_UV, BARE, BARE_UV = "turnstile", "turnstile+uvloop", "bare", "bare+uvloop"
+SYSTEMS = (TS, TS_UV, BARE, BARE_UV)
+NULL = "turnstile+uvloop, null writer"  # a diagnostic: what the journal writer costs
+
+
+def turns_for(plan: Plan, latency_ms: float, cap: int) -> int:
+    """About ``caps_seconds`` of work at the rate this point allows (cap / latency, or
+    what the machine manages), and at least 5 rounds of ``cap`` requests."""
+    if latency_ms <= 0:
+        return plan.caps_zero_turns
+    rate = min(cap / (latency_ms / 1000), plan.caps_rate)
+    return int(max(5 * cap, rate * plan.caps_seconds))
+
+
+def _runs(mock: MockProcess, wl: workloads.Workload, cap: int, label: str) -> dict[str, Any]:
+    runs: dict[str, Callable[[], Result]] = {
+        TS: lambda: run_turnstile(mock, wl, cap=cap, label=label, uvloop=False, system=TS),
+        TS_UV: lambda: run_turnstile(mock, wl, cap=cap, label=label, uvloop=True, system=TS_UV),
+        BARE: lambda: run_bare(mock, wl, cap=cap, label=label, system=BARE),
+        BARE_UV: lambda: run_bare(mock, wl, cap=cap, label=label, uvloop=True, system=BARE_UV),
+    }
+    return runs
+
+
+def run_null_writer(mock: MockProcess, wl: workloads.Workload, cap: int, label: str) -> Result:
+    """``turnstile run`` (uvloop) with bench.nullwriter's writer: nothing written."""
+    with RunFolder("nullwriter") as folder:
+        config = turnstile_config(folder, mock.url, wl, cap=cap, uvloop=True)
+        cmd = [sys.executable, "-m", "bench.nullwriter", str(config)]
+        return measure(
+            NULL,
+            label,
+            cmd,
+            folder,
+            mock,
+            timeout_s=900,
+            parse=parse_turnstile,
+            env={"PYTHONPATH": str(ROOT)},
+        )
+
+
+def _ratio(top: list[Result], bottom: list[Result], attr: str) -> list[float]:
+    """Per-repeat ratios (the two ran back to back in each repeat)."""
+    out = []
+    for a, b in zip(top, bottom, strict=False):
+        x, y = getattr(a, attr), getattr(b, attr)
+        if y and x == x and y == y:  # not NaN
+            out.append(x / y)
+    return out
+
+
+def caps(plan: Plan) -> list[Section]:
+    section = Section(
+        "caps", "9. Fast at every concurrency: Turnstile and the bare loop, asyncio and uvloop"
+    )
+    points: list[dict[str, Any]] = []
+    every: list[Result] = []
+    by_point: dict[tuple[float, int], dict[str, list[Result]]] = {}
+    for latency_ms in sorted({lat for lat, _ in plan.caps_points}):
+        with MockProcess(latency_ms, LOGS, uvloop=plan.caps_mock_uvloop) as mock:
+            for lat, cap in plan.caps_points:
+                if lat != latency_ms:
+                    continue
+                turns = turns_for(plan, lat, cap)
+                wl = workloads.make(SINGLE, turns, INPUTS)
+                label = f"single {lat:g}ms cap {cap}"
+                results: dict[str, list[Result]] = {}
+                runs = _runs(mock, wl, cap, label)
+                if (lat, cap) in plan.caps_null_writer:
+                    runs[NULL] = lambda wl=wl, cap=cap, label=label: run_null_writer(
+                        mock, wl, cap, label
+                    )
+                interleave(plan.caps_repeats, runs, results)
+                by_point[(lat, cap)] = results
+                for system, runs in results.items():
+                    every += runs
+                    points.append(
+                        {
+                            "system": system,
+                            "latency_ms": lat,
+                            "cap": cap,
+                            "turns": wl.turns,
+                            "rate": median([r.rate_steady for r in runs]),
+                            "cpu_us": median([r.cpu_us_per_request for r in runs]),
+                            "ideal": cap / (lat / 1000) if lat else None,
+                        }
+                    )
+    section.lines += _method(plan)
+    section.lines += _rate_table(by_point)
+    section.lines += ["", *_cpu_table(by_point)]
+    section.lines += _writer_table(by_point)
+    section.lines += [
+        "",
+        f"Other processes on the machine used {other_load(every)} on average during these "
+        "runs (2 cores in all).",
+        *failed_runs(every),
+    ]
+    section.targets += _targets(by_point)
+    section.data = {
+        "points": points,
+        "runs": {
+            f"{lat:g}ms cap {cap}": {k: [r.as_dict() for r in v] for k, v in res.items()}
+            for (lat, cap), res in by_point.items()
+        },
+    }
+    sections = [section]
+    if plan.caps_memory_rows:
+        mem = memory.memory_and_resume(
+            replace(plan, memory_rows=plan.caps_memory_rows), memory=True, resume=False
+        )
+        for s in mem:
+            s.key = "caps_memory"
+            for target in s.targets:
+                target.what = target.what.replace("4. memory", "10. memory (this run)")
+            s.title = "10. Memory in the same run: peak RSS of `turnstile run` against input size"
+            largest = max(s.data.get("points", []), key=lambda p: p["rows"], default=None)
+            if largest and largest.get("rate"):
+                minutes = 1e7 / largest["rate"] / 60
+                s.lines += [
+                    "",
+                    f"Sizes up to {largest['rows']:,} rows, which is what fits in a few "
+                    f"minutes here: at the largest size's rate, 10^7 rows would take about "
+                    f"{minutes:.0f} minutes, so that size is left out of this run.",
+                ]
+        sections += mem
+    return sections
+
+
+def _method(plan: Plan) -> list[str]:
+    zero = [cap for lat, cap in plan.caps_points if lat == 0]
+    lat50 = [cap for lat, cap in plan.caps_points if lat > 0]
+    return [
+        "Single-turn rows; the same input for all four systems at each point, "
+        f"{plan.caps_repeats} interleaved repeats (the order rotates). Systems: "
+        "`turnstile` = `turnstile run` with `uvloop: false`, every other setting the "
+        "default (journal `fsync: interval`, 2 x cap rows in flight); `turnstile+uvloop` = "
+        "the default configuration (`uvloop: true`); `bare` and `bare+uvloop` = "
+        "`python -m bench.baseline` on asyncio's loop and with `--uvloop`. Mock server "
+        f"{'on uvloop' if plan.caps_mock_uvloop else 'on asyncio'}, its own process. "
+        f"Points: 0 ms at cap {', '.join(map(str, zero))}; 50 ms at caps "
+        f"{', '.join(map(str, lat50))}. Runs sized for about {plan.caps_seconds:g} s of "
+        f"work at the point's rate (0 ms: {plan.caps_zero_turns:,} turns). "
+        "*Steady* = replies / (last reply - first request) as the mock server saw them; "
+        "*CPU per request* = the client's CPU time over that same window / replies "
+        "(sampled every 50 ms, interpolated at the window's ends): start-up (imports, "
+        "the input's fingerprint) and shutdown are left out of both. *Whole process* = "
+        "all its CPU / turns, start-up included. Ratios are per repeat (the systems ran "
+        "back to back), then the median (min-max).",
+        "",
+    ]
+
+
+def _rate_table(by_point: dict[tuple[float, int], dict[str, list[Result]]]) -> list[str]:
+    rows = []
+    for (lat, cap), res in by_point.items():
+        ideal = cap / (lat / 1000) if lat else None
+        rows.append(
+            [
+                f"{lat:g}",
+                cap,
+                f"{res[TS][0].turns:,}" if res[TS] else "",
+                f"{ideal:,.0f}" if ideal else "-",
+                *(spread([r.rate_steady for r in res[s]]) for s in SYSTEMS),
+                pct(_ratio(res[TS], res[BARE], "rate_steady")),
+                pct(_ratio(res[TS_UV], res[BARE], "rate_steady")),
+                pct(_ratio(res[TS_UV], res[BARE_UV], "rate_steady")),
+            ]
+        )
+    return [
+        "**Requests/s (steady)**",
+        "",
+        *table(
+            [
+                "latency ms",
+                "cap",
+                "turns",
+                "ideal/s",
+                *(f"{s} /s" for s in SYSTEMS),
+                "turnstile / bare",
+                "turnstile+uvloop / bare",
+                "turnstile+uvloop / bare+uvloop",
+            ],
+            rows,
+        ),
+    ]
+
+
+def _cpu_table(by_point: dict[tuple[float, int], dict[str, list[Result]]]) -> list[str]:
+    rows = []
+    for (lat, cap), res in by_point.items():
+        rows.append(
+            [
+                f"{lat:g}",
+                cap,
+                *(spread([r.cpu_us_per_request for r in res[s]]) for s in SYSTEMS),
+                _x(_ratio(res[TS], res[BARE], "cpu_us_per_request")),
+                _x(_ratio(res[TS_UV], res[BARE_UV], "cpu_us_per_request")),
+                _x(_ratio(res[TS], res[BARE], "cpu_ms_per_1k")),
+            ]
+        )
+    return [
+        "**Client CPU per request (microseconds, steady window)**",
+        "",
+        *table(
+            [
+                "latency ms",
+                "cap",
+                *(f"{s} us" for s in SYSTEMS),
+                "turnstile / bare",
+                "turnstile+uvloop / bare+uvloop",
+                "turnstile / bare, whole process",
+            ],
+            rows,
+        ),
+    ]
+
+
+def _writer_table(by_point: dict[tuple[float, int], dict[str, list[Result]]]) -> list[str]:
+    rows = []
+    for (lat, cap), res in by_point.items():
+        if NULL not in res:
+            continue
+        extra = [
+            a.cpu_us_per_request - b.cpu_us_per_request
+            for a, b in zip(res[TS_UV], res[NULL], strict=False)
+        ]
+        rows.append(
+            [
+                f"{lat:g}",
+                cap,
+                spread([r.rate_steady for r in res[TS_UV]]),
+                spread([r.rate_steady for r in res[NULL]]),
+                pct(_ratio(res[TS_UV], res[NULL], "rate_steady")),
+                spread([r.cpu_us_per_request for r in res[TS_UV]]),
+                spread([r.cpu_us_per_request for r in res[NULL]]),
+                spread(extra),
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "**What the journal writer costs** (a diagnostic: `python -m bench.nullwriter`, "
+        "the same run with a writer that encodes every record and row as the real one does "
+        "but never writes, never hops to a thread and never makes a caller wait; its "
+        "output is empty, so it is no result of its own)",
+        "",
+        *table(
+            [
+                "latency ms",
+                "cap",
+                "turnstile+uvloop /s",
+                "null writer /s",
+                "with the writer / without",
+                "turnstile+uvloop CPU us/request",
+                "null writer CPU us/request",
+                "the writer's CPU us/request",
+            ],
+            rows,
+        ),
+    ]
+
+
+def _x(values: list[float]) -> str:
+    return spread(values, "{:.2f}x")
+
+
+def _targets(by_point: dict[tuple[float, int], dict[str, list[Result]]]) -> list[Target]:
+    targets = []
+
+    def rate(lat: float, cap: int, goal: float, what: str) -> None:
+        res = by_point.get((lat, cap))
+        if res is None:
+            return
+        ratios = _ratio(res[TS], res[BARE], "rate_steady")
+        targets.append(
+            Target(
+                f"9.1 requests/s, turnstile / bare (asyncio both, journal on), {what}",
+                f">= {goal:.0%}",
+                pct(ratios),
+                median(ratios) >= goal,
+            )
+        )
+
+    rate(0, 64, 0.90, "0 ms cap 64")
+    rate(50, 512, 0.90, "50 ms cap 512")
+    rate(50, 1024, 0.85, "50 ms cap 1024")
+    cpu = {
+        (lat, cap): median(_ratio(res[TS], res[BARE], "cpu_us_per_request"))
+        for (lat, cap), res in by_point.items()
+    }
+    worst = max(cpu.items(), key=lambda kv: kv[1]) if cpu else None
+    if worst is not None:
+        targets.append(
+            Target(
+                "9.1 client CPU per request, turnstile / bare, every cap (16-1024 at 50 ms, "
+                "and 0 ms cap 64)",
+                "<= 1.25x",
+                "; ".join(f"{lat:g} ms cap {cap}: {v:.2f}x" for (lat, cap), v in cpu.items()),
+                worst[1] <= 1.25,
+            )
+        )
+    for name, reference, goal in (
+        ("9.2 uvloop: turnstile+uvloop / bare (asyncio)", BARE, 1.0),
+        ("9.2 uvloop: turnstile+uvloop / bare+uvloop", BARE_UV, 0.90),
+    ):
+        per = {
+            (lat, cap): median(_ratio(res[TS_UV], res[reference], "rate_steady"))
+            for (lat, cap), res in by_point.items()
+        }
+        if not per:
+            continue
+        targets.append(
+            Target(
+                f"{name}, requests/s at every point",
+                f">= {goal:.0%}",
+                "; ".join(f"{lat:g} ms cap {cap}: {v:.0%}" for (lat, cap), v in per.items()),
+                min(per.values()) >= goal,
+            )
+        )
+    return targets
+
+
+__all__ = ["SYSTEMS", "caps", "turns_for"]

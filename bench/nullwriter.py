@@ -1,0 +1,61 @@
+"""A diagnostic, not a configuration: ``turnstile run`` with a writer that writes nothing.
+
+``python -m bench.nullwriter run.yaml`` runs the CLI with the checkpoint writer
+replaced by one that encodes every record and row exactly as the real writer does
+(orjson, on the loop) but never hands a batch to a thread, never writes, never
+makes a caller wait. Against a normal run, the difference is what the journal
+writer costs the loop: its thread hop per group write, its batch bookkeeping and
+waking the waiters, and the GIL its thread holds while it works. The output file
+stays empty: such a run proves nothing about rows and is never a result on its own.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import anyio.lowlevel
+import orjson
+
+from engine.checkpoint import writer as checkpoint_writer
+from engine.checkpoint.journal import encode
+
+
+class NullWriter(checkpoint_writer.Writer):
+    async def record(self, record: dict[str, Any]) -> None:
+        encode(record)
+
+    async def output(
+        self, line: int, row: dict[str, Any], records: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        for record in records:
+            encode(record)
+        orjson.dumps(row)
+
+    async def failed(self, line: int, row: dict[str, Any]) -> None:
+        orjson.dumps(row)
+
+    async def filtered(
+        self, line: int, row: dict[str, Any], records: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        await self.output(line, row, records)
+
+    async def run(self) -> None:
+        await self._stopped.wait()
+
+    async def close(self) -> None:
+        self._stopped.set()
+        await anyio.lowlevel.checkpoint()
+
+
+def main(argv: list[str]) -> int:
+    import engine._runner
+    from engine.cli import main as cli
+
+    engine._runner.Writer = NullWriter  # type: ignore[misc]
+    return cli(["run", argv[0], "--quiet"])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
