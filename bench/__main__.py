@@ -119,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"Markdown report (default {DEFAULT_OUT.relative_to(ROOT)}; "
         f"with --quick {QUICK_OUT.relative_to(ROOT)})",
     )
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: write the report again from bench/_work/results.json "
+        "(the caps experiment only)",
+    )
     args = parser.parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the mock servers and the run in progress are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -135,6 +141,16 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])])
     started = time.monotonic()
     sections: list[Section] = []
+    if args.render:
+        from bench import caps
+
+        if chosen != {"caps"}:
+            parser.error("--render re-renders the caps experiment only: add --only caps")
+        stored = orjson.loads((WORK / "results.json").read_bytes())
+        sections = caps.render(plan, stored)
+        _write(sections, plan, command, time.monotonic() - started, out)
+        print(f"[bench] wrote {out} from {WORK / 'results.json'}", file=sys.stderr)
+        return 0
     for suite in _suites(plan, chosen):
         sections += suite()
         _write(sections, plan, command, time.monotonic() - started, out)  # keep partial results

@@ -92,41 +92,68 @@ def _ratio(top: list[Result], bottom: list[Result], attr: str) -> list[float]:
 
 
 def caps(plan: Plan) -> list[Section]:
-    section = Section(
-        "caps", "9. Fast at every concurrency: Turnstile and the bare loop, asyncio and uvloop"
-    )
-    points: list[dict[str, Any]] = []
-    every: list[Result] = []
+    """Measure every point (and memory against input size), then build the sections."""
     by_point: dict[tuple[float, int], dict[str, list[Result]]] = {}
     for latency_ms in sorted({lat for lat, _ in plan.caps_points}):
         with MockProcess(latency_ms, LOGS, uvloop=plan.caps_mock_uvloop) as mock:
             for lat, cap in plan.caps_points:
                 if lat != latency_ms:
                     continue
-                turns = turns_for(plan, lat, cap)
-                wl = workloads.make(SINGLE, turns, INPUTS)
+                wl = workloads.make(SINGLE, turns_for(plan, lat, cap), INPUTS)
                 label = f"single {lat:g}ms cap {cap}"
-                results: dict[str, list[Result]] = {}
                 runs = _runs(mock, wl, cap, label)
                 if (lat, cap) in plan.caps_null_writer:
                     runs[NULL] = lambda wl=wl, cap=cap, label=label: run_null_writer(
                         mock, wl, cap, label
                     )
+                results: dict[str, list[Result]] = {}
                 interleave(plan.caps_repeats, runs, results)
                 by_point[(lat, cap)] = results
-                for system, runs in results.items():
-                    every += runs
-                    points.append(
-                        {
-                            "system": system,
-                            "latency_ms": lat,
-                            "cap": cap,
-                            "turns": wl.turns,
-                            "rate": median([r.rate_steady for r in runs]),
-                            "cpu_us": median([r.cpu_us_per_request for r in runs]),
-                            "ideal": cap / (lat / 1000) if lat else None,
-                        }
-                    )
+    memory_data: dict[str, Any] = {}
+    if plan.caps_memory_rows:
+        (mem,) = memory.memory_and_resume(
+            replace(plan, memory_rows=plan.caps_memory_rows), memory=True, resume=False
+        )
+        memory_data = mem.data
+    return sections(plan, by_point, memory_data)
+
+
+def render(plan: Plan, data: dict[str, Any]) -> list[Section]:
+    """The same sections again from a run's stored measurements (results.json's
+    ``caps`` and ``caps_memory``), without measuring anything."""
+    by_point: dict[tuple[float, int], dict[str, list[Result]]] = {}
+    for key, runs in data.get("caps", {}).get("runs", {}).items():
+        lat, cap = key.split("ms cap ")
+        by_point[(float(lat), int(cap))] = {
+            system: [Result.from_dict(r) for r in rs] for system, rs in runs.items()
+        }
+    return sections(plan, by_point, data.get("caps_memory", {}))
+
+
+def sections(
+    plan: Plan,
+    by_point: dict[tuple[float, int], dict[str, list[Result]]],
+    memory_data: dict[str, Any],
+) -> list[Section]:
+    section = Section(
+        "caps", "9. Fast at every concurrency: Turnstile and the bare loop, asyncio and uvloop"
+    )
+    points = []
+    every: list[Result] = []
+    for (lat, cap), results in by_point.items():
+        for system, runs in results.items():
+            every += runs
+            points.append(
+                {
+                    "system": system,
+                    "latency_ms": lat,
+                    "cap": cap,
+                    "turns": runs[0].turns if runs else 0,
+                    "rate": median([r.rate_steady for r in runs]),
+                    "cpu_us": median([r.cpu_us_per_request for r in runs]),
+                    "ideal": cap / (lat / 1000) if lat else None,
+                }
+            )
     section.lines += _method(plan)
     section.lines += _rate_table(by_point)
     section.lines += ["", *_cpu_table(by_point)]
@@ -145,27 +172,61 @@ def caps(plan: Plan) -> list[Section]:
             for (lat, cap), res in by_point.items()
         },
     }
-    sections = [section]
-    if plan.caps_memory_rows:
-        mem = memory.memory_and_resume(
-            replace(plan, memory_rows=plan.caps_memory_rows), memory=True, resume=False
-        )
-        for s in mem:
-            s.key = "caps_memory"
-            for target in s.targets:
-                target.what = target.what.replace("4. memory", "10. memory (this run)")
-            s.title = "10. Memory in the same run: peak RSS of `turnstile run` against input size"
-            largest = max(s.data.get("points", []), key=lambda p: p["rows"], default=None)
-            if largest and largest.get("rate"):
-                minutes = 1e7 / largest["rate"] / 60
-                s.lines += [
-                    "",
-                    f"Sizes up to {largest['rows']:,} rows, which is what fits in a few "
-                    f"minutes here: at the largest size's rate, 10^7 rows would take about "
-                    f"{minutes:.0f} minutes, so that size is left out of this run.",
-                ]
-        sections += mem
-    return sections
+    out = [section]
+    if memory_data.get("points"):
+        out.append(_memory_section(plan, memory_data))
+    return out
+
+
+def _memory_section(plan: Plan, data: dict[str, Any]) -> Section:
+    points = sorted(data["points"], key=lambda p: p["rows"])
+    section = Section(
+        "caps_memory",
+        "10. Memory in the same run: peak RSS of `turnstile run` against input size",
+    )
+    section.lines += [
+        f"Single-turn rows, mock at 0 ms, cap {plan.memory_cap} ({2 * plan.memory_cap} "
+        "conversations in flight), the default configuration (uvloop). Peak RSS is the "
+        "process's own high-water mark (`VmHWM` in /proc/PID/status, read every 50 ms until "
+        "it exits). One run per size (bench/memory.py's runs).",
+        "",
+        *table(
+            ["conversations", "peak RSS MB", "wall s", "steady turns/s"],
+            [
+                [f"{p['rows']:,}", f"{p['rss_mb']:.0f}", f"{p['wall_s']:.1f}", f"{p['rate']:,.0f}"]
+                for p in points
+            ],
+        ),
+    ]
+    if data.get("other_load"):
+        section.lines += ["", f"Other processes used {data['other_load']} on average meanwhile."]
+    largest = points[-1]
+    if largest.get("rate"):
+        section.lines += [
+            "",
+            f"Sizes up to {largest['rows']:,} rows, what fits in a few minutes here: at the "
+            f"largest size's rate, 10^7 rows would take about "
+            f"{1e7 / largest['rate'] / 60:.0f} minutes, so that size is left out of this run.",
+        ]
+    peak = max(p["rss_mb"] for p in points)
+    low = min(p["rss_mb"] for p in points)
+    sizes = ", ".join(f"{p['rows']:,}" for p in points)
+    section.targets += [
+        Target(
+            "10. memory (this run): peak RSS",
+            "< 200 MB",
+            f"{peak:.0f} MB at most (sizes {sizes})",
+            peak < 200,
+        ),
+        Target(
+            "10. memory (this run): flat in input size",
+            "largest within 25% of smallest",
+            f"{low:.0f} -> {peak:.0f} MB (x{peak / low:.2f})",
+            peak <= 1.25 * low,
+        ),
+    ]
+    section.data = data
+    return section
 
 
 def _method(plan: Plan) -> list[str]:

@@ -195,6 +195,7 @@ def memory_and_resume(plan: Plan, *, memory: bool, resume: bool) -> list[Section
             )
         )
         section.data["points"] = points
+        section.data["other_load"] = other_load(runs)
         sections.append(section)
     if resume and facts:
         second = runs[-1]

@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     import engine._runner
     from engine.cli import main as cli
 
-    engine._runner.Writer = NullWriter  # type: ignore[misc]
+    engine._runner.Writer = NullWriter  # type: ignore[attr-defined]
     return cli(["run", argv[0], "--quiet"])
 
 

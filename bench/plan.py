@@ -49,7 +49,7 @@ class Plan:
     rate429_repeats: int
     outage_turns: int  # multi-turn run whose 2 replicas are SIGKILLed a third of the way in
     outage_s: float  # ...and restarted this long after
-    # caps (bench/caps.py): four systems side by side; about 10 minutes in a full run
+    # caps (bench/caps.py): four systems side by side; about 7 minutes in a full run
     caps_points: tuple[tuple[float, int], ...]  # (mock latency ms, cap), single-turn
     caps_repeats: int
     caps_seconds: float  # runs sized for this long at the point's rate...

@@ -31,6 +31,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -122,7 +123,7 @@ class _ThreadCPU(threading.Thread):
 
 def profile(
     rows: int, cap: int, latency_ms: float, uvloop: bool, engine: Path | None, bare: bool = False
-) -> dict:
+) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy")

@@ -262,6 +262,7 @@ def plot_systems(data: dict[str, Any], path: Path) -> bool:
         "bare": ("s--", "C2"),
         "bare+uvloop": ("s--", "C3"),
     }
+    default = ("^", "0.5")  # a diagnostic (the null writer), at a few caps: grey markers
     latencies = sorted({p["latency_ms"] for p in points if p["latency_ms"] > 0})
     zero = [p for p in points if p["latency_ms"] == 0]
     panels = 2 * len(latencies) + (1 if zero else 0)
@@ -275,7 +276,7 @@ def plot_systems(data: dict[str, Any], path: Path) -> bool:
         rate_ax.plot(caps, [c / (latency / 1000) for c in caps], "k-", lw=0.8, label="ideal")
         for system in systems:
             mine = sorted((p for p in here if p["system"] == system), key=lambda p: p["cap"])
-            style, color = styles.get(system, ("x-", None))
+            style, color = styles.get(system, default)
             xs = [p["cap"] for p in mine]
             rate_ax.plot(xs, [p["rate"] for p in mine], style, color=color, label=system)
             cpu_ax.plot(xs, [p["cpu_us"] for p in mine], style, color=color, label=system)
@@ -296,7 +297,7 @@ def plot_systems(data: dict[str, Any], path: Path) -> bool:
         bars = ax.bar(
             range(len(zero)),
             [p["rate"] for p in zero],
-            color=[styles.get(n, ("", None))[1] for n in names],
+            color=[styles.get(n, default)[1] for n in names],
         )
         for bar, p in zip(bars, zero, strict=True):
             ax.annotate(
@@ -306,7 +307,8 @@ def plot_systems(data: dict[str, Any], path: Path) -> bool:
                 va="bottom",
                 fontsize=8,
             )
-        ax.set_xticks(range(len(zero)), names, rotation=15, fontsize=8)
+        labels = [n.replace("+", "\n+").replace(", ", ",\n") for n in names]
+        ax.set_xticks(range(len(zero)), labels, fontsize=8)
         ax.set_ylabel("requests/s (steady)")
         ax.set_title(f"0 ms, cap {zero[0]['cap']}: the client's CPU is the limit")
         ax.set_ylim(0, max(p["rate"] for p in zero) * 1.2)

@@ -116,6 +116,11 @@ class Result:
         span = self.window_s or self.wall_s
         return self.server_cpu_s / span if span > 0 else 0.0
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        """A Result back from ``as_dict`` (results.json), its derived figures recomputed."""
+        return cls(**{name: data[name] for name in cls.__slots__ if name in data})
+
     def as_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self.__slots__}
         out.update(
