@@ -110,30 +110,36 @@ def caps(plan: Plan) -> list[Section]:
                 interleave(plan.caps_repeats, runs, results)
                 by_point[(lat, cap)] = results
     memory_data: dict[str, Any] = {}
+    resume_data: dict[str, Any] = {}
     if plan.caps_memory_rows:
-        (mem,) = memory.memory_and_resume(
-            replace(plan, memory_rows=plan.caps_memory_rows), memory=True, resume=False
-        )
-        memory_data = mem.data
-    return sections(plan, by_point, memory_data)
+        sized = replace(plan, memory_rows=plan.caps_memory_rows, resume_rows=plan.caps_resume_rows)
+        for section in memory.memory_and_resume(
+            sized, memory=True, resume=bool(plan.caps_resume_rows)
+        ):
+            if section.key == "memory":
+                memory_data = section.data
+            else:
+                resume_data = section.data
+    return sections(plan, by_point, memory_data, resume_data)
 
 
 def render(plan: Plan, data: dict[str, Any]) -> list[Section]:
     """The same sections again from a run's stored measurements (results.json's
-    ``caps`` and ``caps_memory``), without measuring anything."""
+    ``caps``, ``caps_memory`` and ``caps_resume``), without measuring anything."""
     by_point: dict[tuple[float, int], dict[str, list[Result]]] = {}
     for key, runs in data.get("caps", {}).get("runs", {}).items():
         lat, cap = key.split("ms cap ")
         by_point[(float(lat), int(cap))] = {
             system: [Result.from_dict(r) for r in rs] for system, rs in runs.items()
         }
-    return sections(plan, by_point, data.get("caps_memory", {}))
+    return sections(plan, by_point, data.get("caps_memory", {}), data.get("caps_resume", {}))
 
 
 def sections(
     plan: Plan,
     by_point: dict[tuple[float, int], dict[str, list[Result]]],
     memory_data: dict[str, Any],
+    resume_data: dict[str, Any] | None = None,
 ) -> list[Section]:
     section = Section(
         "caps", "9. Fast at every concurrency: Turnstile and the bare loop, asyncio and uvloop"
@@ -175,6 +181,15 @@ def sections(
     out = [section]
     if memory_data.get("points"):
         out.append(_memory_section(plan, memory_data))
+    if resume_data and resume_data.get("resumes"):
+        out.append(
+            memory.resume_section(
+                resume_data["resumes"],
+                plan.memory_cap,
+                "caps_resume",
+                "11. Resume in the same run: SIGKILL near the end, time to the first request",
+            )
+        )
     return out
 
 
@@ -191,9 +206,15 @@ def _memory_section(plan: Plan, data: dict[str, Any]) -> Section:
         "it exits). One run per size (bench/memory.py's runs).",
         "",
         *table(
-            ["conversations", "peak RSS MB", "wall s", "steady turns/s"],
+            ["conversations", "peak RSS MB", "wall s", "steady turns/s", "note"],
             [
-                [f"{p['rows']:,}", f"{p['rss_mb']:.0f}", f"{p['wall_s']:.1f}", f"{p['rate']:,.0f}"]
+                [
+                    f"{p['rows']:,}",
+                    f"{p['rss_mb']:.0f}",
+                    f"{p['wall_s']:.1f}",
+                    f"{p['rate']:,.0f}",
+                    p.get("note", ""),
+                ]
                 for p in points
             ],
         ),
@@ -201,7 +222,7 @@ def _memory_section(plan: Plan, data: dict[str, Any]) -> Section:
     if data.get("other_load"):
         section.lines += ["", f"Other processes used {data['other_load']} on average meanwhile."]
     largest = points[-1]
-    if largest.get("rate"):
+    if largest.get("rate") and largest["rows"] < 10**7:
         section.lines += [
             "",
             f"Sizes up to {largest['rows']:,} rows, what fits in a few minutes here: at the "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -33,28 +34,25 @@ from bench.runners import (
 )
 from bench.throughput import INPUTS, LOGS, log
 from bench.workloads import SINGLE
+from engine.checkpoint.journal import segments
+from engine.checkpoint.snapshot import EMITS_NAME, SNAPSHOT_NAME
 
-_REPLAY = """
+_LOAD = """
 import sys, time
 from pathlib import Path
-from engine.checkpoint.journal import replay
+from engine.checkpoint.snapshot import load
 t = time.perf_counter()
-state = replay(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+state = load(Path(sys.argv[1]), *map(int, sys.argv[2:5]))
 print(time.perf_counter() - t, state.records, len(state.done), len(state.partial))
 """
 
 
-def _replay_alone(checkpoint: Path, output: Path) -> dict[str, float]:
-    """Time engine.checkpoint.journal.replay on its own, in a fresh process."""
+def _load_alone(checkpoint: Path, files: tuple[Path, Path, Path]) -> dict[str, float]:
+    """Time what a resume reads (engine.checkpoint.snapshot.load: the snapshot and the
+    journal segments after it) on its own, in a fresh process."""
+    sizes = [str(f.stat().st_size if f.exists() else 0) for f in files]
     out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _REPLAY,
-            str(checkpoint / "journal.jsonl"),
-            str(output.stat().st_size),
-            "0",
-        ],
+        [sys.executable, "-c", _LOAD, str(checkpoint), *sizes],
         capture_output=True,
         text=True,
         check=False,
@@ -68,6 +66,19 @@ def _replay_alone(checkpoint: Path, output: Path) -> dict[str, float]:
         "records": int(records),
         "done": int(done),
         "partial": int(partial),
+    }
+
+
+def _on_disk(checkpoint: Path) -> dict[str, int]:
+    """The checkpoint's files: journal segments (count, bytes), snapshot, emits index."""
+    journal = [p for _, p in segments(checkpoint)]
+    size = lambda p: p.stat().st_size if p.exists() else 0  # noqa: E731
+    return {
+        "segments": len(journal),
+        "journal_bytes": sum(map(size, journal)),
+        "journal_records": sum(count_lines(p) for p in journal),
+        "snapshot_bytes": size(checkpoint / SNAPSHOT_NAME),
+        "emits_bytes": size(checkpoint / EMITS_NAME),
     }
 
 
@@ -104,14 +115,14 @@ def _kill_and_resume(plan: Plan, mock: MockProcess, rows: int) -> tuple[Result, 
         )
         first.extra["killed"] = True
         log(f"killed at {first.rows_out:,} rows (exit {first.rc}) after {first.wall_s:.1f}s")
-        journal = folder / "ck" / "journal.jsonl"
+        checkpoint = folder / "ck"
+        files = (output, *(output.with_suffix(f".{kind}.jsonl") for kind in ("failed", "filtered")))
         facts: dict = {
             "rows": rows,
             "kill_at": kill_at,
             "rows_at_kill": first.rows_out,
-            "journal_bytes": journal.stat().st_size if journal.exists() else 0,
-            "journal_records": count_lines(journal),
-            "replay": _replay_alone(folder / "ck", output),
+            **_on_disk(checkpoint),
+            "load": _load_alone(checkpoint, files),
         }
         second = measure(
             TURNSTILE,
@@ -128,6 +139,10 @@ def _kill_and_resume(plan: Plan, mock: MockProcess, rows: int) -> tuple[Result, 
         facts["rows_out"], facts["distinct_ids"] = (
             _unique_ids(output) if output.exists() else (0, 0)
         )
+        facts["to_first_request_s"] = second.to_first_request_s
+        facts["repeated"] = second.repeated
+        facts["resumed_wall_s"] = second.wall_s
+        facts["resumed_rss_mb"] = second.maxrss_mb
         log(
             f"resumed: first request after {second.to_first_request_s}s, done in "
             f"{second.wall_s:.1f}s; {second.repeated} requests repeated"
@@ -136,16 +151,20 @@ def _kill_and_resume(plan: Plan, mock: MockProcess, rows: int) -> tuple[Result, 
 
 
 def memory_and_resume(plan: Plan, *, memory: bool, resume: bool) -> list[Section]:
-    sizes = list(plan.memory_rows) if memory else [plan.memory_rows[-1]]
+    """Peak RSS at each of ``memory_rows``; the sizes in ``resume_rows`` are SIGKILLed
+    near the end and resumed (their peak RSS is the larger of the two processes')."""
+    chosen = (plan.memory_rows if memory else ()) + (plan.resume_rows if resume else ())
+    sizes = sorted(set(chosen))
     cap = plan.memory_cap
     points = []
     runs: list[Result] = []
     rows_md = []
-    facts: dict = {}
+    resumes: list[dict] = []
     with MockProcess(0, LOGS) as mock:
         for n in sizes:
-            if resume and n == sizes[-1]:
+            if resume and n in plan.resume_rows:
                 first, second, facts = _kill_and_resume(plan, mock, n)
+                resumes.append(facts)
                 runs += [first, second]
                 rss = max(first.maxrss_mb, second.maxrss_mb)
                 note = (
@@ -160,7 +179,7 @@ def memory_and_resume(plan: Plan, *, memory: bool, resume: bool) -> list[Section
                 log(f"{n:,} rows: peak RSS {result.maxrss_mb:.0f} MB, wall {result.wall_s:.1f}s")
                 runs.append(result)
                 rss, rate, wall, note = result.maxrss_mb, result.rate_steady, result.wall_s, ""
-            points.append({"rows": n, "rss_mb": rss, "wall_s": wall, "rate": rate})
+            points.append({"rows": n, "rss_mb": rss, "wall_s": wall, "rate": rate, "note": note})
             rows_md.append([f"{n:,}", f"{rss:.0f}", f"{wall:.1f}", f"{rate:,.0f}", note])
     sections = []
     if memory:
@@ -197,76 +216,98 @@ def memory_and_resume(plan: Plan, *, memory: bool, resume: bool) -> list[Section
         section.data["points"] = points
         section.data["other_load"] = other_load(runs)
         sections.append(section)
-    if resume and facts:
-        second = runs[-1]
-        replay = facts.get("replay", {})
-        section = Section("resume", "5. Resume after SIGKILL near the end of a big run")
-        section.lines += [
-            f"`turnstile run` over {facts['rows']:,} single-turn prompts (cap {cap}, 0 ms), "
-            f"SIGKILLed once {facts['kill_at']:,} rows were in the output, then the same "
-            "command run again. *Repeated requests* are requests the mock server received more "
-            "than once over both runs (its per-request log, keyed by model and messages).",
-            "",
-            *table(
-                ["measure", "value"],
-                [
-                    ["rows in the output at the kill", f"{facts['rows_at_kill']:,}"],
-                    [
-                        "journal at the kill",
-                        f"{facts['journal_records']:,} records, "
-                        f"{facts['journal_bytes'] / 2**20:.0f} MiB",
-                    ],
-                    [
-                        "`engine.checkpoint.journal.replay` alone (fresh process)",
-                        f"{replay.get('seconds', float('nan')):.2f} s",
-                    ],
-                    [
-                        "restart to first request (process start, replay, skipping done rows)",
-                        f"{second.to_first_request_s:.2f} s"
-                        if second.to_first_request_s is not None
-                        else "n/a",
-                    ],
-                    ["resumed run, start to exit", f"{second.wall_s:.2f} s"],
-                    ["resumed run, peak RSS", f"{second.maxrss_mb:.0f} MB"],
-                    ["requests repeated after the SIGKILL", f"{second.repeated} (cap {cap})"],
-                    [
-                        "final output",
-                        f"{facts['rows_out']:,} rows, {facts['distinct_ids']:,} distinct ids",
-                    ],
-                ],
-            ),
-        ]
-        complete = facts["rows_out"] == facts["rows"] == facts["distinct_ids"]
-        section.targets.append(
-            Target(
-                "5. resume: requests re-sent after SIGKILL",
-                f"<= cap ({cap})",
-                f"{second.repeated}",
-                second.repeated <= cap,
-            )
-        )
-        section.targets.append(
-            Target(
-                "5. resume: time to first request after restart",
-                "reported",
-                f"{second.to_first_request_s:.2f} s for a {facts['journal_records']:,}-record "
-                "journal"
-                if second.to_first_request_s is not None
-                else "n/a",
-                None,
-            )
-        )
-        section.targets.append(
-            Target(
-                "5. resume: output complete, no duplicates",
-                f"{facts['rows']:,} rows",
-                f"{facts['rows_out']:,} rows, {facts['distinct_ids']:,} distinct",
-                complete,
-            )
-        )
-        section.data = facts
-        sections.append(section)
+    if resume and resumes:
+        title = "5. Resume after SIGKILL near the end of a big run"
+        sections.append(resume_section(resumes, cap, "resume", title))
     return sections
 
 
-__all__ = ["WORK", "memory_and_resume"]
+# The journal a resume reads stays under this whatever the run's size: a snapshot
+# every 20,000 rows or 4 MiB of segment (engine.checkpoint.writer).
+JOURNAL_BOUND = 32 << 20
+
+
+def resume_section(resumes: list[dict], cap: int, key: str, title: str) -> Section:
+    """The resume table and its targets, from ``_kill_and_resume``'s facts (one per size)."""
+    section = Section(key, title)
+    sizes = [f"{f['rows']:,} rows" for f in resumes]
+
+    def row(name: str, cell: Callable[[dict], str]) -> list[str]:
+        return [name, *(cell(f) for f in resumes)]
+
+    def seconds(value: float | None) -> str:
+        return f"{value:.2f} s" if value is not None else "n/a"
+
+    section.lines += [
+        f"`turnstile run` over single-turn prompts (cap {cap}, 0 ms), SIGKILLed once 99% of "
+        "the rows were in the output, then the same command run again. *Journal on disk* is "
+        "what a resume reads: the journal segments the last snapshot does not cover, plus "
+        "`snapshot.bin`; `emits.bin` is the index `turnstile export` uses to put rows in "
+        "input order (16 bytes a row), never read by a resume. *Repeated requests*: "
+        "requests the mock server received more than once over both runs (its per-request "
+        "log, keyed by model and messages).",
+        "",
+        *table(
+            ["measure", *sizes],
+            [
+                row("rows in the output at the kill", lambda f: f"{f['rows_at_kill']:,}"),
+                row(
+                    "journal on disk at the kill",
+                    lambda f: (
+                        f"{f['segments']} segment(s), {f['journal_records']:,} records, "
+                        f"{f['journal_bytes'] / 2**20:.1f} MiB"
+                    ),
+                ),
+                row("snapshot.bin", lambda f: f"{f['snapshot_bytes'] / 2**10:.0f} KiB"),
+                row("emits.bin", lambda f: f"{f['emits_bytes'] / 2**20:.0f} MiB"),
+                row(
+                    "`engine.checkpoint.snapshot.load` alone (fresh process)",
+                    lambda f: seconds(f.get("load", {}).get("seconds")),
+                ),
+                row(
+                    "restart to first request (process start, load, seek past done rows)",
+                    lambda f: seconds(f.get("to_first_request_s")),
+                ),
+                row("resumed run, start to exit", lambda f: seconds(f.get("resumed_wall_s"))),
+                row("resumed run, peak RSS", lambda f: f"{f.get('resumed_rss_mb', 0):.0f} MB"),
+                row("requests repeated after the SIGKILL", lambda f: f"{f.get('repeated')}"),
+                row(
+                    "final output",
+                    lambda f: f"{f['rows_out']:,} rows, {f['distinct_ids']:,} distinct ids",
+                ),
+            ],
+        ),
+    ]
+    first_request = [f.get("to_first_request_s") for f in resumes]
+    on_disk = [f["journal_bytes"] + f["snapshot_bytes"] for f in resumes]
+    section.targets += [
+        Target(
+            "3. resume: time to first request after SIGKILL",
+            "< 1 s at every size",
+            ", ".join(f"{seconds(t)} at {n}" for t, n in zip(first_request, sizes, strict=True)),
+            all(t is not None and t < 1 for t in first_request),
+        ),
+        Target(
+            "3. resume: journal on disk bounded (segments + snapshot)",
+            f"< {JOURNAL_BOUND >> 20} MiB at every size",
+            ", ".join(f"{b / 2**20:.1f} MiB at {n}" for b, n in zip(on_disk, sizes, strict=True)),
+            all(b < JOURNAL_BOUND for b in on_disk),
+        ),
+        Target(
+            "3. resume: requests re-sent after SIGKILL",
+            f"<= cap ({cap})",
+            ", ".join(f"{f.get('repeated')} at {n}" for f, n in zip(resumes, sizes, strict=True)),
+            all((f.get("repeated") or 0) <= cap for f in resumes),
+        ),
+        Target(
+            "3. resume: output complete, no duplicates",
+            "every row once",
+            ", ".join(f"{f['rows_out']:,} of {f['rows']:,}" for f in resumes),
+            all(f["rows_out"] == f["rows"] == f["distinct_ids"] for f in resumes),
+        ),
+    ]
+    section.data = {"resumes": resumes}
+    return section
+
+
+__all__ = ["WORK", "memory_and_resume", "resume_section"]

@@ -28,7 +28,8 @@ class Plan:
     durability_repeats: int
     memory_rows: tuple[int, ...]
     memory_cap: int
-    resume_kill_fraction: float  # SIGKILL the biggest run once this much is written
+    resume_kill_fraction: float  # SIGKILL the resumed runs once this much is written
+    resume_rows: tuple[int, ...]  # sizes (of memory_rows) SIGKILLed near the end, resumed
     peer_single: int
     peer_multi: int
     peer_caps: tuple[int, ...]  # Distilabel at 50 ms, single-turn
@@ -58,6 +59,7 @@ class Plan:
     caps_mock_uvloop: bool
     caps_null_writer: tuple[tuple[float, int], ...]  # points that also run bench.nullwriter
     caps_memory_rows: tuple[int, ...]  # memory against input size, in the same run
+    caps_resume_rows: tuple[int, ...]  # of those, the sizes SIGKILLed and resumed
 
 
 FULL = Plan(
@@ -77,6 +79,7 @@ FULL = Plan(
     memory_rows=(10_000, 100_000, 1_000_000),
     memory_cap=1024,
     resume_kill_fraction=0.99,
+    resume_rows=(1_000_000,),
     peer_single=3_000,
     peer_multi=600,
     peer_caps=(16, 64, 256),
@@ -104,7 +107,8 @@ FULL = Plan(
     caps_zero_turns=20_000,
     caps_mock_uvloop=True,
     caps_null_writer=((0.0, 64), (50.0, 16), (50.0, 1024)),
-    caps_memory_rows=(10_000, 100_000, 1_000_000),
+    caps_memory_rows=(10_000, 100_000, 1_000_000, 10_000_000),
+    caps_resume_rows=(1_000_000, 10_000_000),
 )
 
 QUICK = Plan(
@@ -124,6 +128,7 @@ QUICK = Plan(
     memory_rows=(10_000, 100_000),
     memory_cap=1024,
     resume_kill_fraction=0.99,
+    resume_rows=(100_000,),
     peer_single=1_000,
     peer_multi=150,
     peer_caps=(64,),
@@ -152,4 +157,5 @@ QUICK = Plan(
     caps_mock_uvloop=True,
     caps_null_writer=((0.0, 64),),
     caps_memory_rows=(10_000, 30_000),
+    caps_resume_rows=(30_000,),
 )

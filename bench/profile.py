@@ -3,7 +3,7 @@
 Separate from the suite (it needs ``pip install py-spy``)::
 
     .venv/bin/python -m bench.profile [--rows 20000] [--cap 64] [--latency-ms 0] [--no-uvloop]
-        [--engine DIR] [--bare] [--out FILE.json]
+        [--engine DIR] [--bare] [--out FILE.json] [--samples FILE.txt]
 
 One run of single-turn rows against the mock server (its own process, on uvloop),
 sampled by ``py-spy record --nonblocking --threads --format raw`` at 500 Hz. Each
@@ -122,7 +122,13 @@ class _ThreadCPU(threading.Thread):
 
 
 def profile(
-    rows: int, cap: int, latency_ms: float, uvloop: bool, engine: Path | None, bare: bool = False
+    rows: int,
+    cap: int,
+    latency_ms: float,
+    uvloop: bool,
+    engine: Path | None,
+    bare: bool = False,
+    keep: Path | None = None,
 ) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
@@ -164,6 +170,8 @@ def profile(
             raise SystemExit(f"py-spy run failed ({proc.returncode}): {err.decode()[-2000:]}")
         stats = mock.stats()
         samples = raw.read_text()
+        if keep is not None:
+            keep.write_text(samples)
     parts: Counter[str] = Counter()
     main = 0
     lines = [line.rpartition(" ") for line in samples.splitlines() if line.startswith("thread (")]
@@ -234,9 +242,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", type=Path, default=None, help="another engine/ tree's parent")
     parser.add_argument("--bare", action="store_true", help="profile bench/baseline.py instead")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON")
+    parser.add_argument(
+        "--samples", type=Path, default=None, help="keep py-spy's raw samples (flamegraph input)"
+    )
     args = parser.parse_args(argv)
     result = profile(
-        args.rows, args.cap, args.latency_ms, not args.no_uvloop, args.engine, args.bare
+        args.rows,
+        args.cap,
+        args.latency_ms,
+        not args.no_uvloop,
+        args.engine,
+        args.bare,
+        args.samples,
     )
     if args.out is not None:
         args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))

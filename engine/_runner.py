@@ -40,6 +40,7 @@ from engine.checkpoint.writer import SNAPSHOT_EVERY_ROWS, Writer
 from engine.config import ModelConfig, RunConfig
 from engine.errors import CheckpointError, InputError, ModelDown, TurnstileError
 from engine.http.client import ModelClient
+from engine.input.reader import Marks
 from engine.input.sources import (
     Item,
     check_input,
@@ -198,6 +199,7 @@ async def _execute(
     )
     started = time.monotonic()
     outcome = Outcome(stats=stats, elapsed_s=0.0, resumed=resumed)
+    marks = Marks()  # where input lines start, from the reader to the snapshots
     writer = Writer(
         segment_path(config.checkpoint_dir, state.segment),
         config.output,
@@ -210,6 +212,7 @@ async def _execute(
         filtered_end=state.filtered_end,
         state=state,
         snapshot_every_rows=snapshot_every_rows(),
+        marks=marks,
     )
     async with AsyncExitStack() as stack:
         local_urls: dict[str, list[str]] = {}
@@ -245,7 +248,7 @@ async def _execute(
             with work:
                 async with anyio.create_task_group() as inner:
                     send, receive = anyio.create_memory_object_stream[tuple[int, Item]](workers)
-                    inner.start_soon(_feed, config, fmt, state, ctx, send)
+                    inner.start_soon(_feed, config, fmt, state, marks, ctx, send)
                     async with receive:
                         for _ in range(workers):
                             inner.start_soon(_work, receive.clone(), state, task, ctx)
@@ -332,13 +335,17 @@ async def _feed(
     config: RunConfig,
     fmt: str,
     state: Replay,
+    marks: Marks,
     ctx: Context,
     send: MemoryObjectSendStream[tuple[int, Item]],
 ) -> None:
     # A fresh run skips nothing: an empty tuple spares each row a Python-level lookup.
     skip = state.done if len(state.done) else ()
+    rows = read_input(
+        config.input, fmt, config.input_columns, skip=skip, start=state.seek, marks=marks
+    )
     async with send:
-        async for item in read_input(config.input, fmt, config.input_columns, skip=skip):
+        async for item in rows:
             if ctx.stopping:
                 return
             try:

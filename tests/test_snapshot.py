@@ -89,6 +89,7 @@ def assert_same(got: Replay, want: Replay) -> None:
         want.failed_end,
         want.filtered_end,
     )
+    assert got.seek == want.seek
 
 
 def write_checkpoint(
@@ -121,6 +122,17 @@ def test_a_snapshot_decodes_to_the_state_it_encodes() -> None:
     assert_same(got, state)
     assert (got.first_segment, got.segment, got.emits_end) == (7, 7, 4096)
     assert len(got.emits) == 0  # the emits of covered segments are in the index, not here
+
+
+def test_the_seek_round_trips_and_one_past_the_done_prefix_is_refused() -> None:
+    state = Replay()
+    for line in (0, 1, 2, 3, 5):
+        state.done.add(line)
+    state.seek = (4, 812)
+    assert decode_snapshot(encode_snapshot(state, segment=1, emits_end=0)).seek == (4, 812)
+    state.seek = (5, 900)  # line 4 is not done: a resume seeking there would lose it
+    with pytest.raises(ValueError, match="seek"):
+        decode_snapshot(encode_snapshot(state, segment=1, emits_end=0))
 
 
 def test_an_empty_state_round_trips() -> None:

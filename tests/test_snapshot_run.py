@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -129,3 +130,40 @@ async def test_an_old_single_journal_checkpoint_resumes_into_segments(
     assert fresh.returncode == 0, fresh.stderr
     assert sorted(p.name for p in checkpoint.iterdir()) == [JOURNAL_NAME, "lock", "manifest.json"]
     assert by_id(read_jsonl(tmp_path / "out" / "distilled.jsonl")) == expected
+
+
+async def test_a_resume_seeks_past_the_finished_part_of_the_input(
+    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rows of about 4 KB: 1,500 of them are six of the reader's 1 MB chunks, so the
+    # marks it notes fall inside the file and a snapshot can vouch for a prefix.
+    pad = "p" * 4000
+    source = [{"id": f"r{i}", "prompt": f"question {i}", "pad": pad} for i in range(1500)]
+    expected, _ = await uninterrupted(tmp_path / "reference", mock, source)
+    monkeypatch.setenv(EVERY, "50")
+    mock.reset()
+    path = write_jsonl(tmp_path / "in.jsonl", source)
+    config = str(write_config(tmp_path, mock.base_url, cap=4))
+    killed = await kill_after(mock, 1200, "run", config, "--quiet")
+    assert killed.returncode == -signal.SIGKILL
+    snapshot = read_snapshot(tmp_path / "ck")
+    assert snapshot is not None
+    line, offset = snapshot.seek
+    assert line >= 250 and offset > 1 << 20  # past at least one chunk
+    assert all(n in snapshot.done for n in range(line))
+
+    # Overwrite everything before the seek with one run of bytes without a newline,
+    # keeping the size and mtime, so the input's fingerprint still matches: a resume
+    # that read it would number every line after it wrongly and lose rows.
+    data = path.read_bytes()
+    stat = path.stat()
+    path.write_bytes(b"#" * offset + data[offset:])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    rerun = await turnstile("run", config, "--quiet")
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert by_id(read_jsonl(tmp_path / "out" / "distilled.jsonl")) == expected
+    assert not read_jsonl(tmp_path / "out" / "distilled.failed.jsonl")
+    requests = mock.stats.requests_by_key
+    assert sum(count - 1 for count in requests.values() if count > 1) <= 2 * 4

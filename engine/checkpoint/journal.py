@@ -96,6 +96,14 @@ class LineSet:
         lines.count = int.from_bytes(bits, "little").bit_count()
         return lines
 
+    def prefix(self) -> int:
+        """How many lines from line 0 on are all in the set."""
+        bits = self._bits
+        full = len(bits) - len(bits.lstrip(b"\xff"))
+        if full == len(bits):
+            return full * 8
+        return full * 8 + (~bits[full] & (bits[full] + 1)).bit_length() - 1
+
     def copy(self) -> LineSet:
         lines = LineSet()
         lines._bits = bytearray(self._bits)
@@ -116,6 +124,8 @@ class Replay:
     (a snapshot covers those before it). ``emits`` holds (line, end) pairs, flat, of
     the output emits applied since the snapshot (or since the start), which the
     next snapshot adds to the emits index; ``emits_end`` that index's length.
+    ``seek`` is where in the input a resume may start reading: (line, byte offset
+    of its start), every line before it done (engine.input.reader.Marks).
     """
 
     done: LineSet = field(default_factory=LineSet)
@@ -134,6 +144,7 @@ class Replay:
     first_segment: int = 0
     emits: array[int] = field(default_factory=lambda: array("q"))
     emits_end: int = 0
+    seek: tuple[int, int] = (0, 0)
 
     def copy(self) -> Replay:
         """A copy to go on applying records to, sharing only the (never mutated) records."""
@@ -154,6 +165,7 @@ class Replay:
             first_segment=self.first_segment,
             emits=array("q", self.emits),
             emits_end=self.emits_end,
+            seek=self.seek,
         )
 
 

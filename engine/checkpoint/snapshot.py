@@ -7,9 +7,11 @@ the whole journal. The files of a checkpoint folder, besides the manifest:
   numbered segments (engine.checkpoint.journal). Only the last is written to.
 - ``snapshot.bin``: the state a replay of every segment before segment ``s`` gives
   (the done lines as a compressed bitmap, the counters, the output, failed and
-  filtered lengths it vouches for), plus the records of the rows still in progress
-  at that point, and ``s``. Replaced atomically (temp file, fsync, rename, fsync
-  the folder); a digest of its body catches a damaged one.
+  filtered lengths it vouches for, and where in the input a resume may start
+  reading: a line before which every line is done, with its byte offset), plus
+  the records of the rows still in progress at that point, and ``s``. Replaced
+  atomically (temp file, fsync, rename, fsync the folder); a digest of its body
+  catches a damaged one.
 - ``emits.bin``: the output's emit records of every segment a snapshot covers, as
   little-endian int64 pairs (input line, end of its row in the output), in journal
   order: what ``turnstile export`` needs to put rows in input order once those
@@ -85,6 +87,7 @@ def encode_snapshot(state: Replay, *, segment: int, emits_end: int) -> bytes:
     body: dict[str, Any] = {name: getattr(state, name) for name in _COUNTERS}
     body["segment"] = segment
     body["emits_end"] = emits_end
+    body["seek"] = list(state.seek)
     body["done_count"] = len(state.done)
     body["done"] = base64.b64encode(zlib.compress(state.done.to_bytes(), 1)).decode()
     # The records of rows in progress, as journaled, in journal order per row.
@@ -119,6 +122,16 @@ def decode_snapshot(data: bytes) -> Replay:
         setattr(state, name, numbers[name])
     state.segment = state.first_segment = numbers["segment"]
     state.emits_end = numbers["emits_end"]
+    seek = fields.get("seek", [0, 0])  # snapshots before it had none: read from the start
+    if (
+        not isinstance(seek, list)
+        or len(seek) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in seek)
+    ):
+        raise ValueError(f"seek is {seek!r}")
+    if seek[0] > done.prefix():
+        raise ValueError("seek is past the lines done from the start")
+    state.seek = (seek[0], seek[1])
     partial = fields.get("partial")
     if not isinstance(partial, list):
         raise ValueError("partial is not a list")

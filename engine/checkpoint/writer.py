@@ -1,9 +1,13 @@
 """The single writer: journal, output and failed file, written in batches from one task.
 
-Callers add records and rows and wait for the batch they joined; the writer task
-takes everything pending, writes it with one thread hop, and wakes them all. So
-a turn is in the OS (safe from SIGKILL) before its conversation goes on, while
-thousands of turns a second share a few writes.
+Callers add records and rows and wait for the batch they joined; at the end of
+that loop pass, everything pending is written and they are all woken. So a turn
+is in the OS (safe from SIGKILL) before its conversation goes on, while thousands
+of turns a second share a few writes. A small batch with no fsync due is written
+on the event loop itself, in a plain callback: a write(2) of some kilobytes into
+the page cache takes a few microseconds, a hop to a worker thread and back costs
+ten times that. Big batches, fsyncs and snapshots go to the writer task, which
+does them in a worker thread.
 
 Order inside a batch: journal work records, then output rows, then the journal's
 emit records that vouch for those rows. A crash between the two leaves rows the
@@ -13,10 +17,13 @@ Given the replayed state of the run (``state``), the writer keeps it up to date
 with every record it writes and takes a snapshot every so often, starting a new
 journal segment and deleting the ones the snapshot covers: see
 engine.checkpoint.snapshot for the files and why a SIGKILL at any step is safe.
+Given the input reader's ``marks``, each snapshot also says where in the input a
+resume can start reading.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import time
@@ -48,12 +55,15 @@ from engine.checkpoint.snapshot import (
 )
 from engine.config import JournalConfig
 from engine.errors import CheckpointError
+from engine.input.reader import Marks
 
 # A snapshot every this many rows, or once the segment written reaches this size: a
 # resume replays at most about one segment (under 0.1 s), and a snapshot (some
 # milliseconds of work and a few fsyncs) comes every few seconds at most.
 SNAPSHOT_EVERY_ROWS = 20_000
 SNAPSHOT_EVERY_BYTES = 4 << 20
+# A batch up to this size with no fsync due is written without a thread hop.
+INLINE_BYTES = 64 << 10
 
 
 @dataclass(slots=True)
@@ -68,6 +78,12 @@ class _Batch:
 
     def __bool__(self) -> bool:
         return bool(self.journal or self.out or self.failed or self.filtered)
+
+    def size(self) -> int:
+        """About how many bytes the batch writes (its emit records left out)."""
+        return sum(map(len, self.journal)) + sum(
+            len(data) for rows in (self.out, self.failed, self.filtered) for _, data in rows
+        )
 
 
 class _File:
@@ -129,6 +145,7 @@ class Writer:
         state: Replay | None = None,
         snapshot_every_rows: int = SNAPSHOT_EVERY_ROWS,
         snapshot_every_bytes: int = SNAPSHOT_EVERY_BYTES,
+        marks: Marks | None = None,
     ) -> None:
         self._dir = journal.parent
         self._segment = segment_number(journal)
@@ -141,6 +158,8 @@ class Writer:
         self._policy = policy
         self._batch = _Batch()
         self._kick = anyio.Event()
+        self._soon = False  # a _write_soon is scheduled
+        self._busy = False  # the writer task is writing (in a thread, maybe)
         self._closing = False
         self._stopped = anyio.Event()
         self._last_sync = time.monotonic()
@@ -149,6 +168,7 @@ class Writer:
         self._rows = 0  # rows written since the last snapshot
         self._last_snapshot = 0  # its size
         self._state = state.copy() if state is not None else None
+        self._marks = marks
         self._emits: _File | None = None
         if self._state is not None:
             # Cut off what no snapshot vouches for (one that did not finish); a run
@@ -202,37 +222,90 @@ class Writer:
     async def _wait(self, batch: _Batch) -> None:
         if self.error is not None:
             raise CheckpointError(self._describe(self.error))
-        self._kick.set()
+        if not self._soon:
+            self._soon = True
+            asyncio.get_running_loop().call_soon(self._write_soon)
         await batch.done.wait()
         if batch.error is not None:
             raise CheckpointError(self._describe(batch.error))
+
+    def _write_soon(self) -> None:
+        """Write the batch at the end of the loop pass its first caller joined it in.
+
+        Here, in a plain callback, when the batch is small, no fsync is due and the
+        writer task is not busy (so batches stay in order); else the task takes it.
+        A turn that lands alone (a low cap, a slow server) then costs one write(2)
+        and its caller's wake-up, not a wake-up of the writer task as well.
+        """
+        self._soon = False
+        batch = self._batch
+        if not batch:
+            return
+        if (
+            self._busy
+            or self.error is not None
+            or self._policy.fsync == "always"
+            or self._due()
+            or batch.size() > INLINE_BYTES
+            or self._snapshot_due()
+        ):
+            self._kick.set()
+            return
+        self._batch = _Batch()
+        try:
+            self._write(batch, sync=False)
+        except OSError as exc:
+            batch.error = self.error = exc
+            self._kick.set()  # the task raises it: the run ends there
+        batch.done.set()
+        if self._snapshot_due():
+            self._kick.set()
 
     # -- the writer task -----------------------------------------------------
 
     async def run(self) -> None:
         """The writer loop; returns after close() once everything is on disk."""
         try:
-            while True:
-                timeout = self._sync_timeout()
-                with anyio.move_on_after(timeout):
-                    await self._kick.wait()
-                self._kick = anyio.Event()
-                batch, self._batch = self._batch, _Batch()
-                if batch:
-                    with anyio.CancelScope(shield=True):
-                        await self._flush(batch)
-                        if self._snapshot_due():
-                            # Its own hop: the batch's callers are already on their way.
-                            await self._in_thread(self._snapshot)
-                elif self._due():
-                    with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(self._sync_all)
-                if self._closing and not self._batch:
-                    break
+            async with anyio.create_task_group() as group:
+                if self._policy.fsync == "interval":
+                    group.start_soon(self._tick)
+                await self._loop()
+                group.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self._close_files)
             self._stopped.set()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick = anyio.Event()
+            if self.error is not None:
+                raise CheckpointError(self._describe(self.error))
+            batch, self._batch = self._batch, _Batch()
+            self._busy = True
+            with anyio.CancelScope(shield=True):
+                if batch:
+                    await self._flush(batch)
+                if self._snapshot_due():
+                    self._advance_seek()
+                    # Its own hop: the batch's callers are already on their way.
+                    await self._in_thread(self._snapshot)
+                elif not batch and self._due() and self._dirty():
+                    await anyio.to_thread.run_sync(self._sync_all)
+            self._busy = False
+            if self._closing and not self._batch:
+                return
+
+    async def _tick(self) -> None:
+        """Wake the loop every fsync interval, so a quiet run still fsyncs on time.
+
+        A task of its own rather than a timeout on the loop's wait: that would
+        cost a cancel scope and a timer per batch.
+        """
+        while True:
+            await anyio.sleep(self._policy.fsync_interval_s)
+            self._kick.set()
 
     async def close(self) -> None:
         """Flush what is pending, fsync, close the files and wait for the loop to end."""
@@ -243,8 +316,12 @@ class Writer:
             raise CheckpointError(self._describe(self.error))
 
     async def _flush(self, batch: _Batch) -> None:
+        sync = self._policy.fsync == "always" or self._due()
         try:
-            await anyio.to_thread.run_sync(self._write, batch)
+            if not sync and batch.size() <= INLINE_BYTES:
+                self._write(batch, sync=False)
+            else:
+                await anyio.to_thread.run_sync(self._write, batch, sync)
         except OSError as exc:
             batch.error = self.error = exc
         batch.done.set()
@@ -258,7 +335,7 @@ class Writer:
             self.error = exc
             raise CheckpointError(self._describe(exc)) from exc
 
-    def _write(self, batch: _Batch) -> None:
+    def _write(self, batch: _Batch, sync: bool) -> None:
         files = (self._journal, self._out, self._failed, self._filtered)
         sizes = [f.size for f in files]
         try:
@@ -276,12 +353,12 @@ class Writer:
             if batch.filtered:
                 emits += self._append_rows(self._filtered, batch.filtered, EMIT_FILTERED)
             journal = journal + [encode(emit) for emit in emits]
-            if self._policy.fsync == "always" or self._due():
+            if sync:
                 self._out.sync()
                 self._failed.sync()
                 self._filtered.sync()
             self._journal.write(b"".join(journal))
-            if self._policy.fsync == "always" or self._due():
+            if sync:
                 self._sync_all()
             if self._state is not None:
                 # Written: the state a replay would now give (records in journal order).
@@ -328,6 +405,15 @@ class Writer:
             return False
         return self._rows >= self._every[0] or size >= self._every[1]
 
+    def _advance_seek(self) -> None:
+        """Move the state's seek to the reader's last mark before the first row not done."""
+        state = self._state
+        if state is None or self._marks is None:
+            return
+        mark = self._marks.before(state.done.prefix())
+        if mark is not None and mark[0] > state.seek[0]:
+            state.seek = mark
+
     def _snapshot(self) -> None:
         state = self._state
         assert state is not None
@@ -366,12 +452,8 @@ class Writer:
             return False
         return time.monotonic() - self._last_sync >= self._policy.fsync_interval_s
 
-    def _sync_timeout(self) -> float:
-        if self._policy.fsync != "interval" or not (
-            self._journal.dirty or self._out.dirty or self._failed.dirty or self._filtered.dirty
-        ):
-            return float("inf")
-        return max(0.0, self._policy.fsync_interval_s - (time.monotonic() - self._last_sync))
+    def _dirty(self) -> bool:
+        return any(f.dirty for f in (self._journal, self._out, self._failed, self._filtered))
 
     def _sync_all(self) -> None:
         if self._policy.fsync == "never":

@@ -1,11 +1,14 @@
 """Streaming the input: big reads in a worker thread, split into lines on the loop.
 
 Nothing reads the whole file: memory holds one chunk plus the rows in flight,
-whatever the file size.
+whatever the file size. A resume does not read the finished part either: the
+reader notes where lines start as it goes (:class:`Marks`), a snapshot keeps
+the last one before which every line is done, and the next run seeks there.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Container
 from pathlib import Path
 from typing import Any
@@ -19,22 +22,59 @@ CHUNK = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 
 
+class Marks:
+    """(line, byte offset of its start) pairs the reader notes, one a chunk.
+
+    The writer asks for the last one at or before the first line not done yet
+    (:meth:`before`) when it takes a snapshot; older ones are dropped then, so
+    the marks kept span only the rows the reader is ahead of the finished ones.
+    """
+
+    __slots__ = ("_marks",)
+
+    def __init__(self) -> None:
+        self._marks: deque[tuple[int, int]] = deque()
+
+    def note(self, line: int, offset: int) -> None:
+        self._marks.append((line, offset))
+
+    def before(self, line: int) -> tuple[int, int] | None:
+        """The last mark whose line is at most ``line`` (None when there is none)."""
+        marks = self._marks
+        while len(marks) > 1 and marks[1][0] <= line:
+            marks.popleft()
+        if marks and marks[0][0] <= line:
+            return marks[0]
+        return None
+
+
 async def read_lines(
-    path: Path, skip: Container[int] = (), chunk: int = CHUNK
+    path: Path,
+    skip: Container[int] = (),
+    chunk: int = CHUNK,
+    *,
+    start: tuple[int, int] = (0, 0),
+    marks: Marks | None = None,
 ) -> AsyncIterator[tuple[int, bytes]]:
     """Yield (0-based line number, line bytes) for each non-blank line not in ``skip``.
 
-    CRLF endings and a UTF-8 byte-order mark are accepted.
+    ``start`` is (line, byte offset where it starts): reading begins there, the
+    lines before it taken as done. ``marks`` gets where lines start as chunks go
+    by. CRLF endings and a UTF-8 byte-order mark are accepted.
     """
-    line = 0
+    line, offset = start
     rest = b""
     f = await anyio.to_thread.run_sync(path.open, "rb")
     try:
-        first = True
+        if offset:
+            await anyio.to_thread.run_sync(f.seek, offset)
+        first = not offset
         while True:
-            data = await anyio.to_thread.run_sync(f.read, chunk)
+            size = max(chunk, len(_BOM)) if first else chunk
+            data = await anyio.to_thread.run_sync(f.read, size)
             if not data:
                 break
+            offset += len(data)
             if first:
                 first = False
                 if data.startswith(_BOM):
@@ -47,6 +87,8 @@ async def read_lines(
                 if line not in skip and part.strip():
                     yield line, part
                 line += 1
+            if marks is not None:
+                marks.note(line, offset - len(rest))
         if rest.strip() and line not in skip:
             yield line, rest
     finally:

@@ -36,7 +36,7 @@ import anyio
 import orjson
 
 from engine.errors import InputError
-from engine.input.reader import count_rows, decode_line, raw_id, read_lines
+from engine.input.reader import Marks, count_rows, decode_line, raw_id, read_lines
 from engine.input.rows import FORMAT_KEYS
 from engine.problems import Problems
 
@@ -154,18 +154,24 @@ def check_input(path: Path, fmt: str, columns: Mapping[str, str]) -> None:
 
 
 async def read_records(
-    path: Path, fmt: str, columns: Mapping[str, str], skip: Container[int] = ()
+    path: Path,
+    fmt: str,
+    columns: Mapping[str, str],
+    skip: Container[int] = (),
+    *,
+    below: int = 0,
 ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """Yield (0-based row number, row) for each row of a Parquet or ``hf`` input.
 
     ``columns`` maps row keys to the columns holding them (``{"messages": "chat"}``);
     rows numbered in ``skip`` (finished in an earlier run) are not converted, and a
-    Parquet row group whose rows are all in ``skip`` is not even read. Every read
+    Parquet row group whose rows are all in ``skip`` is not even read. Rows numbered
+    under ``below`` are taken as finished without a look at ``skip``. Every read
     and conversion runs in a worker thread, one slice of rows per hop.
     """
     if fmt not in ("parquet", "hf"):
         raise ValueError(f"read_records reads parquet or hf input, not {fmt!r}")
-    chunks = _chunks(path, fmt, columns, skip)
+    chunks = _chunks(path, fmt, columns, skip, below)
     try:
         while True:
             chunk = await anyio.to_thread.run_sync(next, chunks, None)
@@ -180,14 +186,25 @@ async def read_records(
 
 
 async def read_input(
-    path: Path, fmt: str, columns: Mapping[str, str], skip: Container[int] = ()
+    path: Path,
+    fmt: str,
+    columns: Mapping[str, str],
+    skip: Container[int] = (),
+    *,
+    start: tuple[int, int] = (0, 0),
+    marks: Marks | None = None,
 ) -> AsyncIterator[tuple[int, Item]]:
-    """Any input: JSONL lines as bytes (decoded by the workers), other formats as rows."""
+    """Any input: JSONL lines as bytes (decoded by the workers), other formats as rows.
+
+    ``start`` is (row, byte offset) of a snapshot's seek: every row before it is
+    finished. The JSONL reader seeks to the offset and notes ``marks`` as it goes;
+    columnar inputs pass over the rows before it (offsets mean nothing there).
+    """
     if fmt == "jsonl":
-        async for line, raw in read_lines(path, skip=skip):
+        async for line, raw in read_lines(path, skip=skip, start=start, marks=marks):
             yield line, raw
         return
-    async for index, row in read_records(path, fmt, columns, skip):
+    async for index, row in read_records(path, fmt, columns, skip, below=start[0]):
         yield index, row
 
 
@@ -273,14 +290,14 @@ def parse_input_columns(raw: Any, problems: Problems, keys: Sequence[str]) -> di
 
 
 def _chunks(
-    path: Path, fmt: str, columns: Mapping[str, str], skip: Container[int]
+    path: Path, fmt: str, columns: Mapping[str, str], skip: Container[int], below: int = 0
 ) -> Generator[list[tuple[int, dict[str, Any]]], None, None]:
     """Converted rows, a slice at a time. Runs in worker threads, one ``next`` per hop."""
     pa = _pyarrow(fmt)
     start = 0
     for file in fingerprint_paths(path, fmt):
         if fmt == "parquet":
-            batches = _parquet_batches(file, start, skip)
+            batches = _parquet_batches(file, start, skip, below)
         else:
             batches = _arrow_batches(file, start)
         for first, size, batch in batches:
@@ -292,6 +309,8 @@ def _chunks(
             for offset in range(0, size, CHUNK_ROWS):
                 piece = batch.slice(offset, CHUNK_ROWS)
                 base = first + offset
+                if base + int(piece.num_rows) <= below:
+                    continue
                 keep = [i for i in range(int(piece.num_rows)) if base + i not in skip]
                 if not keep:
                     continue
@@ -307,15 +326,15 @@ def _chunks(
 Batches = Iterator[tuple[int, int, Any]]
 
 
-def _parquet_batches(file: Path, start: int, skip: Container[int]) -> Batches:
+def _parquet_batches(file: Path, start: int, skip: Container[int], below: int = 0) -> Batches:
     """(first row number, rows, batch) for one Parquet file; batch None for a row group
-    whose rows are all in ``skip``, which is not read at all."""
+    whose rows are all under ``below`` or in ``skip``, which is not read at all."""
     pq = _parquet("parquet")
     with pq.ParquetFile(file) as pf:
         first = start
         for group in range(pf.metadata.num_row_groups):
             size = int(pf.metadata.row_group(group).num_rows)
-            if all(i in skip for i in range(first, first + size)):
+            if first + size <= below or all(i in skip for i in range(first, first + size)):
                 yield first, size, None
                 first += size
                 continue
