@@ -34,13 +34,14 @@ NAMES = (
     "resume",
     "replicas",
     "caps",
+    "shards",
 )
 DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
 QUICK_OUT = WORK / "quick" / "RESULTS.md"
 
 
 def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
-    from bench import caps, memory, peers, realmodel, replicas, throughput
+    from bench import caps, memory, peers, realmodel, replicas, shards, throughput
 
     suites: list[Callable[[], list[Section]]] = []
     if "overhead" in chosen:
@@ -63,6 +64,8 @@ def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
         suites.append(lambda: [replicas.replicas(plan)])
     if "caps" in chosen:
         suites.append(lambda: caps.caps(plan))
+    if "shards" in chosen:
+        suites.append(lambda: [shards.shards(plan)])
     return suites
 
 

@@ -434,15 +434,29 @@ def _targets(by_point: dict[tuple[float, int], dict[str, list[Result]]]) -> list
         }
         if not per:
             continue
+        # Where latency is the bound (the reference reaches 90% of cap / latency, as in
+        # section 2), nobody can go faster: there the target is "as fast", within the
+        # 2% that repeats vary by.
+        bound = {point for point, res in by_point.items() if _latency_bound(point, res[reference])}
         targets.append(
             Target(
                 f"{name}, requests/s at every point",
-                f">= {goal:.0%}",
-                "; ".join(f"{lat:g} ms cap {cap}: {v:.0%}" for (lat, cap), v in per.items()),
-                min(per.values()) >= goal,
+                f">= {goal:.0%} (>= 98% where latency is the bound)",
+                "; ".join(
+                    f"{lat:g} ms cap {cap}: {v:.0%}"
+                    + (" (latency-bound)" if (lat, cap) in bound else "")
+                    for (lat, cap), v in per.items()
+                ),
+                all(v >= goal or (point in bound and v >= 0.98) for point, v in per.items()),
             )
         )
     return targets
+
+
+def _latency_bound(point: tuple[float, int], reference: list[Result]) -> bool:
+    """Whether ``reference`` reaches 90% of cap / latency at ``point``."""
+    lat, cap = point
+    return lat > 0 and median(r.rate_steady for r in reference) >= 0.9 * cap / (lat / 1000)
 
 
 __all__ = ["SYSTEMS", "caps", "turns_for"]

@@ -60,6 +60,10 @@ class Plan:
     caps_null_writer: tuple[tuple[float, int], ...]  # points that also run bench.nullwriter
     caps_memory_rows: tuple[int, ...]  # memory against input size, in the same run
     caps_resume_rows: tuple[int, ...]  # of those, the sizes SIGKILLed and resumed
+    # shards (bench/shards.py): one process against 1 and 2 Ray shards, 0 ms
+    shard_rows: int
+    shard_cap: int
+    shard_repeats: int
 
 
 FULL = Plan(
@@ -109,6 +113,9 @@ FULL = Plan(
     caps_null_writer=((0.0, 64), (50.0, 16), (50.0, 1024)),
     caps_memory_rows=(10_000, 100_000, 1_000_000, 10_000_000),
     caps_resume_rows=(1_000_000, 10_000_000),
+    shard_rows=60_000,
+    shard_cap=512,
+    shard_repeats=2,
 )
 
 QUICK = Plan(
@@ -158,4 +165,7 @@ QUICK = Plan(
     caps_null_writer=((0.0, 64),),
     caps_memory_rows=(10_000, 30_000),
     caps_resume_rows=(30_000,),
+    shard_rows=8_000,
+    shard_cap=512,
+    shard_repeats=1,
 )
