@@ -1,1 +1,2 @@
-"""Input: one source per format (JSONL, Parquet, datasets folders) and the row formats."""
+"""Input: one source per format (JSONL, Parquet, saved datasets), shard plans, and the
+row formats."""

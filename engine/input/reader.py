@@ -4,12 +4,14 @@ Nothing reads the whole file: memory holds one chunk plus the rows in flight,
 whatever the file size. A resume does not read the finished part either: the
 reader notes where lines start as it goes (:class:`Marks`), a snapshot keeps
 the last one before which every line is done, and the next run seeks there.
+A shard reads one byte range (``end``) whose bounds :func:`line_starts` finds
+without splitting the file into lines.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator, Container
+from collections.abc import AsyncIterator, Container, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import orjson
 from engine.errors import InputError
 
 CHUNK = 1 << 20
+SCAN_CHUNK = 1 << 24  # planning only counts newlines: bigger reads, fewer hops
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -54,15 +57,21 @@ async def read_lines(
     chunk: int = CHUNK,
     *,
     start: tuple[int, int] = (0, 0),
+    end: int | None = None,
     marks: Marks | None = None,
 ) -> AsyncIterator[tuple[int, bytes]]:
     """Yield (0-based line number, line bytes) for each non-blank line not in ``skip``.
 
     ``start`` is (line, byte offset where it starts): reading begins there, the
-    lines before it taken as done. ``marks`` gets where lines start as chunks go
-    by. CRLF endings and a UTF-8 byte-order mark are accepted.
+    lines before it taken as done. ``end`` bounds a shard's byte range: only lines
+    whose first byte lies before it are read, the last one to its newline even
+    past ``end`` (so a line straddling a cut belongs to the shard it starts in).
+    ``marks`` gets where lines start as chunks go by. CRLF endings and a UTF-8
+    byte-order mark are accepted.
     """
     line, offset = start
+    if end is not None and offset >= end:
+        return  # an empty shard, or a resume past the end of its shard
     rest = b""
     f = await anyio.to_thread.run_sync(path.open, "rb")
     try:
@@ -81,6 +90,14 @@ async def read_lines(
                     data = data[len(_BOM) :]
             if rest:
                 data = rest + data
+            at = offset - len(data)  # where data starts in the file
+            done = False
+            if end is not None and offset >= end:
+                # The line holding byte end - 1 is the shard's last: cut after its newline.
+                stop = data.find(b"\n", max(end - 1 - at, 0))
+                if stop >= 0:
+                    data = data[: stop + 1]
+                    done = True
             parts = data.split(b"\n")
             rest = parts.pop()
             for part in parts:
@@ -88,7 +105,9 @@ async def read_lines(
                     yield line, part
                 line += 1
             if marks is not None:
-                marks.note(line, offset - len(rest))
+                marks.note(line, at + len(data) - len(rest))
+            if done:
+                return
         if rest.strip() and line not in skip:
             yield line, rest
     finally:
@@ -107,6 +126,41 @@ def count_rows(path: Path, chunk: int = CHUNK) -> int:
         if rest.strip():
             rows += 1
     return rows
+
+
+def line_starts(
+    path: Path, offsets: Sequence[int], chunk: int = SCAN_CHUNK
+) -> list[tuple[int, int]]:
+    """For each of the nondecreasing byte ``offsets``, the first line start at or after
+    it, as (line number, byte offset); (lines in the file, file size) past the last one.
+
+    One pass in big chunks, counting newlines with ``bytes.count`` and ``find`` (no
+    per-line Python work), for planning shards of files of any size. Line numbers
+    count blank lines, as :func:`read_lines` does. Blocking: run in a thread.
+    """
+    found: list[tuple[int, int]] = []
+    lines = 0  # newlines before the chunk
+    base = 0  # the chunk's offset in the file
+    last = b""
+    with path.open("rb") as f:
+        while len(found) < len(offsets) and offsets[len(found)] <= 0:
+            found.append((0, 0))
+        while data := f.read(chunk):
+            seen, counted = lines, 0  # newlines before base + counted
+            while len(found) < len(offsets):
+                # A line starts at the offset itself when the byte before it is a newline.
+                at = data.find(b"\n", max(offsets[len(found)] - 1 - base, 0))
+                if at < 0:
+                    break
+                seen += data.count(b"\n", counted, at + 1)
+                counted = at + 1
+                found.append((seen, base + at + 1))
+            lines += data.count(b"\n")
+            base += len(data)
+            last = data[-1:]
+    total = lines + int(last not in (b"", b"\n"))  # a last line without a newline
+    found += [(total, base)] * (len(offsets) - len(found))
+    return found
 
 
 def decode_line(raw: bytes) -> dict[str, Any]:
