@@ -18,6 +18,7 @@ from engine._api import arun, export, run
 from engine.errors import (
     CheckpointError,
     ConfigError,
+    ExecutorError,
     ExportError,
     InputError,
     LocalServerError,
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "ExecutorError",
     "ExportError",
     "InputError",
     "LocalServerError",

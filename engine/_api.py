@@ -22,7 +22,8 @@ import anyio
 from engine import progress
 from engine._runner import announce, execute, prepare, run_loop
 from engine.config import RunConfig, load_config, parse_config
-from engine.stats import Summary
+from engine.errors import ExecutorError
+from engine.stats import Outcome, Summary
 
 ConfigLike = str | Path | Mapping[str, Any] | RunConfig
 
@@ -49,6 +50,10 @@ async def arun(config: ConfigLike, *, fresh: bool = False, progress_log: bool = 
     progress line every ``progress_interval_s`` (to the ``turnstile`` logger).
     """
     cfg = load(config)
+    if cfg.executor.kind == "ray":
+        # The driver runs its own event loop (and Ray's blocking calls): a thread of its own.
+        sharded = functools.partial(_run_sharded, cfg, fresh=fresh, progress_log=progress_log)
+        return await anyio.to_thread.run_sync(sharded)
     task = cfg.kind.build(cfg)
     lock, state, resumed = await anyio.to_thread.run_sync(
         functools.partial(prepare, cfg, fresh=fresh)
@@ -69,9 +74,28 @@ def run(config: ConfigLike, *, fresh: bool = False, progress_log: bool = False) 
     errors of ``engine.errors``; never exits the process.
     """
     cfg = load(config)
+    if cfg.executor.kind == "ray":
+        return _run_sharded(cfg, fresh=fresh, progress_log=progress_log)
     return run_loop(
         functools.partial(arun, cfg, fresh=fresh, progress_log=progress_log), uvloop=cfg.uvloop
     )
+
+
+def _run_sharded(cfg: RunConfig, *, fresh: bool, progress_log: bool) -> Summary:
+    """``executor: ray``: the shards on a Ray cluster, then the merge (engine.executors)."""
+    from engine.executors.ray_run import prepare_sharded, run_sharded
+
+    lock, plan, resumed = prepare_sharded(cfg, fresh=fresh, shards=cfg.executor.shards)
+    try:
+        display = progress.Display(cfg.progress_interval_s, live=False, quiet=not progress_log)
+        outcome = run_sharded(cfg, plan, display=display, signals=False, resumed=resumed)
+    finally:
+        lock.close()
+    if outcome.failed_shards:
+        failed = ", ".join(f"{i} ({error})" for i, error in sorted(outcome.failed_shards.items()))
+        raise ExecutorError(f"shards failed: {failed}; the others are done: run again to retry")
+    done = Outcome(stats=outcome.stats, elapsed_s=outcome.elapsed_s, resumed=resumed)
+    return Summary.of(done, cfg.output, cfg.failed_output, cfg.filtered_output)
 
 
 def export(

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
@@ -57,17 +57,30 @@ log = logging.getLogger("turnstile")
 T = TypeVar("T")
 
 
+class Companion(Protocol):
+    """Something that runs beside a run: started before its first request, with its
+    model clients and counters, then run until the run ends (cancelled there)."""
+
+    async def start(self, clients: dict[str, ModelClient], stats: RunStats) -> None: ...
+
+    async def run(self) -> None: ...
+
+
 def run_loop(main: Callable[[], Awaitable[T]], *, uvloop: bool) -> T:
     """Run ``main`` to its end on a new event loop: uvloop when asked and installed."""
     use = uvloop and importlib.util.find_spec("uvloop") is not None
     return anyio.run(main, backend="asyncio", backend_options={"use_uvloop": use})
 
 
-def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:
+def prepare(
+    config: RunConfig, *, fresh: bool, known_input: dict[str, Any] | None = None
+) -> tuple[Any, Replay, bool]:
     """Lock the checkpoint, check or write its manifest, and replay its journal.
 
     Blocking (runs before the event loop does any network work). Returns the
     lock handle (keep it open), the replay, and whether this resumes a run.
+    ``known_input`` is the input's fingerprint as the manifest stores it, when the
+    caller has it (a shard: the driver hashed the input once for every shard).
     """
     if not config.input.exists():
         raise InputError(f"input {config.input} does not exist; check input: in the config")
@@ -80,7 +93,8 @@ def prepare(config: RunConfig, *, fresh: bool) -> tuple[Any, Replay, bool]:
         manifest = read_manifest(config.checkpoint_dir)
         if manifest is None:
             _refuse_foreign_output(config)
-            write_manifest(config.checkpoint_dir, new_manifest(config, input_print(config.input)))
+            fingerprint = input_print(config.input, known_input)
+            write_manifest(config.checkpoint_dir, new_manifest(config, fingerprint))
             resumed = False
         else:
             fingerprint = check_manifest(manifest, config)
@@ -143,11 +157,14 @@ async def execute(
     display: progress.Display,
     open_local: Callable[..., Any] | None = None,
     signals: bool = False,
+    companion: Companion | None = None,
 ) -> Outcome:
     """Run every row not finished in ``state`` through ``task``.
 
     ``signals`` installs SIGINT/SIGTERM handlers that stop the run gracefully
     (the CLI's; a library caller keeps its own, and cancellation stops the run).
+    ``companion`` runs beside the run with its clients and counters (a shard's
+    lease of its share of the caps, engine.executors).
 
     A TurnstileError from any task (disk full, a model down) stops the run and
     is raised as itself, not wrapped in an exception group.
@@ -161,6 +178,7 @@ async def execute(
             display=display,
             open_local=open_local,
             signals=signals,
+            companion=companion,
         )
     except BaseExceptionGroup as group:
         error = _first_error(group)
@@ -189,6 +207,7 @@ async def _execute(
     display: progress.Display,
     open_local: Callable[..., Any] | None,
     signals: bool,
+    companion: Companion | None,
 ) -> Outcome:
     stats = RunStats(
         rows_done=len(state.done),
@@ -213,6 +232,7 @@ async def _execute(
         state=state,
         snapshot_every_rows=snapshot_every_rows(),
         marks=marks,
+        seek_base=config.piece.first_row if config.piece else 0,
     )
     async with AsyncExitStack() as stack:
         local_urls: dict[str, list[str]] = {}
@@ -233,6 +253,8 @@ async def _execute(
                 ModelClient(model, model_stats, base_urls=local_urls.get(name))
             )
         await _probe_models(clients, task.optional_models())
+        if companion is not None:
+            await companion.start(clients, stats)  # before any request: a shard's share
         ctx = Context(config=config, kind=config.kind, writer=writer, clients=clients, stats=stats)
         workers = config.max_conversations or task.rows_in_flight(config)
         _tune_collector(stack)
@@ -242,6 +264,8 @@ async def _execute(
             outer.start_soon(writer.run)
             outer.start_soon(_count_rows, config, fmt, stats)
             outer.start_soon(display.run, stats, started)
+            if companion is not None:
+                outer.start_soon(companion.run)
             work = anyio.CancelScope()
             if signals:
                 outer.start_soon(_watch_signals, ctx, outcome, work, outer)
@@ -341,8 +365,9 @@ async def _feed(
 ) -> None:
     # A fresh run skips nothing: an empty tuple spares each row a Python-level lookup.
     skip = state.done if len(state.done) else ()
+    seek = {"start": state.seek} if state.seek[0] else {}  # else the input's (or piece's) start
     rows = read_input(
-        config.input, fmt, config.input_columns, skip=skip, start=state.seek, marks=marks
+        config.input, fmt, config.input_columns, skip=skip, piece=config.piece, marks=marks, **seek
     )
     async with send:
         async for item in rows:
@@ -409,6 +434,9 @@ def _tune_collector(stack: AsyncExitStack) -> None:
 
 
 async def _count_rows(config: RunConfig, fmt: str, stats: RunStats) -> None:
+    if config.piece is not None:
+        stats.rows_total = config.piece.rows
+        return
     stats.rows_total = await anyio.to_thread.run_sync(
         count_input, config.input, fmt, abandon_on_cancel=True
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from engine import progress
@@ -21,9 +22,10 @@ from engine.checkpoint.journal import repair as repair_journal
 from engine.checkpoint.journal import segments
 from engine.checkpoint.manifest import lock_checkpoint, read_manifest
 from engine.checkpoint.snapshot import load, read_snapshot, tail_segments
-from engine.config import RunConfig, load_config
+from engine.config import EXECUTORS, RunConfig, load_config
 from engine.crash import crash_report, write_crash_log
 from engine.errors import CheckpointError, ConfigError, InputError, TurnstileError
+from engine.executors.shards import is_sharded
 from engine.input.sources import count_input, detect_format
 from engine.stats import Outcome
 
@@ -44,6 +46,18 @@ def _load(path: str, *, check_env: bool = True) -> RunConfig | None:
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
+        return EXIT_UNUSABLE
+    config = _overrides(config, args)
+    if config.executor.kind == "ray":
+        from engine.executors.command import run_command
+
+        return run_command(config, fresh=args.fresh, quiet=args.quiet)
+    if is_sharded(config.checkpoint_dir):
+        print(
+            f"error: {config.checkpoint_dir} holds a sharded run (executor: ray); resume it "
+            "with executor: ray (or --executor ray), or run with --fresh to start over",
+            file=sys.stderr,
+        )
         return EXIT_UNUSABLE
     task = config.kind.build(config)
     try:
@@ -78,6 +92,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED_ROWS
     progress.log.info(f"done: {config.output}")
     return EXIT_OK
+
+
+def _overrides(config: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """--executor and --shards over the config's executor: section."""
+    executor = config.executor
+    if args.executor is not None:
+        executor = replace(executor, kind=args.executor)
+    if args.shards is not None:
+        executor = replace(executor, shards=args.shards)
+    return replace(config, executor=executor)
 
 
 def _crashed(exc: BaseException, config: RunConfig) -> int:
@@ -133,6 +157,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     note = config.kind.describe(config.section)
     if note is not None:
         print(f"turns:      {note}")
+    if is_sharded(config.checkpoint_dir):
+        from engine.executors.command import status_lines
+
+        for line in status_lines(config):
+            print(line)
+        return EXIT_OK
     recorded = manifest.get("config")
     section = recorded.get(config.task) if isinstance(recorded, dict) else None
     problem = config.kind.resume_problem(section if isinstance(section, dict) else None, config)
@@ -218,6 +248,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="turnstile",
@@ -230,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true", help="discard the checkpoint and output and start over"
     )
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.add_argument(
+        "--executor", choices=EXECUTORS, default=None, help="override executor.kind: local or ray"
+    )
+    run.add_argument(
+        "--shards", type=_positive, default=None, help="override executor.shards (first run only)"
+    )
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="progress read from the checkpoint, without running")
     status.add_argument("config")

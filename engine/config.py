@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml
@@ -23,6 +23,9 @@ from engine.output.filters import FilterConfig, filtered_path, parse_filters
 from engine.problems import Problems
 from engine.tasks import kind_of, registry
 from engine.tasks.base import TaskKind
+
+if TYPE_CHECKING:
+    from engine.input.sources import Slice
 
 LOCAL = "local"
 FSYNC_MODES = ("interval", "always", "never")
@@ -91,6 +94,35 @@ class JournalConfig:
     fsync_interval_s: float = 1.0
 
 
+EXECUTORS = ("local", "ray")
+_RAY_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9_.\[\]:-]+:\d+")
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorConfig:
+    """Where the run happens: this process (``local``), or shards on a Ray cluster.
+
+    ``address`` (ray): None starts a local cluster on loopback for this run and
+    stops it at the end; ``auto`` or ``ray://host:10001`` joins a running one.
+    ``shards`` is fixed by the first run of a checkpoint. ``max_concurrent_shards``
+    None runs every shard at once.
+    """
+
+    kind: str = "local"
+    address: str | None = None
+    shards: int = 8
+    max_concurrent_shards: int | None = None
+    num_cpus_per_shard: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics while the run goes: ``http://host:port/metrics`` (port None: off)."""
+
+    port: int | None = None
+    host: str = "127.0.0.1"
+
+
 @dataclass(frozen=True, slots=True)
 class RunConfig:
     config_path: Path
@@ -107,6 +139,10 @@ class RunConfig:
     input_columns: Mapping[str, str] = field(default_factory=dict)  # row key -> column
     filters: FilterConfig = field(default_factory=FilterConfig)
     uvloop: bool = True  # run on uvloop where it is installed (the CLI and engine.run)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # A shard of a sharded run reads only this piece of the input (engine.executors).
+    piece: Slice | None = None
 
     @property
     def failed_output(self) -> Path:
@@ -164,6 +200,8 @@ _TOP_KEYS = (
     "checkpoint_dir",
     "models",
     "journal",
+    "executor",
+    "metrics",
     "max_conversations",
     "shutdown_grace_s",
     "progress_interval_s",
@@ -260,6 +298,8 @@ def parse_config(
     if not isinstance(uvloop, bool):
         p.add("uvloop", f"must be true or false, got {uvloop!r}")
         uvloop = True
+    executor = parse_executor(p, raw.get("executor"))
+    metrics = parse_metrics(p, raw.get("metrics"))
 
     if p.items:
         raise ConfigError(p.items)
@@ -279,6 +319,63 @@ def parse_config(
         input_columns=input_columns,
         filters=filters,
         uvloop=uvloop,
+        executor=executor,
+        metrics=metrics,
+    )
+
+
+def parse_metrics(p: Problems, raw: Any) -> MetricsConfig:
+    """The ``metrics:`` section; problems name the key."""
+    body = p.mapping("metrics", raw)
+    if body is None:
+        return MetricsConfig()
+    p.unknown("metrics", body, ("port", "host"))
+    port = body.get("port")
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535
+    ):
+        p.add("metrics.port", f"must be a TCP port (1-65535; 0 picks a free one), got {port!r}")
+        port = None
+    host = p.string("metrics.host", body.get("host"), required=False, fix="e.g. 127.0.0.1")
+    return MetricsConfig(port=port, host=host or "127.0.0.1")
+
+
+def parse_executor(p: Problems, raw: Any) -> ExecutorConfig:
+    """The ``executor:`` section; problems name the key."""
+    body = p.mapping("executor", raw)
+    if body is None:
+        return ExecutorConfig()
+    p.unknown(
+        "executor",
+        body,
+        ("kind", "address", "shards", "max_concurrent_shards", "num_cpus_per_shard"),
+    )
+    kind = body.get("kind", "local")
+    if kind not in EXECUTORS:
+        p.add("executor.kind", f"must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+        kind = "local"
+    address = body.get("address")
+    if address is not None and not (
+        isinstance(address, str)
+        and (address in ("auto", "local") or _RAY_ADDRESS.fullmatch(address))
+    ):
+        p.add(
+            "executor.address",
+            "must be null (start a local cluster), auto, ray://HOST:10001 or HOST:6379; "
+            f"got {address!r}",
+        )
+        address = None
+    shards = p.positive_int("executor.shards", body.get("shards"), 8) or 8
+    concurrent = p.positive_int(
+        "executor.max_concurrent_shards", body.get("max_concurrent_shards"), None
+    )
+    cpus = p.positive_float("executor.num_cpus_per_shard", body.get("num_cpus_per_shard"), 1.0)
+    return ExecutorConfig(
+        kind=kind,
+        address=address,
+        shards=shards,
+        max_concurrent_shards=concurrent,
+        num_cpus_per_shard=cpus,
     )
 
 

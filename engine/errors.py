@@ -62,3 +62,8 @@ class LocalServerError(TurnstileError):
 
 class ExportError(TurnstileError):
     """The export cannot be made as asked; the message names the fix."""
+
+
+class ExecutorError(TurnstileError):
+    """A sharded run cannot go on as it is (a shard failed, the cluster or its quota is
+    gone); the shards that finished stay finished, and a rerun resumes the others."""

@@ -76,6 +76,7 @@ def status_line(stats: RunStats, elapsed: float) -> str:
     total = "?" if stats.rows_total is None else str(stats.rows_total)
     tokens = stats.prompt_tokens + stats.completion_tokens
     parts = [
+        *([stats.shards] if stats.shards else []),
         f"rows {stats.rows_done}/{total} ({stats.rows_failed} failed)",
         f"turns {_turns(stats)} ({_num(_rate(stats.turns_done, elapsed))}/s)",
         f"tokens {_num(tokens)} ({_num(_rate(stats.completion_tokens, elapsed))} out/s)",
@@ -154,7 +155,8 @@ def _panel(stats: RunStats, elapsed: float) -> Group:
         ),
     )
     head = Text(
-        f"failed {stats.rows_failed}  turns {_turns(stats)}"
+        (f"{stats.shards}\n" if stats.shards else "")
+        + f"failed {stats.rows_failed}  turns {_turns(stats)}"
         + f" ({_rate(stats.turns_done, elapsed):.1f}/s)"
         + f"  tokens {_num(stats.prompt_tokens + stats.completion_tokens)}"
         + f" ({_rate(stats.completion_tokens, elapsed):.0f} out/s)"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 _BUCKET_RATIO = 1.05
 _BUCKET_FLOOR_S = 1e-4
@@ -14,19 +16,49 @@ _LOG_RATIO = math.log(_BUCKET_RATIO)  # math.log(x, base) is log(x) / log(base):
 class LatencyHistogram:
     """Percentiles in constant memory: log-spaced buckets 5% wide from 0.1 ms up."""
 
-    __slots__ = ("_counts", "count")
+    __slots__ = ("_counts", "count", "total_s")
 
     def __init__(self) -> None:
         self._counts: dict[int, int] = {}
         self.count = 0
+        self.total_s = 0.0
 
     def add(self, seconds: float) -> None:
+        self.total_s += seconds
         index = 0
         if seconds > _BUCKET_FLOOR_S:
             index = int(math.log(seconds / _BUCKET_FLOOR_S) / _LOG_RATIO) + 1
         counts = self._counts
         counts[index] = counts.get(index, 0) + 1
         self.count += 1
+
+    def buckets(self) -> dict[int, int]:
+        """Its counts by bucket (to send elsewhere and :meth:`merge` there)."""
+        return dict(self._counts)
+
+    def merge(self, buckets: dict[int, int], total_s: float = 0.0) -> None:
+        for index, count in buckets.items():
+            self._counts[int(index)] = self._counts.get(int(index), 0) + count
+            self.count += count
+        self.total_s += total_s
+
+    def cumulative(self, bounds: Iterable[float]) -> list[tuple[float, int]]:
+        """(upper bound, requests at or under it) for each bound, as Prometheus histograms
+        count them; a bucket counts under the first bound its upper edge fits (to 5%)."""
+        out = []
+        for bound in bounds:
+            under = sum(n for index, n in self._counts.items() if _upper(index) <= bound * 1.0001)
+            out.append((bound, under))
+        return out
+
+    def since(self, earlier: dict[int, int]) -> LatencyHistogram:
+        """The requests added since its buckets were ``earlier`` (a :meth:`buckets` copy)."""
+        window = LatencyHistogram()
+        for index, count in self._counts.items():
+            if count > earlier.get(index, 0):
+                window._counts[index] = count - earlier.get(index, 0)
+                window.count += window._counts[index]
+        return window
 
     def percentile(self, q: float) -> float | None:
         """The q-th percentile (0-100) in seconds, to within the bucket width; None if empty."""
@@ -41,6 +73,10 @@ class LatencyHistogram:
         return None
 
 
+def _upper(index: int) -> float:
+    return 0.0 if index == 0 else _BUCKET_FLOOR_S * _BUCKET_RATIO**index
+
+
 @dataclass(slots=True)
 class ReplicaStats:
     """One server of a model: what the display shows per replica."""
@@ -52,6 +88,8 @@ class ReplicaStats:
     requests: int = 0
     ok: int = 0
     failures: int = 0  # health failures: connection errors, timeouts, 5xx
+    retried: int = 0  # answers (or no answer) that are worth another try: 429, 5xx, timeouts
+    failed: int = 0  # answers that are not: 400, 401, 404...
     live: bool = True
     out_since: float | None = None  # monotonic time it was taken out, while out
 
@@ -99,6 +137,7 @@ class RunStats:
     turns_done: int = 0  # replies written this run
     turns_resumed: int = 0  # replies recovered from the journal
     turn_rule: str | None = None  # distillation: which user messages are turns (the estimate's)
+    shards: str | None = None  # a sharded run: how many are done, running, pending
     models: dict[str, ModelStats] = field(default_factory=dict)
 
     @property
@@ -155,3 +194,85 @@ class Summary:
             interrupted=outcome.interrupted_by is not None,
             stats=s,
         )
+
+
+# -- a sharded run: each shard's counters, sent to the driver and added up there --------
+
+_ROW_COUNTERS = (
+    "rows_done",
+    "rows_failed",
+    "rows_filtered",
+    "rows_skipped",
+    "turns_done",
+    "turns_resumed",
+)
+_MODEL_COUNTERS = (
+    "in_flight",
+    "requests",
+    "ok",
+    "retries",
+    "resent",
+    "failures",
+    "prompt_tokens",
+    "completion_tokens",
+)
+_REPLICA_COUNTERS = ("in_flight", "requests", "ok", "failures", "retried", "failed")
+
+
+def progress_of(stats: RunStats) -> dict[str, Any]:
+    """A shard's counters as plain values (what it sends the driver with each lease)."""
+    return {
+        **{name: getattr(stats, name) for name in _ROW_COUNTERS},
+        "models": {
+            name: {
+                **{key: getattr(m, key) for key in _MODEL_COUNTERS},
+                "limit": m.limit,
+                "latency": m.latency.buckets(),
+                "latency_s": m.latency.total_s,
+                "replicas": [
+                    {
+                        **{key: getattr(r, key) for key in _REPLICA_COUNTERS},
+                        "url": r.url,
+                        "limit": r.limit,
+                        "live": r.live,
+                    }
+                    for r in m.replicas
+                ],
+            }
+            for name, m in stats.models.items()
+        },
+    }
+
+
+def combine(
+    parts: Iterable[dict[str, Any]], models: dict[str, tuple[int, list[str]]], into: RunStats
+) -> None:
+    """Set ``into``'s counters to the sum of the shards' ``parts`` (progress_of's).
+
+    ``models`` gives each model's per-replica cap for the whole run and its replica
+    URLs. Limits add up (each shard holds a share of the cap); a replica is live
+    while any shard that reported it sees it live.
+    """
+    parts = list(parts)
+    for name in _ROW_COUNTERS:
+        setattr(into, name, sum(int(part.get(name, 0)) for part in parts))
+    out: dict[str, ModelStats] = {}
+    for name, (cap, urls) in models.items():
+        m = ModelStats(name=name, cap=cap * len(urls))
+        m.replicas = [ReplicaStats(url=url, cap=cap, limit=0) for url in urls]
+        m.limit = 0
+        reported = [got for part in parts if (got := part.get("models", {}).get(name))]
+        for got in reported:
+            for key in _MODEL_COUNTERS:
+                setattr(m, key, getattr(m, key) + int(got.get(key, 0)))
+            m.limit += int(got.get("limit") or 0)
+            m.latency.merge(got.get("latency", {}), float(got.get("latency_s", 0.0)))
+            for replica, seen in zip(m.replicas, got.get("replicas", []), strict=False):
+                for key in _REPLICA_COUNTERS:
+                    setattr(replica, key, getattr(replica, key) + int(seen.get(key, 0)))
+                replica.limit = (replica.limit or 0) + int(seen.get("limit") or 0)
+        for i, replica in enumerate(m.replicas):
+            views = [got["replicas"][i] for got in reported if len(got.get("replicas", [])) > i]
+            replica.live = not views or any(view.get("live", True) for view in views)
+        out[name] = m
+    into.models = out

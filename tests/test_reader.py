@@ -83,3 +83,6 @@ def test_the_prefix_is_the_first_line_not_done(lines: tuple[int, ...], prefix: i
     for line in lines:
         done.add(line)
     assert done.prefix() == prefix
+    # From any start: the first line at or after it that is not done.
+    for start in range(0, 110, 3):
+        assert done.prefix(start) == next(n for n in range(start, 10**6) if n not in done)

@@ -130,7 +130,7 @@ def test_the_seek_round_trips_and_one_past_the_done_prefix_is_refused() -> None:
         state.done.add(line)
     state.seek = (4, 812)
     assert decode_snapshot(encode_snapshot(state, segment=1, emits_end=0)).seek == (4, 812)
-    state.seek = (5, 900)  # line 4 is not done: a resume seeking there would lose it
+    state.seek = (5, 900)  # line 4 is not done: a resume seeking past it would lose it
     with pytest.raises(ValueError, match="seek"):
         decode_snapshot(encode_snapshot(state, segment=1, emits_end=0))
 

@@ -96,13 +96,19 @@ class LineSet:
         lines.count = int.from_bytes(bits, "little").bit_count()
         return lines
 
-    def prefix(self) -> int:
-        """How many lines from line 0 on are all in the set."""
-        bits = self._bits
-        full = len(bits) - len(bits.lstrip(b"\xff"))
-        if full == len(bits):
-            return full * 8
-        return full * 8 + (~bits[full] & (bits[full] + 1)).bit_length() - 1
+    def prefix(self, start: int = 0) -> int:
+        """The first line at or after ``start`` that is not in the set."""
+        line = start
+        while line & 7:  # bit by bit up to a byte boundary
+            if line not in self:
+                return line
+            line += 1
+        rest = self._bits[line >> 3 :]
+        full = len(rest) - len(rest.lstrip(b"\xff"))
+        line += full * 8
+        if full == len(rest):
+            return line
+        return line + (~rest[full] & (rest[full] + 1)).bit_length() - 1
 
     def copy(self) -> LineSet:
         lines = LineSet()

@@ -129,8 +129,8 @@ def decode_snapshot(data: bytes) -> Replay:
         or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in seek)
     ):
         raise ValueError(f"seek is {seek!r}")
-    if seek[0] > done.prefix():
-        raise ValueError("seek is past the lines done from the start")
+    if seek[0] and seek[0] - 1 not in done:
+        raise ValueError("seek is past a line not done")
     state.seek = (seek[0], seek[1])
     partial = fields.get("partial")
     if not isinstance(partial, list):

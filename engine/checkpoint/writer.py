@@ -146,6 +146,7 @@ class Writer:
         snapshot_every_rows: int = SNAPSHOT_EVERY_ROWS,
         snapshot_every_bytes: int = SNAPSHOT_EVERY_BYTES,
         marks: Marks | None = None,
+        seek_base: int = 0,
     ) -> None:
         self._dir = journal.parent
         self._segment = segment_number(journal)
@@ -169,6 +170,7 @@ class Writer:
         self._last_snapshot = 0  # its size
         self._state = state.copy() if state is not None else None
         self._marks = marks
+        self._seek_base = seek_base  # the first line this run reads (a shard's)
         self._emits: _File | None = None
         if self._state is not None:
             # Cut off what no snapshot vouches for (one that did not finish); a run
@@ -410,7 +412,7 @@ class Writer:
         state = self._state
         if state is None or self._marks is None:
             return
-        mark = self._marks.before(state.done.prefix())
+        mark = self._marks.before(state.done.prefix(self._seek_base))
         if mark is not None and mark[0] > state.seek[0]:
             state.seek = mark
 

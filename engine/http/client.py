@@ -267,8 +267,10 @@ class ModelClient:
             now = self._clock()
             kind = error.kind
             if kind == PERMANENT:
+                replica.stats.failed += 1
                 self.stats.failures += 1
                 raise error
+            replica.stats.retried += 1
             prefer = None
             if kind == BACKPRESSURE:
                 kv_full = error.status == 500

@@ -83,7 +83,7 @@ class Replica:
         if epoch != self.epoch:
             return False
         self._recent.append(True)
-        if (not burst and sum(self._recent) < BURST_MIN) or self.limit == 1:
+        if (not burst and sum(self._recent) < BURST_MIN) or self.limit <= 1:
             return False
         self._set_limit(max(1, self.limit // 2))
         return True
@@ -99,6 +99,16 @@ class Replica:
             return False
         self._set_limit(self.limit + 1)
         return True
+
+    def resize(self, cap: int) -> None:
+        """A new hard cap. A limit at the old cap follows it; one that backpressure
+        shrank stays, under the new cap. Requests over a smaller limit finish; no
+        new one goes out until the count is under it."""
+        at_cap = self.limit >= self.cap
+        self.cap = cap
+        self.stats.cap = cap
+        if at_cap or self.limit > cap:
+            self._set_limit(cap)
 
     def _set_limit(self, limit: int) -> None:
         self.limit = limit
@@ -269,6 +279,15 @@ class ReplicaPool:
             self._wake(replica)
 
     # -- adaptive limit --------------------------------------------------------------------
+
+    def set_cap(self, cap: int) -> None:
+        """A new hard cap on every replica: a sharded run's share of the model's cap
+        (engine.executors.quota), 0 while the shard waits for one."""
+        for replica in self.replicas:
+            replica.resize(cap)
+        self.stats.cap = cap * len(self.replicas)
+        self._sync_limit()
+        self._wake_all()
 
     def succeeded(self, replica: Replica, epoch: int, now: float) -> None:
         replica.answered(now)

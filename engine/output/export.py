@@ -128,16 +128,18 @@ def export(
 # -- the order: journal emits -> one end offset per input line -------------------------
 
 
-def index_rows(emits: Iterable[tuple[int, int]], out_size: int) -> array[int]:
+def index_rows(emits: Iterable[tuple[int, int]], out_size: int, base: int = 0) -> array[int]:
     """The output's end offset of each input line's row (-1: not in the output).
 
     ``emits`` are (line, end) in journal order. The last emit of a line wins: a
     line is written again only when an earlier run's write of it was lost, and
     then its earlier end no longer describes the file. An end past ``out_size``
     (the output lost its tail, possible after a power cut) is not in the output.
+    ``base`` is the first line a shard's output can hold: the index starts there.
     """
     ends = array("q")
     for line, end in emits:
+        line -= base
         if line < 0:
             continue
         if line >= len(ends):
@@ -149,14 +151,27 @@ def index_rows(emits: Iterable[tuple[int, int]], out_size: int) -> array[int]:
     return ends
 
 
-def _row_ends(checkpoint_dir: Path, out_size: int) -> array[int]:
+@contextmanager
+def rows_in_order(checkpoint_dir: Path, output: Path, base: int = 0) -> Iterator[Iterator[bytes]]:
+    """The finished rows of a run's output (no newline), in input order.
+
+    What a sharded run's merge appends shard by shard; ``base`` is the shard's
+    first line. Raises ExportError when the output and journal disagree.
+    """
+    out_size = _size(output)
+    ends = _row_ends(checkpoint_dir, out_size, base)
+    with _mapped(output, out_size) as data:
+        yield _ordered(data, ends)
+
+
+def _row_ends(checkpoint_dir: Path, out_size: int, base: int = 0) -> array[int]:
     """index_rows over the checkpoint's emits: its emits index, then its journal segments."""
     for attempt in range(3):
         try:
             pairs, journals = emit_sources(checkpoint_dir)
             flat = iter(pairs)
             indexed = zip(flat, flat, strict=True)
-            return index_rows(chain(indexed, *(_emits(j) for j in journals)), out_size)
+            return index_rows(chain(indexed, *(_emits(j) for j in journals)), out_size, base)
         except (FileNotFoundError, CheckpointError):
             # A run beside us took a snapshot and deleted a segment we were about to
             # read; its new snapshot and index hold that segment's emits.
