@@ -39,6 +39,7 @@ from engine.checkpoint.snapshot import load
 from engine.checkpoint.writer import SNAPSHOT_EVERY_ROWS, Writer
 from engine.config import ModelConfig, RunConfig
 from engine.errors import CheckpointError, InputError, ModelDown, TurnstileError
+from engine.history import HISTORY_NAME, History, count_lines, run_id, whole_length
 from engine.http.client import ModelClient
 from engine.input.reader import Marks
 from engine.input.sources import (
@@ -50,6 +51,7 @@ from engine.input.sources import (
     input_id,
     read_input,
 )
+from engine.metrics import serving
 from engine.stats import ModelStats, Outcome, RunStats
 from engine.tasks.base import Context, Task
 
@@ -233,7 +235,9 @@ async def _execute(
         snapshot_every_rows=snapshot_every_rows(),
         marks=marks,
         seek_base=config.piece.first_row if config.piece else 0,
+        history=config.checkpoint_dir / HISTORY_NAME,
     )
+    history = await anyio.to_thread.run_sync(_history, config)
     async with AsyncExitStack() as stack:
         local_urls: dict[str, list[str]] = {}
         for group in local_servers(config):
@@ -260,8 +264,10 @@ async def _execute(
         _tune_collector(stack)
 
         fmt = await anyio.to_thread.run_sync(detect_format, config.input)
+        stack.enter_context(serving(config.metrics, lambda: stats))
         async with anyio.create_task_group() as outer:
             outer.start_soon(writer.run)
+            outer.start_soon(_sample, history, stats, writer)
             outer.start_soon(_count_rows, config, fmt, stats)
             outer.start_soon(display.run, stats, started)
             if companion is not None:
@@ -276,6 +282,7 @@ async def _execute(
                     async with receive:
                         for _ in range(workers):
                             inner.start_soon(_work, receive.clone(), state, task, ctx)
+            writer.note(history.line(stats, time.time(), event="end"))
             await writer.close()
             outer.cancel_scope.cancel()
     outcome.elapsed_s = time.monotonic() - started
@@ -431,6 +438,20 @@ def _tune_collector(stack: AsyncExitStack) -> None:
     gc.set_threshold(max(GC_YOUNG_THRESHOLD, thresholds[0]), *thresholds[1:])
     stack.callback(gc.set_threshold, *thresholds)
     stack.callback(gc.unfreeze)
+
+
+def _history(config: RunConfig) -> History:
+    """This run's history sampler, counting the lines earlier runs wrote. Blocking."""
+    path = config.checkpoint_dir / HISTORY_NAME
+    end = whole_length(path)
+    return History(run_id(), count_lines(path, end) if end else 0)
+
+
+async def _sample(history: History, stats: RunStats, writer: Writer) -> None:
+    """A history line every ``history.step`` seconds (the first at once), until cancelled."""
+    while True:
+        writer.note(history.line(stats, time.time()))
+        await anyio.sleep(history.step)
 
 
 async def _count_rows(config: RunConfig, fmt: str, stats: RunStats) -> None:

@@ -95,13 +95,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _overrides(config: RunConfig, args: argparse.Namespace) -> RunConfig:
-    """--executor and --shards over the config's executor: section."""
+    """--executor, --shards and --metrics-port over the config's sections."""
     executor = config.executor
     if args.executor is not None:
         executor = replace(executor, kind=args.executor)
     if args.shards is not None:
         executor = replace(executor, shards=args.shards)
-    return replace(config, executor=executor)
+    metrics = config.metrics
+    if args.metrics_port is not None:
+        metrics = replace(metrics, port=args.metrics_port)
+    return replace(config, executor=executor, metrics=metrics)
 
 
 def _crashed(exc: BaseException, config: RunConfig) -> int:
@@ -275,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--shards", type=_positive, default=None, help="override executor.shards (first run only)"
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (metrics.port)",
     )
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="progress read from the checkpoint, without running")

@@ -217,3 +217,40 @@ async def test_engine_run_drives_a_sharded_run_from_python(
     assert (summary.rows_ok, summary.rows_failed) == (30, 0)
     assert summary.output == tmp_path / "out" / "distilled.jsonl"
     assert len(read_jsonl(summary.output)) == 30
+
+
+async def test_the_driver_serves_every_shards_metrics_and_keeps_the_history(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    import aiohttp
+    import anyio
+    import orjson
+
+    from engine.history import HISTORY_NAME
+    from tests.test_metrics_run import metrics_url, scraped, value
+
+    mock.hold = "HOLD ME"
+    rows = [{"id": f"r{i}", "prompt": f"question {i}"} for i in range(60)]
+    write_jsonl(tmp_path / "in.jsonl", [*rows, {"id": "held", "prompt": "HOLD ME please"}])
+    config = ray_config(tmp_path, mock, cap=4, shards=3)
+    proc = await start_turnstile("run", config, "--metrics-port", "0")
+    url = await metrics_url(proc)
+    await mock.wait_for_requests(61)
+    async with aiohttp.ClientSession() as session:
+        with anyio.fail_after(60):
+            while True:  # until the shards' reports show the 60 answered rows
+                async with session.get(url) as response:
+                    during = scraped(await response.text())
+                if during.get(("turnstile_rows_total", (("state", "ok"),))) == 60:
+                    break
+                await anyio.sleep(0.1)
+    mock.release()
+    _, err = await proc.communicate()
+
+    assert proc.returncode == 0, err.decode()
+    replica = {"model": "teacher", "replica": mock.base_url}
+    assert value(during, "turnstile_requests_total", **replica, outcome="ok") == 60
+    assert value(during, "turnstile_in_flight", **replica) == 1
+    assert value(during, "turnstile_request_seconds_count", model="teacher") == 60
+    last = orjson.loads((tmp_path / "ck" / HISTORY_NAME).read_bytes().splitlines()[-1])
+    assert last["event"] == "end" and last["rows_ok"] == 61

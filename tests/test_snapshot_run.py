@@ -11,6 +11,7 @@ import pytest
 
 from engine.checkpoint.journal import JOURNAL_NAME, segments
 from engine.checkpoint.snapshot import SNAPSHOT_NAME, read_snapshot
+from engine.history import HISTORY_NAME
 from engine.testing.mock_server import MockServer
 from tests.conftest import (
     by_id,
@@ -45,6 +46,11 @@ async def uninterrupted(folder: Path, mock: MockServer, source: list[Any]) -> tu
     return by_id(read_jsonl(folder / "out" / "distilled.jsonl")), read_jsonl(
         folder / "sorted.jsonl"
     )
+
+
+def journal_files(checkpoint: Path) -> list[str]:
+    """The checkpoint's files, its history (metrics.jsonl) left out."""
+    return sorted(p.name for p in checkpoint.iterdir() if p.name != HISTORY_NAME)
 
 
 def journal_bytes(checkpoint: Path) -> int:
@@ -110,7 +116,7 @@ async def test_an_old_single_journal_checkpoint_resumes_into_segments(
     monkeypatch.delenv(EVERY, raising=False)
     killed = await kill_after(mock, 60, "run", config, "--quiet")
     assert killed.returncode == -signal.SIGKILL
-    assert sorted(p.name for p in checkpoint.iterdir()) == [JOURNAL_NAME, "lock", "manifest.json"]
+    assert journal_files(checkpoint) == [JOURNAL_NAME, "lock", "manifest.json"]
 
     monkeypatch.setenv(EVERY, "2")
     rerun = await turnstile("run", config, "--quiet")
@@ -128,7 +134,7 @@ async def test_an_old_single_journal_checkpoint_resumes_into_segments(
     monkeypatch.delenv(EVERY)
     fresh = await turnstile("run", config, "--quiet", "--fresh")
     assert fresh.returncode == 0, fresh.stderr
-    assert sorted(p.name for p in checkpoint.iterdir()) == [JOURNAL_NAME, "lock", "manifest.json"]
+    assert journal_files(checkpoint) == [JOURNAL_NAME, "lock", "manifest.json"]
     assert by_id(read_jsonl(tmp_path / "out" / "distilled.jsonl")) == expected
 
 

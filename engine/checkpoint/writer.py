@@ -55,6 +55,7 @@ from engine.checkpoint.snapshot import (
 )
 from engine.config import JournalConfig
 from engine.errors import CheckpointError
+from engine.history import whole_length
 from engine.input.reader import Marks
 
 # A snapshot every this many rows, or once the segment written reaches this size: a
@@ -73,17 +74,17 @@ class _Batch:
     out: list[tuple[int, bytes]] = field(default_factory=list)
     failed: list[tuple[int, bytes]] = field(default_factory=list)
     filtered: list[tuple[int, bytes]] = field(default_factory=list)
+    history: list[bytes] = field(default_factory=list)  # metrics.jsonl lines (engine.history)
     done: anyio.Event = field(default_factory=anyio.Event)
     error: BaseException | None = None
 
     def __bool__(self) -> bool:
-        return bool(self.journal or self.out or self.failed or self.filtered)
+        return bool(self.journal or self.out or self.failed or self.filtered or self.history)
 
     def size(self) -> int:
         """About how many bytes the batch writes (its emit records left out)."""
-        return sum(map(len, self.journal)) + sum(
-            len(data) for rows in (self.out, self.failed, self.filtered) for _, data in rows
-        )
+        rows = sum(len(data) for rows in (self.out, self.failed, self.filtered) for _, data in rows)
+        return sum(map(len, self.journal)) + rows + sum(map(len, self.history))
 
 
 class _File:
@@ -147,6 +148,7 @@ class Writer:
         snapshot_every_bytes: int = SNAPSHOT_EVERY_BYTES,
         marks: Marks | None = None,
         seek_base: int = 0,
+        history: Path | None = None,
     ) -> None:
         self._dir = journal.parent
         self._segment = segment_number(journal)
@@ -156,6 +158,8 @@ class Writer:
         if filtered is None:
             filtered = failed.with_name(failed.name.replace(".failed.", ".filtered."))
         self._filtered = _File(filtered, filtered_end)
+        # The run's history, cut back to its last whole line (a SIGKILL can tear one).
+        self._history = _File(history, whole_length(history)) if history is not None else None
         self._policy = policy
         self._batch = _Batch()
         self._kick = anyio.Event()
@@ -220,6 +224,15 @@ class Writer:
         batch.records.extend(records)
         batch.filtered.append((line, orjson.dumps(row) + b"\n"))
         await self._wait(batch)
+
+    def note(self, line: bytes) -> None:
+        """Append a history line (engine.history) with the next batch; nobody waits on it."""
+        if self._history is None or self.error is not None:
+            return
+        self._batch.history.append(line)
+        if not self._soon:
+            self._soon = True
+            asyncio.get_running_loop().call_soon(self._write_soon)
 
     async def _wait(self, batch: _Batch) -> None:
         if self.error is not None:
@@ -338,7 +351,9 @@ class Writer:
             raise CheckpointError(self._describe(exc)) from exc
 
     def _write(self, batch: _Batch, sync: bool) -> None:
-        files = (self._journal, self._out, self._failed, self._filtered)
+        files = [self._journal, self._out, self._failed, self._filtered]
+        if self._history is not None:
+            files.append(self._history)
         sizes = [f.size for f in files]
         try:
             journal: list[bytes] = []
@@ -360,6 +375,8 @@ class Writer:
                 self._failed.sync()
                 self._filtered.sync()
             self._journal.write(b"".join(journal))
+            if batch.history and self._history is not None:
+                self._history.write(b"".join(batch.history))
             if sync:
                 self._sync_all()
             if self._state is not None:
@@ -471,7 +488,14 @@ class Writer:
             if self.error is None and self._policy.fsync != "never":
                 self._sync_all()
         finally:
-            for f in (self._journal, self._out, self._failed, self._filtered, self._emits):
+            for f in (
+                self._journal,
+                self._out,
+                self._failed,
+                self._filtered,
+                self._emits,
+                self._history,
+            ):
                 if f is not None:
                     f.close()
 

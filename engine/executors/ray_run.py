@@ -54,7 +54,9 @@ from engine.executors.shards import (
     write_plan,
     write_storage_token,
 )
+from engine.history import HISTORY_NAME, Appender, History, run_id
 from engine.input.sources import open_source
+from engine.metrics import serving
 from engine.stats import RunStats, combine
 
 log = logging.getLogger("turnstile")
@@ -207,12 +209,28 @@ class _Driver:
     async def main(
         self, todo: list[Any], display: progress.Display, signals: bool, started: float
     ) -> None:
-        async with anyio.create_task_group() as group:
-            group.start_soon(display.run, self.stats, started)
-            if signals:
-                group.start_soon(self._watch_signals, group)
-            await self._run(todo)
-            group.cancel_scope.cancel()
+        appender = await anyio.to_thread.run_sync(
+            Appender, self.config.checkpoint_dir / HISTORY_NAME
+        )
+        history = History(run_id(), appender.lines)
+        try:
+            with serving(self.config.metrics, lambda: self.stats):
+                async with anyio.create_task_group() as group:
+                    group.start_soon(display.run, self.stats, started)
+                    group.start_soon(self._sample, history, appender)
+                    if signals:
+                        group.start_soon(self._watch_signals, group)
+                    await self._run(todo)
+                    group.cancel_scope.cancel()
+            appender.write(history.line(self.stats, time.time(), event="end"))
+        finally:
+            appender.close()
+
+    async def _sample(self, history: History, appender: Appender) -> None:
+        """The whole run's history, from the shards' counters, in the driver's checkpoint."""
+        while True:
+            appender.write(history.line(self.stats, time.time()))
+            await anyio.sleep(history.step)
 
     async def _run(self, todo: list[Any]) -> None:
         ray = self.ray

@@ -30,7 +30,7 @@ import orjson
 
 from engine.checkpoint.journal import fsync_dir
 from engine.checkpoint.manifest import LOCK_NAME, MANIFEST_NAME
-from engine.config import ExecutorConfig, RunConfig
+from engine.config import ExecutorConfig, MetricsConfig, RunConfig
 from engine.errors import CheckpointError
 from engine.input.sources import Slice
 
@@ -82,6 +82,7 @@ def shard_config(config: RunConfig, piece: Slice) -> RunConfig:
         output=folder / "rows.jsonl",
         checkpoint_dir=folder,
         executor=ExecutorConfig(),
+        metrics=MetricsConfig(),  # the driver serves the whole run's
         piece=piece,
     )
 

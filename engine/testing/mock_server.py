@@ -134,6 +134,10 @@ class MockServer:
         self._runner: web.AppRunner | None = None
         self._closing = asyncio.Event()
         self._watchers: list[tuple[int, asyncio.Event]] = []
+        # Requests whose last message holds ``hold`` wait until release() (tests that
+        # look at a run while it is held at a known point).
+        self.hold: str | None = None
+        self._released = asyncio.Event()
 
     @property
     def faults(self) -> Faults:
@@ -144,6 +148,10 @@ class MockServer:
     def faults(self, faults: Faults) -> None:
         self._faults = faults
         self._rng = random.Random(faults.seed)
+
+    def release(self) -> None:
+        """Let the held requests (``hold``) go on, and every later one."""
+        self._released.set()
 
     @property
     def stats(self) -> MockStats:
@@ -265,6 +273,8 @@ class MockServer:
         if now > stats.peak_in_flight_by_model.get(model, 0):
             stats.peak_in_flight_by_model[model] = now
         try:
+            if self.hold is not None and self.hold in str(chat.messages[-1].get("content")):
+                await self._released.wait()
             if self.latency_ms > 0:
                 await asyncio.sleep(self.latency_ms / 1000)
                 stats = self._stats  # reset() may have swapped it during the sleep
