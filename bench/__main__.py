@@ -35,13 +35,14 @@ NAMES = (
     "replicas",
     "caps",
     "shards",
+    "metrics",
 )
 DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
 QUICK_OUT = WORK / "quick" / "RESULTS.md"
 
 
 def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
-    from bench import caps, memory, peers, realmodel, replicas, shards, throughput
+    from bench import caps, memory, metrics_cost, peers, realmodel, replicas, shards, throughput
 
     suites: list[Callable[[], list[Section]]] = []
     if "overhead" in chosen:
@@ -66,6 +67,8 @@ def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
         suites.append(lambda: caps.caps(plan))
     if "shards" in chosen:
         suites.append(lambda: [shards.shards(plan)])
+    if "metrics" in chosen:
+        suites.append(lambda: [metrics_cost.metrics_cost(plan)])
     return suites
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 
 from engine import progress
+from engine._reporting import write_run_report
 from engine._runner import announce, execute, prepare, run_loop
 from engine.config import RunConfig, load_config, parse_config
 from engine.errors import ExecutorError
@@ -61,9 +62,14 @@ async def arun(config: ConfigLike, *, fresh: bool = False, progress_log: bool = 
     try:
         announce(cfg, state, resumed=resumed)
         display = progress.Display(cfg.progress_interval_s, live=False, quiet=not progress_log)
-        outcome = await execute(cfg, task, state, resumed=resumed, display=display)
+        try:
+            outcome = await execute(cfg, task, state, resumed=resumed, display=display)
+        except BaseException:
+            await anyio.to_thread.run_sync(write_run_report, cfg)
+            raise
     finally:
         lock.close()
+    await anyio.to_thread.run_sync(write_run_report, cfg, outcome.stats, outcome.elapsed_s)
     return Summary.of(outcome, cfg.output, cfg.failed_output, cfg.filtered_output)
 
 
@@ -91,6 +97,7 @@ def _run_sharded(cfg: RunConfig, *, fresh: bool, progress_log: bool) -> Summary:
         outcome = run_sharded(cfg, plan, display=display, signals=False, resumed=resumed)
     finally:
         lock.close()
+    write_run_report(cfg, outcome.stats, outcome.elapsed_s)
     if outcome.failed_shards:
         failed = ", ".join(f"{i} ({error})" for i, error in sorted(outcome.failed_shards.items()))
         raise ExecutorError(f"shards failed: {failed}; the others are done: run again to retry")

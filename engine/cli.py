@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engine import progress
+from engine._reporting import write_run_report
 from engine._runner import announce, execute, prepare, run_loop
 from engine.checkpoint.journal import repair as repair_journal
 from engine.checkpoint.journal import segments
@@ -78,11 +79,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             outcome = run_loop(main, uvloop=config.uvloop)
         except TurnstileError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            write_run_report(config)
             return EXIT_STOPPED
         except Exception as exc:  # a bug: say so, keep the traceback, leave it resumable
+            write_run_report(config)
             return _crashed(exc, config)
     finally:
         lock.close()
+    write_run_report(config, outcome.stats, outcome.elapsed_s)
     print(progress.summary(outcome), file=sys.stderr)
     if outcome.interrupted_by is not None:
         progress.log.info(f"stopped; run `turnstile run {args.config}` again to resume")
@@ -176,6 +180,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"in progress: {len(state.partial)} rows, {state.work_records} replies journaled")
     if total is not None:
         print(f"remaining:  {max(0, total - done)} rows ({100 * done / max(total, 1):.1f}% done)")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    config = _load(args.config, check_env=False)
+    if config is None:
+        return EXIT_UNUSABLE
+    if read_manifest(config.checkpoint_dir) is None:
+        print(f"error: no run yet in {config.checkpoint_dir}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    path = write_run_report(config)
+    if path is None:
+        return EXIT_STOPPED
+    print(path)
     return EXIT_OK
 
 
@@ -289,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="progress read from the checkpoint, without running")
     status.add_argument("config")
     status.set_defaults(func=cmd_status)
+    report = sub.add_parser(
+        "report", help="write <checkpoint_dir>/report.html: plots of how the run went"
+    )
+    report.add_argument("config")
+    report.set_defaults(func=cmd_report)
     repair = sub.add_parser(
         "repair", help="drop damaged journal records so the run can resume (their work is redone)"
     )

@@ -141,3 +141,33 @@ async def test_the_history_survives_a_sigkill_and_a_resume_adds_to_it(
     assert samples[-1]["event"] == "end" and samples[-1]["rows_ok"] == 400
     assert all(s["step"] == 1.0 for s in samples)
     assert samples[-1]["t"] >= samples[0]["t"]
+
+
+async def test_every_run_writes_its_report_and_turnstile_report_writes_it_again(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    secret = "sk-test-DO-NOT-LEAK-4242"
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"q {i}"} for i in range(30)])
+    models = {
+        "teacher": {
+            "base_url": mock.base_url,
+            "model": "mock",
+            "max_concurrency": 4,
+            "api_key_env": "TURNSTILE_TEST_KEY",
+        }
+    }
+    config = str(write_config(tmp_path, mock.base_url, models=models))
+    env = {"TURNSTILE_TEST_KEY": secret}
+
+    done = await turnstile("run", config, "--quiet", env=env)
+
+    assert done.returncode == 0, done.stderr
+    report = tmp_path / "ck" / "report.html"
+    page = report.read_text()
+    assert page.count("data-plot=") == 4
+    assert "<svg" in page and secret not in page
+    assert secret in {a.split(" ", 1)[-1] for a in mock.stats.authorizations}  # it was sent
+    report.unlink()
+    again = await turnstile("report", config, env=env)
+    assert again.returncode == 0, again.stderr
+    assert report.exists() and secret not in report.read_text()

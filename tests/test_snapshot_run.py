@@ -12,6 +12,7 @@ import pytest
 from engine.checkpoint.journal import JOURNAL_NAME, segments
 from engine.checkpoint.snapshot import SNAPSHOT_NAME, read_snapshot
 from engine.history import HISTORY_NAME
+from engine.report import REPORT_NAME
 from engine.testing.mock_server import MockServer
 from tests.conftest import (
     by_id,
@@ -49,8 +50,8 @@ async def uninterrupted(folder: Path, mock: MockServer, source: list[Any]) -> tu
 
 
 def journal_files(checkpoint: Path) -> list[str]:
-    """The checkpoint's files, its history (metrics.jsonl) left out."""
-    return sorted(p.name for p in checkpoint.iterdir() if p.name != HISTORY_NAME)
+    """The checkpoint's files, its history (metrics.jsonl) and report left out."""
+    return sorted(p.name for p in checkpoint.iterdir() if p.name not in (HISTORY_NAME, REPORT_NAME))
 
 
 def journal_bytes(checkpoint: Path) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 from engine import progress
+from engine._reporting import write_run_report
 from engine.checkpoint.snapshot import load
 from engine.config import RunConfig
 from engine.errors import CheckpointError, InputError, TurnstileError
@@ -39,9 +40,11 @@ def run_command(config: RunConfig, *, fresh: bool, quiet: bool) -> int:
             outcome = run_sharded(config, plan, display=display, signals=True, resumed=resumed)
         except TurnstileError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            write_run_report(config)
             return EXIT_STOPPED
     finally:
         lock.close()
+    write_run_report(config, outcome.stats, outcome.elapsed_s)
     summary = Outcome(stats=outcome.stats, elapsed_s=outcome.elapsed_s, resumed=resumed)
     print(progress.summary(summary), file=sys.stderr)
     done = sum(state.state == "done" for state in outcome.shards)

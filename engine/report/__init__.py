@@ -1,0 +1,41 @@
+"""The report of a run: ``<checkpoint_dir>/report.html``, how the run went, as one file.
+
+Drawn from the run's history (``metrics.jsonl``, a sample a second, every resume
+included): throughput, requests in flight against limit and cap, latency, failures
+and retries, each over time with restarts and replica outages marked. The page is
+self-contained (inline CSS and SVG plots, nothing to load) and shows the config with
+its secrets masked::
+
+    from engine.report import write_report
+
+    write_report(Path("checkpoints/run"), title="distill run", config=raw, totals=numbers)
+
+The parts, to build other views: ``read_series`` / ``parse_series`` (the samples),
+engine.report.series (rates, gauges, restarts, outages, all pure) and
+``render_report`` (samples in, HTML out).
+"""
+
+from engine.report.page import render_report
+from engine.report.redact import config_text, redact
+from engine.report.samples import ModelSample, ReplicaSample, Sample, parse_series, read_series
+from engine.report.series import Outage, Restart, Run, outages, restarts, runs
+from engine.report.write import REPORT_NAME, write_report
+
+__all__ = [
+    "REPORT_NAME",
+    "ModelSample",
+    "Outage",
+    "ReplicaSample",
+    "Restart",
+    "Run",
+    "Sample",
+    "config_text",
+    "outages",
+    "parse_series",
+    "read_series",
+    "redact",
+    "render_report",
+    "restarts",
+    "runs",
+    "write_report",
+]

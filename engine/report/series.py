@@ -1,0 +1,246 @@
+"""What a report draws, derived from a run's samples: rates, gauges, restarts, outages.
+
+Pure functions of the samples. Counters restart from zero with every process run
+(only the ``rows_*`` span the whole job), so a rate is the difference of two
+consecutive samples of the same run over the time between them, and never spans a
+restart: the point where a run begins is NaN, which also breaks the plotted line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from engine.report.samples import ModelSample, ReplicaSample, Sample
+
+Floats = npt.NDArray[np.float64]
+Value = Callable[[Sample], float | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Curve:
+    """Values over time; NaN where unknown, and between runs so a line breaks there."""
+
+    t: Floats  # unix time
+    y: Floats
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One process run of the job: its id and the times of its first and last sample."""
+
+    run: str
+    start: float
+    end: float
+    samples: int
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    """Where a new run began: its first sample, and the time since the last one before."""
+
+    t: float
+    gap: float
+    run: str
+    previous: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """A replica out of service: first sample seen out to first seen live again.
+
+    ``open_end`` when sampling stopped first (its run ended, or the history does), so
+    ``end`` is only the last time it was seen, still out.
+    """
+
+    model: str
+    url: str
+    start: float
+    end: float
+    open_end: bool
+
+
+def rate(samples: Sequence[Sample], value: Value) -> Curve:
+    """Per second of a counter that is cumulative within a run, at each sample's time.
+
+    A counter that went down within a run, or is missing at either end, gives NaN:
+    no rate is better than a made-up one.
+    """
+    t = np.empty(len(samples))
+    y = np.full(len(samples), math.nan)
+    previous: Sample | None = None
+    before: float | None = None
+    for i, sample in enumerate(samples):
+        now = value(sample)
+        t[i] = sample.t
+        if previous is not None and previous.run == sample.run and sample.t > previous.t:
+            if now is not None and before is not None and now >= before:
+                y[i] = (now - before) / (sample.t - previous.t)
+        previous, before = sample, now
+    return Curve(t, y)
+
+
+def gauge(samples: Sequence[Sample], value: Value) -> Curve:
+    """A value as sampled (in flight, limit, latency), with a NaN between runs."""
+    t: list[float] = []
+    y: list[float] = []
+    previous: Sample | None = None
+    for sample in samples:
+        if previous is not None and previous.run != sample.run:
+            t.append(sample.t)
+            y.append(math.nan)
+        now = value(sample)
+        t.append(sample.t)
+        y.append(math.nan if now is None else now)
+        previous = sample
+    return Curve(np.array(t, dtype=np.float64), np.array(y, dtype=np.float64))
+
+
+def runs(samples: Sequence[Sample]) -> list[Run]:
+    """The process runs in the history, in order (a run is consecutive lines of one id)."""
+    out: list[Run] = []
+    for sample in samples:
+        if out and out[-1].run == sample.run:
+            last = out[-1]
+            out[-1] = Run(last.run, last.start, sample.t, last.samples + 1)
+        else:
+            out.append(Run(sample.run, sample.t, sample.t, 1))
+    return out
+
+
+def restarts(samples: Sequence[Sample]) -> list[Restart]:
+    """Every place a new run took over from the one before."""
+    found = runs(samples)
+    return [
+        Restart(t=new.start, gap=new.start - old.end, run=new.run, previous=old.run)
+        for old, new in itertools.pairwise(found)
+    ]
+
+
+def outages(samples: Sequence[Sample]) -> list[Outage]:
+    """Every interval a replica said it was not live, per model and replica, by start."""
+    out: list[Outage] = []
+    since: dict[tuple[str, str], float] = {}  # out of service since, by (model, url)
+    previous: Sample | None = None
+    for sample in samples:
+        if previous is not None and previous.run != sample.run:
+            # Nothing is known of the time between runs: the outage ends with its run.
+            out.extend(_close(since, set(since), previous.t, open_end=True))
+        seen: set[tuple[str, str]] = set()
+        for model, body in sample.models.items():
+            for replica in body.replicas:
+                key = (model, replica.url)
+                seen.add(key)
+                if not replica.live:
+                    since.setdefault(key, sample.t)
+                elif key in since:
+                    out.extend(_close(since, {key}, sample.t, open_end=False))
+        # A replica no longer listed is no longer out of service (nor in it).
+        out.extend(_close(since, set(since) - seen, sample.t, open_end=False))
+        previous = sample
+    if previous is not None:
+        out.extend(_close(since, set(since), previous.t, open_end=True))
+    return sorted(out, key=lambda o: (o.start, o.model, o.url))
+
+
+def _close(
+    since: dict[tuple[str, str], float], keys: set[tuple[str, str]], end: float, *, open_end: bool
+) -> list[Outage]:
+    return [
+        Outage(model, url, since.pop((model, url)), end, open_end) for model, url in sorted(keys)
+    ]
+
+
+def spans(outages: Sequence[Outage], *, merge_within: float) -> list[tuple[float, float]]:
+    """The union of the outages' intervals, closing gaps up to ``merge_within`` seconds.
+
+    For shading: thousands of spans of a flapping replica cost the plot more than they
+    tell, and two replicas out at once read as one shaded stretch. Each span lasts at
+    least ``merge_within`` so an outage seen at one sample only is still visible.
+    """
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted((o.start, max(o.end, o.start + merge_within)) for o in outages):
+        if merged and start <= merged[-1][1] + merge_within:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def thin(samples: Sequence[Sample], most: int) -> list[Sample]:
+    """About ``most`` of the samples, for plotting: every k-th of each run, and its last.
+
+    Differencing cumulative counters over the kept samples gives the exact mean rate
+    between them, so thinning loses only detail, never a count; gauges and latency are
+    those of the kept samples. Each run keeps its first and last sample, so restarts
+    stay where they were.
+    """
+    if len(samples) <= most:
+        return list(samples)
+    every = math.ceil(len(samples) / most)
+    kept: list[Sample] = []
+    start = 0
+    for i in range(1, len(samples) + 1):
+        if i == len(samples) or samples[i].run != samples[start].run:
+            kept.extend(samples[start:i:every])
+            if (i - 1 - start) % every:
+                kept.append(samples[i - 1])
+            start = i
+    return kept
+
+
+def model_names(samples: Sequence[Sample]) -> list[str]:
+    """Every model in the history, in the order they first appear."""
+    names: dict[str, None] = {}
+    for sample in samples:
+        names.update(dict.fromkeys(sample.models))
+    return list(names)
+
+
+def replica_urls(samples: Sequence[Sample], model: str) -> list[str]:
+    """Every replica of ``model`` in the history, in the order they first appear."""
+    urls: dict[str, None] = {}
+    for sample in samples:
+        body = sample.models.get(model)
+        if body is not None:
+            urls.update(dict.fromkeys(r.url for r in body.replicas))
+    return list(urls)
+
+
+def of_model(model: str, read: Callable[[ModelSample], float | None]) -> Value:
+    """A value of one model's sample (None where the model is absent)."""
+
+    def value(sample: Sample) -> float | None:
+        body = sample.models.get(model)
+        return None if body is None else read(body)
+
+    return value
+
+
+def of_replica(model: str, url: str, read: Callable[[ReplicaSample], float | None]) -> Value:
+    """A value of one replica's sample (None where the replica is absent)."""
+
+    def value(sample: Sample) -> float | None:
+        body = sample.models.get(model)
+        for replica in body.replicas if body is not None else ():
+            if replica.url == url:
+                return read(replica)
+        return None
+
+    return value
+
+
+def tokens(read: Callable[[ModelSample], float | None]) -> Value:
+    """A token counter summed over every model of the sample."""
+
+    def value(sample: Sample) -> float | None:
+        counts = [read(m) for m in sample.models.values()]
+        known = [c for c in counts if c is not None]
+        return sum(known) if known else None
+
+    return value

@@ -1,0 +1,66 @@
+"""Writing ``<checkpoint_dir>/report.html``: the one part of the report that does I/O.
+
+It reads the history and the environment, then replaces the page atomically (temp
+file, fsync, rename, fsync the folder), so a reader never sees half a report and a
+crash while writing leaves the previous one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from engine.history import HISTORY_NAME
+from engine.report.page import render_report
+from engine.report.redact import config_text, scrub, secret_values
+from engine.report.samples import read_series
+
+REPORT_NAME = "report.html"
+
+
+def write_report(
+    checkpoint_dir: Path,
+    *,
+    title: str,
+    config: Mapping[str, Any],
+    totals: Mapping[str, object],
+) -> Path:
+    """Write the report of the run checkpointed in ``checkpoint_dir``; its path. Blocking.
+
+    ``config`` is the run's config as a plain mapping (shown masked); ``totals`` are the
+    labelled numbers of the run's summary. With no history yet the page says so.
+    """
+    page = render_report(
+        read_series(checkpoint_dir / HISTORY_NAME),
+        title=title,
+        config_text=config_text(config),
+        totals=totals,
+    )
+    page = scrub(page, secret_values(config, os.environ))
+    path = checkpoint_dir / REPORT_NAME
+    replace_file(path, page.encode("utf-8"))
+    return path
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Make ``data`` the content of ``path`` all at once, durably."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temp, 0o644)  # mkstemp's 0600 would hide the report from a web server
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
