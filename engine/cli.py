@@ -86,8 +86,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _crashed(exc, config)
     finally:
         lock.close()
-    write_run_report(config, outcome.stats, outcome.elapsed_s)
+    report = write_run_report(config, outcome.stats, outcome.elapsed_s)
     print(progress.summary(outcome), file=sys.stderr)
+    if report is not None:
+        print(f"report: {report}", file=sys.stderr)
     if outcome.interrupted_by is not None:
         progress.log.info(f"stopped; run `turnstile run {args.config}` again to resume")
         return 128 + outcome.interrupted_by

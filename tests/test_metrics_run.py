@@ -163,6 +163,7 @@ async def test_every_run_writes_its_report_and_turnstile_report_writes_it_again(
 
     assert done.returncode == 0, done.stderr
     report = tmp_path / "ck" / "report.html"
+    assert f"report: {report}" in done.stderr.splitlines()
     page = report.read_text()
     assert page.count("data-plot=") == 4
     assert "<svg" in page and secret not in page

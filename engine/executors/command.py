@@ -44,9 +44,11 @@ def run_command(config: RunConfig, *, fresh: bool, quiet: bool) -> int:
             return EXIT_STOPPED
     finally:
         lock.close()
-    write_run_report(config, outcome.stats, outcome.elapsed_s)
+    report = write_run_report(config, outcome.stats, outcome.elapsed_s)
     summary = Outcome(stats=outcome.stats, elapsed_s=outcome.elapsed_s, resumed=resumed)
     print(progress.summary(summary), file=sys.stderr)
+    if report is not None:
+        print(f"report: {report}", file=sys.stderr)
     done = sum(state.state == "done" for state in outcome.shards)
     print(f"shards: {done}/{len(outcome.shards)} done", file=sys.stderr)
     if outcome.interrupted_by is not None:
