@@ -36,13 +36,24 @@ NAMES = (
     "caps",
     "shards",
     "metrics",
+    "reasoning",
 )
 DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
 QUICK_OUT = WORK / "quick" / "RESULTS.md"
 
 
 def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
-    from bench import caps, memory, metrics_cost, peers, realmodel, replicas, shards, throughput
+    from bench import (
+        caps,
+        memory,
+        metrics_cost,
+        peers,
+        realmodel,
+        reasoning,
+        replicas,
+        shards,
+        throughput,
+    )
 
     suites: list[Callable[[], list[Section]]] = []
     if "overhead" in chosen:
@@ -69,6 +80,8 @@ def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
         suites.append(lambda: [shards.shards(plan)])
     if "metrics" in chosen:
         suites.append(lambda: [metrics_cost.metrics_cost(plan)])
+    if "reasoning" in chosen:
+        suites.append(lambda: [reasoning.reasoning(plan)])
     return suites
 
 

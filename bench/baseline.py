@@ -69,6 +69,7 @@ class Loop:
         self.out = out
         self.params: dict[str, Any] = {}
         self.retry_429 = False
+        self.reasoning = False  # read reasoning_content and write it into the rows, as a run does
         self.requests = 0
         self.retries = 0
         self.turns = 0
@@ -83,6 +84,9 @@ class Loop:
             row = orjson.loads(raw)
             history: list[dict[str, str]] = []
             usage = {"prompt_tokens": 0, "completion_tokens": 0}
+            traces: list[tuple[int, str | None]] = []
+            if self.reasoning:
+                usage["reasoning_tokens"] = 0
             failed = False
             for turn in split_turns(row):
                 history.extend(turn)
@@ -103,17 +107,24 @@ class Loop:
                     failed = True
                     break
                 reply = orjson.loads(data)
-                history.append(
-                    {"role": "assistant", "content": reply["choices"][0]["message"]["content"]}
-                )
+                message = reply["choices"][0]["message"]
+                history.append({"role": "assistant", "content": message["content"]})
                 tokens = reply.get("usage") or {}
                 usage["prompt_tokens"] += tokens.get("prompt_tokens", 0)
                 usage["completion_tokens"] += tokens.get("completion_tokens", 0)
+                if self.reasoning:
+                    # The trace goes into the row, never into the next request.
+                    traces.append((len(history) - 1, message.get("reasoning_content")))
+                    details = tokens.get("completion_tokens_details") or {}
+                    usage["reasoning_tokens"] += details.get("reasoning_tokens", 0)
                 self.turns += 1
             if failed:
                 continue
             self.prompt_tokens += usage["prompt_tokens"]
             self.completion_tokens += usage["completion_tokens"]
+            for at, trace in traces:
+                if trace is not None:
+                    history[at] = {**history[at], "reasoning_content": trace}
             extra = {k: v for k, v in row.items() if k not in FORMAT_KEYS and k != "id"}
             out = {**extra, "id": row.get("id"), "messages": history, "model": self.model}
             out["usage"] = usage
@@ -138,6 +149,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         loop = Loop(args.url, args.model, args.cap, iter(rows), out)
         loop.params = orjson.loads(args.params)
         loop.retry_429 = args.retry_429
+        loop.reasoning = args.reasoning
         async with aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=args.timeout_s),
@@ -171,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         "--retry-429", action="store_true", help="send a 429 again after its Retry-After"
     )
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop, not asyncio's loop")
+    parser.add_argument(
+        "--reasoning",
+        action="store_true",
+        help="keep each reply's reasoning_content in its row (not in the next request)",
+    )
     args = parser.parse_args(argv)
     loop_factory = None
     if args.uvloop:

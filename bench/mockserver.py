@@ -78,9 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retry-after-s", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--uvloop", action="store_true", help="serve on uvloop")
+    parser.add_argument("--reasoning", default=None, help="a reasoning dialect (mock-server's)")
+    parser.add_argument("--reasoning-chars", type=int, default=0)
     args = parser.parse_args(argv)
     faults = Faults(rate_429=args.rate_429, retry_after_s=args.retry_after_s, seed=args.seed)
-    server = ClockedMockServer(latency_ms=args.latency_ms, faults=faults, port=args.port)
+    server = ClockedMockServer(
+        latency_ms=args.latency_ms,
+        faults=faults,
+        port=args.port,
+        reasoning=args.reasoning,
+        reasoning_chars=args.reasoning_chars,
+    )
     loop_factory = None
     if args.uvloop:
         import uvloop
@@ -110,8 +118,12 @@ class MockProcess:
         retry_after_s: float = 0.05,
         name: str = "",
         uvloop: bool = False,
+        reasoning: str | None = None,
+        reasoning_chars: int = 0,
     ) -> None:
         self.latency_ms = latency_ms
+        self.reasoning = reasoning
+        self.reasoning_chars = reasoning_chars
         self.uvloop = uvloop
         self.port = port
         self.rate_429 = rate_429
@@ -129,6 +141,8 @@ class MockProcess:
         cmd += ["--port", str(self.port)]
         if self.uvloop:
             cmd.append("--uvloop")
+        if self.reasoning:
+            cmd += ["--reasoning", self.reasoning, "--reasoning-chars", str(self.reasoning_chars)]
         if self.rate_429:
             cmd += [
                 "--rate-429",

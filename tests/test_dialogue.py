@@ -203,10 +203,10 @@ def test_messages_so_far_then_tail_once_done() -> None:
 
 def test_usage_sums_the_replies() -> None:
     d = three_turns()
-    assert d.usage() == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert d.usage() == {"prompt_tokens": 0, "completion_tokens": 0, "reasoning_tokens": 0}
     d.apply(Reply("r0", prompt_tokens=10, completion_tokens=3))
     d.apply(Reply("r1", prompt_tokens=25, completion_tokens=7, finish_reason="stop"))
-    assert d.usage() == {"prompt_tokens": 35, "completion_tokens": 10}
+    assert d.usage() == {"prompt_tokens": 35, "completion_tokens": 10, "reasoning_tokens": 0}
 
 
 def test_new_dialogue_applies_the_system_prompt() -> None:
@@ -229,7 +229,7 @@ def test_output_row_key_order_and_content() -> None:
         "id": "d",
         "messages": [user("u0"), bot("r0"), user("u1"), bot("r1")],
         "model": "teacher-model",
-        "usage": {"prompt_tokens": 13, "completion_tokens": 3},
+        "usage": {"prompt_tokens": 13, "completion_tokens": 3, "reasoning_tokens": 0},
     }
 
 

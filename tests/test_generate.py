@@ -475,7 +475,8 @@ async def test_a_row_whose_generations_are_all_journaled_finishes_without_a_requ
     [row] = writer.out
     assert row["id"] == 3
     assert row["generations"] == [{"question": "a", "level": 1}, {"question": "b", "level": 2}]
-    assert row["usage"] == {"prompt_tokens": 30, "completion_tokens": 15}  # the invalid one too
+    # the invalid one too
+    assert row["usage"] == {"prompt_tokens": 30, "completion_tokens": 15, "reasoning_tokens": 0}
     assert row["model"] == "served-writer"
     assert ctx.stats.turns_resumed == 3
 

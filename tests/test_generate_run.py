@@ -117,6 +117,7 @@ async def test_each_generation_is_the_models_reply_to_the_rendered_template(
         assert row["usage"] == {
             "prompt_tokens": 2 * prompt_tokens(prompt),
             "completion_tokens": 2 * count_words(reply),
+            "reasoning_tokens": 0,
         }
         assert row["topic"] == src["topic"] and row["difficulty"] == src["difficulty"]
         assert row.get("source") == src.get("source")

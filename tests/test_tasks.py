@@ -137,7 +137,7 @@ async def test_distill_runner_answers_every_user_message_and_journals_each_turn(
         {"role": "assistant", "content": "re: b"},
     ]
     assert row["model"] == "served-m"
-    assert row["usage"] == {"prompt_tokens": 1 + 3, "completion_tokens": 4}
+    assert row["usage"] == {"prompt_tokens": 1 + 3, "completion_tokens": 4, "reasoning_tokens": 0}
     assert [r["i"] for r in journal(config) if r["k"] == "t"] == [0, 1]
     assert client.sent == [row["messages"][:1], row["messages"][:3]]
 

@@ -154,9 +154,24 @@ class Context:
 
 
 def usage_of(counts: Iterable[tuple[int, int]]) -> dict[str, int]:
-    """A row's token usage: its ``(prompt, completion)`` token counts summed."""
+    """Token usage: ``(prompt, completion)`` token counts summed."""
     prompt = completion = 0
     for p, c in counts:
         prompt += p
         completion += c
     return {"prompt_tokens": prompt, "completion_tokens": completion}
+
+
+def row_usage(counts: Iterable[tuple[int, int, int]]) -> dict[str, int]:
+    """A row's ``usage``: its ``(prompt, completion, reasoning)`` token counts summed
+    (reasoning tokens are part of completion tokens, 0 where a server does not say)."""
+    prompt = completion = reasoning = 0
+    for p, c, r in counts:
+        prompt += p
+        completion += c
+        reasoning += r
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "reasoning_tokens": reasoning,
+    }

@@ -16,6 +16,9 @@ from engine.output.filters import Reply, ints_of, messages_of, text_of
 from engine.tasks.base import Task, TaskKind
 from engine.tasks.distill.dialogue import EVERY_USER, TURN_RULES, TurnRule, describe_rule
 
+DROP, KEEP = "drop", "keep"
+HISTORY_RULES = (DROP, KEEP)
+
 if TYPE_CHECKING:
     from engine.config import ModelConfig, RunConfig
     from engine.problems import Problems
@@ -26,6 +29,7 @@ class DistillConfig:
     model: str
     system_prompt: str | None = None
     turns: TurnRule = EVERY_USER  # which user messages get a reply of their own
+    reasoning_history: str = DROP  # keep: earlier replies go back with their trace
 
 
 class Distill(TaskKind):
@@ -36,7 +40,7 @@ class Distill(TaskKind):
     def parse_section(
         self, raw: Any, models: Mapping[str, ModelConfig], p: Problems, base: Path
     ) -> DistillConfig | None:
-        allowed = ("model", "system_prompt", "turns")
+        allowed = ("model", "system_prompt", "turns", "reasoning_history")
         body = p.section("distill", raw, allowed, "{model: <a name under models>}")
         if body is None:
             return None
@@ -54,16 +58,31 @@ class Distill(TaskKind):
                 "where a turn ends)",
             )
             turns = EVERY_USER
+        history = body.get("reasoning_history", DROP)
+        if history not in HISTORY_RULES:
+            p.add(
+                "distill.reasoning_history",
+                f"must be drop or keep, got {history!r} (drop: later turns' requests carry "
+                "earlier answers only; keep: each earlier answer goes back with its trace as "
+                "reasoning_content, for models that want their reasoning across turns)",
+            )
+            history = DROP
         if not model:
             return None
-        return DistillConfig(model=model, system_prompt=system_prompt, turns=turns)
+        return DistillConfig(
+            model=model, system_prompt=system_prompt, turns=turns, reasoning_history=history
+        )
 
     def section_fields(self, section: DistillConfig) -> dict[str, Any]:
-        return {
+        fields: dict[str, Any] = {
             "model": section.model,
             "system_prompt": section.system_prompt,
             "turns": section.turns,
         }
+        # Only when not the default, so checkpoints made before the key existed resume.
+        if section.reasoning_history != DROP:
+            fields["reasoning_history"] = section.reasoning_history
+        return fields
 
     def models_used(self, section: DistillConfig) -> set[str]:
         return {section.model}
@@ -85,7 +104,9 @@ class Distill(TaskKind):
     def card_usage(self, config: RunConfig, *, pairs_only: bool) -> str:
         return (
             "`messages` is the conversation in OpenAI chat format (a list of `{role, content}`), "
-            "ready for TRL's `SFTTrainer`. Rows are in input order."
+            "ready for TRL's `SFTTrainer`. A reasoning teacher's assistant messages carry its "
+            "trace in `reasoning_content` (the key Qwen3's and DeepSeek-R1's chat templates "
+            "read), unless exported with `--reasoning inline` or `drop`. Rows are in input order."
         )
 
     def replies(self, row: Mapping[str, Any]) -> Iterator[Reply]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from engine.errors import InputError
+from engine.http.reasoning import TRACE_KEY
 from engine.input.rows import InputRow, Message
 
 TurnRule = Literal["every_user", "as_in_input"]
@@ -42,10 +43,17 @@ def describe_rule(rule: str) -> str:
 class Reply:
     """One generated assistant turn, as journaled."""
 
-    content: str
+    content: str  # the answer: never the trace
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    trace: str | None = None  # the reasoning trace, when the reply had one
+    reasoning_tokens: int = 0
+
+    @property
+    def cut_off(self) -> bool:
+        """Cut off by max_tokens while reasoning: there is no answer to go on from."""
+        return not self.content and self.finish_reason == "length" and self.trace is not None
 
 
 @dataclass(slots=True)
@@ -56,9 +64,14 @@ class Dialogue:
     turns: list[list[Message]]
     tail: list[Message] = field(default_factory=list)
     replies: list[Reply] = field(default_factory=list)
+    # distill.reasoning_history: keep: each earlier reply goes back with its trace
+    # (reasoning_content); drop: later requests carry earlier answers only.
+    keep_reasoning: bool = False
     # The turns answered so far, each followed by its reply: the start of every later
     # request and of the finished row, extended by apply() instead of rebuilt each turn.
     _answered: list[Message] = field(default_factory=list, init=False, repr=False)
+    # Where each reply is in _answered (to add its trace to the row when dropped above).
+    _reply_at: list[int] = field(default_factory=list, init=False, repr=False)
 
     @property
     def done(self) -> bool:
@@ -82,20 +95,33 @@ class Dialogue:
             raise ValueError("the conversation has no turn left to answer")
         self.replies.append(reply)
         self._answered += self.turns[n]
-        self._answered.append({"role": "assistant", "content": reply.content})
+        self._reply_at.append(len(self._answered))
+        message = {"role": "assistant", "content": reply.content}
+        if self.keep_reasoning and reply.trace is not None:
+            message[TRACE_KEY] = reply.trace
+        self._answered.append(message)
 
     def messages(self) -> list[Message]:
-        """The whole conversation with the replies written so far."""
-        if len(self.replies) == len(self.turns):
-            return self._answered + self.tail
-        return self._answered.copy()
+        """The whole conversation with the replies written so far, each with its trace
+        (``reasoning_content``) when it had one."""
+        out = self._answered + self.tail if self.done else self._answered.copy()
+        if not self.keep_reasoning:
+            for at, reply in zip(self._reply_at, self.replies, strict=True):
+                if reply.trace is not None:
+                    out[at] = {**out[at], TRACE_KEY: reply.trace}
+        return out
 
     def usage(self) -> dict[str, int]:
-        prompt = completion = 0
+        prompt = completion = reasoning = 0
         for reply in self.replies:
             prompt += reply.prompt_tokens
             completion += reply.completion_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": completion}
+            reasoning += reply.reasoning_tokens
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "reasoning_tokens": reasoning,
+        }
 
 
 def split_turns(
@@ -142,10 +168,14 @@ def split_turns(
 
 
 def new_dialogue(
-    row: InputRow, system_prompt: str | None = None, rule: TurnRule = EVERY_USER
+    row: InputRow,
+    system_prompt: str | None = None,
+    rule: TurnRule = EVERY_USER,
+    *,
+    keep_reasoning: bool = False,
 ) -> Dialogue:
     turns, tail = split_turns(row.messages, system_prompt, rule)
-    return Dialogue(row, turns, tail)
+    return Dialogue(row, turns, tail, keep_reasoning=keep_reasoning)
 
 
 # The row's own keys: an input field of the same name gives way to ours.

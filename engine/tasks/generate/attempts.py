@@ -5,7 +5,10 @@ for neither a valid generation nor an invalid reply already counted against
 ``max_invalid``. Record (besides the writer's emits)::
 
     {"k": "gg", "l": line, "s": slot, "a": attempt, "c": text, "p": prompt_tokens,
-     "o": completion_tokens, "f": finish_reason, "e": why the reply is invalid, or null}
+     "o": completion_tokens, "f": finish_reason, "e": why the reply is invalid, or null,
+     "r": the reasoning trace, "n": reasoning tokens}   # r and n only when there are any
+
+``c`` is the answer only: a reasoning model's trace is ``r``.
 
 ``s`` is the generation (0-based, its place in ``generations``), ``a`` the
 request for it (0 first, then one more after each invalid reply).
@@ -33,14 +36,21 @@ class Attempt:
     completion_tokens: int = 0
     finish_reason: str | None = None
     error: str | None = None  # None: a valid reply
+    trace: str | None = None  # the reasoning trace, when the reply had one
+    reasoning_tokens: int = 0
 
     @property
     def valid(self) -> bool:
         return self.error is None
 
+    @property
+    def cut_off(self) -> bool:
+        """Cut off by max_tokens while reasoning: a trace and no answer."""
+        return not self.content and self.finish_reason == "length" and self.trace is not None
+
 
 def attempt_record(line: int, attempt: Attempt) -> dict[str, Any]:
-    return {
+    record: dict[str, Any] = {
         "k": ATTEMPT,
         "l": line,
         "s": attempt.slot,
@@ -51,6 +61,11 @@ def attempt_record(line: int, attempt: Attempt) -> dict[str, Any]:
         "f": attempt.finish_reason,
         "e": attempt.error,
     }
+    if attempt.trace is not None:
+        record["r"] = attempt.trace
+    if attempt.reasoning_tokens:
+        record["n"] = attempt.reasoning_tokens
+    return record
 
 
 def attempts_from(records: Records, slots: int) -> dict[int, list[Attempt]]:
@@ -69,6 +84,7 @@ def attempts_from(records: Records, slots: int) -> dict[int, list[Attempt]]:
             continue
         error = record.get("e")
         reason = record.get("f")
+        trace = record.get("r")
         by_slot.setdefault(slot, {}).setdefault(
             number,
             Attempt(
@@ -79,6 +95,8 @@ def attempts_from(records: Records, slots: int) -> dict[int, list[Attempt]]:
                 completion_tokens=_count(record.get("o")),
                 finish_reason=reason if isinstance(reason, str) else None,
                 error=None if error is None else str(error),
+                trace=trace if isinstance(trace, str) else None,
+                reasoning_tokens=_count(record.get("n")),
             ),
         )
     out: dict[int, list[Attempt]] = {}
