@@ -37,6 +37,7 @@ NAMES = (
     "shards",
     "metrics",
     "reasoning",
+    "startup",
 )
 DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
 QUICK_OUT = WORK / "quick" / "RESULTS.md"
@@ -52,6 +53,7 @@ def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
         reasoning,
         replicas,
         shards,
+        startup,
         throughput,
     )
 
@@ -82,6 +84,8 @@ def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
         suites.append(lambda: [metrics_cost.metrics_cost(plan)])
     if "reasoning" in chosen:
         suites.append(lambda: [reasoning.reasoning(plan)])
+    if "startup" in chosen:
+        suites.append(lambda: [startup.startup(plan)])
     return suites
 
 

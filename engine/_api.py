@@ -123,4 +123,5 @@ def export(
         Path(to) if to is not None else None,
         pairs_only=pairs_only,
         keep_columns=keep_columns,
+        config_file=Path(config) if isinstance(config, str | Path) else None,
     )

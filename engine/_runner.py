@@ -27,14 +27,18 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from engine import progress
 from engine.checkpoint.journal import Replay, segment_path
 from engine.checkpoint.manifest import (
+    Locks,
     check_manifest,
     clear_checkpoint,
+    has_checksums,
     input_print,
     lock_checkpoint,
+    lock_output,
     new_manifest,
     read_manifest,
     write_manifest,
 )
+from engine.checkpoint.paths import clashes, run_targets
 from engine.checkpoint.snapshot import load
 from engine.checkpoint.writer import SNAPSHOT_EVERY_ROWS, Writer
 from engine.config import ModelConfig, RunConfig
@@ -80,7 +84,8 @@ def prepare(
     """Lock the checkpoint, check or write its manifest, and replay its journal.
 
     Blocking (runs before the event loop does any network work). Returns the
-    lock handle (keep it open), the replay, and whether this resumes a run.
+    locks (the checkpoint's and the output's: keep them until the run ends, then
+    close), the replay, and whether this resumes a run.
     ``known_input`` is the input's fingerprint as the manifest stores it, when the
     caller has it (a shard: the driver hashed the input once for every shard).
     """
@@ -88,8 +93,15 @@ def prepare(
         raise InputError(f"input {config.input} does not exist; check input: in the config")
     # An unusable folder, a missing extra or a mapped column the input lacks: exit 2.
     check_input(config.input, detect_format(config.input), config.input_columns)
-    lock = lock_checkpoint(config.checkpoint_dir)
+    check_targets(config)  # before anything is written or deleted
+    checkpoint_lock = lock_checkpoint(config.checkpoint_dir)
     try:
+        lock = Locks(checkpoint_lock, lock_output(config.output, config.checkpoint_dir))
+    except BaseException:
+        checkpoint_lock.close()
+        raise
+    try:
+        probe_targets(config)
         if fresh:
             clear_checkpoint(config)
         manifest = read_manifest(config.checkpoint_dir)
@@ -102,7 +114,8 @@ def prepare(
             fingerprint = check_manifest(manifest, config)
             if fingerprint.mtime_ns != manifest["input"].get("mtime_ns"):
                 # Same bytes, new mtime (copied or touched): remember it, skip the rehash next time.
-                write_manifest(config.checkpoint_dir, new_manifest(config, fingerprint))
+                renewed = new_manifest(config, fingerprint, checksums=has_checksums(manifest))
+                write_manifest(config.checkpoint_dir, renewed)
             resumed = True
         # The snapshot and the journal after it: the same state as the whole journal.
         state = load(
@@ -110,11 +123,45 @@ def prepare(
             _size(config.output),
             _size(config.failed_output),
             _size(config.filtered_output),
+            strict=manifest is None or has_checksums(manifest),
         )
     except BaseException:
         lock.close()
         raise
     return lock, state, resumed
+
+
+def check_targets(config: RunConfig) -> None:
+    """Refuse output files that are the input, inside the checkpoint, or folders.
+
+    The config's own check, again, for a RunConfig made in code; a shard's rows
+    live in its checkpoint folder by design.
+    """
+    targets = run_targets(config.output, config.failed_output, config.filtered_output)
+    checkpoint_dir = None if config.piece is not None else config.checkpoint_dir
+    problems = clashes(targets, input=config.input, checkpoint_dir=checkpoint_dir, config_file=None)
+    if problems:
+        raise CheckpointError(f"output: {problems[0]}")
+    for what, path in targets:
+        if path.is_dir():
+            raise CheckpointError(
+                f"output: {what} {path} is a folder; set output: to a file path "
+                f"(such as {path / 'out.jsonl'}), or move the folder away"
+            )
+
+
+def probe_targets(config: RunConfig) -> None:
+    """Open the output files for appending (as the writer will), so that an unwritable
+    folder is a clear refusal now, before --fresh deletes anything or a request is sent."""
+    for what, path in run_targets(config.output, config.failed_output, config.filtered_output):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+        except OSError as exc:
+            raise CheckpointError(
+                f"output: {what} {path} cannot be written ({exc.strerror}); make "
+                f"{path.parent} writable, or set output: to a path in a writable folder"
+            ) from exc
 
 
 def snapshot_every_rows() -> int:

@@ -21,7 +21,7 @@ from engine._reporting import write_run_report
 from engine._runner import announce, execute, prepare, run_loop
 from engine.checkpoint.journal import repair as repair_journal
 from engine.checkpoint.journal import segments
-from engine.checkpoint.manifest import lock_checkpoint, read_manifest
+from engine.checkpoint.manifest import has_checksums, lock_checkpoint, read_manifest
 from engine.checkpoint.snapshot import load, read_snapshot, tail_segments
 from engine.config import EXECUTORS, RunConfig, load_config
 from engine.crash import crash_report, write_crash_log
@@ -147,6 +147,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 size(config.output),
                 size(config.failed_output),
                 size(config.filtered_output),
+                repair=True,  # count the damaged records instead of stopping at the first
+                strict=has_checksums(manifest),
             )
             break
         except (FileNotFoundError, CheckpointError) as exc:
@@ -182,7 +184,23 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"in progress: {len(state.partial)} rows, {state.work_records} replies journaled")
     if total is not None:
         print(f"remaining:  {max(0, total - done)} rows ({100 * done / max(total, 1):.1f}% done)")
+    if state.damaged:
+        print(f"damaged:    {_damage(len(state.damaged), state.checksum_failures)} in the journal;")
+        print(
+            f"            a run refuses to resume: run `turnstile repair {args.config}` to drop "
+            "them (their work is requested again)"
+        )
+        return EXIT_UNUSABLE
     return EXIT_OK
+
+
+def _file_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _damage(records: int, checksum_failures: int) -> str:
+    failing = f", {checksum_failures} failing their checksum" if checksum_failures else ""
+    return f"{records} damaged record{'s' if records != 1 else ''}{failing}"
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -212,26 +230,48 @@ def cmd_repair(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     try:
+        manifest = read_manifest(config.checkpoint_dir)
+        checksums = manifest is not None and has_checksums(manifest)
+        # Where the damage is, and what the files were vouched for before it.
+        state = load(
+            config.checkpoint_dir,
+            _file_size(config.output),
+            _file_size(config.failed_output),
+            _file_size(config.filtered_output),
+            repair=True,
+            strict=checksums,
+        )
         # The segments a resume reads: those after the snapshot (it covers the others).
         snapshot = read_snapshot(config.checkpoint_dir)
         first = 0 if snapshot is None else snapshot.first_segment
-        journals = [path for _, path in tail_segments(config.checkpoint_dir, first)]
-        repaired = [(journal, repair_journal(journal)) for journal in journals]
+        strict = checksums or (snapshot is not None and snapshot.strict)
+        repaired = []
+        for _, journal in tail_segments(config.checkpoint_dir, first):
+            result = repair_journal(journal, strict=strict, limits=state.cut)
+            strict = result.strict
+            repaired.append((journal, result))
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     finally:
         lock.close()
-    for journal, dropped in repaired:
-        if not dropped:
+    for journal, result in repaired:
+        if not result.dropped and not result.emits_dropped:
             print(f"{journal}: no damaged records")
             continue
-        for offset, length in dropped:
+        for offset, length in result.dropped:
             print(f"dropped a damaged record at byte {offset} ({length} bytes)")
         print(
-            f"{journal}: {len(dropped)} damaged records dropped (the old journal is kept as "
-            f"{journal.name}.damaged); their work will be requested again on the next run"
+            f"{journal}: {_damage(len(result.dropped), result.checksum_failures)} dropped "
+            f"(the old journal is kept as {journal.name}.damaged); their work will be "
+            "requested again on the next run"
         )
+        if result.emits_dropped:
+            print(
+                f"{journal}: {result.emits_dropped} rows written after the damage will be "
+                "written again from the journal on the next run, once each (the output is "
+                "cut back to what the journal vouches for)"
+            )
     return EXIT_OK
 
 
@@ -263,6 +303,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             Path(args.to) if args.to else None,
             pairs_only=args.pairs_only,
             keep_columns=args.keep_columns,
+            config_file=Path(args.config),
         )
     except TurnstileError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import yaml
 
+from engine.checkpoint.paths import clashes, run_targets
 from engine.errors import ConfigError
 from engine.input.sources import parse_input_columns
 from engine.output.filters import FilterConfig, filtered_path, parse_filters
@@ -146,7 +147,7 @@ class RunConfig:
 
     @property
     def failed_output(self) -> Path:
-        return self.output.with_name(self.output.stem + ".failed.jsonl")
+        return failed_path(self.output)
 
     @property
     def filtered_output(self) -> Path:
@@ -184,6 +185,11 @@ class RunConfig:
 
     def models_used(self) -> set[str]:
         return self.kind.models_used(self.section)
+
+
+def failed_path(output: Path) -> Path:
+    """The failed file of a run writing ``output``: ``<stem>.failed.jsonl`` beside it."""
+    return output.with_name(output.stem + ".failed.jsonl")
 
 
 class _AnyEnv(dict[str, str]):
@@ -247,7 +253,17 @@ def load_config(path: str | Path, *, check_env: bool = True) -> RunConfig:
         raise ConfigError([f"{config_path}: not valid YAML: {exc}"]) from exc
     if not isinstance(raw, Mapping):
         raise ConfigError([f"{config_path}: the config must be a YAML mapping of keys"])
-    return parse_config(raw, config_path, None if check_env else _AnyEnv())
+    config = parse_config(raw, config_path, None if check_env else _AnyEnv())
+    # Only a config read from a file has one to protect (a dict's config_path is made up).
+    problems = clashes(
+        run_targets(config.output, config.failed_output, config.filtered_output),
+        input=config.input,
+        checkpoint_dir=config.checkpoint_dir,
+        config_file=config_path,
+    )
+    if problems:
+        raise ConfigError([f"output: {problem}" for problem in problems])
+    return config
 
 
 def parse_config(
@@ -276,8 +292,13 @@ def parse_config(
     checkpoint_dir = a_path("checkpoint_dir", False)
     if checkpoint_dir is None:
         checkpoint_dir = Path.cwd() / "checkpoints" / config_path.stem
-    if input_path is not None and output_path is not None and input_path == output_path:
-        p.add("output", "must not be the input file; pick another path")
+    if input_path is not None and output_path is not None:
+        # Compared resolved (links, '..'): --fresh deletes these files, a run appends to them.
+        targets = run_targets(output_path, failed_path(output_path), filtered_path(output_path))
+        for problem in clashes(
+            targets, input=input_path, checkpoint_dir=checkpoint_dir, config_file=None
+        ):
+            p.add("output", problem)
 
     models = _parse_models(p, raw.get("models"), env, base)
 

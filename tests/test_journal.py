@@ -49,7 +49,10 @@ def journal(tmp_path: Path) -> Path:
 
 
 def test_encode_is_one_compact_line() -> None:
-    assert encode({"k": "t", "l": 1, "c": "a\nb"}) == b'{"k":"t","l":1,"c":"a\\nb"}\n'
+    # With its checksum last: the CRC32 of the record's JSON without it.
+    line = encode({"k": "t", "l": 1, "c": "a\nb"})
+    assert line.startswith(b'{"k":"t","l":1,"c":"a\\nb","z":') and line.endswith(b"}\n")
+    assert line.count(b"\n") == 1
 
 
 # --- replay ------------------------------------------------------------------------------
@@ -186,10 +189,10 @@ def test_repair_skips_and_lists_the_damaged_records(journal: Path) -> None:
 
 
 def test_repair_lists_every_damaged_record(journal: Path) -> None:
-    a = encode(turn(0, 0))
-    write(journal, a, b"xx\n", b"[1]\n", encode(turn(0, 1)), b'{"l":"x","k":"t"}\n', a)
+    a, b = encode(turn(0, 0)), encode(turn(0, 1))
+    write(journal, a, b"xx\n", b"[1]\n", b, b'{"l":"x","k":"t"}\n', a)
     state = replay(journal, BIG, 0, repair=True)
-    assert state.damaged == [(len(a), 3), (len(a) + 3, 4), (2 * len(a) + 7, 18)]
+    assert state.damaged == [(len(a), 3), (len(a) + 3, 4), (len(a) + len(b) + 7, 18)]
     assert state.records == 3
 
 

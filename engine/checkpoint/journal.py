@@ -12,6 +12,14 @@ One orjson object per line. Record kinds (short keys keep a 10^6-turn journal sm
   which then ended at byte ``e``; ``{"k": "x", ...}`` the same for the failed file, and
   ``{"k": "q", ...}`` for the filtered file.
 
+Each record ends with its checksum, ``"z"``: the CRC32 of the record as it would be
+without it (``{"k": "t", ..., "f": "stop"}``), so a byte changed inside a record that
+is still valid JSON (a letter of a reply, a digit of a line number) is caught. A
+record that fails it is damaged, exactly as one that does not parse. Records
+without one (checkpoints from before checksums) are accepted until the journal
+shows one with a checksum, or when the checkpoint says every record has one
+(``strict``: its manifest or snapshot).
+
 The journal is a run of numbered segment files: ``journal.jsonl`` is segment 0 (the
 one file of checkpoints from before segments, which resume as they are), then
 ``journal.000001.jsonl`` and so on. The writer appends to the last one and starts
@@ -21,7 +29,8 @@ every segment before it; so a resume reads the snapshot and the segments after i
 Replay is pure over the journal's bytes, the segments read as one stream. A torn
 last record (a crash mid-write) is dropped; a damaged record with good records
 after it is an error naming the offset, which ``turnstile repair`` fixes by
-dropping the damaged records.
+dropping the damaged records (and the emits after one that may have been an emit:
+see ``Replay.cut``).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import zlib
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -48,8 +58,31 @@ NO_LIMIT = (sys.maxsize, sys.maxsize, sys.maxsize)  # file sizes that vouch for 
 _SEGMENT = re.compile(r"journal\.(\d{6,})\.jsonl")
 
 
+CRC_KEY = "z"
+_CRC_MARK = b',"' + CRC_KEY.encode() + b'":'
+_EMIT_KINDS = (EMIT_OUTPUT, EMIT_FAILED, EMIT_FILTERED)
+
+
 def encode(record: dict[str, Any]) -> bytes:
-    return orjson.dumps(record) + b"\n"
+    """One journal line: the record's JSON with its checksum as the last key.
+
+    ``record`` is never empty (every record has ``k`` and ``l``).
+    """
+    data = orjson.dumps(record)
+    return b'%b,"z":%d}\n' % (data[:-1], zlib.crc32(data))
+
+
+def split_checksum(raw: bytes) -> tuple[bytes, bool | None]:
+    """A journal line (no newline) as the record's JSON without its checksum, and
+    whether the checksum holds: True, False, or None when it has none."""
+    at = raw.rfind(_CRC_MARK)
+    if at < 0 or raw[-1:] != b"}":
+        return raw, None
+    digits = raw[at + len(_CRC_MARK) : -1]
+    if not digits.isdigit() or len(digits) > 10:
+        return raw, None  # a record without one (a nested "z" key is not followed by digits})
+    body = raw[:at] + b"}"
+    return body, zlib.crc32(body) == int(digits)
 
 
 class LineSet:
@@ -146,10 +179,18 @@ class Replay:
     filtered_end: int = 0
     journal_end: int = 0  # bytes of good records; anything after is dropped
     damaged: list[tuple[int, int]] = field(default_factory=list)  # (offset, length)
+    checksum_failures: int = 0  # of the damaged, those whole but failing their checksum
+    # The output, failed and filtered lengths vouched for just before the first damaged
+    # record that may have been an emit (None: none was). A repair drops the emits
+    # past them too, so the rows written after that point are written once more (from
+    # the journal) instead of one being left in a file that no emit accounts for.
+    cut: tuple[int, int, int] | None = None
+    strict: bool = False  # every record must have a checksum
     segment: int = 0
     first_segment: int = 0
     emits: array[int] = field(default_factory=lambda: array("q"))
     emits_end: int = 0
+    emits_crc: int | None = None  # CRC32 of the index's first emits_end bytes (None: unknown)
     seek: tuple[int, int] = (0, 0)
 
     def copy(self) -> Replay:
@@ -167,10 +208,14 @@ class Replay:
             filtered_end=self.filtered_end,
             journal_end=self.journal_end,
             damaged=list(self.damaged),
+            checksum_failures=self.checksum_failures,
+            cut=self.cut,
+            strict=self.strict,
             segment=self.segment,
             first_segment=self.first_segment,
             emits=array("q", self.emits),
             emits_end=self.emits_end,
+            emits_crc=self.emits_crc,
             seek=self.seek,
         )
 
@@ -257,55 +302,97 @@ def replay_segments(
     """Apply the records of journal segments, (number, path) in order, to ``state``:
     one stream, so damage at the end of one with good records in the next is damage.
     ``state.segment`` and ``journal_end`` end up measuring the last one."""
-    pending: tuple[Path, list[tuple[int, int]]] | None = None
+    # Damaged records not yet followed by a good one: (offset, length, failed its
+    # checksum, the files' vouched lengths before it if it may have been an emit).
+    pending: tuple[Path, list[tuple[int, int, bool, tuple[int, int, int] | None]]] | None = None
     for number, path in paths:
         state.segment, state.journal_end = number, 0
         for offset, raw, complete in iter_lines(path):
-            record = _decode(raw) if complete else None
+            record, status = decode(raw, state.strict) if complete else (None, UNREADABLE)
             if record is None:
                 if raw.strip(b"\x00 \t\r"):
                     if pending is None:
                         pending = (path, [])
-                    pending[1].append((offset, len(raw) + (1 if complete else 0)))
+                    ends = (state.out_end, state.failed_end, state.filtered_end)
+                    emit = ends if may_be_emit(raw, status) else None
+                    pending[1].append((offset, len(raw) + complete, status == SUM_BAD, emit))
                 continue
+            if status == SUM_OK:
+                state.strict = True  # from the first record with a checksum on, all have one
             if pending is not None:
+                where, damage = pending
                 if not repair:
-                    where, damage = pending
+                    what = "record failing its checksum" if damage[0][2] else "record"
                     raise CheckpointError(
-                        f"{where}: damaged record at byte {damage[0][0]} with good records "
+                        f"{where}: damaged {what} at byte {damage[0][0]} with good records "
                         "after it; run `turnstile repair CONFIG` to drop the damaged records "
                         "(their work is simply requested again)"
                     )
-                state.damaged.extend(pending[1])
+                for at, length, bad_sum, emit in damage:
+                    state.damaged.append((at, length))
+                    state.checksum_failures += bad_sum
+                    if state.cut is None and emit is not None:
+                        state.cut = emit
                 pending = None
             state.journal_end = offset + len(raw) + 1
             apply(state, record, sizes)
 
 
-def repair(path: Path) -> list[tuple[int, int]]:
-    """Rewrite the journal keeping only its good records; return the (offset, length)
-    of each damaged record dropped. The work they held is simply requested again.
+@dataclass(frozen=True, slots=True)
+class Repaired:
+    """What ``repair`` did to one segment."""
 
-    The new journal replaces the old atomically; the old one is kept beside it as
-    ``journal.jsonl.damaged`` for inspection.
+    dropped: list[tuple[int, int]]  # (offset, length) of each damaged record
+    checksum_failures: int  # of those, whole records failing their checksum
+    emits_dropped: int  # emits past ``limits``: their rows are written again
+    strict: bool  # whether records after this segment must have a checksum
+
+
+def repair(
+    path: Path, *, strict: bool = False, limits: tuple[int, int, int] | None = None
+) -> Repaired:
+    """Rewrite a journal segment keeping only its good records; report what was dropped.
+    The work damaged records held is simply requested again.
+
+    ``limits`` (``Replay.cut``) are the output, failed and filtered lengths to keep:
+    emits past them are dropped too, and the next run cuts the files back and writes
+    those rows again from the journal. ``strict``: as for replay (``Replay.strict``
+    before this segment). The new segment replaces the old atomically; the old one is
+    kept beside it as ``<name>.damaged`` for inspection.
     """
     dropped: list[tuple[int, int]] = []
+    failures = emits_dropped = 0
     tmp = path.with_name(path.name + ".repair")
     with tmp.open("wb") as out:
         for offset, raw, complete in iter_lines(path):
-            if complete and _decode(raw) is not None:
+            record, status = decode(raw, strict) if complete else (None, UNREADABLE)
+            if record is not None:
+                strict = strict or status == SUM_OK
+                if limits is not None and _past(record, limits):
+                    emits_dropped += 1
+                    continue
                 out.write(raw + b"\n")
             elif raw.strip(b"\x00 \t\r"):
-                dropped.append((offset, len(raw) + (1 if complete else 0)))
+                dropped.append((offset, len(raw) + complete))
+                failures += status == SUM_BAD
         out.flush()
         os.fsync(out.fileno())
-    if not dropped:
+    result = Repaired(dropped, failures, emits_dropped, strict)
+    if not dropped and not emits_dropped:
         tmp.unlink()
-        return dropped
+        return result
     os.replace(path, path.with_name(path.name + ".damaged"))
     os.replace(tmp, path)
     fsync_dir(path.parent)
-    return dropped
+    return result
+
+
+def _past(record: dict[str, Any], limits: tuple[int, int, int]) -> bool:
+    kind = record["k"]
+    if kind not in _EMIT_KINDS:
+        return False
+    end = record.get("e")
+    return not isinstance(end, int) or end > limits[_EMIT_KINDS.index(kind)]
 
 
 def fsync_dir(path: Path) -> None:
@@ -317,7 +404,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _decode(raw: bytes) -> dict[str, Any] | None:
+# How a journal line decoded (``decode``'s second value).
+SUM_NONE = 0  # a good record without a checksum (written before checksums)
+SUM_OK = 1  # a good record whose checksum holds
+SUM_BAD = 2  # a whole record failing its checksum (or without one where all have one)
+UNREADABLE = 3  # not a record: torn, not JSON, or of the wrong shape
+
+
+def decode(raw: bytes, strict: bool = False) -> tuple[dict[str, Any] | None, int]:
+    """A journal line (no newline) as its record, or None when it is damaged, and how
+    it decoded (SUM_NONE, SUM_OK, SUM_BAD, UNREADABLE). ``strict``: a record without
+    a checksum is damaged (SUM_BAD when it is otherwise whole)."""
+    body, holds = split_checksum(raw)
+    record = _record(body)
+    if record is None:
+        return None, UNREADABLE
+    if holds is None:
+        return (None, SUM_BAD) if strict else (record, SUM_NONE)
+    return (record, SUM_OK) if holds else (None, SUM_BAD)
+
+
+def _record(raw: bytes) -> dict[str, Any] | None:
     try:
         record = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -327,6 +434,20 @@ def _decode(raw: bytes) -> dict[str, Any] | None:
     if not isinstance(record.get("k"), str):
         return None
     return record
+
+
+def may_be_emit(raw: bytes, status: int) -> bool:
+    """Whether a damaged line may have been an emit record: one that does not parse
+    may; a whole one may if it has an emit's few keys (k, l, e), whatever its
+    damaged kind or key names say."""
+    if status != SUM_BAD:
+        return True
+    body, _ = split_checksum(raw)
+    try:
+        record = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return True
+    return not isinstance(record, dict) or len(record) - (CRC_KEY in record) <= 3
 
 
 def apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int] = NO_LIMIT) -> None:

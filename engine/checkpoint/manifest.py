@@ -19,6 +19,7 @@ from typing import IO, Any
 import orjson
 
 from engine.checkpoint.journal import fsync_dir, segments
+from engine.checkpoint.paths import same_file
 from engine.checkpoint.snapshot import EMITS_NAME, SNAPSHOT_NAME
 from engine.config import RunConfig
 from engine.errors import CheckpointError
@@ -27,6 +28,9 @@ from engine.input.sources import detect_format, fingerprint_paths
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "lock"
 FORMAT_VERSION = 1
+# Checkpoints made since journal records carry a checksum say so: a record without
+# one is then damage. Those from before resume as they are (the format is the same).
+CHECKSUMS_KEY, CHECKSUMS = "checksums", "crc32"
 _HASH_CHUNK = 1 << 22
 
 
@@ -71,7 +75,11 @@ def config_digest(config: RunConfig) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def new_manifest(config: RunConfig, fingerprint: InputPrint) -> dict[str, Any]:
+def new_manifest(
+    config: RunConfig, fingerprint: InputPrint, *, checksums: bool = True
+) -> dict[str, Any]:
+    """The manifest of a run; ``checksums`` says its journal records all carry one
+    (False only for a checkpoint begun before them, whose manifest is rewritten)."""
     return {
         "format": FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -85,7 +93,13 @@ def new_manifest(config: RunConfig, fingerprint: InputPrint) -> dict[str, Any]:
         "output": str(config.output),
         "config": config.fingerprint_fields(),
         "config_digest": config_digest(config),
+        **({CHECKSUMS_KEY: CHECKSUMS} if checksums else {}),
     }
+
+
+def has_checksums(manifest: dict[str, Any]) -> bool:
+    """Whether every journal record of the manifest's checkpoint carries a checksum."""
+    return manifest.get(CHECKSUMS_KEY) == CHECKSUMS
 
 
 def read_manifest(checkpoint_dir: Path) -> dict[str, Any] | None:
@@ -199,12 +213,67 @@ def lock_checkpoint(checkpoint_dir: Path) -> IO[bytes]:
     return handle
 
 
+def output_lock_path(output: Path) -> Path:
+    """The lock file beside the output: ``.<output name>.lock``."""
+    return output.with_name(f".{output.name}.lock")
+
+
+def lock_output(output: Path, checkpoint_dir: Path) -> IO[bytes]:
+    """Take the output's lock, or refuse at once if another run holds it.
+
+    Two runs with different checkpoints appending to one output would interleave
+    their rows and cut each other's back on resume. An OS lock (flock) like the
+    checkpoint's: it dies with its process; the file stays (removing it would race
+    with the next run taking it). The returned file must stay open for the run.
+    """
+    path = output_lock_path(output)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = path.open("a+b")
+    except OSError as exc:
+        raise CheckpointError(
+            f"output: cannot create {path} ({exc.strerror}); make {path.parent} writable, "
+            "or set output: to a path in a writable folder"
+        ) from exc
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        handle.seek(0)
+        holder = handle.read().decode(errors="replace").strip() or "another process"
+        handle.close()
+        raise CheckpointError(
+            f"output: {output} is being written by another run ({holder}); one run per "
+            "output: wait for it to finish or stop it, or give this run another output:"
+        ) from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, checkpoint_dir {checkpoint_dir}".encode())
+    handle.flush()
+    return handle
+
+
+class Locks:
+    """The locks a run holds (its checkpoint's, its output's), released together."""
+
+    def __init__(self, *handles: IO[bytes]) -> None:
+        self._handles = handles
+
+    def close(self) -> None:
+        for handle in reversed(self._handles):
+            handle.close()
+
+
 def clear_checkpoint(config: RunConfig) -> None:
-    """--fresh: forget the journal, snapshot and manifest and remove the run's output files."""
+    """--fresh: forget the journal, snapshot and manifest and remove the run's output files.
+
+    Refuses, before deleting anything, when one of them is the input (under
+    another name: a link, ``..``): the config check should have caught it, and
+    this is the last place where the input could be lost.
+    """
     folder = config.checkpoint_dir
     # The manifest first, the outputs last: stopped half-way, what is left is either
     # nothing or an output that the next run refuses to overwrite without --fresh.
-    for path in (
+    doomed = [
         folder / MANIFEST_NAME,
         folder / SNAPSHOT_NAME,
         folder / (SNAPSHOT_NAME + ".tmp"),
@@ -213,5 +282,23 @@ def clear_checkpoint(config: RunConfig) -> None:
         config.output,
         config.failed_output,
         config.filtered_output,
-    ):
-        path.unlink(missing_ok=True)
+    ]
+    for path in doomed:
+        if same_file(path, config.input):
+            raise CheckpointError(
+                f"--fresh would delete {path}, which is the input file {config.input}; "
+                "set output: and checkpoint_dir: to paths apart from the input"
+            )
+    for path in doomed:
+        try:
+            path.unlink(missing_ok=True)
+        except IsADirectoryError as exc:
+            raise CheckpointError(
+                f"--fresh would delete {path}, which is a folder; set output: to a file path "
+                "or move the folder away"
+            ) from exc
+        except OSError as exc:
+            raise CheckpointError(
+                f"--fresh cannot delete {path} ({exc.strerror}); fix the folder's permissions "
+                "and run again"
+            ) from exc

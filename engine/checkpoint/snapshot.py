@@ -15,8 +15,11 @@ the whole journal. The files of a checkpoint folder, besides the manifest:
 - ``emits.bin``: the output's emit records of every segment a snapshot covers, as
   little-endian int64 pairs (input line, end of its row in the output), in journal
   order: what ``turnstile export`` needs to put rows in input order once those
-  segments are gone (16 bytes a row). The snapshot says how long it is; anything
-  after that (a snapshot that did not finish) is cut off when the run reopens it.
+  segments are gone (16 bytes a row). The snapshot says how long it is, and its
+  CRC32 (``emits_crc``: a flipped bit is a clear error, not a row in the wrong
+  place); anything after that (a snapshot that did not finish) is cut off when the
+  run reopens it. Snapshots from before the checksum have none: export then checks
+  that every line in the index is one the snapshot has done.
 
 The single writer (engine.checkpoint.writer) keeps the same state as replay would,
 applying each record it writes with the same rule (``journal.apply``). Every
@@ -82,11 +85,17 @@ _FRESH = "run with --fresh to start over (the checkpoint is discarded)"
 # -- the format: pure ----------------------------------------------------------------
 
 
-def encode_snapshot(state: Replay, *, segment: int, emits_end: int) -> bytes:
-    """The snapshot of ``state``, which covers the journal segments before ``segment``."""
+def encode_snapshot(
+    state: Replay, *, segment: int, emits_end: int, emits_crc: int | None = None
+) -> bytes:
+    """The snapshot of ``state``, which covers the journal segments before ``segment``;
+    ``emits_crc`` is the CRC32 of the emits index's first ``emits_end`` bytes."""
     body: dict[str, Any] = {name: getattr(state, name) for name in _COUNTERS}
     body["segment"] = segment
     body["emits_end"] = emits_end
+    if emits_crc is not None:
+        body["emits_crc"] = emits_crc
+    body["checksums"] = True  # every journal record after it has one
     body["seek"] = list(state.seek)
     body["done_count"] = len(state.done)
     body["done"] = base64.b64encode(zlib.compress(state.done.to_bytes(), 1)).decode()
@@ -122,6 +131,11 @@ def decode_snapshot(data: bytes) -> Replay:
         setattr(state, name, numbers[name])
     state.segment = state.first_segment = numbers["segment"]
     state.emits_end = numbers["emits_end"]
+    emits_crc = fields.get("emits_crc")  # snapshots before it had none
+    if emits_crc is not None and (not isinstance(emits_crc, int) or isinstance(emits_crc, bool)):
+        raise ValueError(f"emits_crc is {emits_crc!r}")
+    state.emits_crc = emits_crc
+    state.strict = fields.get("checksums") is True
     seek = fields.get("seek", [0, 0])  # snapshots before it had none: read from the start
     if (
         not isinstance(seek, list)
@@ -198,12 +212,15 @@ def load(
     filtered_size: int = 0,
     *,
     repair: bool = False,
+    strict: bool = False,
 ) -> Replay:
     """What the checkpoint says is finished: its snapshot, then the segments after it.
 
     The same state a replay of the whole journal gives (a checkpoint without a
     snapshot is exactly that). The sizes are the files' current lengths, as for
-    ``journal.replay``; the snapshot's own lengths must all be there.
+    ``journal.replay``; the snapshot's own lengths must all be there. ``strict``:
+    every journal record must carry a checksum (the manifest says the checkpoint
+    was made with them).
     """
     state = read_snapshot(checkpoint_dir)
     sizes = (out_size, failed_size, filtered_size)
@@ -211,6 +228,7 @@ def load(
         state = Replay()
     else:
         _check_lengths(checkpoint_dir, state, sizes)
+    state.strict = state.strict or strict
     replay_segments(state, tail_segments(checkpoint_dir, state.first_segment), sizes, repair=repair)
     return state
 
@@ -268,9 +286,38 @@ def emit_sources(checkpoint_dir: Path) -> tuple[array[int], list[Path]]:
     state = read_snapshot(checkpoint_dir)
     if state is None:
         return array("q"), [path for _, path in tail_segments(checkpoint_dir, 0)]
-    with (checkpoint_dir / EMITS_NAME).open("rb") as f:
-        pairs = unpack_emits(f.read(state.emits_end))
+    path = checkpoint_dir / EMITS_NAME
+    with path.open("rb") as f:
+        data = f.read(state.emits_end)
+    damage = check_emits(data, state)
+    if damage is not None:
+        raise CheckpointError(
+            f"{path} is damaged ({damage}): export cannot put the rows in input order. "
+            "The output file itself is whole: use it as it is (rows in completion order), "
+            "or restore the checkpoint from a copy and export again"
+        )
+    pairs = unpack_emits(data)
     return pairs, [path for _, path in tail_segments(checkpoint_dir, state.first_segment)]
+
+
+def check_emits(data: bytes, state: Replay) -> str | None:
+    """Why the emits index's bytes are not what the snapshot ``state`` vouches for, or None.
+
+    By its checksum; an index from before checksums by what it must hold: whole pairs
+    of lines the snapshot has done and ends inside the output it vouches for.
+    """
+    if len(data) != state.emits_end:
+        return f"{len(data)} bytes where the snapshot vouches for {state.emits_end}"
+    if state.emits_crc is not None:
+        if zlib.crc32(data) != state.emits_crc:
+            return "its checksum does not match the snapshot's"
+        return None
+    pairs = unpack_emits(data)
+    flat = iter(pairs)
+    for line, end in zip(flat, flat, strict=True):
+        if line not in state.done or not 0 < end <= state.out_end:
+            return f"an entry names line {line} ending at byte {end}, which the snapshot does not"
+    return None
 
 
 def has_journal(checkpoint_dir: Path) -> bool:

@@ -27,6 +27,7 @@ import asyncio
 import errno
 import os
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,12 +153,15 @@ class Writer:
     ) -> None:
         self._dir = journal.parent
         self._segment = segment_number(journal)
-        self._journal = _File(journal, journal_end)
-        self._out = _File(output, out_end)
-        self._failed = _File(failed, failed_end)
         if filtered is None:
             filtered = failed.with_name(failed.name.replace(".failed.", ".filtered."))
-        self._filtered = _File(filtered, filtered_end)
+        try:
+            self._journal = _File(journal, journal_end)
+            self._out = _File(output, out_end)
+            self._failed = _File(failed, failed_end)
+            self._filtered = _File(filtered, filtered_end)
+        except OSError as exc:  # an unwritable folder, found at run time: a stop, not a bug
+            raise CheckpointError(_describe(exc, self._dir)) from exc
         # The run's history, cut back to its last whole line (a SIGKILL can tear one).
         self._history = _File(history, whole_length(history)) if history is not None else None
         self._policy = policy
@@ -441,11 +445,15 @@ class Writer:
         if self._emits is None:
             self._emits = _File(self._dir / EMITS_NAME, 0)
         emits = self._emits
-        emits.write(pack_emits(state.emits))
+        packed = pack_emits(state.emits)
+        emits.write(packed)
         emits.sync()
+        # The index's CRC32, carried on: unknown for one begun before checksums.
+        known = state.emits_crc is not None or not state.emits_end
+        crc = zlib.crc32(packed, state.emits_crc or 0) if known else None
         following = self._segment + 1
         segment = _File(segment_path(self._dir, following), 0)
-        data = encode_snapshot(state, segment=following, emits_end=emits.size)
+        data = encode_snapshot(state, segment=following, emits_end=emits.size, emits_crc=crc)
         try:
             write_snapshot(self._dir, data)
         except BaseException:
@@ -456,6 +464,7 @@ class Writer:
         self._journal, self._segment = segment, following
         state.first_segment = state.segment = following
         state.emits_end = emits.size
+        state.emits_crc = crc
         del state.emits[:]
         self._rows = 0
         self._last_sync = time.monotonic()

@@ -24,6 +24,7 @@ the card says which columns.
 
 from __future__ import annotations
 
+import glob
 import mmap
 import os
 import re
@@ -39,7 +40,8 @@ from typing import Any
 
 import orjson
 
-from engine.checkpoint.journal import EMIT_OUTPUT, iter_lines
+from engine.checkpoint.journal import EMIT_OUTPUT, decode, iter_lines
+from engine.checkpoint.paths import clashes, inside, run_targets, same_file
 from engine.checkpoint.snapshot import emit_sources, has_journal
 from engine.config import RunConfig
 from engine.errors import CheckpointError, ExportError, TurnstileError
@@ -74,18 +76,20 @@ def export(
     *,
     pairs_only: bool = False,
     keep_columns: bool = False,
+    config_file: Path | None = None,
 ) -> Path:
     """Write the run's finished rows, in input order, as ``fmt``; return where.
 
     ``pairs_only`` (preference runs) keeps only the rows with a chosen/rejected
     pair. Columns TRL reserves (:data:`TRL_RESERVED`) are left out, and the card
     says so, unless ``keep_columns``. Raises ExportError naming the fix (no run
-    yet, a missing extra, a destination that would overwrite something else).
+    yet, a missing extra, a destination that would overwrite something else, such
+    as the run's own files or ``config_file``, the config it was read from).
     """
     dest = (to if to is not None else default_destination(config.output, fmt)).absolute()
     if pairs_only and not config.kind.pairs:
         raise ExportError(f"--pairs-only is for preference runs; this run's task is {config.task}")
-    _check_destination(config, fmt, dest)
+    _check_destination(config, fmt, dest, config_file)
     # Missing extras are reported before any work.
     pa = _require("pyarrow", fmt) if fmt != "jsonl" else None
     datasets = _require("datasets", fmt) if fmt == "hf" else None
@@ -184,12 +188,9 @@ def _emits(journal: Path) -> Iterator[tuple[int, int]]:
     for _, raw, complete in iter_lines(journal):
         if not complete or _EMIT_MARK not in raw:
             continue  # most records are turns: skip them without parsing their text
-        try:
-            record = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            continue  # a torn or damaged record, as replay drops it
-        if not isinstance(record, dict) or record.get("k") != EMIT_OUTPUT:
-            continue
+        record, _ = decode(raw)
+        if record is None or record["k"] != EMIT_OUTPUT:
+            continue  # a torn or damaged record (its checksum fails), as replay drops it
         line, end = record.get("l"), record.get("e")
         if isinstance(line, int) and isinstance(end, int):
             yield line, end
@@ -403,6 +404,7 @@ def _write_hf(
 def _replacing(dest: Path) -> Iterator[Path]:
     """A temporary path beside ``dest``, moved onto it when the block succeeds."""
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     _remove(tmp)
     try:
@@ -418,6 +420,31 @@ def _replacing(dest: Path) -> Iterator[Path]:
         _remove(tmp)
 
 
+def _remove_stale(dest: Path) -> None:
+    """Remove what an export to ``dest`` that was killed left beside it: its temporary
+    file or folder (``.<name>.tmp-<pid>``, with an ``.arrow`` stream for hf) and a
+    previous export it had moved aside (``.<name>.old-<pid>``). Those of an export
+    still running (its pid alive) are left alone."""
+    prefix = f".{dest.name}."
+    for path in dest.parent.glob(glob.escape(prefix) + "*-*"):
+        kind, _, rest = path.name[len(prefix) :].partition("-")
+        pid = rest.removesuffix(".arrow")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, from this process's earlier export: stale too
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -425,10 +452,34 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _check_destination(config: RunConfig, fmt: str, dest: Path) -> None:
-    own = {p.absolute() for p in (config.input, config.output, config.failed_output)}
-    if dest in own or dest == config.checkpoint_dir.absolute():
-        raise ExportError(f"--to {dest} would overwrite the run's own files; pick another path")
+def _check_destination(
+    config: RunConfig, fmt: str, dest: Path, config_file: Path | None = None
+) -> None:
+    """Refuse a destination that would overwrite the run's own files (links and ``..``
+    resolved): the input, the config, the checkpoint, the output, failed and filtered
+    files, or a folder holding any of them; or something that is not an export."""
+    fix = "pick another path (it would overwrite the run's own files)"
+    problems = clashes(
+        [("--to", dest)],
+        input=config.input,
+        checkpoint_dir=config.checkpoint_dir,
+        config_file=config_file,
+        fix=fix,
+    )
+    own = run_targets(config.output, config.failed_output, config.filtered_output)
+    for what, path in own:
+        if same_file(dest, path):
+            problems.append(f"--to {dest} must not be {what} of this run; {fix}")
+    guarded = [config.input, config.checkpoint_dir, *(path for _, path in own)]
+    if config_file is not None:
+        guarded.append(config_file)
+    if not problems and any(inside(path, dest) for path in guarded):
+        problems.append(
+            f"--to {dest} must not be a folder holding the run's input, output, config or "
+            f"checkpoint; {fix}"
+        )
+    if problems:
+        raise ExportError(problems[0])
     if not dest.exists():
         return
     if fmt == "hf":
