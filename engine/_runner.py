@@ -350,7 +350,8 @@ async def _probe_models(clients: dict[str, ModelClient], optional: frozenset[str
     A replica that does not is taken out and probed (a warning names it). A model
     none of whose replicas answers stops the run at once (ModelDown), unless it is
     optional (a preference generator) and another optional one answers: then it
-    is treated as an outage, its requests waiting up to its ``down_after_s``.
+    is down from the start (its requests fail at once, its rows go on with the
+    others' generations) and is used again once its probe finds it answering.
     """
     dead: list[str] = []
     for name, client in clients.items():
@@ -364,17 +365,19 @@ async def _probe_models(clients: dict[str, ModelClient], optional: frozenset[str
         fatal = dead
     if fatal:
         urls = "; ".join(
-            f"models.{name}: {', '.join(r.url for r in clients[name].pool.replicas)}"
+            f"models.{name}: {', '.join(r.stats.url for r in clients[name].pool.replicas)}"
             for name in fatal
         )
         raise ModelDown(
             f"cannot reach {urls} (no replica answers); start the server or fix base_url"
         )
     for name in dead:
-        seconds = clients[name].config.down_after_s
+        # Never answered in this run: nothing to wait for. Its generations are
+        # recorded failed until a probe finds it answering.
+        clients[name].pool.down_from_start()
         log.warning(
-            f"models.{name} is unreachable; the others go on, and its requests wait "
-            f"for it up to {seconds:g} s (down_after_s) before they are recorded as failed"
+            f"models.{name} is unreachable; the others go on without it, its generations "
+            "are recorded as failed, and it is used again for later rows once it answers"
         )
 
 

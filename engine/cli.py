@@ -28,6 +28,7 @@ from engine.crash import crash_report, write_crash_log
 from engine.errors import CheckpointError, ConfigError, InputError, TurnstileError
 from engine.executors.shards import is_sharded
 from engine.input.sources import count_input, detect_format
+from engine.redact import model_secrets
 from engine.stats import Outcome
 
 EXIT_OK, EXIT_FAILED_ROWS, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
@@ -114,7 +115,11 @@ def _overrides(config: RunConfig, args: argparse.Namespace) -> RunConfig:
 
 
 def _crashed(exc: BaseException, config: RunConfig) -> int:
-    secrets = [key for model in config.models.values() if (key := model.api_key())]
+    secrets = [
+        secret
+        for model in config.models.values()
+        for secret in model_secrets(model.api_key(), model.base_urls)
+    ]
     summary, log = write_crash_log(config.checkpoint_dir, exc, secrets)
     print(
         f"error: Turnstile crashed: {summary} (a bug; the traceback is in {log}). "

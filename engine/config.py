@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 import yaml
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from engine.input.sources import Slice
 
 LOCAL = "local"
+MAX_REPLY_BYTES = 32 * 1024 * 1024  # a longer reply body fails its request (max_reply_bytes)
 FSYNC_MODES = ("interval", "always", "never")
 
 
@@ -62,6 +64,7 @@ class ModelConfig:
     fail_on_length: bool = False  # a reply cut off by max_tokens fails its row
     down_after_s: float = 300.0  # unreachable this long (every replica out): the model is down
     affinity: bool = True  # a conversation's next turn goes back to the replica of its last
+    max_reply_bytes: int = MAX_REPLY_BYTES  # a longer reply fails its request, unread
 
     @property
     def is_local(self) -> bool:
@@ -230,6 +233,7 @@ _MODEL_KEYS = (
     "fail_on_length",
     "down_after_s",
     "affinity",
+    "max_reply_bytes",
 )
 _LOCAL_KEYS = ("parallel", "ctx_size", "threads", "port", "replicas")
 # Model names appear in keys, file names and metric labels: keep them plain.
@@ -485,6 +489,15 @@ def _parse_model(
         p.add(f"{key}.fail_on_length", f"must be true or false, got {fail_on_length!r}")
         fail_on_length = False
     down_after_s = p.positive_float(f"{key}.down_after_s", body.get("down_after_s"), 300.0)
+    max_reply = p.positive_int(
+        f"{key}.max_reply_bytes", body.get("max_reply_bytes"), MAX_REPLY_BYTES
+    )
+    if api_key_env is not None and any(_has_user(url) for url in base_urls or ()):
+        p.add(
+            f"{key}.base_url",
+            "carries a user and password, and api_key_env is set too: a request has one "
+            "Authorization header; remove the credentials from the URL or api_key_env",
+        )
     affinity = body.get("affinity", True)
     if not isinstance(affinity, bool):
         p.add(f"{key}.affinity", f"must be true or false, got {affinity!r}")
@@ -510,7 +523,16 @@ def _parse_model(
         fail_on_length=fail_on_length,
         down_after_s=down_after_s,
         affinity=affinity,
+        max_reply_bytes=max_reply or MAX_REPLY_BYTES,
     )
+
+
+def _has_user(url: str) -> bool:
+    """Whether a URL carries a user (and password): ``http://user:pass@host/v1``."""
+    try:
+        return urlsplit(url).username is not None
+    except ValueError:
+        return False  # a URL this broken is reported by _parse_base_urls
 
 
 _URL_FIX = (

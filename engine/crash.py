@@ -12,15 +12,9 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from engine.redact import scrub
+
 CRASH_LOG = "crash.log"
-REDACTED = "<redacted>"
-
-
-def redact_secrets(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret value replaced (longest first, so no key is half-cut)."""
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    return text
 
 
 def first_error(exc: BaseException) -> BaseException:
@@ -34,9 +28,9 @@ def crash_report(exc: BaseException, secrets: Iterable[str]) -> tuple[str, str]:
     """The one-line summary and the full traceback of ``exc``, secrets removed from both."""
     keys = list(secrets)
     cause = first_error(exc)
-    line = redact_secrets(f"{type(cause).__name__}: {cause}", keys).splitlines()
+    line = scrub(f"{type(cause).__name__}: {cause}", keys).splitlines()
     text = "".join(traceback.format_exception(exc))
-    return (line[0] if line else type(cause).__name__), redact_secrets(text, keys)
+    return (line[0] if line else type(cause).__name__), scrub(text, keys)
 
 
 def write_crash_log(folder: Path, exc: BaseException, secrets: Iterable[str]) -> tuple[str, Path]:

@@ -30,8 +30,9 @@ class ModelError(TurnstileError):
     timeouts, dropped connections); ``kind`` says why it failed (one of
     ``engine.http.retry``'s PERMANENT, BACKPRESSURE, UNHEALTHY, FLAKY); ``retry_after``
     is the server's hint in seconds, when it gave one. ``model_down`` marks a
-    model that has been unreachable for its ``down_after_s``: the model is down,
-    not this request.
+    failure of the model, not of this request: it has been unreachable for its
+    ``down_after_s``, or it refuses every request (its key is refused, or it answers
+    404 to everything); ``fix`` then says what to do before running again.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class ModelError(TurnstileError):
         retry_after: float | None = None,
         model_down: bool = False,
         kind: str = "",
+        fix: str = "",
     ) -> None:
         super().__init__(message)
         self.retryable = retryable
@@ -50,6 +52,14 @@ class ModelError(TurnstileError):
         self.status = status
         self.retry_after = retry_after
         self.model_down = model_down
+        self.fix = fix
+
+    def stopped(self, role: str = "") -> ModelDown:
+        """The error that stops a run for this failure of a model (``model_down``): no
+        row is failed for it, and the same command resumes. ``role`` names the model's
+        part in the run, e.g. " (the judge)"."""
+        fix = self.fix or "start it (or fix base_url)"
+        return ModelDown(f"{self}{role}; {fix} and run the same command to resume")
 
 
 class ModelDown(TurnstileError):

@@ -10,7 +10,7 @@ from anyio.lowlevel import checkpoint
 
 from engine.config import ModelConfig
 from engine.errors import ModelError
-from engine.http.client import ModelClient, parse_completion
+from engine.http.client import NOT_FOUND_IN_ROW, ModelClient, endpoint, parse_completion
 from engine.http.ratelimit import TokenBucket, estimate_tokens, per_minute
 from engine.stats import ModelStats
 from engine.testing.mock_server import Faults, MockServer, reply_for
@@ -289,3 +289,87 @@ def test_token_bucket_adjusts_for_what_a_request_really_used() -> None:
 def test_estimate_tokens_counts_the_body_and_max_tokens() -> None:
     assert estimate_tokens(400, 50) == 150
     assert estimate_tokens(400, None) == 100 + 256
+
+
+# --- a model that refuses every request, replies too large, keys echoed back -------------
+
+KEY = "sk-client-test-0123456789abcdef"
+KEY_ENV = "TURNSTILE_CLIENT_TEST_KEY"
+
+
+async def test_an_expired_key_stops_the_model_and_names_the_status_without_the_key(
+    mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    mock.faults = Faults(fail_models={"mock": 401}, echo_authorization=True)
+    time = FakeTime()
+    async with client_for(mock, time, api_key_env=KEY_ENV) as client:
+        with pytest.raises(ModelError) as first:
+            await client.complete(MESSAGES)
+        with pytest.raises(ModelError) as again:
+            await client.complete(OTHER)
+    for caught in (first, again):
+        message = str(caught.value)
+        assert caught.value.model_down and caught.value.status == 401
+        assert message.startswith("models.m: HTTP 401: model 'mock' is set to fail with HTTP 401")
+        assert "the server refuses the key" in message
+        assert KEY not in message and "Bearer ***" in message
+        assert KEY_ENV in caught.value.fix
+    assert mock.stats.total_requests == 1  # the model refuses: nothing more is sent
+    assert time.calls == [] and client.stats.retries == 0
+
+
+async def test_a_404_to_every_request_is_the_models_not_the_rows(mock: MockServer) -> None:
+    mock.faults = Faults(fail_models={"mock": 404})
+    time = FakeTime()
+    async with client_for(mock, time, max_retries=0) as client:
+        with pytest.raises(ModelError) as caught:
+            await client.complete(MESSAGES)
+    # max_retries 0, yet no row failed: a few in a row, none answered, is the model.
+    assert caught.value.model_down and caught.value.status == 404
+    assert f"to {NOT_FOUND_IN_ROW} requests in a row, none answered" in str(caught.value)
+    assert "models.m.base_url" in caught.value.fix and "models.m.model" in caught.value.fix
+    assert mock.stats.total_requests == NOT_FOUND_IN_ROW
+    assert client.stats.retries == 0
+
+
+async def test_a_key_echoed_in_a_broken_reply_is_removed_from_the_message(
+    mock: MockServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(KEY_ENV, KEY)
+    mock.faults = Faults(rate_malformed=1.0, echo_authorization=True)
+    async with client_for(mock, FakeTime(), api_key_env=KEY_ENV, max_retries=0) as client:
+        with pytest.raises(ModelError) as caught:
+            await client.complete(MESSAGES)
+    assert "HTTP 200 with a body that is not JSON" in str(caught.value)
+    assert KEY not in str(caught.value) and "Bearer ***" in str(caught.value)
+    assert mock.stats.authorizations == {f"Bearer {KEY}"}  # sent, as it must be
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["with_its_length", "of_unknown_length"])
+async def test_a_reply_larger_than_max_reply_bytes_fails_its_request_unread(
+    mock: MockServer, chunked: bool
+) -> None:
+    mock.chunked = chunked
+    async with client_for(mock, FakeTime(), max_retries=1, max_reply_bytes=64) as client:
+        with pytest.raises(ModelError) as caught:
+            await client.complete(MESSAGES)
+    message = str(caught.value)
+    assert "a reply larger than max_reply_bytes (64 bytes)" in message
+    assert "models.m.max_reply_bytes" in message and "gave up after 2 attempts" in message
+
+
+async def test_a_reply_of_unknown_length_under_the_limit_is_read_whole(mock: MockServer) -> None:
+    mock.chunked = True
+    async with client_for(mock, FakeTime()) as client:
+        completion = await client.complete(MESSAGES)
+    assert completion.texts == [reply_for("mock", MESSAGES)]
+
+
+def test_a_query_in_base_url_stays_after_the_path() -> None:
+    url = "http://h:1/v1?api-version=2024-06-01"
+    assert (
+        endpoint(url, "/chat/completions")
+        == "http://h:1/v1/chat/completions?api-version=2024-06-01"
+    )
+    assert endpoint("http://h:1/v1/", "/models") == "http://h:1/v1/models"

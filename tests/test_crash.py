@@ -8,19 +8,12 @@ from typing import Any
 import pytest
 
 from engine import cli
-from engine.crash import crash_report, redact_secrets
+from engine.crash import crash_report
 from engine.tasks.distill.task import DistillTask
 from engine.testing.mock_server import MockServer
 from tests.conftest import by_id, conversations, read_jsonl, write_config, write_jsonl
 
 KEY = "sk-test-secret-0123456789"
-
-
-def test_redact_secrets_replaces_every_value_longest_first() -> None:
-    text = f"key={KEY} again {KEY} prefix sk-test"
-    assert redact_secrets(text, ["sk-test", KEY, ""]) == (
-        "key=<redacted> again <redacted> prefix <redacted>"
-    )
 
 
 def test_crash_report_has_one_summary_line_and_the_traceback() -> None:
@@ -30,7 +23,7 @@ def test_crash_report_has_one_summary_line_and_the_traceback() -> None:
         summary, text = crash_report(exc, [KEY])
     assert summary == "ValueError: bad value"
     assert "Traceback (most recent call last)" in text
-    assert KEY not in text and "<redacted>" in text
+    assert KEY not in text and "***" in text
 
 
 def run_cli(*args: str) -> int:

@@ -22,7 +22,9 @@ SECRET = "sk-do-not-leak-0123456789"
 
 def make_config(folder: Path, task: str = "distill") -> RunConfig:
     model = {
-        "base_url": "https://user:hunter2@api.example.com/v1?key=query-secret",
+        # A user and password in the URL with api_key_env too is a config error (one
+        # Authorization header): a secret query value stands for the URL's credentials.
+        "base_url": "https://api.example.com/v1?key=query-secret&password=hunter2",
         "model": "teacher-m",
         "api_key_env": "TURNSTILE_TEST_KEY",
         "params": {"temperature": 0.5, "max_tokens": 64, "api_key": "params-secret"},

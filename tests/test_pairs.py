@@ -84,6 +84,8 @@ def test_row_keys_and_their_order() -> None:
         "rejected",
         "chosen_model",
         "rejected_model",
+        "chosen_generator",
+        "rejected_generator",
         "chosen_rating",
         "rejected_rating",
         "pair_error",
@@ -114,9 +116,27 @@ _PAIR_FIELDS = (
     "rejected",
     "chosen_model",
     "rejected_model",
+    "chosen_generator",
+    "rejected_generator",
     "chosen_rating",
     "rejected_rating",
 )
+
+
+def test_two_generators_of_one_model_are_told_apart_by_their_names() -> None:
+    # Two entries serving one model with other params (say temperature 0.2 and 1.0):
+    # the served name is the same, the generator entry says which won.
+    row = _row(
+        generation_models=["qwen", "qwen", "input"],
+        generators=["cold", "hot", None],
+        ratings=[2, 5, 3],
+    )
+    assert (row["chosen_model"], row["rejected_model"]) == ("qwen", "qwen")
+    assert (row["chosen_generator"], row["rejected_generator"]) == ("hot", "cold")
+    brought = _row(generators=["cold", "hot", None], ratings=[3, 1, 5])
+    assert (brought["chosen_generator"], brought["rejected_generator"]) == (None, "hot")
+    with pytest.raises(ValueError, match="generators for 3 generations"):
+        _row(generators=["cold"])
 
 
 def test_an_unpaired_row_keeps_its_ratings() -> None:

@@ -117,6 +117,9 @@ async def test_rows_carry_generations_ratings_and_a_trl_pair(
             assert row["chosen"] == [{"role": "assistant", "content": row["generations"][best]}]
             assert row["rejected"] == [{"role": "assistant", "content": row["generations"][worst]}]
             assert row["chosen_model"] == row["generation_models"][best]
+            # The generator entries (a, b) too: two may serve the same model.
+            assert row["chosen_generator"] == ["a", "a", "b", "b"][best]
+            assert row["rejected_generator"] == ["a", "a", "b", "b"][worst]
             assert row["chosen_rating"] == max(ratings)
             assert row["rejected_rating"] == min(ratings)
             assert row["pair_error"] is None

@@ -758,3 +758,59 @@ async def test_a_prefer_that_names_no_replica_is_ignored_while_waiting_too() -> 
         pool.release(held)
         await anyio.wait_all_tasks_blocked()
         assert waiter.replica is held
+
+
+# -- blame: whose a health failure is, settled by what its replica does next -------------------
+
+
+def test_a_failure_on_a_replica_taken_out_right_after_is_the_servers() -> None:
+    # A server SIGKILLed with requests in flight: the first failure is open until the
+    # next ones, which take the replica out; its return after a restart changes nothing.
+    pool = make_pool(2, cap=4)
+    victim = pool.replicas[0]
+    victim.answered(now=1.0)  # it was answering others a moment ago
+    first = victim.ledger.hold()
+    pool.failed(victim, now=2.0)
+    assert first.charged is False  # it failed again: the server's
+    second = victim.ledger.hold()
+    for _ in range(OUT_AFTER_FAILURES - 1):
+        pool.failed(victim, now=2.0)
+    assert not victim.live and second.charged is False
+    pool.back(victim, now=30.0)
+    pool.succeeded(victim, victim.epoch, now=31.0)
+    assert first.charged is False and second.charged is False
+
+
+def test_a_failure_on_a_replica_that_answers_next_is_the_rows() -> None:
+    pool = make_pool(2, cap=4)
+    replica = pool.replicas[1]
+    pool.failed(replica, now=1.0)
+    verdict = replica.ledger.hold()
+    pool.succeeded(replica, replica.epoch, now=2.0)
+    assert verdict.charged is True
+
+
+async def test_a_model_down_from_the_start_fails_requests_at_once_until_it_is_back() -> None:
+    pool = make_pool(2, cap=1, down_after_s=300.0)
+    a, b = pool.replicas
+    pool.take_out(a, now=0.0)
+    pool.take_out(b, now=0.0)
+    assert not pool.check_down(now=1.0)  # mid-run, it would wait down_after_s
+    pool.down_from_start()
+    with pytest.raises(ModelError) as info:
+        await pool.acquire()
+    assert info.value.model_down
+    assert "models.m unreachable since the run started" in str(info.value)
+    pool.back(b, now=5.0)  # its probe finds it answering: used again
+    assert await acquire_now(pool) is b
+
+
+def test_urls_are_shown_without_credentials() -> None:
+    stats = ModelStats(name="m", cap=0)
+    pool = ReplicaPool("m", ["http://user:PASSWORD@h:1/v1?api_key=QSECRET"], 1, stats)
+    replica = pool.replicas[0]
+    assert replica.url == "http://user:PASSWORD@h:1/v1?api_key=QSECRET"  # requests go here
+    assert replica.stats.url == "http://h:1/v1?api_key=***"  # what is shown
+    pool.take_out(replica, now=0.0)
+    assert stats.outages[0].url == "http://h:1/v1?api_key=***"
+    assert "PASSWORD" not in str(pool.down_error()) and "QSECRET" not in str(pool.down_error())

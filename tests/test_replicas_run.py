@@ -292,11 +292,78 @@ async def test_a_generator_down_from_the_start_leaves_pairs_from_the_others(
     for row in rows.values():
         assert row["generation_models"] == ["gen-a", "gen-c"]
         [error] = row["generation_errors"]
-        assert error["model"] == "gen-b" and "models.b down for 1 s" in error["error"]
+        assert error["model"] == "gen-b"
+        assert "models.b unreachable since the run started" in error["error"]
     paired = [row for row in rows.values() if row["pair_error"] is None]
     assert paired, "no row got a pair from the generators that answer"
     for row in paired:
         assert {row["chosen_model"], row["rejected_model"]} == {"gen-a", "gen-c"}
+
+
+@pytest.mark.timeout(60)
+async def test_a_generator_with_no_server_holds_no_row_for_down_after_s(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    # down_after_s is 300 s and the test's timeout 60 s: had the rows waited for the
+    # generator that never answered, the run could not have finished in time.
+    prompts = [{"id": f"p{i}", "prompt": f"question {i}"} for i in range(30)]
+    write_jsonl(tmp_path / "in.jsonl", prompts)
+
+    def model(name: str, url: str) -> dict[str, Any]:
+        return {"base_url": url, "model": name, "max_concurrency": 4, "down_after_s": 300}
+
+    config = tmp_path / "prefs.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "task": "preference",
+                "input": "in.jsonl",
+                "output": "out/prefs.jsonl",
+                "checkpoint_dir": "ck",
+                "models": {
+                    "a": model("gen-a", mock.base_url),
+                    "b": model("gen-b", mock.base_url),
+                    "c": model("gen-c", "http://127.0.0.1:9/v1"),  # nothing listens there
+                    "judge": model("judge-m", mock.base_url),
+                },
+                "preference": {"generators": ["a", "b", "c"], "judge": "judge"},
+            }
+        )
+    )
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    rows = by_id(read_jsonl(tmp_path / "out" / "prefs.jsonl"))
+    assert set(rows) == {p["id"] for p in prompts}
+    for row in rows.values():
+        assert row["generation_models"] == ["gen-a", "gen-b"]
+        assert [e["model"] for e in row["generation_errors"]] == ["gen-c"]
+    assert any(row["pair_error"] is None for row in rows.values())
+
+
+async def test_a_replica_sigkilled_mid_request_and_restarted_spends_no_rows_retry(
+    tmp_path: Path,
+) -> None:
+    # max_retries 0: a single retry charged to a row would fail it. The victim was
+    # answering others until the kill; its requests in flight fail, then it is out.
+    rows = user_only_rows(150)
+    expected = expected_for(rows)
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    async with mock_processes(3, latency_ms=40) as servers:
+        victim = servers[0]
+        config = replicas_config(tmp_path, [s.base_url for s in servers], cap=8, retries=0)
+        run = await start_turnstile("run", str(config), "--quiet")
+        await victim.wait_for_requests(60)  # mid-run: it holds several requests now
+        await victim.kill()
+        restarted = await MockProcess(port=victim.port, latency_ms=40).start()
+        try:
+            _, err = await run.communicate()
+        finally:
+            await restarted.stop()
+
+    assert run.returncode == 0, err.decode()
+    assert_exact(tmp_path, expected)
 
 
 async def test_a_teacher_unreachable_at_start_stops_at_once(tmp_path: Path) -> None:

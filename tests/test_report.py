@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from engine.history import HISTORY_NAME
+from engine.redact import config_secrets, scrub
 from engine.report import (
     REPORT_NAME,
     Outage,
@@ -28,7 +29,6 @@ from engine.report import (
     runs,
     write_report,
 )
-from engine.report.redact import scrub, secret_values
 from engine.report.series import gauge, rate, spans, thin
 from tests.report_support import GPU1, GPU2, T0, encode, line, model, realistic_history, replica
 
@@ -203,13 +203,14 @@ def test_config_is_masked_by_key_name_and_headers() -> None:
     }
     masked = redact(config)
     teacher = masked["models"]["teacher"]
-    assert teacher["api_key"] == "***" and teacher["API_KEY_ENV"] == "***"
+    assert teacher["api_key"] == "***"
+    assert teacher["API_KEY_ENV"] == "OPENAI_API_KEY"  # a variable's name, not its value
     assert teacher["headers"] == {"X-Org": "***", "Authorization": "***"}
     assert teacher["params"] == {"temperature": 0.7}
     assert masked["hub"] == {"HF_Token": "***", "Password": "***", "client_secret": "***"}
-    assert masked["auth"] == {"authorization": "***"}
+    assert masked["auth"] == "***"  # "auth" names a secret too, whatever it holds
     text = config_text(config)
-    for secret in ("sk-inline", "OPENAI_API_KEY", "org-123", "Bearer", "hf_xyz", "1234"):
+    for secret in ("sk-inline", "org-123", "Bearer", "hf_xyz", "1234"):
         assert secret not in text
     assert "/data/out.jsonl" in text and "- http://b" in text and "temperature: 0.7" in text
 
@@ -217,9 +218,9 @@ def test_config_is_masked_by_key_name_and_headers() -> None:
 def test_api_key_values_from_the_environment_are_scrubbed() -> None:
     config = {"models": {"a": {"api_key_env": "K1"}, "b": {"api_key_env": "K2"}, "c": {}}}
     environ = {"K1": "sk-one-<&>-secret", "K2": "abc"}  # too short to replace safely
-    assert secret_values(config, environ) == ["sk-one-<&>-secret"]
+    assert config_secrets(config, environ) == ["sk-one-<&>-secret"]
     page = "<p>sk-one-<&>-secret and sk-one-&lt;&amp;&gt;-secret</p>"
-    assert scrub(page, secret_values(config, environ)) == "<p>*** and ***</p>"
+    assert scrub(page, config_secrets(config, environ)) == "<p>*** and ***</p>"
 
 
 # The page.

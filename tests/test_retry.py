@@ -14,10 +14,13 @@ from engine.http.retry import (
     BACKPRESSURE,
     FLAKY,
     PERMANENT,
+    REFUSED,
     RETRY_AFTER_CAP_S,
     UNHEALTHY,
+    Ledger,
     backoff_s,
-    charged,
+    charged_at_once,
+    charges,
     classify_status,
     is_context_overflow,
     is_retryable_status,
@@ -154,6 +157,8 @@ def test_retry_delay_without_hint_is_the_backoff(attempt: int) -> None:
         (408, "timeout", FLAKY),
         (400, "bad request", PERMANENT),
         (404, "no such model", PERMANENT),
+        (401, "invalid api key", REFUSED),
+        (403, "forbidden", REFUSED),
     ],
 )
 def test_classify_status(status: int, message: str, kind: str) -> None:
@@ -168,9 +173,43 @@ def test_a_context_overflow_is_recognised_by_llama_cpp_s_words() -> None:
     assert not is_context_overflow(400, "bad request")
 
 
-def test_a_server_failure_is_charged_only_when_the_server_answered_others() -> None:
-    assert charged(UNHEALTHY, answered_meanwhile=True)
-    assert not charged(UNHEALTHY, answered_meanwhile=False)
-    assert charged(BACKPRESSURE, answered_meanwhile=False)
-    assert charged(FLAKY, answered_meanwhile=False)
-    assert not charged(PERMANENT, answered_meanwhile=True)
+def test_backpressure_and_broken_answers_are_charged_at_once_server_failures_never() -> None:
+    assert charged_at_once(BACKPRESSURE) and charged_at_once(FLAKY)
+    assert not charged_at_once(UNHEALTHY)
+    assert not charged_at_once(PERMANENT) and not charged_at_once(REFUSED)
+
+
+# --- whose failure it was: settled by what the server does next ----------------------------
+
+
+def test_a_server_failure_is_the_rows_when_its_server_answers_next() -> None:
+    ledger = Ledger()
+    verdict = ledger.hold()
+    assert verdict.charged is None  # not known yet: charged to nobody
+    ledger.answered()
+    assert verdict.charged is True
+    ledger.failed()  # settled once: what comes later changes nothing
+    assert verdict.charged is True
+
+
+def test_an_outage_spends_no_retry_a_failure_followed_by_another_is_the_servers() -> None:
+    # A server SIGKILLed with several requests in flight: each failure settles the one
+    # before it as the server's, and the last is settled when the server is taken out.
+    ledger = Ledger()
+    first, second, third = ledger.hold(), ledger.hold(), ledger.hold()
+    assert first.charged is False and second.charged is False and third.charged is None
+    ledger.failed()  # taken out
+    assert third.charged is False
+    ledger.answered()  # back after the restart: the outage stays the server's
+    assert charges([first, second, third]) == 0
+
+
+def test_charges_count_only_the_failures_settled_as_the_rows() -> None:
+    server, model = Ledger(), Ledger()
+    held = [server.hold(), model.hold()]
+    assert charges(held) == 0
+    model.answered()
+    assert charges(held) == 1
+    held.append(server.hold())  # fails again: the first one on it was the server's
+    server.answered()
+    assert charges(held) == 2

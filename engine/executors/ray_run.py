@@ -57,6 +57,7 @@ from engine.executors.shards import (
 from engine.history import HISTORY_NAME, Appender, History, run_id
 from engine.input.sources import open_source
 from engine.metrics import serving
+from engine.redact import redact_url
 from engine.stats import RunStats, combine
 
 log = logging.getLogger("turnstile")
@@ -320,10 +321,11 @@ class _Driver:
 
 
 def _urls(model: ModelConfig) -> list[str]:
-    """The replica URLs a model's shards report, in their order (the local ones by number)."""
+    """The replica URLs a model's shards report, in their order (the local ones by number),
+    as they are shown: without credentials."""
     if model.is_local:
         return [f"local:{i}" for i in range(model.local.replicas)]
-    return list(model.base_urls)
+    return [redact_url(url) for url in model.base_urls]
 
 
 def _done_progress(state: ShardState) -> dict[str, Any]:

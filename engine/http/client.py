@@ -9,6 +9,7 @@ the client's own task group) until they answer again.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,19 +30,29 @@ from engine.http.retry import (
     BACKPRESSURE,
     FLAKY,
     PERMANENT,
+    REFUSED,
     UNHEALTHY,
+    Ledger,
+    Verdict,
     backoff_s,
-    charged,
+    charged_at_once,
+    charges,
     classify_status,
     is_context_overflow,
     parse_retry_after,
     retry_delay_s,
 )
+from engine.redact import model_secrets, redact_url, scrub, scrub_bytes
 from engine.stats import ModelStats
+
+log = logging.getLogger("turnstile")
 
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
 _ERROR_BODY_CHARS = 300
+NOT_FOUND = 404
+NOT_FOUND_IN_ROW = 5  # 404s to this many requests in a row, none answered: the model's URL or name
+_READ_CHUNK = 1 << 16  # a reply of unknown length is read this much at a time, up to the limit
 PROBE_FIRST_S = 0.25  # an out replica is probed after this, then twice as long each time,
 PROBE_MAX_S = 2.0  # up to this: a server back from a restart is used again within 2 s
 
@@ -64,14 +75,21 @@ class ModelClient:
     """Sends chat completions to one model's replicas: capped, spread, retried, counted.
 
     A request is charged one of the row's ``max_retries`` only when the failure is
-    the request's own (``retry.charged``): a 429/503, a broken answer, or a server
-    failure while the same server answered others. A failure that is its server's
-    (a connection refused, a timeout or 5xx from a server that answers nobody)
-    costs the row nothing: it is re-sent at once to another live replica, or after
-    a backoff; once the pool has taken every replica out, it waits without
-    sending until a probe finds one answering, and fails only when the model is
-    down (``down_after_s``). A full KV cache is not charged either, up to
+    the request's own: a 429/503 or a broken answer at once (``retry.charged_at_once``),
+    a server failure (connection error, timeout, 5xx) only once its server has shown
+    it works by answering next (``retry.Ledger``). A failure that is its server's (the
+    server fails again or is taken out first: a crash, a restart, an outage) costs
+    the row nothing: it is re-sent at once to another live replica, or after a
+    backoff; once the pool has taken every replica out, it waits without sending
+    until a probe finds one answering, and fails only when the model is down
+    (``down_after_s``). A full KV cache is not charged either, up to
     ``FREE_ATTEMPTS`` per replica.
+
+    A failure of the model itself fails no row: a 401/403 (the key is refused) or a
+    404 to ``NOT_FOUND_IN_ROW`` requests in a row (a wrong URL or model name) makes
+    every request of the model fail at once with a ``model_down`` error naming the
+    fix. Server messages never carry the model's key or URL credentials
+    (``engine.redact``), and a reply past ``max_reply_bytes`` fails its request unread.
     """
 
     FREE_ATTEMPTS = 10  # uncharged full-KV-cache retries per replica, for one request
@@ -101,7 +119,7 @@ class ModelClient:
             down_after_s=config.down_after_s,
             affinity=config.affinity,
         )
-        self._chat_urls = [f"{url}/chat/completions" for url in urls]
+        self._chat_urls = [endpoint(url, "/chat/completions") for url in urls]
         self._free_max = self.FREE_ATTEMPTS * len(urls)
         self._sleep = sleep
         self._clock = clock
@@ -109,8 +127,14 @@ class ModelClient:
         self._session: aiohttp.ClientSession | None = None
         self._probes: TaskGroup | None = None
         self._probing: set[int] = set()
+        self._refused: ModelError | None = None  # set once the model refuses every request
+        self._not_found = 0  # 404s in a row, none answered since
+        self._found = Ledger()  # the last 404's verdict: the row's if the model answers next
+        self._max_reply = config.max_reply_bytes
         headers = {"Content-Type": "application/json"}
         key = config.api_key()
+        self._secrets = model_secrets(key, urls)  # removed from every server message
+        self._secret_bytes = tuple(secret.encode() for secret in self._secrets)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self._headers = headers
@@ -168,7 +192,7 @@ class ModelClient:
             error = await self._unreachable(replica)
             if error is not None:
                 problems.append(
-                    f"models.{self.config.name}: cannot reach {replica.url}/models "
+                    f"models.{self.config.name}: cannot reach {replica.stats.url}/models "
                     f"({error}); start the server or fix base_url"
                 )
                 self.pool.take_out(replica, now)
@@ -180,11 +204,12 @@ class ModelClient:
         session = self._require_session()
         timeout = aiohttp.ClientTimeout(total=min(10.0, self.config.timeout_s))
         try:
-            async with session.get(f"{replica.url}/models", timeout=timeout) as response:
-                await response.read()
+            # The status is the answer: the body is not read (nor its size trusted).
+            models = endpoint(replica.url, "/models")
+            async with session.get(models, timeout=timeout) as response:
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return f"{type(exc).__name__}: {exc}"
+            return scrub(f"{type(exc).__name__}: {exc}", self._secrets)
         return None if status < 500 else f"HTTP {status}"
 
     def _start_probe(self, replica: Replica) -> None:
@@ -234,22 +259,27 @@ class ModelClient:
 
         ``prefer`` is the replica that served this conversation's previous turn
         (``Completion.replica``). Raises ModelError (``retryable`` False) when the
-        failure is permanent, the retries are spent, or the model is down
-        (``model_down``).
+        failure is permanent or the retries are spent, and one with ``model_down`` set
+        when the model is down or refuses every request (not this request's doing).
         """
         body = self.request_body(messages, extra)
         paced = self._requests is not None or self._tokens is not None
         estimate = estimate_tokens(len(body), self._max_tokens) if paced else 0
-        spent = free = outage = 0
+        spent = free = outage = attempts = counted = 0
+        held: list[Verdict] = []  # its failures whose charge waits on the server's next outcome
         pool = self.pool
         clock = self._clock
+        max_retries = self.config.max_retries
         while True:
             if paced:
                 await self._pace(estimate)  # before taking a slot: never wait holding one
             # A free slot without creating a coroutine to wait in; else queue for one.
             replica = pool.try_acquire(prefer) or await pool.acquire(prefer)
+            if self._refused is not None:  # refused while this one waited: do not send it
+                pool.release(replica)
+                raise self._refused_error()
             epoch = replica.epoch
-            sent = clock()
+            attempts += 1
             try:
                 completion = await self._post(replica, body)
             except ModelError as exc:
@@ -257,6 +287,9 @@ class ModelClient:
             else:
                 now = clock()
                 pool.succeeded(replica, epoch, now)
+                if self._not_found:
+                    self._not_found = 0
+                    self._found.answered()
                 if self._tokens is not None:
                     used = completion.prompt_tokens + completion.completion_tokens
                     self._tokens.adjust(used - estimate if used else 0, now)
@@ -266,13 +299,25 @@ class ModelClient:
             # The slot is released: now decide, and wait without holding it.
             now = self._clock()
             kind = error.kind
-            if kind == PERMANENT:
+            if kind == REFUSED:
+                replica.stats.failed += 1
+                raise self._refuse(error, replica)
+            if kind == PERMANENT and error.status != NOT_FOUND:
                 replica.stats.failed += 1
                 self.stats.failures += 1
                 raise error
             replica.stats.retried += 1
             prefer = None
-            if kind == BACKPRESSURE:
+            if kind == PERMANENT:
+                # A 404 to every request is a wrong base_url or model name: the model's
+                # failure, not the row's. It is the row's only if the model answers a
+                # request before failing so again (retry.Ledger).
+                self._not_found += 1
+                if self._not_found >= NOT_FOUND_IN_ROW:
+                    replica.stats.failed += 1
+                    raise self._refuse(error, replica)
+                held.append(self._found.hold())
+            elif kind == BACKPRESSURE:
                 kv_full = error.status == 500
                 pool.backpressure(replica, epoch, now, burst=kv_full)
                 if kv_full and free < self._free_max:
@@ -283,31 +328,120 @@ class ModelClient:
             elif kind == UNHEALTHY:
                 if pool.failed(replica, now):
                     self._start_probe(replica)
-                if not charged(kind, answered_meanwhile=replica.last_answer > sent):
-                    # Its server failed it, not the row: elsewhere at once when another
-                    # replica is live, else after a short backoff, or (once the pool
-                    # has taken every replica out) when a probe finds one back.
-                    outage += 1
-                    self.stats.resent += 1
-                    other = pool.other_than(replica)
-                    if other is not None:
-                        prefer = other.index
-                    elif replica.live:  # not taken out yet: a short pause before the next try
-                        await self._sleep(backoff_s(min(outage - 1, 2), self._draw()))
-                    continue
+                elif replica.live:
+                    # Whose failure it is shows next: the row's if this replica then
+                    # answers, its server's if it fails again or is taken out first.
+                    held.append(replica.ledger.hold())
             else:
                 replica.answered(now)
-            if spent >= self.config.max_retries:
-                self.stats.failures += 1
-                raise ModelError(
-                    f"{error} (gave up after {spent + 1} attempts)",
-                    retryable=False,
-                    status=error.status,
-                    kind=error.kind,
-                ) from error
+            settled = charges(held) if held else 0
+            if settled > counted:  # re-sent for free, and since found to be the row's
+                self.stats.retries += settled - counted
+                self.stats.resent -= settled - counted
+                counted = settled
+            if not charged_at_once(kind):
+                # Charged to no row unless settled so: elsewhere at once when another
+                # replica is live, else after a short backoff, or (once the pool has
+                # taken every replica out) when a probe finds one back.
+                if spent + settled > max_retries:
+                    raise self._give_up(error, attempts)
+                outage += 1
+                self.stats.resent += 1
+                other = pool.other_than(replica)
+                if other is not None:
+                    prefer = other.index
+                elif replica.live:  # not taken out: a short pause before the next try
+                    await self._sleep(backoff_s(min(outage - 1, 2), self._draw()))
+                continue
+            if spent + settled >= max_retries:
+                raise self._give_up(error, attempts)
             self.stats.retries += 1
-            await self._sleep(retry_delay_s(spent, self._draw(), error.retry_after))
+            await self._sleep(retry_delay_s(spent + settled, self._draw(), error.retry_after))
             spent += 1
+
+    def _give_up(self, error: ModelError, attempts: int) -> ModelError:
+        self.stats.failures += 1
+        failed = ModelError(
+            f"{error} (gave up after {attempts} attempts)",
+            retryable=False,
+            status=error.status,
+            kind=error.kind,
+        )
+        failed.__cause__ = error
+        return failed
+
+    def _refuse(self, error: ModelError, replica: Replica) -> ModelError:
+        """The model refuses every request: its key (401/403), or its URL or name (a 404
+        to ``NOT_FOUND_IN_ROW`` requests in a row, none answered). From now on each of
+        its requests fails at once, unsent, with a ``model_down`` error naming the fix:
+        no row is failed for it (a teacher or judge stops the run, resumable)."""
+        if self._refused is None:
+            name = self.config.name
+            where = f"from {replica.stats.url}"
+            if error.kind == REFUSED:
+                why = f"models.{name}: {error} ({where}): the server refuses the key"
+                env = self.config.api_key_env
+                fix = (
+                    f"check the key in {env} (models.{name}.api_key_env)"
+                    if env
+                    else f"set models.{name}.api_key_env to the variable holding its key"
+                )
+            else:
+                why = (
+                    f"models.{name}: {error} ({where}) to {self._not_found} requests in a "
+                    "row, none answered"
+                )
+                fix = (
+                    f"fix models.{name}.base_url (the server's URL up to /chat/completions, "
+                    f"often ending in /v1) or models.{name}.model"
+                )
+            self._refused = ModelError(
+                why, retryable=False, status=error.status, model_down=True, kind=error.kind, fix=fix
+            )
+            self.stats.failures += 1
+            log.warning(f"{why}; no request is sent to it from now on ({fix})")
+        return self._refused_error()
+
+    def _refused_error(self) -> ModelError:
+        # A new error each time: one exception object raised in many tasks at once
+        # would collect their tracebacks.
+        refused = self._refused
+        assert refused is not None
+        return ModelError(
+            str(refused),
+            retryable=False,
+            status=refused.status,
+            model_down=True,
+            kind=refused.kind,
+            fix=refused.fix,
+        )
+
+    async def _read_bounded(self, response: aiohttp.ClientResponse) -> bytes:
+        """The body, at most ``max_reply_bytes`` of it (decompressed): a longer one fails
+        the request without being held in memory (a server gone wrong, a proxy's endless
+        page, a compressed bomb)."""
+        limit = self._max_reply
+        length = response.content_length
+        if length is not None and length > limit:
+            raise self._too_large(response.status)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(_READ_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise self._too_large(response.status)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, status: int) -> ModelError:
+        name = self.config.name
+        return ModelError(
+            f"HTTP {status} with a reply larger than max_reply_bytes "
+            f"({self._max_reply:,} bytes); lower models.{name}.params.max_tokens, or raise "
+            f"models.{name}.max_reply_bytes",
+            retryable=True,
+            kind=FLAKY,
+        )
 
     async def _pace(self, tokens: int) -> None:
         wait = 0.0
@@ -330,19 +464,32 @@ class ModelClient:
         started = time.perf_counter()
         try:
             async with session.post(url, data=body) as response:
-                raw = await response.read()
                 status = response.status
+                length = response.content_length
+                if (
+                    length is not None
+                    and length <= self._max_reply
+                    and "Content-Encoding" not in response.headers
+                ):
+                    raw = await response.read()  # the common case: its size is known and fits
+                else:
+                    raw = await self._read_bounded(response)
                 retry_after = response.headers.get("Retry-After") if status != 200 else None
         except TimeoutError as exc:
             raise ModelError(
                 f"timed out after {self.config.timeout_s:g}s", retryable=True, kind=UNHEALTHY
             ) from exc
         except aiohttp.InvalidURL as exc:
-            raise ModelError(f"invalid URL {url}", retryable=False, kind=PERMANENT) from exc
-        except aiohttp.ClientError as exc:
             raise ModelError(
-                f"connection error: {type(exc).__name__}: {exc}", retryable=True, kind=UNHEALTHY
+                f"invalid URL {redact_url(url)}", retryable=False, kind=PERMANENT
             ) from exc
+        except aiohttp.ClientError as exc:
+            message = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+            raise ModelError(
+                f"connection error: {message}", retryable=True, kind=UNHEALTHY
+            ) from exc
+        if self._secret_bytes:  # a server that echoes the key (an error page, a proxy)
+            raw = scrub_bytes(raw, self._secret_bytes)
         latency = time.perf_counter() - started
         if status != 200:
             message = _error_message(raw)
@@ -367,6 +514,13 @@ class ModelClient:
         stats.completion_tokens += completion.completion_tokens
         stats.latency.add(latency)
         return completion
+
+
+def endpoint(base_url: str, path: str) -> str:
+    """``path`` under ``base_url``, before its query: a ``?api-version=...`` (or a key)
+    stays the query instead of swallowing the path."""
+    root, mark, query = base_url.partition("?")
+    return f"{root.rstrip('/')}{path}{mark}{query}"
 
 
 def parse_completion(raw: bytes, latency_s: float = 0.0, replica: int = 0) -> Completion:

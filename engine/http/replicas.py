@@ -18,7 +18,13 @@ hands out slots:
   answer ``/models`` and fail every completion), and once it has been
   unreachable for ``down_after_s`` with every replica out, the pool is *down*:
   waiting and new requests raise ModelError with ``model_down`` set, until a
-  probe finds a replica back.
+  probe finds a replica back. A model that is optional (a preference generator)
+  and unreachable from the start is down at once (``down_from_start``);
+- *blame*: each replica keeps a ``Ledger`` of its last health failure, settled as
+  the row's when the replica answers next and as the server's when it fails again
+  or is taken out first (``engine.http.retry``).
+
+URLs are shown (stats, outages, messages) without credentials (``engine.redact``).
 
 Everything here is plain state and decisions: the clock is passed in as ``now``,
 the only waiting is on a future per queued request, and no I/O happens (the client
@@ -33,6 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.errors import ModelError
+from engine.http.retry import Ledger
+from engine.redact import redact_url
 from engine.stats import ModelStats, Outage, ReplicaStats
 
 OUT_AFTER_FAILURES = 3  # health failures in a row that take a replica out
@@ -42,7 +50,10 @@ BURST_MIN = 4  # backpressure answers among them that make a burst (about 1 in 8
 
 @dataclass(slots=True, eq=False)
 class Replica:
-    """One server of a model, and its live counters (mirrored into its stats)."""
+    """One server of a model, and its live counters (mirrored into its stats).
+
+    ``url`` is the one requests go to, credentials included; ``stats.url`` the one shown.
+    """
 
     index: int
     url: str
@@ -54,6 +65,7 @@ class Replica:
     live: bool = True
     failures_in_row: int = 0
     last_answer: float = float("-inf")  # when it last answered anything at all
+    ledger: Ledger = field(default_factory=Ledger)  # its last health failure, until settled
     _streak: int = 0
     _recent: deque[bool] = field(default_factory=lambda: deque(maxlen=BURST_WINDOW))
 
@@ -66,9 +78,11 @@ class Replica:
         return self.limit - self.in_flight if self.live else 0
 
     def answered(self, now: float) -> None:
-        """It answered (any HTTP answer that is not a server failure): it is healthy."""
+        """It answered (any HTTP answer that is not a server failure): it is healthy, so
+        its last failure (if still open) was its request's, not its own."""
         self.failures_in_row = 0
         self.last_answer = now
+        self.ledger.answered()
 
     def backpressure(self, epoch: int, *, burst: bool = False) -> bool:
         """A 429/503/full-cache answer to a request sent under ``epoch``; True if it shrank.
@@ -160,7 +174,7 @@ class ReplicaPool:
         self.down_after_s = down_after_s
         self.affinity = affinity
         self.stats = stats
-        stats.replicas = [ReplicaStats(url=url, cap=cap) for url in urls]
+        stats.replicas = [ReplicaStats(url=redact_url(url), cap=cap) for url in urls]
         stats.cap = cap * len(urls)
         stats.limit = stats.cap
         self.replicas = [
@@ -169,6 +183,7 @@ class ReplicaPool:
         ]
         self.down = False
         self.unreachable_since: float | None = None
+        self._down_why = f"down for {down_after_s:g} s"
         self._queues: dict[int | None, deque[_Waiter]] = {None: deque()}
         for replica in self.replicas:
             self._queues[replica.index] = deque()
@@ -297,6 +312,7 @@ class ReplicaPool:
         # replica out the clock always runs, so None means there is nothing to do.
         if self.unreachable_since is not None:
             self.unreachable_since = None if self._live else now
+            self._down_why = f"down for {self.down_after_s:g} s"  # it has answered now
         if replica.succeeded(epoch):
             self._sync_limit()
             self._wake(replica)
@@ -315,6 +331,7 @@ class ReplicaPool:
         """A health failure (connection error, timeout, 5xx); True when it took ``replica`` out."""
         replica.stats.failures += 1
         replica.failures_in_row += 1
+        replica.ledger.failed()  # it failed again: its open failure was its own
         if not replica.live or replica.failures_in_row < OUT_AFTER_FAILURES:
             return False
         self.take_out(replica, now)
@@ -327,9 +344,10 @@ class ReplicaPool:
             return
         replica.live = False
         self._live -= 1
+        replica.ledger.failed()  # taken out: its open failure was its own
         replica.stats.live = False
         replica.stats.out_since = now
-        self.stats.outages.append(Outage(replica=replica.index, url=replica.url, started=now))
+        self.stats.outages.append(Outage(replica=replica.index, url=replica.stats.url, started=now))
         own = self._queues[replica.index]
         while own:
             waiter = own.popleft()
@@ -364,6 +382,19 @@ class ReplicaPool:
             return False
         if now - self.unreachable_since < self.down_after_s:
             return False
+        self._go_down()
+        return True
+
+    def down_from_start(self) -> None:
+        """Mark the model down now: every replica is out and none has answered since the
+        run started (an optional model, whose requests should not wait ``down_after_s``).
+        A probe that finds a replica back lifts it, as it lifts any down."""
+        if self.live_count:
+            return
+        self._down_why = "unreachable since the run started"
+        self._go_down()
+
+    def _go_down(self) -> None:
         self.down = True
         for queue in self._queues.values():
             while queue:
@@ -371,12 +402,11 @@ class ReplicaPool:
                 waiter.down = True
                 waiter.wake()
         self._waiting = 0
-        return True
 
     def down_error(self) -> ModelError:
-        urls = ", ".join(r.url for r in self.replicas)
+        urls = ", ".join(r.stats.url for r in self.replicas)
         return ModelError(
-            f"models.{self.name} down for {self.down_after_s:g} s (every replica out: {urls})",
+            f"models.{self.name} {self._down_why} (every replica out: {urls})",
             retryable=False,
             model_down=True,
         )

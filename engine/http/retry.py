@@ -1,10 +1,11 @@
-"""Retry decisions: which failures are worth another try, and how long to wait.
+"""Retry decisions: which failures are worth another try, whose they are, and how long to wait.
 
-Pure functions; the caller supplies the random draw and the clock.
+Pure functions and plain state; the caller supplies the random draw and the clock.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
@@ -13,6 +14,7 @@ RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 # What a failed request says, and so what to do about it:
 PERMANENT = "permanent"  # a 4xx: the same request fails again; the row fails at once
+REFUSED = "refused"  # 401/403: the server refuses the key, so every request of the model fails
 BACKPRESSURE = "backpressure"  # 429, 503, a full KV cache: this server wants fewer requests
 UNHEALTHY = "unhealthy"  # connection errors, timeouts, other 5xx: the server may be down
 FLAKY = "flaky"  # it answered, but not usefully (a broken 200 body, 408/409/425): try again
@@ -35,6 +37,8 @@ def is_retryable_status(status: int) -> bool:
 
 def classify_status(status: int, message: str) -> str:
     """What an HTTP error status (and the server's message) means for the request."""
+    if status in (401, 403):
+        return REFUSED
     if status in (429, 503) or (status == 500 and KV_CACHE_FULL in message):
         return BACKPRESSURE
     if status >= 500:
@@ -44,18 +48,65 @@ def classify_status(status: int, message: str) -> str:
     return PERMANENT
 
 
-def charged(kind: str, *, answered_meanwhile: bool) -> bool:
-    """Whether a failure of ``kind`` costs the row one of its retries.
+def charged_at_once(kind: str) -> bool:
+    """Whether a failure of ``kind`` costs the row one of its retries as soon as it happens.
 
-    A server failure (``UNHEALTHY``) is the row's only when the same server
-    answered other requests while this one was in flight: otherwise the server is
-    failing everyone, which is an outage to ride out, not the row's fault.
-    Backpressure and broken answers are always charged (a full KV cache is
-    handled before this); permanent failures are not retried at all.
+    Backpressure and broken answers do (a full KV cache is handled before this).
+    A server failure (``UNHEALTHY``) does not: whose it is shows only afterwards
+    (a ``Verdict`` held on the server's ``Ledger``). Permanent failures are not
+    retried at all.
     """
-    if kind == UNHEALTHY:
-        return answered_meanwhile
     return kind in (BACKPRESSURE, FLAKY)
+
+
+@dataclass(slots=True, eq=False)
+class Verdict:
+    """Whether one server failure is charged to its row: ``None`` until its server shows
+    whether it works (see ``Ledger``), then True (the row's) or False (the server's)."""
+
+    charged: bool | None = None
+
+
+class Ledger:
+    """The failure of a server (a replica, or a whole model) whose verdict is still open.
+
+    A connection dropped, a timeout or a 5xx says little on its own: a server
+    SIGKILLed mid-generation fails every request it holds, and one that was
+    answering others a moment before is no healthier for it. So the charge is
+    decided lazily, by what the server does next: if it answers a request, the
+    failure was the row's (``answered``); if it fails again or is taken out first,
+    it was the server's (``failed``), and an outage spends no row's retries.
+
+    Each failure settles the one before it, so at most one verdict is open.
+    """
+
+    __slots__ = ("_open",)
+
+    def __init__(self) -> None:
+        self._open: Verdict | None = None
+
+    def hold(self) -> Verdict:
+        """A new failure of this server: its verdict, open until the server's next outcome."""
+        self.failed()  # the open one (if any) is followed by a failure: the server's
+        self._open = verdict = Verdict()
+        return verdict
+
+    def answered(self) -> None:
+        """The server answered a request: the open failure was its row's."""
+        if self._open is not None:
+            self._open.charged = True
+            self._open = None
+
+    def failed(self) -> None:
+        """The server failed again, or was taken out: the open failure was the server's."""
+        if self._open is not None:
+            self._open.charged = False
+            self._open = None
+
+
+def charges(verdicts: list[Verdict]) -> int:
+    """How many of a request's server failures have been settled as its row's."""
+    return sum(1 for verdict in verdicts if verdict.charged)
 
 
 def is_context_overflow(status: int, message: str) -> bool:

@@ -3,28 +3,21 @@
 The card says what made the data: the task, the models (names, served names and
 request params), the counts (rows exported, failed, filtered, not finished), the
 most common errors, and the config. Secrets are never in it: a config holds only
-the *names* of the environment variables with the keys; params whose names look
-like credentials are redacted anyway, and a ``base_url``'s user, password and
-query string are dropped.
+the *names* of the environment variables with the keys, and the rest goes through
+``engine.redact`` (params whose names look like credentials masked, a ``base_url``
+shown without its user, password or secret query values).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 from engine.config import RunConfig
-
-REDACTED = "<redacted>"
-_SECRET_PARTS = frozenset(
-    {"key", "apikey", "token", "secret", "password", "passwd", "auth", "authorization"}
-)
-_SECRET_PARTS |= {"credential", "credentials", "cookie", "bearer"}
+from engine.redact import redact, redact_url
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,33 +82,9 @@ def public_config(config: RunConfig, extra: Mapping[str, Any] | None = None) -> 
     return out
 
 
-def redact(value: Any) -> Any:
-    """A copy with the value of every key that names a credential replaced."""
-    if isinstance(value, Mapping):
-        return {str(k): REDACTED if _secret_name(str(k)) else redact(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    return value
-
-
-def public_url(url: str) -> str:
-    """The URL without user, password, query or fragment."""
-    parts = urlsplit(url)
-    if not parts.scheme:
-        return url  # `local`
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def _secret_name(name: str) -> bool:
-    words = {w for w in re.split(r"[^a-z0-9]+", name.lower()) if w}
-    return bool(words & _SECRET_PARTS) or "apikey" in name.lower().replace("_", "")
-
-
 def _public_model(config: RunConfig, name: str) -> dict[str, Any]:
     model = config.models[name]
-    urls = [public_url(url) for url in model.base_urls]
+    urls = [redact_url(url) for url in model.base_urls]
     out: dict[str, Any] = {"base_url": urls[0] if len(urls) == 1 else urls, "model": model.model}
     if model.api_key_env:
         out["api_key_env"] = model.api_key_env  # the variable's name, never its value

@@ -15,11 +15,11 @@ engine.report.series (rates, gauges, restarts, outages, all pure) and
 ``render_report`` (samples in, HTML out).
 """
 
+from engine.redact import redact
 from engine.report.page import render_report
-from engine.report.redact import config_text, redact
 from engine.report.samples import ModelSample, ReplicaSample, Sample, parse_series, read_series
 from engine.report.series import Outage, Restart, Run, outages, restarts, runs
-from engine.report.write import REPORT_NAME, write_report
+from engine.report.write import REPORT_NAME, config_text, write_report
 
 __all__ = [
     "REPORT_NAME",

@@ -53,7 +53,7 @@ def render_report(
 ) -> str:
     """The report page of a run with history ``series`` (its samples, in file order).
 
-    ``config_text`` is shown as given (mask it first: engine.report.redact);
+    ``config_text`` is shown as given (mask it first: engine.redact);
     ``totals`` are labelled numbers, nested mappings flattened (``requests / teacher``).
     """
     parts = [

@@ -13,9 +13,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from engine.history import HISTORY_NAME
+from engine.redact import config_secrets, redact, scrub
 from engine.report.page import render_report
-from engine.report.redact import config_text, scrub, secret_values
 from engine.report.samples import read_series
 
 REPORT_NAME = "report.html"
@@ -39,10 +41,23 @@ def write_report(
         config_text=config_text(config),
         totals=totals,
     )
-    page = scrub(page, secret_values(config, os.environ))
+    # A report is made to be passed around: besides the config shown masked, every
+    # key and URL credential the models use is scrubbed from the page, in case one was
+    # pasted where no key's name gives it away (a prompt, a param).
+    page = scrub(page, config_secrets(config, os.environ))
     path = checkpoint_dir / REPORT_NAME
     replace_file(path, page.encode("utf-8"))
     return path
+
+
+def config_text(config: Mapping[str, Any]) -> str:
+    """The config as YAML, secrets masked (``engine.redact``), keys in their order."""
+    if not config:
+        return ""
+    dumped: str = yaml.safe_dump(
+        redact(config), sort_keys=False, allow_unicode=True, default_flow_style=False, width=100
+    )
+    return dumped
 
 
 def replace_file(path: Path, data: bytes) -> None:

@@ -55,6 +55,9 @@ class Faults:
     seed: int = 0
     fail_models: dict[str, int] = field(default_factory=dict)
     context_tokens: int | None = None  # a slot's context, as llama.cpp's -c / -np
+    # Error bodies (and broken 200 bodies) quote the request's Authorization header,
+    # as a careless server or proxy does: the client must not store it.
+    echo_authorization: bool = False
 
     def __post_init__(self) -> None:
         problems = [

@@ -100,6 +100,17 @@ def _error(status: int, message: str, kind: str | None = None) -> web.Response:
     return _json(error_body(message, kind), status)
 
 
+async def _chunked(request: web.Request, data: bytes) -> web.StreamResponse:
+    """``data`` sent with chunked transfer encoding: the client cannot know its size."""
+    response = web.StreamResponse(headers={"Content-Type": _JSON})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    for start in range(0, len(data), 1024):
+        await response.write(data[start : start + 1024])
+    await response.write_eof()
+    return response
+
+
 def _abort(request: web.Request) -> web.Response:
     # Closing the socket makes aiohttp's write of the returned response fail quietly
     # (it counts as a premature client disconnection), so the client sees the drop.
@@ -137,6 +148,8 @@ class MockServer:
         # Requests whose last message holds ``hold`` wait until release() (tests that
         # look at a run while it is held at a known point).
         self.hold: str | None = None
+        # Replies sent in chunks with no Content-Length, as a streaming proxy sends them.
+        self.chunked = False
         self._released = asyncio.Event()
 
     @property
@@ -242,7 +255,7 @@ class MockServer:
     ) -> None:
         await self.stop()
 
-    async def _chat(self, request: web.Request) -> web.Response:
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         stats = self._stats
         stats.total_requests += 1
         if self._watchers:
@@ -284,6 +297,8 @@ class MockServer:
                     chat, completion_id=f"chatcmpl-mock-{self._next_id}", created=int(time.time())
                 )
                 stats.completed += 1
+                if self.chunked:
+                    return await _chunked(request, orjson.dumps(body))
                 return _json(body)
             stats.faults[fault] += 1
             return await self._fault(request, fault, model)
@@ -294,9 +309,12 @@ class MockServer:
 
     async def _fault(self, request: web.Request, fault: str, model: str) -> web.Response:
         faults = self._faults
+        echo = ""
+        if faults.echo_authorization:
+            echo = f" (Authorization: {request.headers.get('Authorization', '')})"
         if fault == FAIL_MODEL:
             status = faults.fail_models[model]
-            response = _error(status, f"model {model!r} is set to fail with HTTP {status}")
+            response = _error(status, f"model {model!r} is set to fail with HTTP {status}{echo}")
             if status == 429:
                 response.headers["Retry-After"] = f"{faults.retry_after_s:g}"
             return response
@@ -316,7 +334,7 @@ class MockServer:
             body["choices"][0]["message"]["content"] = "Sure! Here is the JSON: {not json"
             return _json(body)
         if fault == MALFORMED:
-            return web.Response(body=_MALFORMED_BODY, content_type=_JSON)
+            return web.Response(body=_MALFORMED_BODY + echo.encode(), content_type=_JSON)
         if fault == HANG:
             await self._closing.wait()
         assert fault in (HANG, DROP), fault

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.config import RunConfig
-from engine.errors import InputError, ModelDown, ModelError
+from engine.errors import InputError, ModelError
 from engine.input.rows import InputRow, parse_row, record_id
 from engine.tasks.base import Context, Records
 from engine.tasks.distill import DistillConfig
@@ -98,9 +98,7 @@ class DistillTask:
                 if exc.model_down:
                     # Not this conversation's fault: stop the run, resumable, and
                     # leave the row to be tried again.
-                    raise ModelDown(
-                        f"{exc}; start it (or fix base_url) and run the same command to resume"
-                    ) from exc
+                    raise exc.stopped() from exc
                 await ctx.fail(line, row.id, str(exc), turn=turn)
                 return
             replica = completion.replica

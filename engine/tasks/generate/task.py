@@ -18,7 +18,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from engine.config import RunConfig
-from engine.errors import ModelDown, ModelError
+from engine.errors import ModelError
 from engine.input.rows import Message, record_id
 from engine.tasks.base import Context, Records, usage_of
 from engine.tasks.generate import TRUNCATED_KEY, GenerateConfig
@@ -197,9 +197,7 @@ class GenerateTask:
                 if exc.model_down:
                     # Not this row's fault: stop the run, resumable, and leave the
                     # row to be tried again.
-                    raise ModelDown(
-                        f"{exc}; start it (or fix base_url) and run the same command to resume"
-                    ) from exc
+                    raise exc.stopped() from exc
                 state.failure = (slot, str(exc))
                 group.cancel_scope.cancel()  # the row fails: its other requests are moot
                 return

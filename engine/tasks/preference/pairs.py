@@ -29,6 +29,8 @@ ROW_KEYS = (
     "rejected",
     "chosen_model",
     "rejected_model",
+    "chosen_generator",
+    "rejected_generator",
     "chosen_rating",
     "rejected_rating",
     "pair_error",
@@ -104,8 +106,14 @@ def preference_row(
     ratings: Sequence[int | None] | None = None,
     rationales: Sequence[str | None] | None = None,
     truncated: Sequence[int] = (),
+    generators: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
     """Build one output row for a prompt: its generations, ratings and pair.
+
+    ``generators`` names the config's generator entry that made each generation
+    (None for one the input row brought): ``chosen_generator`` and
+    ``rejected_generator`` tell two entries apart that serve the same model with
+    different params, where ``chosen_model`` and ``rejected_model`` are the same.
 
     Keys, in order: the input's other fields (``extra``), then :data:`ROW_KEYS`,
     then :data:`TRUNCATED_KEY` when ``truncated`` (indices into ``generations``
@@ -134,12 +142,15 @@ def preference_row(
         raise ValueError(f"{len(generation_models)} generation models for {n} generations")
     if any(not 0 <= i < n for i in truncated):
         raise ValueError(f"truncated generations {list(truncated)} for {n} generations")
+    makers = list(generators) if generators is not None else [None] * n
+    if len(makers) != n:
+        raise ValueError(f"{len(makers)} generators for {n} generations")
     row: dict[str, Any] = {k: v for k, v in extra.items() if k not in _OWN_KEYS}
     row["id"] = row_id
     row["prompt"] = [dict(m) for m in prompt]
     row["generations"] = list(generations)
     row["generation_models"] = list(generation_models)
-    row.update(_judged_fields(generations, generation_models, judged, ratings, rationales))
+    row.update(_judged_fields(generations, generation_models, judged, ratings, rationales, makers))
     row["generation_errors"] = [dict(e) for e in generation_errors]
     row["usage"] = dict(usage)
     if truncated:
@@ -153,6 +164,7 @@ def _judged_fields(
     judged: bool,
     ratings: Sequence[int | None] | None,
     rationales: Sequence[str | None] | None,
+    makers: Sequence[str | None],
 ) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "ratings": None,
@@ -161,6 +173,8 @@ def _judged_fields(
         "rejected": None,
         "chosen_model": None,
         "rejected_model": None,
+        "chosen_generator": None,
+        "rejected_generator": None,
         "chosen_rating": None,
         "rejected_rating": None,
         "pair_error": NO_JUDGE,
@@ -187,6 +201,8 @@ def _judged_fields(
     fields["rejected"] = [{"role": "assistant", "content": generations[r]}]
     fields["chosen_model"] = models[c]
     fields["rejected_model"] = models[r]
+    fields["chosen_generator"] = makers[c]
+    fields["rejected_generator"] = makers[r]
     fields["chosen_rating"] = ratings[c]
     fields["rejected_rating"] = ratings[r]
     return fields

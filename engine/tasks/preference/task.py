@@ -55,6 +55,7 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    model_down: bool = False  # failed because its model is down or refuses: never journaled
 
 
 @dataclass(slots=True)
@@ -212,6 +213,9 @@ class PreferenceTask:
         # The row's own generations first, then the generators', in output order.
         texts = brought.texts + [g.text for _, g in made if g.text is not None]
         models = brought.models + [self.served[s.model] for s, g in made if g.text is not None]
+        # The generator entries too: two of them may serve one model with other params.
+        makers: list[str | None] = [None] * len(brought.texts)
+        makers += [s.model for s, g in made if g.text is not None]
         # Indices into `texts`: which replies max_tokens cut off (for filters.truncated).
         kept = [g for _, g in made if g.text is not None]
         first = len(brought.texts)
@@ -221,6 +225,15 @@ class PreferenceTask:
             for s, g in made
             if g.error is not None
         ]
+        if not texts and errors and all(g.model_down for _, g in made if g.error is not None):
+            # Every generator is down or refuses requests: no fault of this row's. Stop,
+            # resumable, rather than fail every row until they are back.
+            raise ModelDown(
+                "no generator answers ("
+                + "; ".join(dict.fromkeys(str(g.error) for _, g in made if g.error))
+                + "); start them (or fix their base_url, model or key) and run the same "
+                "command to resume"
+            )
         if not texts and errors:
             await ctx.fail(
                 line,
@@ -257,6 +270,7 @@ class PreferenceTask:
             ratings=ratings,
             rationales=rationales,
             truncated=truncated,
+            generators=makers,
         )
         if judge_note is not None:
             out["pair_error"] = judge_note
@@ -274,6 +288,11 @@ class PreferenceTask:
         try:
             completion = await ctx.clients[slot.model].complete(prompt, extra)
         except ModelError as exc:
+            if exc.model_down:
+                # Its model is down or refuses every request: not this row's doing. The
+                # row records it if it finishes now; unjournaled, a resumed row asks again.
+                state.generations[slot.index] = Generation(error=str(exc), model_down=True)
+                return
             generation = Generation(error=str(exc))
             record: dict[str, Any] = {
                 "k": GENERATION_ERROR,
@@ -335,10 +354,7 @@ class PreferenceTask:
                 completion = await client.complete(messages, extra)
             except ModelError as exc:
                 if exc.model_down:
-                    raise ModelDown(
-                        f"{exc} (the judge); start it (or fix base_url) and run the same "
-                        "command to resume"
-                    ) from exc
+                    raise exc.stopped(" (the judge)") from exc
                 return *unrated, f"judge failed: {exc}"
             reply = completion.texts[0]
             await ctx.writer.record(
