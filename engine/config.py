@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 import yaml
@@ -22,7 +23,7 @@ from engine.checkpoint.paths import clashes, run_targets
 from engine.errors import ConfigError
 from engine.input.sources import parse_input_columns
 from engine.output.filters import FilterConfig, filtered_path, parse_filters
-from engine.problems import Problems
+from engine.problems import MOST_CONCURRENCY, MOST_CONVERSATIONS, Problems
 from engine.tasks import kind_of, registry
 from engine.tasks.base import TaskKind
 
@@ -257,6 +258,9 @@ def load_config(path: str | Path, *, check_env: bool = True) -> RunConfig:
         raise ConfigError([f"{config_path}: not valid YAML: {exc}"]) from exc
     if not isinstance(raw, Mapping):
         raise ConfigError([f"{config_path}: the config must be a YAML mapping of keys"])
+    problem = size_problem(raw)
+    if problem is not None:
+        raise ConfigError([f"{config_path}: {problem}"])
     config = parse_config(raw, config_path, None if check_env else _AnyEnv())
     # Only a config read from a file has one to protect (a dict's config_path is made up).
     problems = clashes(
@@ -268,6 +272,39 @@ def load_config(path: str | Path, *, check_env: bool = True) -> RunConfig:
     if problems:
         raise ConfigError([f"output: {problem}" for problem in problems])
     return config
+
+
+# A config's size once YAML's aliases are expanded (each use of an alias counts in full,
+# as it does in the manifest and in every request): far past any real config, well under
+# what would hurt. An alias bomb (`a: &a [x, x]`, `b: &b [*a, *a]`, ...) is 2^n values.
+MOST_CONFIG_VALUES = 100_000
+MOST_CONFIG_TEXT = 16 << 20  # characters of strings and keys
+
+
+def size_problem(raw: Any) -> str | None:
+    """Why a loaded config is too big once expanded (an alias bomb, or an alias that holds
+    itself), or None. The walk stops as soon as it is past the bounds."""
+    values = text = 0
+    stack = [raw]
+    while stack:
+        node = stack.pop()
+        values += 1
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                text += len(key) if isinstance(key, str) else 0
+                stack.append(value)
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+        elif isinstance(node, str | bytes):
+            text += len(node)
+        if values > MOST_CONFIG_VALUES or text > MOST_CONFIG_TEXT:
+            return (
+                f"the config expands to more than {MOST_CONFIG_VALUES:,} values or "
+                f"{MOST_CONFIG_TEXT >> 20} MiB of text once its YAML aliases (*name) are "
+                "expanded (an alias used over and over, or one that holds itself); write the "
+                "values out, or make them smaller"
+            )
+    return None
 
 
 def parse_config(
@@ -313,7 +350,9 @@ def parse_config(
             p.add(other, f"only used with task: {other}; remove it or change task")
 
     journal = _parse_journal(p, raw.get("journal"))
-    max_conversations = p.positive_int("max_conversations", raw.get("max_conversations"), None)
+    max_conversations = p.positive_int(
+        "max_conversations", raw.get("max_conversations"), None, most=MOST_CONVERSATIONS
+    )
     grace = p.positive_float("shutdown_grace_s", raw.get("shutdown_grace_s"), 10.0)
     interval = p.positive_float("progress_interval_s", raw.get("progress_interval_s"), 10.0)
     column_keys = ("id", *(kind.column_keys if kind else ()))
@@ -467,7 +506,9 @@ def _parse_model(
             f"environment variable {api_key_env} is not set; export {api_key_env}=... "
             "before running, or remove api_key_env",
         )
-    cap = p.positive_int(f"{key}.max_concurrency", body.get("max_concurrency"), 16)
+    cap = p.positive_int(
+        f"{key}.max_concurrency", body.get("max_concurrency"), 16, most=MOST_CONCURRENCY
+    )
     timeout = p.positive_float(f"{key}.timeout_s", body.get("timeout_s"), 120.0)
     retries = p.non_negative_int(f"{key}.max_retries", body.get("max_retries"), 6)
     params = p.mapping(f"{key}.params", body.get("params"))
@@ -560,14 +601,31 @@ def _parse_base_urls(p: Problems, key: str, value: Any) -> tuple[str, ...] | Non
                 p.add(item_key, "'local' cannot be one of several URLs; use local: {replicas: N}")
             urls.append(url)
             continue
-        if not url.startswith(("http://", "https://")) or not url.split("://", 1)[1]:
-            p.add(
-                item_key, f"{url!r} is not an http(s) URL; write it like http://127.0.0.1:8080/v1"
-            )
+        problem = url_problem(url)
+        if problem is not None:
+            p.add(item_key, f"{url!r} {problem}; write it like http://127.0.0.1:8080/v1")
         urls.append(url.rstrip("/"))
     if len(set(urls)) != len(urls):
         p.add(key, "lists a URL twice; each replica once")
     return tuple(urls) if len(urls) == len(items) else None
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a server's base URL (caught here, not at the first request)."""
+    if any(c.isspace() for c in url):
+        return "is not an http(s) URL: it holds a space (remove it)"
+    if not url.startswith(("http://", "https://")):
+        return "is not an http(s) URL"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError past 65535 or when not a number
+    except ValueError as exc:
+        return f"is not an http(s) URL: {exc} (a port is 1-65535)"
+    if not parts.hostname:
+        return "is not an http(s) URL: it names no host"
+    if port == 0:
+        return "is not an http(s) URL: port 0 (a port is 1-65535)"
+    return None
 
 
 def _optional_rate(p: Problems, key: str, value: Any) -> float | None:

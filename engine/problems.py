@@ -10,6 +10,12 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+# Sane ranges for the keys that size a run's queues and tasks: a value far past them is a
+# typo (a cap of 10^9 once started 2 x 10^9 row workers before a request went out).
+MOST_CONCURRENCY = 100_000  # models.<name>.max_concurrency, per replica
+MOST_CONVERSATIONS = 1_000_000  # max_conversations: rows in flight
+MOST_GENERATIONS = 1_000  # num_generations per row (generate, preference)
+
 
 class Problems:
     """Collects problems while parsing, so every one is reported at once."""
@@ -36,11 +42,18 @@ class Problems:
             return None
         return value
 
-    def positive_int(self, key: str, value: Any, default: int | None) -> int | None:
+    def positive_int(
+        self, key: str, value: Any, default: int | None, *, most: int | None = None
+    ) -> int | None:
+        """A whole number >= 1, and at most ``most`` when given (a sane range: a value
+        far past anything real is a typo, and would size queues and task counts)."""
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             self.add(key, f"must be a positive whole number, got {value!r}")
+            return default
+        if most is not None and value > most:
+            self.add(key, f"must be from 1 to {most:,}, got {value:,}")
             return default
         return value
 

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from engine.output.filters import Reply, ints_of, list_of
+from engine.problems import MOST_GENERATIONS
 from engine.tasks.base import Task, TaskKind
-from engine.tasks.structured import plain_schema, schema_problem
+from engine.tasks.structured import plain_schema, reference_problem, schema_problem
 from engine.tasks.templates import BadTemplate, compile_template
 
 if TYPE_CHECKING:
@@ -69,7 +70,12 @@ class Generate(TaskKind):
         if system_prompt is not None and not isinstance(system_prompt, str):
             p.add("generate.system_prompt", "must be a string or null")
             system_prompt = None
-        num = p.positive_int("generate.num_generations", body.get("num_generations"), 1) or 1
+        num = (
+            p.positive_int(
+                "generate.num_generations", body.get("num_generations"), 1, most=MOST_GENERATIONS
+            )
+            or 1
+        )
         max_invalid = p.non_negative_int("generate.max_invalid", body.get("max_invalid"), 2)
         schema = _schema(body.get("json_schema"), p)
         if model is None or template is None:
@@ -200,6 +206,10 @@ def _schema(raw: Any, p: Problems) -> dict[str, Any] | None:
     problem = schema_problem(schema)
     if problem is not None:
         p.add(key, f"is not a valid JSON Schema: {problem}")
+        return None
+    problem = reference_problem(schema)
+    if problem is not None:
+        p.add(key, problem)
         return None
     return schema
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.output.filters import FilterConfig, Reply, ints_of, list_of, messages_of, text_of
+from engine.problems import MOST_GENERATIONS
 from engine.tasks.base import Task, TaskKind
 from engine.tasks.preference.judge import ASPECTS, JSON, JUDGE_FORMATS, ULTRAFEEDBACK
 from engine.tasks.preference.judge_template import BadTemplate, read_template
@@ -67,7 +68,12 @@ class Preference(TaskKind):
         has_judge = body.get("judge") is not None
         judge = p.model_ref("preference.judge", body.get("judge"), models) if has_judge else None
         generators = _generators(body.get("generators"), models, p, judged=has_judge)
-        num = p.positive_int("preference.num_generations", body.get("num_generations"), 1) or 1
+        num = (
+            p.positive_int(
+                "preference.num_generations", body.get("num_generations"), 1, most=MOST_GENERATIONS
+            )
+            or 1
+        )
         aspect = body.get("aspect", "overall")
         if aspect not in ASPECTS:
             p.add("preference.aspect", f"must be one of {', '.join(ASPECTS)}, got {aspect!r}")
