@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
@@ -308,6 +308,8 @@ async def _execute(
             await companion.start(clients, stats)  # before any request: a shard's share
         ctx = Context(config=config, kind=config.kind, writer=writer, clients=clients, stats=stats)
         workers = config.max_conversations or task.rows_in_flight(config)
+        if config.piece is not None:  # a shard knows its rows: no more workers than those
+            workers = max(1, min(workers, config.piece.rows))
         _tune_collector(stack)
 
         fmt = await anyio.to_thread.run_sync(detect_format, config.input)
@@ -325,10 +327,8 @@ async def _execute(
             with work:
                 async with anyio.create_task_group() as inner:
                     send, receive = anyio.create_memory_object_stream[tuple[int, Item]](workers)
-                    inner.start_soon(_feed, config, fmt, state, marks, ctx, send)
-                    async with receive:
-                        for _ in range(workers):
-                            inner.start_soon(_work, receive.clone(), state, task, ctx)
+                    pool = _Workers(inner, receive, workers, state, task, ctx)
+                    inner.start_soon(_feed, config, fmt, state, marks, ctx, send, pool)
             writer.note(history.line(stats, time.time(), event="end"))
             await writer.close()
             outer.cancel_scope.cancel()
@@ -412,6 +412,43 @@ def _local_server() -> Callable[..., Any]:
     return opener
 
 
+class _Workers:
+    """The row workers, started as rows arrive, up to ``most``.
+
+    A worker is started only for a row that no idle worker is waiting for, so the
+    workers never outnumber the rows read: a cap the input cannot fill (a
+    ``max_concurrency`` of 100,000 for a file of 100 rows) starts 100 of them, not
+    200,000. The pool holds the stream's first receiving end until the feeder is
+    done, cloning it for each worker.
+    """
+
+    __slots__ = ("_args", "_group", "_receive", "most", "started")
+
+    def __init__(
+        self,
+        group: TaskGroup,
+        receive: MemoryObjectReceiveStream[tuple[int, Item]],
+        most: int,
+        state: Replay,
+        task: Task,
+        ctx: Context,
+    ) -> None:
+        self._group = group
+        self._receive = receive
+        self._args = (state, task, ctx)
+        self.most = most
+        self.started = 0
+
+    def want(self, send: MemoryObjectSendStream[tuple[int, Item]]) -> None:
+        """A row is about to be sent: start a worker for it unless one is waiting."""
+        if self.started < self.most and send.statistics().tasks_waiting_receive == 0:
+            self._group.start_soon(_work, self._receive.clone(), *self._args)
+            self.started += 1
+
+    def close(self) -> None:
+        self._receive.close()
+
+
 async def _feed(
     config: RunConfig,
     fmt: str,
@@ -419,6 +456,7 @@ async def _feed(
     marks: Marks,
     ctx: Context,
     send: MemoryObjectSendStream[tuple[int, Item]],
+    pool: _Workers,
 ) -> None:
     # A fresh run skips nothing: an empty tuple spares each row a Python-level lookup.
     skip = state.done if len(state.done) else ()
@@ -427,19 +465,34 @@ async def _feed(
         config.input, fmt, config.input_columns, skip=skip, piece=config.piece, marks=marks, **seek
     )
     async with send:
-        async for item in rows:
-            if ctx.stopping:
-                return
+        try:
+            await _send_rows(rows, ctx, send, pool)
+        finally:
+            pool.close()
+
+
+async def _send_rows(
+    rows: AsyncIterator[tuple[int, Item]],
+    ctx: Context,
+    send: MemoryObjectSendStream[tuple[int, Item]],
+    pool: _Workers,
+) -> None:
+    want, most = pool.want, pool.most
+    async for item in rows:
+        if ctx.stopping:
+            return
+        if pool.started < most:
+            want(send)
+        try:
+            # The stream's send() always yields to the loop first, even with room
+            # to spare; at thousands of rows a second those extra loop passes cost
+            # more than everything else the engine does per row.
             try:
-                # The stream's send() always yields to the loop first, even with room
-                # to spare; at thousands of rows a second those extra loop passes cost
-                # more than everything else the engine does per row.
-                try:
-                    send.send_nowait(item)
-                except anyio.WouldBlock:
-                    await send.send(item)
-            except anyio.BrokenResourceError:
-                return
+                send.send_nowait(item)
+            except anyio.WouldBlock:
+                await send.send(item)
+        except anyio.BrokenResourceError:
+            return
 
 
 async def _work(
@@ -465,7 +518,21 @@ async def _work(
             except InputError as exc:
                 await ctx.fail(line, input_id(line, raw, columns), f"input: {exc}")
                 continue
+            except Exception as exc:
+                await _unreadable(ctx, line, raw, exc)
+                continue
             await process(line, record, records, ctx)
+
+
+async def _unreadable(ctx: Context, line: int, raw: Item, exc: Exception) -> None:
+    """A row that reading or preparing raised on (not an InputError): the row fails, with
+    its line, and the run goes on; a row the engine cannot handle never stops a run."""
+    log.warning(f"input line {line}: cannot be read ({type(exc).__name__}: {exc}); it fails")
+    try:
+        row_id = input_id(line, raw, ctx.config.input_columns)
+    except Exception:
+        row_id = line
+    await ctx.fail(line, row_id, f"input: cannot be read ({type(exc).__name__}: {exc})")
 
 
 # The collector's first generation, while rows run: see _tune_collector.

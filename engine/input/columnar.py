@@ -49,6 +49,7 @@ class ColumnarSource(Source):
     __slots__ = ()
 
     needs: ClassVar[str]  # what is being read, for the message when pyarrow is missing
+    unreadable: ClassVar[str]  # the fix for a file that is not what its name says
 
     @abstractmethod
     def _schema_names(self, file: Path) -> list[str]:
@@ -66,7 +67,13 @@ class ColumnarSource(Source):
 
     def _check(self, columns: Mapping[str, str]) -> None:
         for file in self.files():
-            check_columns(file, self._schema_names(file), columns)
+            try:
+                names = self._schema_names(file)
+            except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                raise InputError(
+                    f"input {file} cannot be read as {self.needs} ({exc}); {self.unreadable}"
+                ) from exc
+            check_columns(file, names, columns)
 
     def count(self) -> int:
         return sum(self._rows_in(file) for file in self.files())

@@ -27,6 +27,7 @@ class HfDatasetSource(ColumnarSource):
     fmt = "hf"
     extra = "hf"
     needs = "a saved Hugging Face dataset"
+    unreadable = "save the dataset again with Dataset.save_to_disk"
 
     def files(self) -> list[Path]:
         """The Arrow files in ``state.json``'s order: the order decides the row numbers,

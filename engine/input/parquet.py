@@ -26,6 +26,10 @@ class ParquetSource(ColumnarSource):
     fmt = "parquet"
     extra = "parquet"
     needs = "Parquet"
+    unreadable = (
+        "a file named .parquet (.pq, .parq) is read as Parquet: if it holds JSON lines, "
+        "rename it to .jsonl; else write it again as Parquet"
+    )
 
     def files(self) -> list[Path]:
         return parquet_files(self.path) if self.path.is_dir() else [self.path]

@@ -10,6 +10,7 @@ without splitting the file into lines.
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from collections.abc import AsyncIterator, Container, Sequence
 from pathlib import Path
@@ -164,7 +165,11 @@ def line_starts(
 
 
 def decode_line(raw: bytes) -> dict[str, Any]:
-    """One input line as a JSON object; InputError names what is wrong with it."""
+    """One input line as a JSON object; InputError names what is wrong with it.
+
+    Integers beyond 64 bits come back exact (see :func:`_exact_ints`); a line nested
+    deeper than the output can hold fails here, not when its row is written.
+    """
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -173,18 +178,79 @@ def decode_line(raw: bytes) -> dict[str, Any]:
         raise InputError(f"is not valid JSON ({exc}); each line must be one JSON object") from exc
     if not isinstance(obj, dict):
         raise InputError(f"must be a JSON object, got {type(obj).__name__}")
-    return obj
+    # One C pass marks digits and openings; the slow paths below run only for lines
+    # that might need them (an integer of 19+ digits, 250+ brackets).
+    marked = raw.translate(_MARKS)
+    if marked.count(b"[") >= MAX_DEPTH:
+        check_writable(obj)
+    if _LONG_DIGITS in marked:
+        obj = _exact_ints(raw)
+    return obj  # type: ignore[no-any-return]
+
+
+# orjson reads integers up to 64 bits; past them it silently returns a float (2**70
+# becomes 1.1805916207174113e+21). No integer that wide has fewer than 19 digits.
+_MARKS = bytes(
+    ord("0") if 0x30 <= b <= 0x39 else ord("[") if b in b"[{" else ord(" ") for b in range(256)
+)
+_LONG_DIGITS = b"0" * 19
+_INT_RANGE = (-(1 << 63), (1 << 64) - 1)
+# orjson writes nothing nested deeper than 254 levels (it reads up to 1024); a row goes
+# out inside a level or two of the engine's own (a filtered or failed record): headroom.
+MAX_DEPTH = 250
+_HEADROOM = 254 - MAX_DEPTH
+
+
+def _exact_ints(raw: bytes) -> Any:
+    """The line read again by the standard library, every integer kept exact: one past
+    64 bits as an ``orjson.Fragment`` of its own digits, written back out byte for byte."""
+    return json.loads(raw, parse_int=_exact_int)
+
+
+def _exact_int(text: str) -> int | orjson.Fragment:
+    digits = text.lstrip("-")
+    if len(digits) < 19:
+        return int(text)
+    try:
+        value = int(text)
+    except ValueError:  # past Python's int-from-text limit (4300 digits)
+        return orjson.Fragment(text)
+    return value if _INT_RANGE[0] <= value <= _INT_RANGE[1] else orjson.Fragment(text)
+
+
+def check_writable(obj: Any) -> None:
+    """Raise InputError when ``obj`` cannot be written back out as JSON (nested too deep)."""
+    wrapped = obj
+    for _ in range(_HEADROOM):
+        wrapped = [wrapped]
+    try:
+        orjson.dumps(wrapped)
+    except orjson.JSONEncodeError as exc:
+        raise InputError(
+            f"cannot be written back out ({exc}): JSON nested deeper than {MAX_DEPTH} "
+            "levels is not carried; flatten it or drop the field"
+        ) from exc
 
 
 def raw_id(line: int, raw: bytes) -> object:
     """The row's id for the failed file, when the line has one, else its line number."""
-    try:
-        obj = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return line
-    if isinstance(obj, dict) and isinstance(obj.get("id"), str | int | float):
+    obj = loads_or_none(raw)
+    if isinstance(obj, dict) and isinstance(obj.get("id"), ID_TYPES):
         return obj["id"]
     return line
+
+
+def loads_or_none(raw: bytes) -> Any:
+    """A line's JSON value, integers exact, however deep it is; None when it is not JSON."""
+    try:
+        obj = orjson.loads(raw)
+        return _exact_ints(raw) if _LONG_DIGITS in raw.translate(_MARKS) else obj
+    except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
+        return None
+
+
+# What an id may be: a string or a number (an integer past 64 bits as its own digits).
+ID_TYPES = (str, int, float, orjson.Fragment)
 
 
 def _bad_utf8(raw: bytes) -> bool:

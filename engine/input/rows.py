@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import InputError
+from engine.input.reader import ID_TYPES
 
 Message = dict[str, str]
 
@@ -44,7 +45,7 @@ class InputRow:
 def record_id(record: dict[str, Any], line: int) -> Any:
     """A record's ``id`` when it has a usable one (a string or a number), else its line."""
     value = record.get("id")
-    return value if isinstance(value, str | int | float) and not isinstance(value, bool) else line
+    return value if isinstance(value, ID_TYPES) and not isinstance(value, bool) else line
 
 
 def parse_row(obj: Any, line: int) -> InputRow:

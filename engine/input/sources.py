@@ -17,8 +17,6 @@ from collections.abc import AsyncIterator, Container, Mapping
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from engine.errors import InputError
 from engine.input.base import Item, Source
 from engine.input.columnar import CHUNK_ROWS, ColumnarSource
@@ -26,7 +24,7 @@ from engine.input.columns import parse_input_columns, rename_columns
 from engine.input.hf_dataset import HfDatasetSource
 from engine.input.jsonl import JsonlSource
 from engine.input.parquet import PARQUET_MAGIC, PARQUET_SUFFIXES, ParquetSource, parquet_files
-from engine.input.reader import Marks, decode_line, raw_id
+from engine.input.reader import ID_TYPES, Marks, decode_line, loads_or_none, raw_id
 from engine.input.slices import Slice
 
 SOURCES: dict[str, type[Source]] = {
@@ -203,12 +201,8 @@ def input_id(line: int, item: Item, columns: Mapping[str, str] | None = None) ->
         id_column = (columns or {}).get("id")
         if id_column is None:
             return raw_id(line, item)
-        try:
-            obj = orjson.loads(item)
-        except orjson.JSONDecodeError:
-            return line
-        item = obj if isinstance(obj, dict) else {}
-        value = item.get(id_column)
+        obj = loads_or_none(item)
+        value = obj.get(id_column) if isinstance(obj, dict) else None
     else:
         value = item.get("id")
-    return value if isinstance(value, str | int | float) else line
+    return value if isinstance(value, ID_TYPES) else line

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
 from jinja2 import StrictUndefined, Template, TemplateRuntimeError, TemplateSyntaxError
 from jinja2.exceptions import UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -61,8 +62,14 @@ class _Strict(StrictUndefined):
         super().__init__(hint, obj, name, exc)
 
 
+def _finalize(value: Any) -> Any:
+    """What ``{{ value }}`` prints: an integer past 64 bits (read as an orjson.Fragment
+    of its digits, engine.input.reader) prints its digits."""
+    return orjson.dumps(value).decode() if isinstance(value, orjson.Fragment) else value
+
+
 # One environment for every template: it holds no state a row could change.
-ENV = ImmutableSandboxedEnvironment(undefined=_Strict, autoescape=False)
+ENV = ImmutableSandboxedEnvironment(undefined=_Strict, autoescape=False, finalize=_finalize)
 
 
 def compile_template(text: str) -> Template:
