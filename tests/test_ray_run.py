@@ -254,3 +254,28 @@ async def test_the_driver_serves_every_shards_metrics_and_keeps_the_history(
     assert value(during, "turnstile_request_seconds_count", model="teacher") == 60
     last = orjson.loads((tmp_path / "ck" / HISTORY_NAME).read_bytes().splitlines()[-1])
     assert last["event"] == "end" and last["rows_ok"] == 61
+
+
+async def test_a_stopped_sharded_run_reports_the_rows_its_shards_wrote(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    source = conversations(200, max_turns=3)
+    write_jsonl(tmp_path / "in.jsonl", source)
+    mock.latency_ms = 10
+    config = ray_config(tmp_path, mock, cap=4)
+
+    stopped = await kill_after(mock, 150, "run", config, "--quiet", sig=signal.SIGINT)
+
+    assert stopped.returncode == 128 + signal.SIGINT, stderr_tail(stopped.stderr)
+    [summary] = [line for line in stopped.stderr.splitlines() if line.startswith("rows: ")]
+    ok, failed = (int(word) for word in summary.split()[1:4:2])
+    written = sum(
+        len(read_jsonl(shard_dir(tmp_path / "ck", i) / name))
+        for i in range(4)
+        for name in ("rows.jsonl", "rows.failed.jsonl")
+    )
+    assert 0 < ok + failed == written < len(source)
+
+
+def stderr_tail(text: str) -> str:
+    return "\n".join(text.splitlines()[-20:])

@@ -48,9 +48,11 @@ from engine.executors.shards import (
     ShardState,
     check_plan,
     clear_shards,
+    journaled_counts,
     mark_failed,
     read_plan,
     shard_state,
+    wait_unlocked,
     write_plan,
     write_storage_token,
 )
@@ -165,11 +167,15 @@ def run_sharded(
         ) as _cluster:
             driver = _Driver(config, plan, token, known, stats, done_parts, outcome)
             anyio.run(driver.main, todo, display, signals, started)
+    if todo:
+        _wait_for_shards(config, todo)  # a stopped shard's last writes land before counting
     outcome.shards = [shard_state(config.checkpoint_dir, piece) for piece in plan.shards]
     if all(s.state == "done" for s in outcome.shards):
         if not merged(config):
             outcome.merged = merge(config, plan)
         _final_counts(stats, outcome.shards)
+    else:
+        _journaled_counts(config, plan, stats, outcome.shards)
     outcome.elapsed_s = time.monotonic() - started
     return outcome
 
@@ -336,6 +342,35 @@ def _done_progress(state: ShardState) -> dict[str, Any]:
         "rows_filtered": counts.get("filtered", 0),
         "rows_skipped": counts.get("rows", 0),
     }
+
+
+# How long a stopped run waits for a shard's worker to let go of its checkpoint.
+STOP_WAIT_S = 30.0
+
+
+def _wait_for_shards(config: RunConfig, pieces: list[Any]) -> None:
+    """Wait until none of ``pieces`` holds its shard's checkpoint any more (its worker
+    cancelled or exited), so that its files are final before they are counted."""
+    deadline = time.monotonic() + STOP_WAIT_S + config.shutdown_grace_s
+    for piece in pieces:
+        if not wait_unlocked(config.checkpoint_dir, piece.index, deadline - time.monotonic()):
+            log.warning(f"shard {piece.index} still holds its checkpoint; its count may be short")
+
+
+def _journaled_counts(
+    config: RunConfig, plan: Plan, stats: RunStats, shards: list[ShardState]
+) -> None:
+    """The rows of a run that did not finish, from every shard's files: a done shard's
+    marker, a started one's checkpoint (what the summary reports is what is journaled)."""
+    rows = failed = filtered = 0
+    for piece, state in zip(plan.shards, shards, strict=True):
+        counts = state.counts if state.state == "done" else journaled_counts(config, piece)
+        if counts is None:
+            continue
+        rows += counts.get("rows", 0)
+        failed += counts.get("failed", 0)
+        filtered += counts.get("filtered", 0)
+    stats.rows_done, stats.rows_failed, stats.rows_filtered = rows, failed, filtered
 
 
 def _final_counts(stats: RunStats, shards: list[ShardState]) -> None:

@@ -21,6 +21,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +31,7 @@ import orjson
 
 from engine.checkpoint.journal import fsync_dir
 from engine.checkpoint.manifest import LOCK_NAME, MANIFEST_NAME
+from engine.checkpoint.snapshot import load
 from engine.config import ExecutorConfig, MetricsConfig, RunConfig
 from engine.errors import CheckpointError
 from engine.input.sources import Slice
@@ -226,3 +228,35 @@ def _locked(path: Path) -> bool:
     except FileNotFoundError:
         return False
     return False
+
+
+def wait_unlocked(checkpoint_dir: Path, index: int, timeout_s: float) -> bool:
+    """Wait until no process holds shard ``index``'s checkpoint lock, up to ``timeout_s``.
+
+    A shard holds it from before its first write to after its last, so once it is free
+    the shard's files say everything it did: a stopped run reads its counts after
+    this, not from the last counters a shard reported (up to a lease old). Blocking;
+    True when the lock is free.
+    """
+    path = shard_dir(checkpoint_dir, index) / LOCK_NAME
+    deadline = time.monotonic() + timeout_s
+    while _locked(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)  # a process's exit is not something a file lock can wait on here
+    return True
+
+
+def journaled_counts(config: RunConfig, piece: Slice) -> dict[str, int] | None:
+    """Rows a started shard has finished, from its checkpoint (rows, failed, filtered);
+    None when it has none or it cannot be read. Blocking."""
+    shard = shard_config(config, piece)
+    if not (shard.checkpoint_dir / MANIFEST_NAME).exists():
+        return None
+    files = (shard.output, shard.failed_output, shard.filtered_output)
+    sizes = [path.stat().st_size if path.exists() else 0 for path in files]
+    try:
+        state = load(shard.checkpoint_dir, *sizes)
+    except (OSError, CheckpointError):
+        return None
+    return {"rows": len(state.done), "failed": state.rows_failed, "filtered": state.rows_filtered}
