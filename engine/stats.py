@@ -250,8 +250,10 @@ def combine(
     """Set ``into``'s counters to the sum of the shards' ``parts`` (progress_of's).
 
     ``models`` gives each model's per-replica cap for the whole run and its replica
-    URLs. Limits add up (each shard holds a share of the cap); a replica is live
-    while any shard that reported it sees it live.
+    URLs. Limits add up (each shard holds a share of the cap) over the shards that
+    know theirs: one waiting for its first lease has none (None), and while no shard
+    has one the limit is unknown (None), never 0. A replica is live while any shard
+    that reported it sees it live.
     """
     parts = list(parts)
     for name in _ROW_COUNTERS:
@@ -259,20 +261,26 @@ def combine(
     out: dict[str, ModelStats] = {}
     for name, (cap, urls) in models.items():
         m = ModelStats(name=name, cap=cap * len(urls))
-        m.replicas = [ReplicaStats(url=url, cap=cap, limit=0) for url in urls]
-        m.limit = 0
+        m.replicas = [ReplicaStats(url=url, cap=cap) for url in urls]
         reported = [got for part in parts if (got := part.get("models", {}).get(name))]
         for got in reported:
             for key in _MODEL_COUNTERS:
                 setattr(m, key, getattr(m, key) + int(got.get(key, 0)))
-            m.limit += int(got.get("limit") or 0)
+            m.limit = _add_limit(m.limit, got.get("limit"))
             m.latency.merge(got.get("latency", {}), float(got.get("latency_s", 0.0)))
             for replica, seen in zip(m.replicas, got.get("replicas", []), strict=False):
                 for key in _REPLICA_COUNTERS:
                     setattr(replica, key, getattr(replica, key) + int(seen.get(key, 0)))
-                replica.limit = (replica.limit or 0) + int(seen.get("limit") or 0)
+                replica.limit = _add_limit(replica.limit, seen.get("limit"))
         for i, replica in enumerate(m.replicas):
             views = [got["replicas"][i] for got in reported if len(got.get("replicas", [])) > i]
             replica.live = not views or any(view.get("live", True) for view in views)
         out[name] = m
     into.models = out
+
+
+def _add_limit(total: int | None, limit: Any) -> int | None:
+    """A shard's limit added to the others' (a shard that has none adds nothing)."""
+    if limit is None:
+        return total
+    return (total or 0) + int(limit)

@@ -1,11 +1,22 @@
-"""The progress line: counts, the estimate of total turns and the rule it counts by."""
+"""The progress line: counts, the estimate of total turns and the rule it counts by, and
+no limit of 0 before a sharded run's first lease."""
 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
+from typing import Any
 
 from engine.progress import status_line, summary
-from engine.stats import ModelStats, Outage, Outcome, ReplicaStats, RunStats
+from engine.stats import (
+    ModelStats,
+    Outage,
+    Outcome,
+    ReplicaStats,
+    RunStats,
+    combine,
+    progress_of,
+)
 
 
 def test_the_turn_estimate_names_the_turn_rule() -> None:
@@ -63,3 +74,48 @@ def test_the_terminal_panel_has_a_bar_an_eta_and_each_replica() -> None:
     assert "━" in screen  # the bar itself
     assert "turns 50/~" in screen and "every_user" in screen
     assert "http://a/v1" in screen and "http://b/v1" in screen and "out" in screen
+
+
+# Before the first lease (a sharded run) no limit of 0 is shown: none is known yet.
+
+MODELS = {"teacher": (8, ["http://a/v1", "http://b/v1"])}
+
+
+def test_a_sharded_run_shows_no_limit_before_any_shard_reports() -> None:
+    stats = RunStats(rows_total=100)
+    combine([], MODELS, into=stats)
+    teacher = stats.models["teacher"]
+    assert teacher.limit is None and [r.limit for r in teacher.replicas] == [None, None]
+    line = status_line(stats, elapsed=1.0)
+    assert "teacher: 0/16 in flight," in line and "limit" not in line
+
+
+async def test_a_shard_waiting_for_its_first_lease_reports_no_limit() -> None:
+    from engine.executors.shard import Lease
+    from engine.http.replicas import ReplicaPool
+
+    teacher = ModelStats(name="teacher", cap=8)
+    pool = ReplicaPool("teacher", ["http://a/v1", "http://b/v1"], 8, teacher)
+    sent: list[dict[str, Any]] = []
+
+    def lease(shard: int, claims: dict[str, int], progress: dict[str, Any]) -> Any:
+        sent.append(progress)
+        return {"teacher": 3}, 1.0
+
+    shard_stats = RunStats(models={"teacher": teacher})
+    clients: Any = {"teacher": SimpleNamespace(pool=pool)}  # all a lease uses of a client
+    await Lease(0, lease).start(clients, shard_stats)
+
+    first = sent[0]["models"]["teacher"]  # sent with the first lease, before its grant
+    assert first["limit"] is None and [r["limit"] for r in first["replicas"]] == [None, None]
+    driver = RunStats()
+    combine([sent[0]], MODELS, into=driver)
+    assert "limit" not in status_line(driver, elapsed=1.0)
+    # The grant applied: 3 per replica, and the next report says so.
+    assert teacher.limit == 6 and [r.limit for r in teacher.replicas] == [3, 3]
+    combine([progress_of(shard_stats)], MODELS, into=driver)
+    assert "teacher: 0/16 in flight limit 6," in status_line(driver, elapsed=1.0)
+    # Two shards, one with its share and one still waiting: the share is the limit.
+    combine([progress_of(shard_stats), sent[0]], MODELS, into=driver)
+    assert driver.models["teacher"].limit == 6
+    assert [r.limit for r in driver.models["teacher"].replicas] == [3, 3]

@@ -64,7 +64,12 @@ class Lease:
     async def start(self, clients: dict[str, ModelClient], stats: RunStats) -> None:
         self.clients, self.stats = clients, stats
         for client in clients.values():
-            client.pool.set_cap(0)  # nothing goes out before the first share
+            client.pool.set_cap(0)  # nothing goes out before the first share...
+            # ...but that is no limit of 0 to show (the driver's first progress line
+            # did): the shard has no limit until a lease grants it a share.
+            client.pool.stats.limit = None
+            for replica in client.pool.stats.replicas:
+                replica.limit = None
         for _ in range(60):  # a quota that is not there yet: keep asking, a while
             if await self._lease():
                 return
