@@ -166,9 +166,22 @@ async def test_every_run_writes_its_report_and_turnstile_report_writes_it_again(
     assert f"report: {report}" in done.stderr.splitlines()
     page = report.read_text()
     assert page.count("data-plot=") == 4
-    assert "<svg" in page and secret not in page
+    assert 'id="report-data"' in page and secret not in page
     assert secret in {a.split(" ", 1)[-1] for a in mock.stats.authorizations}  # it was sent
     report.unlink()
     again = await turnstile("report", config, env=env)
     assert again.returncode == 0, again.stderr
     assert report.exists() and secret not in report.read_text()
+
+
+def test_a_sharded_run_serves_no_limit_of_0_before_its_first_lease() -> None:
+    """The driver's counters before any shard has reported: every replica's limit is its
+    cap (no adaptive limit known), as for a run that has not cut one."""
+    from engine.metrics import RunCollector
+    from engine.stats import RunStats, combine
+
+    stats = RunStats()
+    combine([], {"teacher": (8, ["http://a/v1", "http://b/v1"])}, into=stats)
+    families = {f.name: f for f in RunCollector(lambda: stats).collect()}
+    limits = {s.labels["replica"]: s.value for s in families["turnstile_limit"].samples}
+    assert limits == {"http://a/v1": 8, "http://b/v1": 8}

@@ -3,16 +3,18 @@
 Drawn from the run's history (``metrics.jsonl``, a sample a second, every resume
 included): throughput, requests in flight against limit and cap, latency, failures
 and retries, each over time with restarts and replica outages marked. The page is
-self-contained (inline CSS and SVG plots, nothing to load) and shows the config with
-its secrets masked::
+self-contained (the series as JSON, drawn in the browser by the uPlot vendored in
+engine/report/vendor, inlined: nothing to load) and shows the config with its
+secrets masked::
 
     from engine.report import write_report
 
     write_report(Path("checkpoints/run"), title="distill run", config=raw, totals=numbers)
 
 The parts, to build other views: ``read_series`` / ``parse_series`` (the samples),
-engine.report.series (rates, gauges, restarts, outages, all pure) and
-``render_report`` (samples in, HTML out).
+engine.report.series (rates, gauges, restarts, outages, all pure),
+engine.report.charts (the charts as data) and ``render_report`` (samples in, HTML
+out).
 """
 
 from engine.redact import redact

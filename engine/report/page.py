@@ -1,32 +1,48 @@
-"""The report page: one self-contained HTML file (inline CSS and SVG, no address to load).
+"""The report page: one self-contained HTML file that draws its charts in the browser.
 
-``render_report`` is pure: samples, config text and totals in, HTML out. Every piece
-of text that reaches the page goes through ``html.escape``: run ids, URLs, model
-names and config values come from users and servers.
+``render_report`` is pure: samples, config text and totals in, HTML out. The page
+holds the run's series as JSON (engine.report.charts) and draws them with uPlot,
+vendored in engine/report/vendor and inlined with the page's own script
+(engine/report/report.js): interactive (drag to zoom, every chart follows; hover
+for values; click a legend entry to hide its line), and nothing to fetch, so it
+works offline and as an attachment. Every piece of text that reaches the page goes
+through ``html.escape``, and the JSON cannot end its script element: run ids, URLs,
+model names and config values come from users and servers.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from html import escape
+from pathlib import Path
+from typing import Any
 
-from engine.report import plots
-from engine.report.plots import duration
+import orjson
+
+from engine.redact import scrub
+from engine.report.charts import HEADINGS, OUTAGE, RESTART, duration, payload
 from engine.report.samples import Sample
-from engine.report.series import Outage, Restart, outages, restarts, runs, spans, thin
+from engine.report.series import (
+    Outage,
+    Restart,
+    outages,
+    restarts,
+    runs,
+    spans,
+    thin,
+    whole_intervals,
+)
 
-# Points per line: more than the ~1,000 pixels a plot is wide tells nothing more and
-# costs the page megabytes and the renderer seconds.
-PLOT_POINTS = 1500
+# Points per line. uPlot draws 10^5 a line at ease, but a chart 1,000 pixels wide shows
+# no more than this, and reading the history is most of what the report costs: the
+# reader decodes only about these lines (engine.report.samples), so the report of a
+# day-long run is written in well under 50 ms (bench/report_write.py).
+PLOT_POINTS = 1000
 # Rows of a table of restarts or outages: a flapping replica can have thousands.
 TABLE_ROWS = 100
-PLOTS = (
-    ("throughput", "Throughput", plots.throughput),
-    ("in_flight", "Requests in flight, against limit and cap", plots.in_flight),
-    ("latency", "Latency", plots.latency),
-    ("failures", "Failures and retries", plots.failures),
-)
+_HERE = Path(__file__).parent
 
 _STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
@@ -38,10 +54,28 @@ table { border-collapse: collapse; margin: 6px 0; }
 th, td { text-align: left; padding: 2px 14px 2px 0; border-bottom: 1px solid #eee;
          vertical-align: top; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
-.plot svg { width: 100%; height: auto; display: block; }
 pre { background: #f6f6f6; padding: 10px; overflow-x: auto; font-size: 12px; }
 .empty { background: #fff6e0; padding: 10px; border-left: 4px solid #e0a000; }
+.help { color: #555; font-size: 13px; margin: 4px 0 8px; }
+.key { display: inline-block; width: 18px; height: 10px; margin: 0 4px 0 10px;
+       vertical-align: middle; }
+.panel { margin: 4px 0 14px; min-height: 40px; }
+.panel .u-title { font-size: 13px; font-weight: 600; text-align: left; padding-left: 60px; }
+.panel .u-legend { font-size: 12px; text-align: left; padding-left: 52px; }
+.panel .nothing { color: #777; font-style: italic; padding-left: 60px; }
 """
+
+
+@functools.cache
+def _assets() -> tuple[str, str, str]:
+    """uPlot's script and stylesheet and the page's script, as text (read once)."""
+    script = (_HERE / "vendor" / "uPlot.iife.min.js").read_text(encoding="utf-8")
+    style = (_HERE / "vendor" / "uPlot.min.css").read_text(encoding="utf-8")
+    ours = (_HERE / "report.js").read_text(encoding="utf-8")
+    for name, text in (("uPlot", script), ("report.js", ours)):
+        if "</script" in text.lower() or "<!--" in text:
+            raise ValueError(f"{name} cannot be inlined in a <script> element")
+    return script, style, ours
 
 
 def render_report(
@@ -50,17 +84,26 @@ def render_report(
     title: str,
     config_text: str,
     totals: Mapping[str, object],
+    points: int | None = PLOT_POINTS,
+    secrets: Sequence[str] = (),
 ) -> str:
     """The report page of a run with history ``series`` (its samples, in file order).
 
     ``config_text`` is shown as given (mask it first: engine.redact);
-    ``totals`` are labelled numbers, nested mappings flattened (``requests / teacher``).
+    ``totals`` are labelled numbers, nested mappings flattened (``requests / teacher``);
+    ``points``: at most about this many per line (None: every sample); ``secrets``:
+    values masked wherever the run's data shows them (engine.redact.scrub), in the
+    text and the charts' labels, never in the vendored script (a short key such as
+    ``none`` would break its code).
     """
-    parts = [
+    script, uplot_style, ours = _assets()
+    parts: list[str | _Asset] = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{escape(title)}</title><style>{_STYLE}</style></head><body>",
+        f"<title>{escape(title)}</title><style>",
+        _Asset(uplot_style),
+        f"{_STYLE}</style></head><body>",
         f"<h1>{escape(title)}</h1>",
         f'<p class="lead">{escape(_lead(series))}</p>',
     ]
@@ -69,11 +112,23 @@ def render_report(
         found_restarts = restarts(series)
         found_outages = outages(series)
         span = series[-1].t - series[0].t
-        marks = plots.Marks(found_restarts, spans(found_outages, merge_within=span / 1000))
-        drawn = thin(series, PLOT_POINTS)
-        for name, heading, plot in PLOTS:
-            parts.append(f'<section class="plot" data-plot="{name}">')
-            parts.append(f"<h2>{escape(heading)}</h2>{plots.draw(plot, drawn, marks)}</section>")
+        shaded = spans(found_outages, merge_within=span / 1000)
+        drawn = whole_intervals(thin(series, points))
+        parts += _help(found_restarts, shaded)
+        for name, heading in HEADINGS.items():
+            parts.append(
+                f'<section class="plot" data-plot="{name}"><h2>{escape(heading)}</h2></section>'
+            )
+        data = _scrub_labels(payload(drawn, found_restarts, shaded), secrets)
+        # "<" as its JSON escape: no text from the history can close the script element.
+        json = orjson.dumps(data).decode("utf-8").replace("<", "\\u003c")
+        parts.append('<script type="application/json" id="report-data">')
+        parts.append(_Asset(json))  # numbers, and labels scrubbed above
+        parts.append("</script><script>")
+        parts.append(_Asset(script))
+        parts.append("</script><script>")
+        parts.append(_Asset(ours))
+        parts.append("</script>")
         parts += _restarts(found_restarts)
         parts += _outages(found_outages)
     else:
@@ -85,7 +140,45 @@ def render_report(
     parts.append("<h2>Config</h2>")
     parts.append(f"<pre>{escape(config_text) or '(none given)'}</pre>")
     parts.append("</body></html>\n")
-    return "\n".join(parts)
+    return "".join(
+        part.text if isinstance(part, _Asset) else scrub(part, secrets) + "\n" for part in parts
+    )
+
+
+class _Asset:
+    """Text put in the page as it is, never scrubbed: code, and JSON built safe."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _scrub_labels(data: dict[str, Any], secrets: Sequence[str]) -> dict[str, Any]:
+    """The payload with its text (titles, labels) scrubbed; numbers cannot hold a key."""
+    if not secrets:
+        return data
+    for chart in data["charts"]:
+        for panel in chart["panels"]:
+            panel["title"] = scrub(panel["title"], secrets)
+            for line in panel["lines"]:
+                line["label"] = scrub(line["label"], secrets)
+    return data
+
+
+def _help(found: Sequence[Restart], shaded: Sequence[tuple[float, float]]) -> list[str]:
+    marks = ""
+    if found:
+        marks += f'<span class="key" style="border-top: 2px dashed {RESTART}"></span>restart'
+    if shaded:
+        marks += f'<span class="key" style="background: {OUTAGE}26"></span>a replica out'
+    return [
+        '<p class="help">Drag across a chart to zoom in (every chart follows), double-click '
+        "to zoom out; hover for the values at a time; click a legend entry to hide its line."
+        f"{marks}</p>",
+        '<noscript><p class="empty">The charts are drawn by the page\'s script: allow '
+        "JavaScript for this file to see them. The tables need none.</p></noscript>",
+    ]
 
 
 def _lead(series: Sequence[Sample]) -> str:
@@ -96,8 +189,7 @@ def _lead(series: Sequence[Sample]) -> str:
     return (
         f"{_clock(series[0].t)} to {_clock(series[-1].t)} UTC "
         f"({duration(series[-1].t - series[0].t)}); "
-        f"{len(found)} run{'s' if len(found) != 1 else ''}, running {duration(running)}; "
-        f"{len(series):,} samples."
+        f"{len(found)} run{'s' if len(found) != 1 else ''}, running {duration(running)}."
     )
 
 

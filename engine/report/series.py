@@ -3,7 +3,9 @@
 Pure functions of the samples. Counters restart from zero with every process run
 (only the ``rows_*`` span the whole job), so a rate is the difference of two
 consecutive samples of the same run over the time between them, and never spans a
-restart: the point where a run begins is NaN, which also breaks the plotted line.
+restart: the point where a run begins has none (None), which also breaks the line.
+Plain lists, no array library: a report is written at the end of every run, and
+importing one would cost more than the arithmetic.
 """
 
 from __future__ import annotations
@@ -13,21 +15,17 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-import numpy.typing as npt
-
 from engine.report.samples import ModelSample, ReplicaSample, Sample
 
-Floats = npt.NDArray[np.float64]
 Value = Callable[[Sample], float | None]
 
 
 @dataclass(frozen=True, slots=True)
 class Curve:
-    """Values over time; NaN where unknown, and between runs so a line breaks there."""
+    """Values over time; None where unknown, and between runs so a line breaks there."""
 
-    t: Floats  # unix time
-    y: Floats
+    t: list[float]  # unix time
+    y: list[float | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,37 +66,38 @@ class Outage:
 def rate(samples: Sequence[Sample], value: Value) -> Curve:
     """Per second of a counter that is cumulative within a run, at each sample's time.
 
-    A counter that went down within a run, or is missing at either end, gives NaN:
+    A counter that went down within a run, or is missing at either end, gives None:
     no rate is better than a made-up one.
     """
-    t = np.empty(len(samples))
-    y = np.full(len(samples), math.nan)
-    previous: Sample | None = None
-    before: float | None = None
-    for i, sample in enumerate(samples):
-        now = value(sample)
-        t[i] = sample.t
-        if previous is not None and previous.run == sample.run and sample.t > previous.t:
-            if now is not None and before is not None and now >= before:
-                y[i] = (now - before) / (sample.t - previous.t)
-        previous, before = sample, now
-    return Curve(t, y)
+    return Curve([s.t for s in samples], rates(samples, [value(s) for s in samples]))
+
+
+def rates(samples: Sequence[Sample], counts: Sequence[float | None]) -> list[float | None]:
+    """``rate`` of a counter already read, one count per sample."""
+    y: list[float | None] = [None] * len(samples)
+    for i in range(1, len(samples)):
+        now, before = counts[i], counts[i - 1]
+        if now is None or before is None or now < before:
+            continue
+        sample, previous = samples[i], samples[i - 1]
+        if previous.run == sample.run and sample.t > previous.t:
+            y[i] = (now - before) / (sample.t - previous.t)
+    return y
 
 
 def gauge(samples: Sequence[Sample], value: Value) -> Curve:
-    """A value as sampled (in flight, limit, latency), with a NaN between runs."""
+    """A value as sampled (in flight, limit, latency), with a None between runs."""
     t: list[float] = []
-    y: list[float] = []
+    y: list[float | None] = []
     previous: Sample | None = None
     for sample in samples:
         if previous is not None and previous.run != sample.run:
             t.append(sample.t)
-            y.append(math.nan)
-        now = value(sample)
+            y.append(None)
         t.append(sample.t)
-        y.append(math.nan if now is None else now)
+        y.append(value(sample))
         previous = sample
-    return Curve(np.array(t, dtype=np.float64), np.array(y, dtype=np.float64))
+    return Curve(t, y)
 
 
 def runs(samples: Sequence[Sample]) -> list[Run]:
@@ -172,15 +171,15 @@ def spans(outages: Sequence[Outage], *, merge_within: float) -> list[tuple[float
     return merged
 
 
-def thin(samples: Sequence[Sample], most: int) -> list[Sample]:
+def thin(samples: Sequence[Sample], most: int | None) -> list[Sample]:
     """About ``most`` of the samples, for plotting: every k-th of each run, and its last.
 
     Differencing cumulative counters over the kept samples gives the exact mean rate
     between them, so thinning loses only detail, never a count; gauges and latency are
     those of the kept samples. Each run keeps its first and last sample, so restarts
-    stay where they were.
+    stay where they were. ``most`` None keeps them all.
     """
-    if len(samples) <= most:
+    if most is None or len(samples) <= most:
         return list(samples)
     every = math.ceil(len(samples) / most)
     kept: list[Sample] = []
@@ -192,6 +191,31 @@ def thin(samples: Sequence[Sample], most: int) -> list[Sample]:
                 kept.append(samples[i - 1])
             start = i
     return kept
+
+
+def whole_intervals(samples: Sequence[Sample]) -> list[Sample]:
+    """The samples less any that would end a whole interval just before a partial one.
+
+    A run's last sample is taken when it ends, often a fraction of a step after the
+    one before: a few replies over a tenth of a second read as a spike of ten times
+    the run's rate (issue 25 #13). Such a short last interval is merged into the one
+    before it (the sample between them is dropped), so the last point is the mean
+    rate over that whole stretch: the count is exact, the time it took too. Short
+    means under the sample's own step, or under half the interval before it (after
+    thinning, where the kept samples are further apart than a step).
+    """
+    drop: set[int] = set()
+    for i in range(2, len(samples)):
+        last, previous, before = samples[i], samples[i - 1], samples[i - 2]
+        ends_run = i + 1 == len(samples) or samples[i + 1].run != last.run
+        if not ends_run or not last.run == previous.run == before.run:
+            continue
+        short = max(previous.step or 0.0, (previous.t - before.t) / 2)
+        if last.t - previous.t < short:
+            drop.add(i - 1)
+    if not drop:
+        return list(samples)
+    return [s for i, s in enumerate(samples) if i not in drop]
 
 
 def model_names(samples: Sequence[Sample]) -> list[str]:

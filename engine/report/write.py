@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from engine.history import HISTORY_NAME
-from engine.redact import config_secrets, redact, scrub
-from engine.report.page import render_report
+from engine.redact import config_secrets, redact
+from engine.report.page import PLOT_POINTS, render_report
 from engine.report.samples import read_series
 
 REPORT_NAME = "report.html"
@@ -29,22 +29,26 @@ def write_report(
     title: str,
     config: Mapping[str, Any],
     totals: Mapping[str, object],
+    points: int | None = PLOT_POINTS,
 ) -> Path:
     """Write the report of the run checkpointed in ``checkpoint_dir``; its path. Blocking.
 
     ``config`` is the run's config as a plain mapping (shown masked); ``totals`` are the
-    labelled numbers of the run's summary. With no history yet the page says so.
+    labelled numbers of the run's summary; ``points``: about this many per line (None:
+    every sample; engine.report.samples decodes only the lines it draws). With no
+    history yet the page says so.
     """
-    page = render_report(
-        read_series(checkpoint_dir / HISTORY_NAME),
-        title=title,
-        config_text=config_text(config),
-        totals=totals,
-    )
     # A report is made to be passed around: besides the config shown masked, every
     # key and URL credential the models use is scrubbed from the page, in case one was
     # pasted where no key's name gives it away (a prompt, a param).
-    page = scrub(page, config_secrets(config, os.environ))
+    page = render_report(
+        read_series(checkpoint_dir / HISTORY_NAME, most=points),
+        title=title,
+        config_text=config_text(config),
+        totals=totals,
+        points=points,
+        secrets=config_secrets(config, os.environ),
+    )
     path = checkpoint_dir / REPORT_NAME
     replace_file(path, page.encode("utf-8"))
     return path
