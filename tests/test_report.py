@@ -515,6 +515,21 @@ async def check_the_page_in_chromium(path: Path, profile: Path, *, panels: int) 
         )
         assert len({tuple(s) for s in scales}) == 1, scales
         assert 0 < scales[0][1] - scales[0][0] < data_span / 2
+        # A click on a legend entry hides its line, and a second shows it again. The
+        # pointer leaves the charts first: the legends shrink back to "--" as it does.
+        await page.mouse("mouseMoved", 2, 2)
+        await page.evaluate(FRAME)
+        label = await page.evaluate(
+            """(() => { const r = document.querySelector("section[data-plot] .u-legend")
+              .querySelectorAll(".u-series")[1].querySelector("th").getBoundingClientRect();
+              return [r.left + r.width / 2, r.top + r.height / 2]; })()"""
+        )
+        shown = "window.turnstileReport.plots[0].series[1].show"
+        for expected in (False, True):
+            await page.mouse("mouseMoved", *label)
+            await page.mouse("mousePressed", *label, button="left", clickCount=1)
+            await page.mouse("mouseReleased", *label, button="left", clickCount=1)
+            assert await page.evaluate(shown) is expected
         assert page.errors() == []
 
 
