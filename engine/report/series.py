@@ -103,12 +103,11 @@ def gauge(samples: Sequence[Sample], value: Value) -> Curve:
 def runs(samples: Sequence[Sample]) -> list[Run]:
     """The process runs in the history, in order (a run is consecutive lines of one id)."""
     out: list[Run] = []
-    for sample in samples:
-        if out and out[-1].run == sample.run:
-            last = out[-1]
-            out[-1] = Run(last.run, last.start, sample.t, last.samples + 1)
-        else:
-            out.append(Run(sample.run, sample.t, sample.t, 1))
+    first = 0
+    for i in range(1, len(samples) + 1):
+        if i == len(samples) or samples[i].run != samples[first].run:
+            out.append(Run(samples[first].run, samples[first].t, samples[i - 1].t, i - first))
+            first = i
     return out
 
 
@@ -133,6 +132,8 @@ def outages(samples: Sequence[Sample]) -> list[Outage]:
         seen: set[tuple[str, str]] = set()
         for model, body in sample.models.items():
             for replica in body.replicas:
+                if replica.live and not since:  # the usual case: nothing out, nothing to do
+                    continue
                 key = (model, replica.url)
                 seen.add(key)
                 if not replica.live:
@@ -140,7 +141,8 @@ def outages(samples: Sequence[Sample]) -> list[Outage]:
                 elif key in since:
                     out.extend(_close(since, {key}, sample.t, open_end=False))
         # A replica no longer listed is no longer out of service (nor in it).
-        out.extend(_close(since, set(since) - seen, sample.t, open_end=False))
+        if since and not since.keys() <= seen:
+            out.extend(_close(since, set(since) - seen, sample.t, open_end=False))
         previous = sample
     if previous is not None:
         out.extend(_close(since, set(since), previous.t, open_end=True))
