@@ -112,8 +112,12 @@ def export(
     to: str | Path | None = None,
     pairs_only: bool = False,
     keep_columns: bool = False,
+    reasoning: str = "keep",
 ) -> Path:
-    """Write a run's finished rows in input order, as ``turnstile export`` does; returns where."""
+    """Write a run's finished rows in input order, as ``turnstile export`` does; returns where.
+
+    ``reasoning``: ``keep`` the traces as in the output, ``inline`` them into each answer
+    as ``<think>`` tags, or ``drop`` them (``--reasoning``)."""
     from engine.output.export import export as write_export
 
     cfg = load(config)
@@ -124,4 +128,5 @@ def export(
         pairs_only=pairs_only,
         keep_columns=keep_columns,
         config_file=Path(config) if isinstance(config, str | Path) else None,
+        reasoning=reasoning,
     )

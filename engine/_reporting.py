@@ -82,10 +82,13 @@ def _totals(stats: RunStats, elapsed_s: float | None) -> dict[str, object]:
         "replies written by this run": stats.turns_done,
         "prompt tokens (this run)": stats.prompt_tokens,
         "completion tokens (this run)": stats.completion_tokens,
+        "reasoning tokens (this run, part of completion)": stats.reasoning_tokens,
     }
     if elapsed_s is not None:
         totals["elapsed (this run)"] = f"{elapsed_s:.1f} s"
     for name, m in stats.models.items():
         totals[f"{name}: requests ok / sent"] = f"{m.ok} / {m.requests}"
         totals[f"{name}: retries, failures"] = f"{m.retries}, {m.failures}"
+        if m.reasoning_tokens:
+            totals[f"{name}: reasoning tokens"] = m.reasoning_tokens
     return totals

@@ -309,6 +309,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             pairs_only=args.pairs_only,
             keep_columns=args.keep_columns,
             config_file=Path(args.config),
+            reasoning=args.reasoning,
         )
     except TurnstileError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -399,6 +400,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep input fields named like TRL's own columns (completion, label, "
         "chat_template_kwargs); by default they are left out, with a note in the card",
+    )
+    export.add_argument(
+        "--reasoning",
+        choices=("keep", "inline", "drop"),
+        default="keep",
+        help="reasoning traces: keep them as in the output (reasoning_content), inline them "
+        "into each answer as <think>TRACE</think> (for chat templates that do not read the "
+        "field), or drop them (answers only)",
     )
     export.set_defaults(func=cmd_export)
     sub.add_parser("mock-server", help="the mock OpenAI-compatible server (see --help)")

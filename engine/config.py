@@ -20,9 +20,11 @@ import yaml
 
 from engine.checkpoint.paths import clashes, run_targets
 from engine.errors import ConfigError
+from engine.http.reasoning import AUTO, DEFAULT_TAGS, MODES, tags_problem
 from engine.input.sources import parse_input_columns
 from engine.output.filters import FilterConfig, filtered_path, parse_filters
 from engine.problems import MOST_CONCURRENCY, MOST_CONVERSATIONS, Problems
+from engine.redact import redact_url
 from engine.tasks import kind_of, registry
 from engine.tasks.base import TaskKind
 
@@ -65,6 +67,8 @@ class ModelConfig:
     down_after_s: float = 300.0  # unreachable this long (every replica out): the model is down
     affinity: bool = True  # a conversation's next turn goes back to the replica of its last
     max_reply_bytes: int = MAX_REPLY_BYTES  # a longer reply fails its request, unread
+    reasoning: str = AUTO  # where replies carry a reasoning trace: auto | field | tags | off
+    reasoning_tags: tuple[str, str] = DEFAULT_TAGS  # the inline markers around a trace
 
     @property
     def is_local(self) -> bool:
@@ -165,10 +169,7 @@ class RunConfig:
         used = sorted(self.models_used())
         fields: dict[str, Any] = {
             "task": self.task,
-            "models": {
-                name: {"model": self.models[name].model, "params": dict(self.models[name].params)}
-                for name in used
-            },
+            "models": {name: _model_fields(self.models[name]) for name in used},
         }
         fields.update(self.task_fields())
         # Only when set, so checkpoints made before these keys existed still resume.
@@ -188,6 +189,18 @@ class RunConfig:
 
     def models_used(self) -> set[str]:
         return self.kind.models_used(self.section)
+
+
+def _model_fields(model: ModelConfig) -> dict[str, Any]:
+    """A model's part of the fingerprint. How its replies are split into answer and trace
+    changes the data; it is added only when not the default, so checkpoints made before
+    ``reasoning`` existed still resume."""
+    fields: dict[str, Any] = {"model": model.model, "params": dict(model.params)}
+    if model.reasoning != AUTO:
+        fields["reasoning"] = model.reasoning
+    if model.reasoning_tags != DEFAULT_TAGS:
+        fields["reasoning_tags"] = list(model.reasoning_tags)
+    return fields
 
 
 def failed_path(output: Path) -> Path:
@@ -234,6 +247,8 @@ _MODEL_KEYS = (
     "down_after_s",
     "affinity",
     "max_reply_bytes",
+    "reasoning",
+    "reasoning_tags",
 )
 _LOCAL_KEYS = ("parallel", "ctx_size", "threads", "port", "replicas")
 # Model names appear in keys, file names and metric labels: keep them plain.
@@ -542,6 +557,7 @@ def _parse_model(
     if not isinstance(affinity, bool):
         p.add(f"{key}.affinity", f"must be true or false, got {affinity!r}")
         affinity = True
+    reasoning, reasoning_tags = _parse_reasoning(p, key, body)
     local = _parse_local(p, f"{key}.local", body.get("local"))
     if body.get("local") is not None and not is_local:
         p.add(f"{key}.local", "only used with base_url: local; remove it or use local")
@@ -564,6 +580,8 @@ def _parse_model(
         down_after_s=down_after_s,
         affinity=affinity,
         max_reply_bytes=max_reply or MAX_REPLY_BYTES,
+        reasoning=reasoning,
+        reasoning_tags=reasoning_tags,
     )
 
 
@@ -573,6 +591,26 @@ def _has_user(url: str) -> bool:
         return urlsplit(url).username is not None
     except ValueError:
         return False  # a URL this broken is reported by _parse_base_urls
+
+
+def _parse_reasoning(p: Problems, key: str, body: Mapping[str, Any]) -> tuple[str, tuple[str, str]]:
+    """``reasoning`` (where replies carry their trace) and ``reasoning_tags``."""
+    mode = body.get("reasoning", AUTO)
+    if mode not in MODES:
+        p.add(
+            f"{key}.reasoning",
+            f"must be one of {' | '.join(MODES)}, got {mode!r} (auto: the reasoning_content or "
+            "reasoning field, else <think> tags; off: the content as it comes)",
+        )
+        mode = AUTO
+    raw_tags = body.get("reasoning_tags")
+    if raw_tags is None:
+        return mode, DEFAULT_TAGS
+    problem = tags_problem(raw_tags)
+    if problem is not None:
+        p.add(f"{key}.reasoning_tags", problem)
+        return mode, DEFAULT_TAGS
+    return mode, (raw_tags[0], raw_tags[1])
 
 
 _URL_FIX = (
@@ -602,7 +640,8 @@ def _parse_base_urls(p: Problems, key: str, value: Any) -> tuple[str, ...] | Non
             continue
         problem = url_problem(url)
         if problem is not None:
-            p.add(item_key, f"{url!r} {problem}; write it like http://127.0.0.1:8080/v1")
+            shown = redact_url(url)  # a config error is printed: no password in it
+            p.add(item_key, f"{shown!r} {problem}; write it like http://127.0.0.1:8080/v1")
         urls.append(url.rstrip("/"))
     if len(set(urls)) != len(urls):
         p.add(key, "lists a URL twice; each replica once")

@@ -120,6 +120,7 @@ class History:
             "failures": m.failures,
             "prompt_tokens": m.prompt_tokens,
             "completion_tokens": m.completion_tokens,
+            "reasoning_tokens": m.reasoning_tokens,
             "in_flight": m.in_flight,
             "limit": m.limit,
             "cap": m.cap,

@@ -94,6 +94,7 @@ def _model_families(stats: RunStats) -> Iterator[Metric]:
             up.add_metric(labels, 1 if replica.live else 0)
         tokens.add_metric([name, "prompt"], m.prompt_tokens)
         tokens.add_metric([name, "completion"], m.completion_tokens)
+        tokens.add_metric([name, "reasoning"], m.reasoning_tokens)  # part of completion
         buckets: list[tuple[str, float]] = [
             (repr(bound), count) for bound, count in m.latency.cumulative(LATENCY_BOUNDS)
         ]

@@ -203,7 +203,8 @@ def summary(outcome: Outcome) -> str:
         f"({_rate(stats.turns_done, elapsed):.1f}/s)"
         + (f", {stats.turns_resumed} recovered from the journal" if stats.turns_resumed else ""),
         f"tokens: {stats.prompt_tokens} prompt, {stats.completion_tokens} completion "
-        f"({_rate(stats.completion_tokens, elapsed):.1f} completion tokens/s)",
+        f"({_rate(stats.completion_tokens, elapsed):.1f} completion tokens/s)"
+        + (f", {stats.reasoning_tokens} of them reasoning" if stats.reasoning_tokens else ""),
     ]
     if stats.filtered_by_rule:
         counts = ", ".join(f"{rule} {n}" for rule, n in sorted(stats.filtered_by_rule.items()))
@@ -220,6 +221,7 @@ def summary(outcome: Outcome) -> str:
             f"model {m.name}: {m.ok}/{m.requests} requests ok, {lat}, "
             f"{m.retries} retries, {m.failures} failures"
             + (f", {m.resent} re-sent after server failures" if m.resent else "")
+            + (f", {m.reasoning_tokens} reasoning tokens" if m.reasoning_tokens else "")
         )
         if len(m.replicas) > 1:
             for r in m.replicas:

@@ -118,6 +118,7 @@ class ModelStats:
     failures: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    reasoning_tokens: int = 0  # part of completion_tokens, where the server reports them
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     limit: int | None = None  # the current adaptive limit, where one applies
     replicas: list[ReplicaStats] = field(default_factory=list)
@@ -147,6 +148,10 @@ class RunStats:
     @property
     def completion_tokens(self) -> int:
         return sum(m.completion_tokens for m in self.models.values())
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(m.reasoning_tokens for m in self.models.values())
 
 
 @dataclass(slots=True)
@@ -215,6 +220,7 @@ _MODEL_COUNTERS = (
     "failures",
     "prompt_tokens",
     "completion_tokens",
+    "reasoning_tokens",
 )
 _REPLICA_COUNTERS = ("in_flight", "requests", "ok", "failures", "retried", "failed")
 

@@ -25,6 +25,7 @@ from anyio.abc import TaskGroup
 from engine.config import ModelConfig
 from engine.errors import ModelError
 from engine.http.ratelimit import estimate_tokens, per_minute
+from engine.http.reasoning import DEFAULT_DIALECT, Dialect, is_empty, split_reply
 from engine.http.replicas import Replica, ReplicaPool
 from engine.http.retry import (
     BACKPRESSURE,
@@ -61,7 +62,12 @@ PROBE_MAX_S = 2.0  # up to this: a server back from a restart is used again with
 # times as much (object.__setattr__ per field). Nothing changes one after it is made.
 @dataclass(slots=True)
 class Completion:
-    """What one successful request returned: one text per choice, and token usage."""
+    """What one successful request returned: per choice its answer, its reasoning trace
+    (None when it had none) and why it ended; and the token usage.
+
+    ``texts`` are answers only: a trace never ends up in them (``engine.http.reasoning``
+    takes the reply apart by the model's ``reasoning`` dialect).
+    """
 
     texts: list[str]
     finish_reasons: list[str | None]
@@ -69,6 +75,20 @@ class Completion:
     completion_tokens: int
     latency_s: float
     replica: int = 0  # which of the model's servers answered
+    traces: list[str | None] | None = None  # None: no choice had a trace
+    reasoning_tokens: int = 0  # part of completion_tokens, where the server reports it
+
+    def trace(self, choice: int = 0) -> str | None:
+        traces = self.traces
+        return traces[choice] if traces is not None else None
+
+    def cut_off(self, choice: int = 0) -> bool:
+        """Cut off by max_tokens while reasoning: a trace, no answer, finish_reason length."""
+        return (
+            not self.texts[choice]
+            and self.finish_reasons[choice] == "length"
+            and self.trace(choice) is not None
+        )
 
 
 class ModelClient:
@@ -139,6 +159,7 @@ class ModelClient:
             headers["Authorization"] = f"Bearer {key}"
         self._headers = headers
         self._params = dict(config.params)
+        self._dialect = Dialect(config.reasoning, *config.reasoning_tags)
         self._max_tokens = self._params.get("max_tokens")
         self._body: dict[str, Any] = {**self._params, "model": config.model}
         now = clock()
@@ -508,10 +529,11 @@ class ModelClient:
                 retry_after=parse_retry_after(retry_after, time.time()),
                 kind=kind,
             )
-        completion = parse_completion(raw, latency, replica.index)
+        completion = parse_completion(raw, latency, replica.index, self._dialect)
         stats.ok += 1
         stats.prompt_tokens += completion.prompt_tokens
         stats.completion_tokens += completion.completion_tokens
+        stats.reasoning_tokens += completion.reasoning_tokens
         stats.latency.add(latency)
         return completion
 
@@ -523,8 +545,17 @@ def endpoint(base_url: str, path: str) -> str:
     return f"{root.rstrip('/')}{path}{mark}{query}"
 
 
-def parse_completion(raw: bytes, latency_s: float = 0.0, replica: int = 0) -> Completion:
-    """Parse a 200 response body; a body that is not a usable completion is retryable."""
+def parse_completion(
+    raw: bytes, latency_s: float = 0.0, replica: int = 0, dialect: Dialect = DEFAULT_DIALECT
+) -> Completion:
+    """Parse a 200 response body; a body that is not a usable completion is retryable.
+
+    Each choice's message is split into answer and trace by ``dialect``. An empty
+    answer is retryable, except after a trace with ``finish_reason: length``: that
+    reply was cut off while reasoning and is returned (``Completion.cut_off``) for
+    its task to fail, never to be asked for again. Token counts that are not
+    non-negative integers count as 0.
+    """
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -538,26 +569,56 @@ def parse_completion(raw: bytes, latency_s: float = 0.0, replica: int = 0) -> Co
         )
     texts: list[str] = []
     reasons: list[str | None] = []
-    for choice in choices:
+    traces: list[str | None] | None = None
+    for i, choice in enumerate(choices):
         message = choice.get("message") if isinstance(choice, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        # isspace() is strip()'s test without the copy of the text.
-        if not isinstance(content, str) or not content or content.isspace():
+        if not isinstance(message, dict):
             raise ModelError("HTTP 200 with an empty reply", retryable=True, kind=FLAKY)
-        texts.append(content)
+        answer, trace = split_reply(message, dialect)
         reason = choice.get("finish_reason")
-        reasons.append(reason if isinstance(reason, str) else None)
+        reason = reason if isinstance(reason, str) else None
+        if is_empty(answer):
+            if trace is None or reason != "length":
+                raise ModelError(
+                    "HTTP 200 with an empty reply"
+                    + (" after a reasoning trace" if trace is not None else ""),
+                    retryable=True,
+                    kind=FLAKY,
+                )
+            answer = ""  # cut off while reasoning: the task fails it, never asks again
+        texts.append(answer)
+        reasons.append(reason)
+        if trace is not None:
+            if traces is None:
+                traces = []
+                traces += [None] * i  # the choices before had none
+            traces.append(trace)
+        elif traces is not None:
+            traces.append(None)
     usage = data.get("usage")
-    prompt_tokens = completion_tokens = 0
+    prompt_tokens = completion_tokens = reasoning_tokens = 0
     if isinstance(usage, dict):
         prompt_tokens = _int(usage.get("prompt_tokens"))
         completion_tokens = _int(usage.get("completion_tokens"))
-    return Completion(texts, reasons, prompt_tokens, completion_tokens, latency_s, replica)
+        details = usage.get("completion_tokens_details")
+        if isinstance(details, dict):
+            reasoning_tokens = _int(details.get("reasoning_tokens"))
+    return Completion(
+        texts,
+        reasons,
+        prompt_tokens,
+        completion_tokens,
+        latency_s,
+        replica,
+        traces,
+        reasoning_tokens,
+    )
 
 
 def _int(value: object) -> int:
-    # JSON gives int or bool (a subclass of int): only a real int counts.
-    return value if type(value) is int else 0
+    # JSON gives int or bool (a subclass of int): only a real int counts, and a server
+    # that reports a negative count is not believed (it would lower the run's totals).
+    return value if type(value) is int and value > 0 else 0
 
 
 def _snippet(raw: bytes) -> str:

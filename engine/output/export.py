@@ -47,6 +47,7 @@ from engine.config import RunConfig
 from engine.errors import CheckpointError, ExportError, TurnstileError
 from engine.output.card import Counts, card_text
 from engine.output.filters import FILTER_KEY, filtered_path, rule_of
+from engine.output.traces import KEEP, REASONING_MODES, Reshaper
 
 EXPORT_FORMATS = ("jsonl", "parquet", "hf")
 # Column names TRL gives a meaning of its own: an input field carried into the export
@@ -77,8 +78,12 @@ def export(
     pairs_only: bool = False,
     keep_columns: bool = False,
     config_file: Path | None = None,
+    reasoning: str = KEEP,
 ) -> Path:
     """Write the run's finished rows, in input order, as ``fmt``; return where.
+
+    ``reasoning`` keeps (``keep``), inlines (``inline``: ``<think>`` tags in the
+    answer) or drops (``drop``) reasoning traces (engine.output.traces).
 
     ``pairs_only`` (preference runs) keeps only the rows with a chosen/rejected
     pair. Columns TRL reserves (:data:`TRL_RESERVED`) are left out, and the card
@@ -89,6 +94,11 @@ def export(
     dest = (to if to is not None else default_destination(config.output, fmt)).absolute()
     if pairs_only and not config.kind.pairs:
         raise ExportError(f"--pairs-only is for preference runs; this run's task is {config.task}")
+    if reasoning not in REASONING_MODES:
+        raise ExportError(
+            f"--reasoning must be one of {', '.join(REASONING_MODES)}, got {reasoning!r}"
+        )
+    reshape = Reshaper(reasoning, config.task)
     _check_destination(config, fmt, dest, config_file)
     # Missing extras are reported before any work.
     pa = _require("pyarrow", fmt) if fmt != "jsonl" else None
@@ -105,17 +115,19 @@ def export(
     with _mapped(config.output, out_size) as data:
         drop = () if keep_columns else TRL_RESERVED
         if fmt == "jsonl":
-            _write_jsonl(_ordered(data, ends), dest, pairs_only, drop)
+            _write_jsonl(_ordered(data, ends), dest, pairs_only, drop, reshape)
             return dest
         schema, json_columns = infer_schema(
-            _batches(_ordered(data, ends), pairs_only, drop=drop), pa
+            _batches(_ordered(data, ends), pairs_only, drop=drop, reshape=reshape), pa
         )
         if not len(schema):
             raise ExportError("nothing to export: no finished row has a chosen/rejected pair")
         seen = _Seen(pairs_only=pairs_only)
         tables = (
             _table(batch, schema, json_columns, pa)
-            for batch in _batches(_ordered(data, ends), pairs_only, seen, drop=drop)
+            for batch in _batches(
+                _ordered(data, ends), pairs_only, seen, drop=drop, reshape=reshape
+            )
         )
         if fmt == "parquet":
             _write_parquet(tables, schema, dest)
@@ -249,10 +261,13 @@ def _batches(
     seen: _Seen | None = None,
     *,
     drop: Sequence[str] = (),
+    reshape: Reshaper | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     for raw in rows:
         row = orjson.loads(raw)
+        if reshape is not None and reshape.active:
+            row = reshape(row)
         unpaired = "chosen" in row and row["chosen"] is None
         if seen is not None:
             seen.unpaired += unpaired
@@ -344,16 +359,24 @@ def _as_text(value: Any) -> str | None:
 
 
 def _write_jsonl(
-    rows: Iterable[bytes], dest: Path, pairs_only: bool, drop: Sequence[str] = ()
+    rows: Iterable[bytes],
+    dest: Path,
+    pairs_only: bool,
+    drop: Sequence[str] = (),
+    reshape: Reshaper | None = None,
 ) -> int:
     count = 0
     with _replacing(dest) as tmp, tmp.open("wb") as f:
         for raw in rows:
-            row = orjson.loads(raw) if pairs_only or drop else None
+            traced = reshape is not None and reshape.touches(raw)
+            row = orjson.loads(raw) if pairs_only or drop or traced else None
             if row is not None:
                 if pairs_only and row.get("chosen") is None:
                     continue
-                if any(name in row for name in drop):
+                if traced:
+                    assert reshape is not None
+                    row = reshape(row)
+                if traced or any(name in row for name in drop):
                     raw = orjson.dumps({k: v for k, v in row.items() if k not in drop})
             f.write(raw + b"\n")
             count += 1

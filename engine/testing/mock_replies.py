@@ -6,6 +6,7 @@ the mock answered for any history. ``engine.testing.mock_server`` wires them to 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import re
@@ -29,6 +30,9 @@ OK = "ok"
 _RANDOM_FAULTS = (HANG, DROP, RATE_LIMITED, SERVER_ERROR, MALFORMED, KV_FULL, INVALID_JSON)
 
 MAX_N = 128
+# How the mock returns a reasoning trace (``turnstile mock-server --reasoning``): in a
+# field, or inline in content with both tags or only the closing one.
+REASONING_DIALECTS = ("reasoning_content", "reasoning", "think", "think-close")
 _WORD = re.compile(r"\S+")
 _TEXT_MARKER = re.compile(r"<text (\d+)>")
 _SECTION = re.compile(r"^###", re.MULTILINE)
@@ -298,44 +302,109 @@ def reply_for(model: str, messages: list[dict[str, Any]], choice: int = 0) -> st
     return f"[{model}] answer {k}: {snippet} #{digest}"
 
 
+@functools.cache
+def _filler(size: int) -> str:
+    """Words to pad a trace to ``size`` characters (made once per size: the mock stays cheap)."""
+    words = []
+    length = 0
+    i = 0
+    while length < size:
+        word = f" step{i % 97}"
+        words.append(word)
+        length += len(word)
+        i += 1
+    return "".join(words)
+
+
+def trace_for(model: str, messages: list[dict[str, Any]], choice: int = 0, size: int = 0) -> str:
+    """The mock's reasoning trace for ``messages``: a function of the request alone.
+
+    ``Thinking about {snippet} #{digest}`` (digest of the request and choice, unlike
+    the answer's), then filler words up to ``size`` characters when it is larger.
+    """
+    last = _last_user_content(messages)
+    snippet = " ".join((last or "").split())[:40]
+    digest = hashlib.sha256(orjson.dumps([model, messages, choice, "trace"])).hexdigest()[:12]
+    head = f"Thinking about {snippet} #{digest}"
+    if size <= len(head):
+        return head
+    return head + _filler(size)[: size - len(head)].rstrip()
+
+
+def reasoning_message(dialect: str, trace: str, answer: str, cut: bool) -> dict[str, Any]:
+    """The reply message carrying ``trace`` in ``dialect``; ``cut``: the trace was cut off
+    (no closing tag, and the answer is empty)."""
+    if dialect in ("reasoning_content", "reasoning"):
+        return {"role": "assistant", "content": answer or None, dialect: trace}
+    if dialect == "think":
+        content = f"<think>\n{trace}" + ("" if cut else f"\n</think>\n\n{answer}")
+    else:  # think-close: the chat template pre-filled the opening tag
+        content = trace + ("" if cut else f"\n</think>\n\n{answer}")
+    return {"role": "assistant", "content": content}
+
+
 def prompt_tokens(messages: list[dict[str, Any]]) -> int:
     """Words over all message contents plus 3 per message."""
     return sum(count_words(str(m.get("content", ""))) + 3 for m in messages)
 
 
-def completion_body(request: ChatRequest, *, completion_id: str, created: int) -> dict[str, Any]:
-    """The OpenAI-shaped ``chat.completion`` object answering ``request``."""
+def completion_body(
+    request: ChatRequest,
+    *,
+    completion_id: str,
+    created: int,
+    reasoning: str | None = None,
+    trace_chars: int = 0,
+) -> dict[str, Any]:
+    """The OpenAI-shaped ``chat.completion`` object answering ``request``.
+
+    With ``reasoning`` (one of REASONING_DIALECTS) each choice thinks first: a trace
+    (``trace_for``, ``trace_chars`` long) in that dialect, then the answer. ``max_tokens``
+    counts the trace's words first: a trace longer than it is cut off with no answer.
+    """
     choices = []
-    completion_tokens = 0
+    completion_tokens = reasoning_tokens = 0
     for choice in range(request.n):
         content = reply_for(request.model, request.messages, choice)
         if request.json_schema is not None:
             content = orjson.dumps(json_reply(request.json_schema, content)).decode()
         finish_reason = "stop"
-        if request.max_tokens is not None:
-            content, cut = truncate_words(content, request.max_tokens)
+        left = request.max_tokens
+        trace = None
+        if reasoning is not None:
+            trace = trace_for(request.model, request.messages, choice, trace_chars)
+            if left is not None:
+                trace, cut = truncate_words(trace, left)
+                left -= count_words(trace)
+                if cut:
+                    finish_reason, content = "length", ""
+            reasoning_tokens += count_words(trace)
+        if left is not None and content:
+            content, cut = truncate_words(content, left)
             if cut:
                 finish_reason = "length"
         completion_tokens += count_words(content)
-        choices.append(
-            {
-                "index": choice,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": finish_reason,
-            }
-        )
+        if reasoning is None or trace is None:
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+        else:
+            message = reasoning_message(reasoning, trace, content, cut=not content)
+        choices.append({"index": choice, "message": message, "finish_reason": finish_reason})
     prompt = prompt_tokens(request.messages)
+    completion_tokens += reasoning_tokens
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt + completion_tokens,
+    }
+    if reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": request.model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt + completion_tokens,
-        },
+        "usage": usage,
     }
 
 

@@ -32,6 +32,7 @@ from engine.testing.mock_replies import (
     MALFORMED,
     OK,
     RATE_LIMITED,
+    REASONING_DIALECTS,
     SERVER_ERROR,
     BadRequest,
     Faults,
@@ -122,7 +123,9 @@ def _abort(request: web.Request) -> web.Response:
 class MockServer:
     """An OpenAI-compatible chat completion server on ``host:port`` (0 = a free port).
 
-    ``latency_ms`` and ``faults`` may be changed while it runs. Use as
+    ``latency_ms``, ``faults``, ``reasoning`` and ``reasoning_chars`` may be changed
+    while it runs. With ``reasoning`` (one of ``REASONING_DIALECTS``) every reply
+    thinks first, a trace of ``reasoning_chars`` characters in that dialect. Use as
     ``async with MockServer(...) as server:`` or call ``start()``/``stop()``.
     """
 
@@ -132,7 +135,15 @@ class MockServer:
         faults: Faults | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        reasoning: str | None = None,
+        reasoning_chars: int = 0,
     ) -> None:
+        if reasoning is not None and reasoning not in REASONING_DIALECTS:
+            raise ValueError(
+                f"reasoning: {reasoning!r} is not one of {', '.join(REASONING_DIALECTS)}"
+            )
+        self.reasoning = reasoning
+        self.reasoning_chars = reasoning_chars
         self.latency_ms = latency_ms
         self.host = host
         self.port = port
@@ -294,7 +305,11 @@ class MockServer:
             if fault == OK:
                 self._next_id += 1
                 body = completion_body(
-                    chat, completion_id=f"chatcmpl-mock-{self._next_id}", created=int(time.time())
+                    chat,
+                    completion_id=f"chatcmpl-mock-{self._next_id}",
+                    created=int(time.time()),
+                    reasoning=self.reasoning,
+                    trace_chars=self.reasoning_chars,
                 )
                 stats.completed += 1
                 if self.chunked:
@@ -396,6 +411,20 @@ def _parser() -> argparse.ArgumentParser:
         "--context-tokens", type=int, default=None, help="answer longer requests with a 400"
     )
     parser.add_argument("--retry-after-s", type=float, default=0.05)
+    parser.add_argument(
+        "--reasoning",
+        choices=REASONING_DIALECTS,
+        default=None,
+        help="think before answering, the trace in this dialect: a field (reasoning_content, "
+        "reasoning) or inline (think: <think>TRACE</think>ANSWER; think-close: "
+        "TRACE</think>ANSWER)",
+    )
+    parser.add_argument(
+        "--reasoning-chars",
+        type=int,
+        default=0,
+        help="pad each trace to this many characters (with --reasoning)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--fail-model",
@@ -439,7 +468,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         parser.error(str(exc))
-    server = MockServer(latency_ms=args.latency_ms, faults=faults, host=args.host, port=args.port)
+    server = MockServer(
+        latency_ms=args.latency_ms,
+        faults=faults,
+        host=args.host,
+        port=args.port,
+        reasoning=args.reasoning,
+        reasoning_chars=args.reasoning_chars,
+    )
     try:
         asyncio.run(serve_until_signalled(server))
     except OSError as exc:

@@ -10,16 +10,18 @@ from typing import Any
 
 from engine.config import RunConfig
 from engine.errors import InputError, ModelError
+from engine.http.reasoning import cut_off_error
 from engine.input.rows import InputRow, parse_row, record_id
 from engine.tasks.base import Context, Records
-from engine.tasks.distill import DistillConfig
+from engine.tasks.distill import KEEP, DistillConfig
 from engine.tasks.distill.dialogue import Reply, new_dialogue, output_row
 
 TURN = "t"
 
 
 def turn_record(line: int, turn: int, reply: Reply) -> dict[str, Any]:
-    return {
+    """A reply as journaled: its trace (``r``) and reasoning tokens (``n``) when it has any."""
+    record: dict[str, Any] = {
         "k": TURN,
         "l": line,
         "i": turn,
@@ -28,6 +30,11 @@ def turn_record(line: int, turn: int, reply: Reply) -> dict[str, Any]:
         "o": reply.completion_tokens,
         "f": reply.finish_reason,
     }
+    if reply.trace is not None:
+        record["r"] = reply.trace
+    if reply.reasoning_tokens:
+        record["n"] = reply.reasoning_tokens
+    return record
 
 
 def replies_from(records: Records) -> list[Reply]:
@@ -35,6 +42,7 @@ def replies_from(records: Records) -> list[Reply]:
     by_turn: dict[int, Reply] = {}
     for record in records:
         if record.get("k") == TURN and isinstance(record.get("i"), int):
+            trace = record.get("r")
             by_turn.setdefault(
                 record["i"],
                 Reply(
@@ -42,6 +50,8 @@ def replies_from(records: Records) -> list[Reply]:
                     prompt_tokens=int(record.get("p") or 0),
                     completion_tokens=int(record.get("o") or 0),
                     finish_reason=record.get("f"),
+                    trace=trace if isinstance(trace, str) else None,
+                    reasoning_tokens=int(record.get("n") or 0),
                 ),
             )
     replies: list[Reply] = []
@@ -58,8 +68,11 @@ class DistillTask:
         self.model_name = section.model
         self.system_prompt = section.system_prompt
         self.turn_rule = section.turns
-        self.model = config.models[self.model_name].model
-        self.fail_on_length = config.models[self.model_name].fail_on_length
+        self.keep_reasoning = section.reasoning_history == KEEP
+        model = config.models[self.model_name]
+        self.model = model.model
+        self.params = model.params
+        self.fail_on_length = model.fail_on_length
 
     def rows_in_flight(self, config: RunConfig) -> int:
         # Twice the caps of every replica: while some conversations wait for the
@@ -74,7 +87,9 @@ class DistillTask:
     ) -> None:
         try:
             row = parse_row(record, line)
-            dialogue = new_dialogue(row, self.system_prompt, self.turn_rule)
+            dialogue = new_dialogue(
+                row, self.system_prompt, self.turn_rule, keep_reasoning=self.keep_reasoning
+            )
         except InputError as exc:
             await ctx.fail(line, record_id(record, line), f"input: {exc}")
             return
@@ -107,6 +122,8 @@ class DistillTask:
                 completion.prompt_tokens,
                 completion.completion_tokens,
                 completion.finish_reasons[0],
+                completion.trace(),
+                completion.reasoning_tokens,
             )
             stats.turns_done += 1
             entry = turn_record(row.line, turn, reply)
@@ -124,17 +141,20 @@ class DistillTask:
         await ctx.finish(row.line, output_row(dialogue, self.model))
 
     def _is_cut_off(self, reply: Reply) -> bool:
-        return self.fail_on_length and reply.finish_reason == "length"
+        return reply.cut_off or (self.fail_on_length and reply.finish_reason == "length")
 
     async def _cut_off(self, ctx: Context, row: InputRow, turn: int, reply: Reply) -> bool:
-        """With fail_on_length, a reply cut off by max_tokens fails its row."""
+        """A reply cut off while reasoning (no answer) fails its row, and with
+        fail_on_length so does any reply cut off by max_tokens."""
         if not self._is_cut_off(reply):
             return False
-        await ctx.fail(
-            row.line,
-            row.id,
-            "the reply was cut off by max_tokens (finish_reason: length); raise "
-            f"models.{self.model_name}.params.max_tokens or set fail_on_length: false",
-            turn=turn,
-        )
+        if reply.cut_off:
+            assert reply.trace is not None
+            error = cut_off_error(self.model_name, self.params, reply.trace, f"turn {turn}")
+        else:
+            error = (
+                "the reply was cut off by max_tokens (finish_reason: length); raise "
+                f"models.{self.model_name}.params.max_tokens or set fail_on_length: false"
+            )
+        await ctx.fail(row.line, row.id, error, turn=turn)
         return True

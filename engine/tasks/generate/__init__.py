@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from engine.problems import Problems
 
 TRUNCATED_KEY = "truncated_generations"
+REASONING_KEY = "reasoning"  # each generation's trace, parallel to generations
 _KEYS = (
     "model",
     "template",

@@ -19,9 +19,10 @@ from anyio.abc import TaskGroup
 
 from engine.config import RunConfig
 from engine.errors import ModelError
+from engine.http.reasoning import cut_off_error
 from engine.input.rows import Message, record_id
-from engine.tasks.base import Context, Records, usage_of
-from engine.tasks.generate import TRUNCATED_KEY, GenerateConfig
+from engine.tasks.base import Context, Records, row_usage
+from engine.tasks.generate import REASONING_KEY, TRUNCATED_KEY, GenerateConfig
 from engine.tasks.generate.attempts import (
     Attempt,
     attempt_record,
@@ -35,7 +36,9 @@ from engine.tasks.templates import RenderError, compile_template, render
 
 # Keys the row writes itself: an input column of one of these names is dropped, so the
 # row's own value wins (and filters.truncated never obeys an input column).
-OWN_KEYS = frozenset({"id", "prompt", "generations", "model", "usage", TRUNCATED_KEY})
+OWN_KEYS = frozenset(
+    {"id", "prompt", "generations", REASONING_KEY, "model", "usage", TRUNCATED_KEY}
+)
 
 
 @dataclass(slots=True)
@@ -55,10 +58,18 @@ def output_row(
     model: str,
     usage: dict[str, int],
     truncated: list[int],
+    reasoning: list[str | None] | None = None,
 ) -> dict[str, Any]:
-    """The input's other fields, then the row's own keys (see OWN_KEYS) in a fixed order."""
+    """The input's other fields, then the row's own keys (see OWN_KEYS) in a fixed order.
+
+    ``reasoning`` (each generation's trace, None where it had none) is written after
+    ``generations`` when any generation had a trace.
+    """
     row = {key: value for key, value in record.items() if key not in OWN_KEYS}
-    row.update(id=row_id, prompt=prompt, generations=generations, model=model, usage=usage)
+    row.update(id=row_id, prompt=prompt, generations=generations)
+    if reasoning is not None and any(trace is not None for trace in reasoning):
+        row[REASONING_KEY] = reasoning
+    row.update(model=model, usage=usage)
     if truncated:
         row[TRUNCATED_KEY] = truncated
     return row
@@ -73,6 +84,7 @@ class GenerateTask:
         model = config.models[self.model_name]
         self.served = model.model
         self.seed = model.params.get("seed")
+        self.params = model.params
         self.fail_on_length = model.fail_on_length
         self.template = compile_template(self.config.template)
         schema = self.config.json_schema
@@ -121,13 +133,15 @@ class GenerateTask:
             return  # stopping: the row is resumed from its journaled replies
         kept = [first_valid(state.attempts[s]) for s in slots]
         truncated = [s for s, a in enumerate(kept) if a is not None and a.finish_reason == "length"]
-        usage = usage_of(
-            (a.prompt_tokens, a.completion_tokens) for s in slots for a in state.attempts[s]
+        usage = row_usage(
+            (a.prompt_tokens, a.completion_tokens, a.reasoning_tokens)
+            for s in slots
+            for a in state.attempts[s]
         )
         generations = [state.values[s] for s in slots]
-        await ctx.finish(
-            line, output_row(record, row_id, prompt, generations, self.served, usage, truncated)
-        )
+        traces = [a.trace if a is not None else None for a in kept]
+        row = output_row(record, row_id, prompt, generations, self.served, usage, truncated, traces)
+        await ctx.finish(line, row)
 
     def _replay(self, records: Records, ctx: Context) -> RowState:
         """The row's state from its journaled replies: done generations, and a failure
@@ -151,6 +165,14 @@ class GenerateTask:
         """Take one reply into the row's state: a generation, a failure, or one more try."""
         slot = attempt.slot
         if slot in state.values or state.failure is not None:
+            return
+        if attempt.cut_off:
+            assert attempt.trace is not None
+            where = f"reply {attempt.number}"
+            state.failure = (
+                slot,
+                cut_off_error(self.model_name, self.params, attempt.trace, where),
+            )
             return
         if self.fail_on_length and attempt.finish_reason == "length":
             state.failure = (
@@ -201,6 +223,7 @@ class GenerateTask:
                 state.failure = (slot, str(exc))
                 group.cancel_scope.cancel()  # the row fails: its other requests are moot
                 return
+            # The answer only: a trace is never validated against the schema.
             value, error = self._parse(completion.texts[0])
             attempt = Attempt(
                 slot=slot,
@@ -210,6 +233,8 @@ class GenerateTask:
                 completion_tokens=completion.completion_tokens,
                 finish_reason=completion.finish_reasons[0],
                 error=error,
+                trace=completion.trace(),
+                reasoning_tokens=completion.reasoning_tokens,
             )
             ctx.stats.turns_done += 1
             await ctx.writer.record(attempt_record(line, attempt))

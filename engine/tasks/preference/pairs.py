@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.http.reasoning import with_trace
+
 Message = dict[str, str]
 
 NO_JUDGE = "no judge configured"
@@ -40,9 +42,12 @@ ROW_KEYS = (
 # The generations cut off by max_tokens (0-based, finish_reason "length"): written
 # after ``usage``, only when there are any, as distillation's ``truncated_turns``.
 TRUNCATED_KEY = "truncated_generations"
+# Each generation's reasoning trace (None where it had none), parallel to
+# ``generations``: written after it, only when some generation had a trace.
+REASONING_KEY = "generation_reasoning"
 # Every key the row writes itself: an input field of one of these names is dropped,
 # so ``filters.truncated`` never obeys an input column.
-_OWN_KEYS = frozenset({*ROW_KEYS, TRUNCATED_KEY})
+_OWN_KEYS = frozenset({*ROW_KEYS, TRUNCATED_KEY, REASONING_KEY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +111,7 @@ def preference_row(
     ratings: Sequence[int | None] | None = None,
     rationales: Sequence[str | None] | None = None,
     truncated: Sequence[int] = (),
+    reasoning: Sequence[str | None] | None = None,
     generators: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
     """Build one output row for a prompt: its generations, ratings and pair.
@@ -114,6 +120,10 @@ def preference_row(
     (None for one the input row brought): ``chosen_generator`` and
     ``rejected_generator`` tell two entries apart that serve the same model with
     different params, where ``chosen_model`` and ``rejected_model`` are the same.
+
+    ``reasoning`` holds each generation's trace (None where it had none): written as
+    :data:`REASONING_KEY` when any is set, and carried by the chosen and rejected
+    assistant messages as ``reasoning_content``.
 
     Keys, in order: the input's other fields (``extra``), then :data:`ROW_KEYS`,
     then :data:`TRUNCATED_KEY` when ``truncated`` (indices into ``generations``
@@ -142,6 +152,9 @@ def preference_row(
         raise ValueError(f"{len(generation_models)} generation models for {n} generations")
     if any(not 0 <= i < n for i in truncated):
         raise ValueError(f"truncated generations {list(truncated)} for {n} generations")
+    traces = list(reasoning) if reasoning is not None else [None] * n
+    if len(traces) != n:
+        raise ValueError(f"{len(traces)} reasoning traces for {n} generations")
     makers = list(generators) if generators is not None else [None] * n
     if len(makers) != n:
         raise ValueError(f"{len(makers)} generators for {n} generations")
@@ -149,8 +162,12 @@ def preference_row(
     row["id"] = row_id
     row["prompt"] = [dict(m) for m in prompt]
     row["generations"] = list(generations)
+    if any(trace is not None for trace in traces):
+        row[REASONING_KEY] = traces
     row["generation_models"] = list(generation_models)
-    row.update(_judged_fields(generations, generation_models, judged, ratings, rationales, makers))
+    row.update(
+        _judged_fields(generations, generation_models, judged, ratings, rationales, traces, makers)
+    )
     row["generation_errors"] = [dict(e) for e in generation_errors]
     row["usage"] = dict(usage)
     if truncated:
@@ -164,6 +181,7 @@ def _judged_fields(
     judged: bool,
     ratings: Sequence[int | None] | None,
     rationales: Sequence[str | None] | None,
+    traces: Sequence[str | None],
     makers: Sequence[str | None],
 ) -> dict[str, Any]:
     fields: dict[str, Any] = {
@@ -197,8 +215,10 @@ def _judged_fields(
     if pair.chosen_index is None or pair.rejected_index is None:
         return fields
     c, r = pair.chosen_index, pair.rejected_index
-    fields["chosen"] = [{"role": "assistant", "content": generations[c]}]
-    fields["rejected"] = [{"role": "assistant", "content": generations[r]}]
+    chosen, rejected = generations[c], generations[r]
+    assert chosen is not None and rejected is not None  # choose_pair skips failed ones
+    fields["chosen"] = [with_trace(chosen, traces[c])]
+    fields["rejected"] = [with_trace(rejected, traces[r])]
     fields["chosen_model"] = models[c]
     fields["rejected_model"] = models[r]
     fields["chosen_generator"] = makers[c]

@@ -11,8 +11,14 @@ brought generations are read from the input again). A generator that fails is
 recorded in the row; it delays nothing but its own requests.
 
 Journal records (besides the emits): ``{"k": "g", "l", "s", "c", "p", "o", "f"}`` a
-generation for slot ``s``; ``{"k": "ge", "l", "s", "e"}`` a slot that failed for
-good; ``{"k": "r", "l", "a", "c", "p", "o"}`` judge reply number ``a``.
+generation for slot ``s`` (plus ``"r"`` its reasoning trace and ``"n"`` its reasoning
+tokens, when it has them); ``{"k": "ge", "l", "s", "e"}`` a slot that failed for
+good; ``{"k": "r", "l", "a", "c", "p", "o"}`` judge reply number ``a`` (plus ``"n"``,
+and ``"x": true`` when it was cut off while reasoning).
+
+A reasoning model's generations are its answers (the judge sees answers only); a
+generation cut off by max_tokens while reasoning (no answer) fails for good, never
+asked for again; a judge reply cut off so leaves the row unpaired, never re-asked.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import anyio
 
 from engine.config import RunConfig
 from engine.errors import InputError, ModelDown, ModelError
+from engine.http.reasoning import cut_off_error, max_tokens_of
 from engine.input.rows import InputRow, Message, parse_row, record_id
-from engine.tasks.base import Context, Records, usage_of
+from engine.tasks.base import Context, Records, row_usage
 from engine.tasks.preference import BROUGHT_KEYS, PreferenceConfig
 from engine.tasks.preference.judge import JSON, has_usable_rating, judge_messages, parse_ratings
 from engine.tasks.preference.judge_json import parse_json_ratings, ratings_response_format
@@ -55,7 +62,20 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str | None = None
+    trace: str | None = None
+    reasoning_tokens: int = 0
     model_down: bool = False  # failed because its model is down or refuses: never journaled
+
+
+@dataclass(frozen=True, slots=True)
+class JudgeReply:
+    """One judge reply: its answer (never its trace), its cost, whether it was cut off."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    cut_off: bool = False
 
 
 @dataclass(slots=True)
@@ -63,7 +83,7 @@ class RowState:
     """A row's generations and judge replies so far (from the journal and this run)."""
 
     generations: dict[int, Generation] = field(default_factory=dict)
-    judge_replies: list[tuple[str, int, int]] = field(default_factory=list)
+    judge_replies: list[JudgeReply] = field(default_factory=list)
 
 
 def slots_for(config: PreferenceConfig) -> list[Slot]:
@@ -86,6 +106,7 @@ def state_from(records: Records) -> RowState:
     for record in records:
         kind = record.get("k")
         if kind == GENERATION and isinstance(record.get("s"), int):
+            trace = record.get("r")
             state.generations.setdefault(
                 record["s"],
                 Generation(
@@ -93,13 +114,21 @@ def state_from(records: Records) -> RowState:
                     prompt_tokens=int(record.get("p") or 0),
                     completion_tokens=int(record.get("o") or 0),
                     finish_reason=_reason(record.get("f")),
+                    trace=trace if isinstance(trace, str) else None,
+                    reasoning_tokens=int(record.get("n") or 0),
                 ),
             )
         elif kind == GENERATION_ERROR and isinstance(record.get("s"), int):
             state.generations.setdefault(record["s"], Generation(error=str(record.get("e"))))
         elif kind == RATING:
             state.judge_replies.append(
-                (str(record.get("c", "")), int(record.get("p") or 0), int(record.get("o") or 0))
+                JudgeReply(
+                    str(record.get("c", "")),
+                    int(record.get("p") or 0),
+                    int(record.get("o") or 0),
+                    int(record.get("n") or 0),
+                    record.get("x") is True,
+                )
             )
     return state
 
@@ -175,6 +204,7 @@ class PreferenceTask:
         self.seeds = {
             name: config.models[name].params.get("seed") for name in self.config.generators
         }
+        self.params = {name: config.models[name].params for name in config.models_used()}
         text = self.config.judge_template_text
         self.template = compile_template(text) if text is not None else None
 
@@ -218,6 +248,7 @@ class PreferenceTask:
         makers += [s.model for s, g in made if g.text is not None]
         # Indices into `texts`: which replies max_tokens cut off (for filters.truncated).
         kept = [g for _, g in made if g.text is not None]
+        traces = [None] * len(brought.texts) + [g.trace for g in kept]
         first = len(brought.texts)
         truncated = [first + i for i, g in enumerate(kept) if g.finish_reason == "length"]
         errors = [
@@ -254,9 +285,12 @@ class PreferenceTask:
             ratings, rationales = [None] * len(texts), [None] * len(texts)
             total = len(brought.texts) + len(self.slots)
             judge_note = f"fewer than two generations to compare ({len(texts)} of {total})"
-        usage = usage_of(
-            [(g.prompt_tokens, g.completion_tokens) for _, g in made]
-            + [(p, o) for _, p, o in state.judge_replies]
+        usage = row_usage(
+            [(g.prompt_tokens, g.completion_tokens, g.reasoning_tokens) for _, g in made]
+            + [
+                (j.prompt_tokens, j.completion_tokens, j.reasoning_tokens)
+                for j in state.judge_replies
+            ]
         )
         out = preference_row(
             extra=extra,
@@ -270,6 +304,7 @@ class PreferenceTask:
             ratings=ratings,
             rationales=rationales,
             truncated=truncated,
+            reasoning=traces,
             generators=makers,
         )
         if judge_note is not None:
@@ -293,32 +328,50 @@ class PreferenceTask:
                 # row records it if it finishes now; unjournaled, a resumed row asks again.
                 state.generations[slot.index] = Generation(error=str(exc), model_down=True)
                 return
-            generation = Generation(error=str(exc))
-            record: dict[str, Any] = {
-                "k": GENERATION_ERROR,
-                "l": row.line,
-                "s": slot.index,
-                "e": str(exc),
-            }
+            generation, record = self._failed(row, slot, str(exc))
         else:
-            generation = Generation(
-                text=completion.texts[0],
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                finish_reason=completion.finish_reasons[0],
-            )
-            record = {
-                "k": GENERATION,
-                "l": row.line,
-                "s": slot.index,
-                "c": generation.text,
-                "p": generation.prompt_tokens,
-                "o": generation.completion_tokens,
-                "f": generation.finish_reason,
-            }
+            trace = completion.trace()
             ctx.stats.turns_done += 1
+            if completion.cut_off():
+                assert trace is not None
+                where = f"generation {slot.repeat} of {slot.model}"
+                error = cut_off_error(slot.model, self.params[slot.model], trace, where)
+                generation, record = self._failed(row, slot, error)
+            else:
+                generation = Generation(
+                    text=completion.texts[0],
+                    prompt_tokens=completion.prompt_tokens,
+                    completion_tokens=completion.completion_tokens,
+                    finish_reason=completion.finish_reasons[0],
+                    trace=trace,
+                    reasoning_tokens=completion.reasoning_tokens,
+                )
+                record = {
+                    "k": GENERATION,
+                    "l": row.line,
+                    "s": slot.index,
+                    "c": generation.text,
+                    "p": generation.prompt_tokens,
+                    "o": generation.completion_tokens,
+                    "f": generation.finish_reason,
+                }
+                if trace is not None:
+                    record["r"] = trace
+                if completion.reasoning_tokens:
+                    record["n"] = completion.reasoning_tokens
         await ctx.writer.record(record)
         state.generations[slot.index] = generation
+
+    @staticmethod
+    def _failed(row: InputRow, slot: Slot, error: str) -> tuple[Generation, dict[str, Any]]:
+        """A generation that failed for good, and its journal record."""
+        record: dict[str, Any] = {
+            "k": GENERATION_ERROR,
+            "l": row.line,
+            "s": slot.index,
+            "e": error,
+        }
+        return Generation(error=error), record
 
     async def _judge(
         self,
@@ -334,8 +387,10 @@ class PreferenceTask:
         unrated: tuple[list[int | None], list[str | None]] = ([None] * n, [None] * n)
         fmt = self.config.judge_format
         problem = None
-        for reply, _, _ in state.judge_replies:
-            ratings, rationales, problem = read_reply(fmt, reply, n)
+        for judged in state.judge_replies:
+            if judged.cut_off:
+                return *unrated, self._judge_cut_off()
+            ratings, rationales, problem = read_reply(fmt, judged.text, n)
             if has_usable_rating(ratings):
                 return ratings, rationales, None
         if self.template is None:
@@ -356,23 +411,45 @@ class PreferenceTask:
                 if exc.model_down:
                     raise exc.stopped(" (the judge)") from exc
                 return *unrated, f"judge failed: {exc}"
-            reply = completion.texts[0]
-            await ctx.writer.record(
-                {
-                    "k": RATING,
-                    "l": row.line,
-                    "a": len(state.judge_replies),
-                    "c": reply,
-                    "p": completion.prompt_tokens,
-                    "o": completion.completion_tokens,
-                }
-            )
+            reply = completion.texts[0]  # the answer: ratings are never read from the trace
+            cut = completion.cut_off()
+            record: dict[str, Any] = {
+                "k": RATING,
+                "l": row.line,
+                "a": len(state.judge_replies),
+                "c": reply,
+                "p": completion.prompt_tokens,
+                "o": completion.completion_tokens,
+            }
+            if completion.reasoning_tokens:
+                record["n"] = completion.reasoning_tokens
+            if cut:
+                record["x"] = True
+            await ctx.writer.record(record)
             state.judge_replies.append(
-                (reply, completion.prompt_tokens, completion.completion_tokens)
+                JudgeReply(
+                    reply,
+                    completion.prompt_tokens,
+                    completion.completion_tokens,
+                    completion.reasoning_tokens,
+                    cut,
+                )
             )
             ctx.stats.turns_done += 1
+            if cut:
+                return *unrated, self._judge_cut_off()
             ratings, rationales, problem = read_reply(fmt, reply, n)
             if has_usable_rating(ratings):
                 return ratings, rationales, None
         why = f" (the last one: {problem})" if problem else ""
         return *unrated, f"the judge gave no usable rating in {JUDGE_TRIES} replies{why}"
+
+    def _judge_cut_off(self) -> str:
+        judge = self.config.judge
+        assert judge is not None
+        limit = max_tokens_of(self.params[judge])
+        said = f"max_tokens ({limit})" if limit is not None else "the server's default max_tokens"
+        return (
+            f"the judge's reply was cut off by {said} while reasoning, with no answer "
+            f"(finish_reason: length); not requested again: raise models.{judge}.params.max_tokens"
+        )
