@@ -55,7 +55,6 @@ from engine.input.sources import (
     input_id,
     read_input,
 )
-from engine.metrics import serving
 from engine.stats import ModelStats, Outcome, RunStats
 from engine.tasks.base import Context, Task
 
@@ -313,7 +312,10 @@ async def _execute(
         _tune_collector(stack)
 
         fmt = await anyio.to_thread.run_sync(detect_format, config.input)
-        stack.enter_context(serving(config.metrics, lambda: stats))
+        if config.metrics.port is not None:  # prometheus-client is imported only when asked for
+            from engine.metrics import serving
+
+            stack.enter_context(serving(config.metrics, lambda: stats))
         async with anyio.create_task_group() as outer:
             outer.start_soon(writer.run)
             outer.start_soon(_sample, history, stats, writer)

@@ -25,7 +25,7 @@ from engine.input.sources import parse_input_columns
 from engine.output.filters import FilterConfig, filtered_path, parse_filters
 from engine.problems import MOST_CONCURRENCY, MOST_CONVERSATIONS, Problems
 from engine.redact import redact_url
-from engine.tasks import kind_of, registry
+from engine.tasks import kind_of, names
 from engine.tasks.base import TaskKind
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ def parse_config(
     """Validate a parsed config mapping; ``env`` defaults to the process environment."""
     env = os.environ if env is None else env
     p = Problems()
-    kinds = registry()
+    kinds = names()
     p.unknown("", raw, (*_TOP_KEYS, *kinds))
     base = config_path.resolve().parent
 
@@ -357,7 +357,7 @@ def parse_config(
 
     models = _parse_models(p, raw.get("models"), env, base)
 
-    kind = kinds.get(task)
+    kind = kind_of(task) if task in kinds else None
     section = kind.parse_section(raw.get(task), models, p, base) if kind else None
     for other in kinds if kind else ():
         if other != task and raw.get(other) is not None:

@@ -4,20 +4,18 @@ and the final summary. Everything here goes to stderr; the data goes to files.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import anyio
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress_bar import ProgressBar
-from rich.table import Table
-from rich.text import Text
 
 from engine.stats import ModelStats, Outcome, ReplicaStats, RunStats
 
-_console = Console(stderr=True, highlight=False)
+if TYPE_CHECKING:
+    from rich.console import Console, Group
 
 
 log = logging.getLogger("turnstile")
@@ -31,10 +29,23 @@ class ConsoleHandler(logging.Handler):
         message = record.getMessage()
         if record.levelno >= logging.WARNING:
             message = f"{record.levelname.lower()}: {message}"
-        if _console.is_terminal:
-            _console.print(message)
+        if _is_terminal():
+            _console().print(message)
         else:
             print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+@functools.cache
+def _console() -> Console:
+    """The terminal's console: rich is imported only where a terminal shows the live
+    display (a run under a script, a pipe or a notebook never pays for it)."""
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _is_terminal() -> bool:
+    return sys.stderr.isatty() and _console().is_terminal
 
 
 def log_to_console() -> None:
@@ -111,7 +122,7 @@ class Display:
 
     def __init__(self, interval_s: float, *, live: bool | None = None, quiet: bool = False):
         self.interval_s = interval_s
-        self.live = _console.is_terminal if live is None else live
+        self.live = _is_terminal() if live is None else live
         self.quiet = quiet
 
     async def run(self, stats: RunStats, started: float) -> None:
@@ -121,7 +132,9 @@ class Display:
             while True:
                 await anyio.sleep(self.interval_s)
                 log.info(status_line(stats, time.monotonic() - started))
-        with Live(console=_console, refresh_per_second=4, transient=True) as live:
+        from rich.live import Live
+
+        with Live(console=_console(), refresh_per_second=4, transient=True) as live:
             while True:
                 live.update(_panel(stats, time.monotonic() - started))
                 await anyio.sleep(0.25)
@@ -142,6 +155,11 @@ def _clock(seconds: float) -> str:
 
 
 def _panel(stats: RunStats, elapsed: float) -> Group:
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+    from rich.text import Text
+
     total = stats.rows_total
     done = stats.rows_done
     eta = eta_s(stats, elapsed)

@@ -14,18 +14,29 @@ from engine.tasks.base import TaskKind
 
 
 @functools.cache
-def registry() -> dict[str, TaskKind]:
-    """Every task, by name, found among this package's subpackages."""
-    kinds: dict[str, TaskKind] = {}
-    for module in pkgutil.iter_modules(__path__):
-        if not module.ispkg:
-            continue
-        kind = getattr(importlib.import_module(f"{__name__}.{module.name}"), "KIND", None)
-        if isinstance(kind, TaskKind):
-            kinds[kind.name] = kind
-    return dict(sorted(kinds.items()))
+def names() -> tuple[str, ...]:
+    """Every task's name: the subpackages of this package, none of them imported (a run
+    imports only its own task, and so only what that task needs: Jinja2, jsonschema)."""
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if m.ispkg))
 
 
+@functools.cache
 def kind_of(name: str) -> TaskKind:
-    """The task called ``name``; KeyError when there is none."""
-    return registry()[name]
+    """The task called ``name`` (its subpackage's ``KIND``); KeyError when there is none."""
+    if name not in names():
+        raise KeyError(name)
+    kind = getattr(importlib.import_module(f"{__name__}.{name}"), "KIND", None)
+    if not isinstance(kind, TaskKind) or kind.name != name:
+        raise KeyError(name)
+    return kind
+
+
+def registry() -> dict[str, TaskKind]:
+    """Every task, by name (imports them all)."""
+    kinds: dict[str, TaskKind] = {}
+    for name in names():
+        try:
+            kinds[name] = kind_of(name)
+        except KeyError:
+            continue
+    return kinds
