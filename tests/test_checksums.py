@@ -19,11 +19,11 @@ from engine.checkpoint.journal import (
     decode,
     encode,
     repair,
-    replay,
     split_checksum,
 )
 from engine.checkpoint.snapshot import check_emits, decode_snapshot, encode_snapshot, pack_emits
 from engine.errors import CheckpointError
+from tests.journal_support import replay
 
 BIG = 10**9
 

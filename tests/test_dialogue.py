@@ -182,9 +182,9 @@ def test_history_is_a_fresh_list_each_time() -> None:
 def test_done_after_every_turn_is_answered() -> None:
     d = three_turns()
     for i in range(3):
-        assert not d.done
+        assert d.next_turn < len(d.turns)
         d.apply(Reply(f"r{i}"))
-    assert d.done
+    assert d.next_turn == len(d.turns)
     with pytest.raises(ValueError, match="no turn left to request"):
         d.history()
     with pytest.raises(ValueError, match="no turn left to answer"):

@@ -14,13 +14,13 @@ from engine.checkpoint.journal import (
     Replay,
     encode,
     iter_lines,
-    replay,
     replay_segments,
     segment_number,
     segment_path,
     segments,
 )
 from engine.errors import CheckpointError
+from tests.journal_support import replay
 
 
 def turn(line: int, i: int, text: str = "reply") -> dict[str, Any]:

@@ -18,7 +18,6 @@ from engine.checkpoint.journal import (
     Replay,
     apply,
     encode,
-    replay,
     segment_number,
     segment_path,
 )
@@ -35,6 +34,7 @@ from engine.checkpoint.snapshot import (
     write_snapshot,
 )
 from engine.errors import CheckpointError
+from tests.journal_support import replay
 
 BIG = 10**12  # a file size that vouches for every emit
 

@@ -14,19 +14,19 @@ import pytest
 
 from engine.checkpoint.journal import LineSet
 from engine.errors import InputError
+from engine.input.columnar import ColumnarSource
 from engine.input.rows import InputRow, parse_row
 from engine.input.sources import (
     check_input,
     count_input,
-    count_records,
     decode_record,
     detect_format,
     fingerprint_paths,
     input_id,
     parse_input_columns,
     read_input,
-    read_records,
     rename_columns,
+    source_for,
 )
 from tests.conftest import write_jsonl
 
@@ -62,7 +62,9 @@ def write_parquet(path: Path, rows: list[dict[str, Any]], row_group_size: int = 
 
 
 async def collect(path: Path, fmt: str, columns: Any = None, skip: Any = ()) -> list[Any]:
-    return [item async for item in read_records(path, fmt, columns or {}, skip)]
+    source = source_for(path, fmt)
+    assert isinstance(source, ColumnarSource)
+    return [item async for item in source.records(columns or {}, skip)]
 
 
 # --- detection -------------------------------------------------------------------------
@@ -116,7 +118,7 @@ async def test_parquet_rows_round_trip_with_types_and_numbers(tmp_path: Path) ->
 
     assert [i for i, _ in got] == list(range(10))
     assert [row for _, row in got] == rows  # other columns carried, types kept
-    assert count_records(path, "parquet") == 10
+    assert count_input(path, "parquet") == 10
     assert fingerprint_paths(path, "parquet") == [path]
 
 
@@ -135,7 +137,7 @@ async def test_a_folder_of_parquet_files_reads_in_sorted_order_numbered_across_f
     got = await collect(folder, "parquet")
 
     assert [(i, row["uid"]) for i, row in got] == [(i, f"u{i}") for i in range(8)]
-    assert count_records(folder, "parquet") == 8
+    assert count_input(folder, "parquet") == 8
     assert [p.name for p in fingerprint_paths(folder, "parquet")] == [
         "part-0.parquet",
         "part-1.parquet",
@@ -231,7 +233,7 @@ async def test_a_saved_dataset_streams_from_its_arrow_files(tmp_path: Path) -> N
     assert [row["uid"] for _, row in got] == [r["uid"] for r in rows]
     assert got[7][1]["messages"] == rows[7]["chat"]
     assert isinstance(got[7][1]["score"], float)
-    assert count_records(path, "hf") == 25
+    assert count_input(path, "hf") == 25
     assert [p.name for p in fingerprint_paths(path, "hf")] == [
         f"data-0000{i}-of-00003.arrow" for i in range(3)
     ]
@@ -289,7 +291,7 @@ async def test_without_pyarrow_the_error_says_what_to_install(
     path = write_parquet(tmp_path / "in.parquet", chats(2))
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(InputError, match=r"pip install 'turnstile\[parquet\]'"):
-        count_records(path, "parquet")
+        count_input(path, "parquet")
     with pytest.raises(InputError, match=r"pip install 'turnstile\[parquet\]'"):
         await collect(path, "parquet")
 

@@ -16,11 +16,12 @@ import orjson
 import pytest
 
 from engine.checkpoint import writer as writer_module
-from engine.checkpoint.journal import Replay, encode, replay, segment_path, segments
+from engine.checkpoint.journal import Replay, encode, segment_path, segments
 from engine.checkpoint.snapshot import SNAPSHOT_NAME, emit_sources, load, read_snapshot
 from engine.checkpoint.writer import Writer
 from engine.config import JournalConfig
 from engine.errors import CheckpointError
+from tests.journal_support import replay
 
 PROC_FD = Path("/proc/self/fd")
 

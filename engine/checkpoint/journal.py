@@ -271,27 +271,6 @@ def iter_lines(path: Path, chunk: int = READ_CHUNK) -> Iterator[tuple[int, bytes
         yield offset, rest, False
 
 
-def replay(
-    path: Path,
-    out_size: int,
-    failed_size: int,
-    filtered_size: int = 0,
-    *,
-    repair: bool = False,
-) -> Replay:
-    """Rebuild the run's state from its journal.
-
-    ``out_size`` and ``failed_size`` are the current sizes of the output and failed
-    files: a row the journal says was written past the end of its file (possible
-    only after a power cut) is treated as not written, so it is written again.
-    With ``repair`` damaged records are skipped and listed instead of raising.
-    """
-    state = Replay()
-    if path.exists():
-        replay_segments(state, [(0, path)], (out_size, failed_size, filtered_size), repair=repair)
-    return state
-
-
 def replay_segments(
     state: Replay,
     paths: Iterable[tuple[int, Path]],

@@ -217,10 +217,11 @@ def load(
     """What the checkpoint says is finished: its snapshot, then the segments after it.
 
     The same state a replay of the whole journal gives (a checkpoint without a
-    snapshot is exactly that). The sizes are the files' current lengths, as for
-    ``journal.replay``; the snapshot's own lengths must all be there. ``strict``:
-    every journal record must carry a checksum (the manifest says the checkpoint
-    was made with them).
+    snapshot is exactly that). The sizes are the files' current lengths: a row the
+    journal says was written past the end of its file (possible only after a power
+    cut) is taken as not written; the snapshot's own lengths must all be there.
+    ``strict``: every journal record must carry a checksum (the manifest says the
+    checkpoint was made with them).
     """
     state = read_snapshot(checkpoint_dir)
     sizes = (out_size, failed_size, filtered_size)

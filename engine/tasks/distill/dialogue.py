@@ -74,10 +74,6 @@ class Dialogue:
     _reply_at: list[int] = field(default_factory=list, init=False, repr=False)
 
     @property
-    def done(self) -> bool:
-        return len(self.replies) == len(self.turns)
-
-    @property
     def next_turn(self) -> int:
         return len(self.replies)
 
@@ -104,7 +100,8 @@ class Dialogue:
     def messages(self) -> list[Message]:
         """The whole conversation with the replies written so far, each with its trace
         (``reasoning_content``) when it had one."""
-        out = self._answered + self.tail if self.done else self._answered.copy()
+        done = len(self.replies) == len(self.turns)
+        out = self._answered + self.tail if done else self._answered.copy()
         if not self.keep_reasoning:
             for at, reply in zip(self._reply_at, self.replies, strict=True):
                 if reply.trace is not None:
