@@ -24,12 +24,12 @@ from jinja2.utils import missing
 
 
 class BadTemplate(ValueError):
-    """A template that does not compile; ``line`` is the template's own line (1-based)."""
+    """A template that cannot be used, saying what to fix; ``line`` is the template's own
+    line (1-based) where one is to blame."""
 
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(f"line {line}: {message}")
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(message)
         self.line = line
-        self.message = message
 
 
 class RenderError(ValueError):
@@ -77,7 +77,7 @@ def compile_template(text: str) -> Template:
     try:
         return ENV.from_string(text)
     except TemplateSyntaxError as exc:
-        raise BadTemplate(exc.lineno, exc.message or str(exc)) from exc
+        raise BadTemplate(f"line {exc.lineno}: {exc.message or exc}", exc.lineno) from exc
 
 
 def render(template: Template, row: Mapping[str, Any]) -> str:

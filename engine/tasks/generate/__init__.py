@@ -183,7 +183,7 @@ def _template(body: Mapping[str, Any], p: Problems, base: Path) -> str | None:
     try:
         compile_template(text)
     except BadTemplate as exc:
-        p.add(key, f"{where}the template does not compile: line {exc.line}: {exc.message}")
+        p.add(key, f"{where}the template does not compile: {exc}")
         return None
     return text
 

@@ -22,8 +22,9 @@ from engine.output.filters import FilterConfig, Reply, ints_of, list_of, message
 from engine.problems import MOST_GENERATIONS
 from engine.tasks.base import Task, TaskKind
 from engine.tasks.preference.judge import ASPECTS, JSON, JUDGE_FORMATS, ULTRAFEEDBACK
-from engine.tasks.preference.judge_template import BadTemplate, read_template
+from engine.tasks.preference.judge_template import read_template
 from engine.tasks.preference.pairs import TRUNCATED_KEY
+from engine.tasks.templates import BadTemplate
 
 if TYPE_CHECKING:
     from engine.config import ModelConfig, RunConfig

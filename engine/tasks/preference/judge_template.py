@@ -20,19 +20,11 @@ from pathlib import Path
 
 from jinja2 import Template, TemplateSyntaxError, meta
 
-from engine.tasks.templates import ENV, RenderError
+from engine.tasks.templates import ENV, BadTemplate, RenderError
 
 Message = dict[str, str]
 
 VARIABLES = ("prompt", "generations", "aspect")
-
-
-class BadTemplate(ValueError):
-    """A template that cannot be used, with the fix; ``line`` is its own line when known."""
-
-    def __init__(self, message: str, line: int | None = None) -> None:
-        super().__init__(message)
-        self.line = line
 
 
 def read_template(path: Path) -> str:
