@@ -20,7 +20,7 @@ from engine.http.reasoning import (
 )
 from engine.input.rows import InputRow
 from engine.output.traces import Reshaper, inline
-from engine.tasks.distill.dialogue import Reply, new_dialogue, output_row
+from engine.tasks.distill.dialogue import TurnReply, new_dialogue, output_row
 from engine.tasks.distill.task import replies_from, turn_record
 from engine.tasks.preference.pairs import REASONING_KEY, preference_row
 from engine.testing.mock_replies import (
@@ -266,13 +266,13 @@ def two_turns(keep: bool) -> Any:
 
 def test_history_drops_traces_and_the_row_keeps_them() -> None:
     d = two_turns(keep=False)
-    d.apply(Reply("a0", 1, 2, "stop", trace="t0", reasoning_tokens=1))
+    d.apply(TurnReply("a0", 1, 2, "stop", trace="t0", reasoning_tokens=1))
     assert d.history() == [
         {"role": "user", "content": "u0"},
         {"role": "assistant", "content": "a0"},
         {"role": "user", "content": "u1"},
     ]
-    d.apply(Reply("a1", 1, 2, "stop"))
+    d.apply(TurnReply("a1", 1, 2, "stop"))
     row = output_row(d, "m")
     assert row["messages"] == [
         {"role": "user", "content": "u0"},
@@ -285,9 +285,9 @@ def test_history_drops_traces_and_the_row_keeps_them() -> None:
 
 def test_history_keep_sends_each_trace_back() -> None:
     d = two_turns(keep=True)
-    d.apply(Reply("a0", trace="t0"))
+    d.apply(TurnReply("a0", trace="t0"))
     assert d.history()[1] == {"role": "assistant", "content": "a0", "reasoning_content": "t0"}
-    d.apply(Reply("a1", trace="t1"))
+    d.apply(TurnReply("a1", trace="t1"))
     assert [m.get("reasoning_content") for m in output_row(d, "m")["messages"]] == [
         None,
         "t0",
@@ -297,14 +297,14 @@ def test_history_keep_sends_each_trace_back() -> None:
 
 
 def test_a_turn_record_keeps_its_trace() -> None:
-    reply = Reply("a", 3, 4, "stop", trace="t" * 100, reasoning_tokens=2)
+    reply = TurnReply("a", 3, 4, "stop", trace="t" * 100, reasoning_tokens=2)
     record = turn_record(5, 0, reply)
     assert record["r"] == "t" * 100 and record["n"] == 2
     assert replies_from([orjson.loads(orjson.dumps(record))]) == [reply]
-    plain = turn_record(5, 0, Reply("a"))
+    plain = turn_record(5, 0, TurnReply("a"))
     assert "r" not in plain and "n" not in plain
-    assert Reply("", finish_reason="length", trace="t").cut_off
-    assert not Reply("", finish_reason="length").cut_off
+    assert TurnReply("", finish_reason="length", trace="t").cut_off
+    assert not TurnReply("", finish_reason="length").cut_off
 
 
 # --- preference rows ---------------------------------------------------------------------

@@ -40,7 +40,7 @@ def describe_rule(rule: str) -> str:
 # Not frozen: one is made per turn, and a frozen dataclass's __init__ costs four times
 # as much (object.__setattr__ per field). Nothing changes one after it is made.
 @dataclass(slots=True)
-class Reply:
+class TurnReply:
     """One generated assistant turn, as journaled."""
 
     content: str  # the answer: never the trace
@@ -63,7 +63,7 @@ class Dialogue:
     row: InputRow
     turns: list[list[Message]]
     tail: list[Message] = field(default_factory=list)
-    replies: list[Reply] = field(default_factory=list)
+    replies: list[TurnReply] = field(default_factory=list)
     # distill.reasoning_history: keep: each earlier reply goes back with its trace
     # (reasoning_content); drop: later requests carry earlier answers only.
     keep_reasoning: bool = False
@@ -84,7 +84,7 @@ class Dialogue:
             raise ValueError("the conversation has no turn left to request")
         return self._answered + self.turns[n]
 
-    def apply(self, reply: Reply) -> None:
+    def apply(self, reply: TurnReply) -> None:
         """Record the reply to the next turn."""
         n = len(self.replies)
         if n == len(self.turns):

@@ -14,12 +14,12 @@ from engine.http.reasoning import cut_off_error
 from engine.input.rows import InputRow, parse_row, record_id
 from engine.tasks.base import Context, Records
 from engine.tasks.distill import KEEP, DistillConfig
-from engine.tasks.distill.dialogue import Reply, new_dialogue, output_row
+from engine.tasks.distill.dialogue import TurnReply, new_dialogue, output_row
 
 TURN = "t"
 
 
-def turn_record(line: int, turn: int, reply: Reply) -> dict[str, Any]:
+def turn_record(line: int, turn: int, reply: TurnReply) -> dict[str, Any]:
     """A reply as journaled: its trace (``r``) and reasoning tokens (``n``) when it has any."""
     record: dict[str, Any] = {
         "k": TURN,
@@ -37,15 +37,15 @@ def turn_record(line: int, turn: int, reply: Reply) -> dict[str, Any]:
     return record
 
 
-def replies_from(records: Records) -> list[Reply]:
+def replies_from(records: Records) -> list[TurnReply]:
     """The journaled replies of one conversation, in turn order (duplicates ignored)."""
-    by_turn: dict[int, Reply] = {}
+    by_turn: dict[int, TurnReply] = {}
     for record in records:
         if record.get("k") == TURN and isinstance(record.get("i"), int):
             trace = record.get("r")
             by_turn.setdefault(
                 record["i"],
-                Reply(
+                TurnReply(
                     content=str(record.get("c", "")),
                     prompt_tokens=int(record.get("p") or 0),
                     completion_tokens=int(record.get("o") or 0),
@@ -54,7 +54,7 @@ def replies_from(records: Records) -> list[Reply]:
                     reasoning_tokens=int(record.get("n") or 0),
                 ),
             )
-    replies: list[Reply] = []
+    replies: list[TurnReply] = []
     while len(replies) in by_turn:
         replies.append(by_turn[len(replies)])
     return replies
@@ -117,7 +117,7 @@ class DistillTask:
                 await ctx.fail(line, row.id, str(exc), turn=turn)
                 return
             replica = completion.replica
-            reply = Reply(
+            reply = TurnReply(
                 completion.texts[0],
                 completion.prompt_tokens,
                 completion.completion_tokens,
@@ -140,10 +140,10 @@ class DistillTask:
             turn += 1
         await ctx.finish(row.line, output_row(dialogue, self.model))
 
-    def _is_cut_off(self, reply: Reply) -> bool:
+    def _is_cut_off(self, reply: TurnReply) -> bool:
         return reply.cut_off or (self.fail_on_length and reply.finish_reason == "length")
 
-    async def _cut_off(self, ctx: Context, row: InputRow, turn: int, reply: Reply) -> bool:
+    async def _cut_off(self, ctx: Context, row: InputRow, turn: int, reply: TurnReply) -> bool:
         """A reply cut off while reasoning (no answer) fails its row, and with
         fail_on_length so does any reply cut off by max_tokens."""
         if not self._is_cut_off(reply):
