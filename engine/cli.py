@@ -25,14 +25,21 @@ from engine.checkpoint.manifest import has_checksums, lock_checkpoint, read_mani
 from engine.checkpoint.snapshot import load, read_snapshot, tail_segments
 from engine.config import EXECUTORS, RunConfig, load_config
 from engine.crash import crash_report, write_crash_log
-from engine.errors import CheckpointError, ConfigError, InputError, TurnstileError
+from engine.errors import (
+    EXIT_CRASHED,
+    EXIT_FAILED_ROWS,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_UNUSABLE,
+    CheckpointError,
+    ConfigError,
+    InputError,
+    TurnstileError,
+)
 from engine.executors.shards import is_sharded
 from engine.input.sources import count_input, detect_format
 from engine.redact import model_secrets
 from engine.stats import Outcome
-
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
-EXIT_CRASHED = 70  # EX_SOFTWARE: a bug, never to be read as "some rows failed"
 
 
 def _load(path: str, *, check_env: bool = True) -> RunConfig | None:

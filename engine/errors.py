@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Final
+
+# Exit codes, the same for every command and executor (engine.cli's docstring says
+# what each means to a user); 128+N is a stop by signal N.
+EXIT_OK: Final = 0  # every row succeeded
+EXIT_FAILED_ROWS: Final = 1  # some rows failed (see the failed file)
+EXIT_UNUSABLE: Final = 2  # the config, input or checkpoint cannot be used (nothing was sent)
+EXIT_STOPPED: Final = 3  # stopped on an error it cannot go past: rerun to resume
+EXIT_CRASHED: Final = 70  # EX_SOFTWARE: a bug, never to be read as "some rows failed"
+
 
 class TurnstileError(Exception):
     """Base of every error Turnstile raises on purpose."""

@@ -13,12 +13,18 @@ from engine import progress
 from engine._reporting import write_run_report
 from engine.checkpoint.snapshot import load
 from engine.config import RunConfig
-from engine.errors import CheckpointError, InputError, TurnstileError
+from engine.errors import (
+    EXIT_FAILED_ROWS,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_UNUSABLE,
+    CheckpointError,
+    InputError,
+    TurnstileError,
+)
 from engine.executors.shards import read_plan, shard_config, shard_state
 from engine.input.sources import Slice
 from engine.stats import Outcome
-
-EXIT_OK, EXIT_FAILED_ROWS, EXIT_UNUSABLE, EXIT_STOPPED = 0, 1, 2, 3
 
 
 def run_command(config: RunConfig, *, fresh: bool, quiet: bool) -> int:
