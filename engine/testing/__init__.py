@@ -1,1 +1,2 @@
-"""Test doubles shipped with the package: the mock OpenAI-compatible server."""
+"""Test doubles shipped with the package: the mock OpenAI-compatible server, and an
+in-memory model endpoint for unit tests."""
