@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import orjson
 import yaml
 
+from engine.checkpoint.durability import JournalConfig
 from engine.checkpoint.paths import clashes, run_targets
 from engine.errors import ConfigError
 from engine.http.reasoning import AUTO, DEFAULT_TAGS, MODES, tags_problem
@@ -86,20 +87,6 @@ class ModelConfig:
     def api_key(self) -> str | None:
         """The key, read from the environment at the moment it is needed."""
         return os.environ.get(self.api_key_env) if self.api_key_env else None
-
-
-@dataclass(frozen=True, slots=True)
-class JournalConfig:
-    """Durability of the journal.
-
-    ``interval`` (default) fsyncs at most every ``fsync_interval_s`` seconds:
-    a SIGKILL loses nothing (writes reach the OS before the next turn is
-    requested); a power cut loses at most that interval. ``always`` fsyncs
-    every group write; ``never`` leaves it to the OS.
-    """
-
-    fsync: str = "interval"
-    fsync_interval_s: float = 1.0
 
 
 EXECUTORS = ("local", "ray")

@@ -36,6 +36,7 @@ from typing import Any
 import anyio
 import orjson
 
+from engine.checkpoint.durability import JournalConfig
 from engine.checkpoint.journal import (
     EMIT_FAILED,
     EMIT_FILTERED,
@@ -54,7 +55,6 @@ from engine.checkpoint.snapshot import (
     pack_emits,
     write_snapshot,
 )
-from engine.config import JournalConfig
 from engine.errors import CheckpointError
 from engine.history import whole_length
 from engine.input.reader import Marks

@@ -23,13 +23,35 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from engine.output.filters import FilterConfig, Reply, check_row, filtered_record, rule_of
 
 if TYPE_CHECKING:
-    from engine.checkpoint.writer import Writer
     from engine.config import ModelConfig, RunConfig
     from engine.http.client import ModelClient
     from engine.problems import Problems
     from engine.stats import RunStats
 
 Records = Sequence[dict[str, Any]]
+
+
+class RowWriter(Protocol):
+    """What a task writes through: the run's single writer (engine.checkpoint.writer).
+
+    Each call returns once what it wrote is in the OS (safe from a SIGKILL).
+    """
+
+    async def record(self, record: dict[str, Any]) -> None:
+        """Journal one record (replayed to the row's task on resume)."""
+        ...
+
+    async def output(self, line: int, row: dict[str, Any], records: Records = ()) -> None:
+        """Write a finished row to the output, journaling ``records`` before it."""
+        ...
+
+    async def filtered(self, line: int, row: dict[str, Any], records: Records = ()) -> None:
+        """Write a row the quality filters left out to the filtered file."""
+        ...
+
+    async def failed(self, line: int, row: dict[str, Any]) -> None:
+        """Write a row's failure to the failed file."""
+        ...
 
 
 class Task(Protocol):
@@ -118,7 +140,7 @@ class Context:
 
     config: RunConfig
     kind: TaskKind
-    writer: Writer
+    writer: RowWriter
     clients: dict[str, ModelClient]
     stats: RunStats
     stopping: bool = False
