@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 _BUCKET_RATIO = 1.05
@@ -154,6 +155,84 @@ class RunStats:
         return sum(m.reasoning_tokens for m in self.models.values())
 
 
+@dataclass(frozen=True, slots=True)
+class ModelStatistics:
+    """One model's counters at the moment of a snapshot (:meth:`RunStatistics.of`):
+    ModelStats's names, copies that nothing updates afterwards."""
+
+    name: str
+    cap: int
+    in_flight: int
+    requests: int
+    ok: int
+    retries: int
+    resent: int
+    failures: int
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    latency: LatencyHistogram  # a copy
+    limit: int | None
+    replicas: tuple[ReplicaStats, ...]  # copies
+    outages: tuple[Outage, ...]  # copies
+
+    @classmethod
+    def of(cls, stats: ModelStats) -> ModelStatistics:
+        latency = LatencyHistogram()
+        latency.merge(stats.latency.buckets(), stats.latency.total_s)
+        values = {f.name: getattr(stats, f.name) for f in fields(stats)}
+        values.update(
+            latency=latency,
+            replicas=tuple(replace(r) for r in stats.replicas),
+            outages=tuple(replace(o) for o in stats.outages),
+        )
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class RunStatistics:
+    """The run's counters at the moment of a snapshot: RunStats's names, read-only.
+
+    What a caller is handed (``Summary.stats``), as anyio's ``statistics()`` hands out
+    a frozen copy: the run's own RunStats stay the run's to write.
+    """
+
+    rows_total: int | None
+    rows_done: int
+    rows_failed: int
+    rows_filtered: int
+    filtered_by_rule: Mapping[str, int]
+    rows_skipped: int
+    turns_done: int
+    turns_resumed: int
+    turn_rule: str | None
+    shards: str | None
+    models: Mapping[str, ModelStatistics]
+
+    @classmethod
+    def of(cls, stats: RunStats) -> RunStatistics:
+        values = {f.name: getattr(stats, f.name) for f in fields(stats)}
+        values.update(
+            filtered_by_rule=MappingProxyType(dict(stats.filtered_by_rule)),
+            models=MappingProxyType(
+                {name: ModelStatistics.of(m) for name, m in stats.models.items()}
+            ),
+        )
+        return cls(**values)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(m.prompt_tokens for m in self.models.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(m.completion_tokens for m in self.models.values())
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(m.reasoning_tokens for m in self.models.values())
+
+
 @dataclass(slots=True)
 class Outcome:
     """How one run went: its counters, its time, and whether a signal stopped it."""
@@ -180,7 +259,7 @@ class Summary:
     elapsed_s: float
     resumed: bool
     interrupted: bool
-    stats: RunStats
+    stats: RunStatistics  # the run's counters when it ended (a frozen copy)
 
     @classmethod
     def of(cls, outcome: Outcome, output: Path, failed: Path, filtered: Path) -> Summary:
@@ -197,7 +276,7 @@ class Summary:
             elapsed_s=outcome.elapsed_s,
             resumed=outcome.resumed,
             interrupted=outcome.interrupted_by is not None,
-            stats=s,
+            stats=RunStatistics.of(s),
         )
 
 

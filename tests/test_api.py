@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,25 @@ async def test_arun_inside_a_running_loop(
 
     assert summary.rows_ok == 5 and summary.turns == mock.stats.completed
     assert any("starting" in r.getMessage() for r in caplog.records if r.name == "turnstile")
+
+
+async def test_the_summary_hands_out_a_frozen_snapshot_of_the_counters(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    write_jsonl(tmp_path / "in.jsonl", conversations(3))
+
+    summary = await engine.arun(config_dict(tmp_path, mock.base_url))
+
+    stats = summary.stats
+    assert stats.rows_done == 3 and stats.turns_done == summary.turns
+    teacher = stats.models["teacher"]
+    assert stats.prompt_tokens == teacher.prompt_tokens > 0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.rows_done = 0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        teacher.requests = 0  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        stats.models["other"] = teacher  # type: ignore[index]
 
 
 def test_export_from_python(tmp_path: Path, threaded_mock: MockServer) -> None:
