@@ -163,12 +163,6 @@ def probe_targets(config: RunConfig) -> None:
             ) from exc
 
 
-def snapshot_every_rows() -> int:
-    """Rows between two snapshots: TURNSTILE_SNAPSHOT_EVERY_ROWS, for tests and benchmarks."""
-    value = os.environ.get("TURNSTILE_SNAPSHOT_EVERY_ROWS", "")
-    return int(value) if value.isdigit() and int(value) > 0 else SNAPSHOT_EVERY_ROWS
-
-
 def announce(config: RunConfig, state: Replay, *, resumed: bool) -> None:
     """Log what a run is about to do: start, or resume how far along."""
     if resumed:
@@ -206,13 +200,15 @@ async def execute(
     open_local: Callable[..., Any] | None = None,
     signals: bool = False,
     companion: Companion | None = None,
+    snapshot_every_rows: int = SNAPSHOT_EVERY_ROWS,
 ) -> Outcome:
     """Run every row not finished in ``state`` through ``task``.
 
     ``signals`` installs SIGINT/SIGTERM handlers that stop the run gracefully
     (the CLI's; a library caller keeps its own, and cancellation stops the run).
     ``companion`` runs beside the run with its clients and counters (a shard's
-    lease of its share of the caps, engine.executors).
+    lease of its share of the caps, engine.executors). ``snapshot_every_rows``:
+    rows between two checkpoint snapshots (tests take them often).
 
     A TurnstileError from any task (disk full, a model down) stops the run and
     is raised as itself, not wrapped in an exception group.
@@ -227,6 +223,7 @@ async def execute(
             open_local=open_local,
             signals=signals,
             companion=companion,
+            snapshot_every_rows=snapshot_every_rows,
         )
     except BaseExceptionGroup as group:
         error = _first_error(group)
@@ -256,6 +253,7 @@ async def _execute(
     open_local: Callable[..., Any] | None,
     signals: bool,
     companion: Companion | None,
+    snapshot_every_rows: int,
 ) -> Outcome:
     stats = RunStats(
         rows_done=len(state.done),
@@ -278,7 +276,7 @@ async def _execute(
         filtered=config.filtered_output,
         filtered_end=state.filtered_end,
         state=state,
-        snapshot_every_rows=snapshot_every_rows(),
+        snapshot_every_rows=snapshot_every_rows,
         marks=marks,
         seek_base=config.piece.first_row if config.piece else 0,
         history=config.checkpoint_dir / HISTORY_NAME,

@@ -249,9 +249,7 @@ async def test_a_flipped_bit_in_the_emits_index_is_a_clear_error(
     source = conversations(60, max_turns=1)
     write_jsonl(tmp_path / "in.jsonl", source)
     config = write_config(tmp_path, mock.base_url)
-    done = await turnstile(
-        "run", str(config), "--quiet", env={"TURNSTILE_SNAPSHOT_EVERY_ROWS": "10"}
-    )
+    done = await turnstile("run", str(config), "--quiet", "--snapshot-every-rows", "10")
     assert done.returncode == 0, done.stderr
     emits = tmp_path / "ck" / EMITS_NAME
     data = bytearray(emits.read_bytes())

@@ -7,8 +7,6 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from engine.checkpoint.journal import JOURNAL_NAME, segments
 from engine.checkpoint.snapshot import SNAPSHOT_NAME, read_snapshot
 from engine.history import HISTORY_NAME
@@ -26,7 +24,7 @@ from tests.conftest import (
 )
 from tests.test_distill_run import expected_turns
 
-EVERY = "TURNSTILE_SNAPSHOT_EVERY_ROWS"
+EVERY = "--snapshot-every-rows"  # a hidden option of `turnstile run`
 
 
 async def stdout(*args: str) -> str:
@@ -59,13 +57,12 @@ def journal_bytes(checkpoint: Path) -> int:
 
 
 async def test_sigkills_while_snapshots_are_taken_lose_and_repeat_nothing(
-    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mock: MockServer
 ) -> None:
     source = conversations(160, max_turns=6)
     expected, expected_sorted = await uninterrupted(tmp_path / "reference", mock, source)
     whole_journal = journal_bytes(tmp_path / "reference" / "ck")
 
-    monkeypatch.setenv(EVERY, "3")  # the runs below inherit it
     mock.reset()
     mock.latency_ms = 5
     write_jsonl(tmp_path / "in.jsonl", source)
@@ -74,7 +71,7 @@ async def test_sigkills_while_snapshots_are_taken_lose_and_repeat_nothing(
     checkpoint = tmp_path / "ck"
     kills = (100, 220, 340)
     for at in kills:
-        killed = await kill_after(mock, at, "run", config, "--quiet")
+        killed = await kill_after(mock, at, "run", config, "--quiet", EVERY, "3")
         assert killed.returncode == -signal.SIGKILL
         snapshot = read_snapshot(checkpoint)
         assert snapshot is not None and snapshot.first_segment > 0
@@ -82,7 +79,7 @@ async def test_sigkills_while_snapshots_are_taken_lose_and_repeat_nothing(
         # gone, or about to be if the kill fell between a snapshot and the drop).
         assert "finished:" in await stdout("status", config)
 
-    rerun = await turnstile("run", config, "--quiet")
+    rerun = await turnstile("run", config, "--quiet", EVERY, "3")
 
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming" in rerun.stderr
@@ -103,7 +100,7 @@ async def test_sigkills_while_snapshots_are_taken_lose_and_repeat_nothing(
 
 
 async def test_an_old_single_journal_checkpoint_resumes_into_segments(
-    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mock: MockServer
 ) -> None:
     source = conversations(60, max_turns=4)
     expected, expected_sorted = await uninterrupted(tmp_path / "reference", mock, source)
@@ -114,13 +111,11 @@ async def test_an_old_single_journal_checkpoint_resumes_into_segments(
     checkpoint = tmp_path / "ck"
     # No snapshot is due in a run this small: the checkpoint is what a version
     # before snapshots left, its one journal.
-    monkeypatch.delenv(EVERY, raising=False)
     killed = await kill_after(mock, 60, "run", config, "--quiet")
     assert killed.returncode == -signal.SIGKILL
     assert journal_files(checkpoint) == [JOURNAL_NAME, "lock", "manifest.json"]
 
-    monkeypatch.setenv(EVERY, "2")
-    rerun = await turnstile("run", config, "--quiet")
+    rerun = await turnstile("run", config, "--quiet", EVERY, "2")
 
     assert rerun.returncode == 0, rerun.stderr
     assert by_id(read_jsonl(tmp_path / "out" / "distilled.jsonl")) == expected
@@ -132,7 +127,6 @@ async def test_an_old_single_journal_checkpoint_resumes_into_segments(
     repaired = await turnstile("repair", config)
     assert repaired.returncode == 0, repaired.stderr
 
-    monkeypatch.delenv(EVERY)
     fresh = await turnstile("run", config, "--quiet", "--fresh")
     assert fresh.returncode == 0, fresh.stderr
     assert journal_files(checkpoint) == [JOURNAL_NAME, "lock", "manifest.json"]
@@ -140,18 +134,17 @@ async def test_an_old_single_journal_checkpoint_resumes_into_segments(
 
 
 async def test_a_resume_seeks_past_the_finished_part_of_the_input(
-    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mock: MockServer
 ) -> None:
     # Rows of about 4 KB: 1,500 of them are six of the reader's 1 MB chunks, so the
     # marks it notes fall inside the file and a snapshot can vouch for a prefix.
     pad = "p" * 4000
     source = [{"id": f"r{i}", "prompt": f"question {i}", "pad": pad} for i in range(1500)]
     expected, _ = await uninterrupted(tmp_path / "reference", mock, source)
-    monkeypatch.setenv(EVERY, "50")
     mock.reset()
     path = write_jsonl(tmp_path / "in.jsonl", source)
     config = str(write_config(tmp_path, mock.base_url, cap=4))
-    killed = await kill_after(mock, 1200, "run", config, "--quiet")
+    killed = await kill_after(mock, 1200, "run", config, "--quiet", EVERY, "50")
     assert killed.returncode == -signal.SIGKILL
     snapshot = read_snapshot(tmp_path / "ck")
     assert snapshot is not None
@@ -167,7 +160,7 @@ async def test_a_resume_seeks_past_the_finished_part_of_the_input(
     path.write_bytes(b"#" * offset + data[offset:])
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
-    rerun = await turnstile("run", config, "--quiet")
+    rerun = await turnstile("run", config, "--quiet", EVERY, "50")
 
     assert rerun.returncode == 0, rerun.stderr
     assert by_id(read_jsonl(tmp_path / "out" / "distilled.jsonl")) == expected
