@@ -56,14 +56,16 @@ async def arun(config: ConfigLike, *, fresh: bool = False, progress_log: bool = 
         sharded = functools.partial(_run_sharded, cfg, fresh=fresh, progress_log=progress_log)
         return await anyio.to_thread.run_sync(sharded)
     task = cfg.kind.build(cfg)
-    lock, state, resumed = await anyio.to_thread.run_sync(
+    lock, state, resumed, source = await anyio.to_thread.run_sync(
         functools.partial(prepare, cfg, fresh=fresh)
     )
     try:
         announce(cfg, state, resumed=resumed)
         display = progress.Display(cfg.progress_interval_s, live=False, quiet=not progress_log)
         try:
-            outcome = await execute(cfg, task, state, resumed=resumed, display=display)
+            outcome = await execute(
+                cfg, task, state, source=source, resumed=resumed, display=display
+            )
         except BaseException:
             await anyio.to_thread.run_sync(write_run_report, cfg)
             raise

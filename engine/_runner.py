@@ -42,19 +42,11 @@ from engine.checkpoint.paths import clashes, run_targets
 from engine.checkpoint.snapshot import load
 from engine.checkpoint.writer import SNAPSHOT_EVERY_ROWS, Writer
 from engine.config import ModelConfig, RunConfig
+from engine.endpoints import http_endpoint
 from engine.errors import CheckpointError, InputError, ModelDown, TurnstileError
 from engine.history import HISTORY_NAME, History, count_lines, run_id, whole_length
-from engine.http.client import ModelClient
-from engine.input.reader import Marks
-from engine.input.sources import (
-    Item,
-    check_input,
-    count_input,
-    decode_record,
-    detect_format,
-    input_id,
-    read_input,
-)
+from engine.http.endpoint import ModelEndpoint
+from engine.input.sources import Marks, Resume, Row, Source, open_source
 from engine.stats import ModelStats, Outcome, RunStats
 from engine.tasks.base import Context, Task
 
@@ -66,7 +58,7 @@ class Companion(Protocol):
     """Something that runs beside a run: started before its first request, with its
     model clients and counters, then run until the run ends (cancelled there)."""
 
-    async def start(self, clients: dict[str, ModelClient], stats: RunStats) -> None: ...
+    async def start(self, clients: dict[str, ModelEndpoint], stats: RunStats) -> None: ...
 
     async def run(self) -> None: ...
 
@@ -79,19 +71,21 @@ def run_loop(main: Callable[[], Awaitable[T]], *, uvloop: bool) -> T:
 
 def prepare(
     config: RunConfig, *, fresh: bool, known_input: dict[str, Any] | None = None
-) -> tuple[Any, Replay, bool]:
+) -> tuple[Any, Replay, bool, Source]:
     """Lock the checkpoint, check or write its manifest, and replay its journal.
 
     Blocking (runs before the event loop does any network work). Returns the
     locks (the checkpoint's and the output's: keep them until the run ends, then
-    close), the replay, and whether this resumes a run.
+    close), the replay, whether this resumes a run, and the input's source (the
+    run's one: pass it to :func:`execute`).
     ``known_input`` is the input's fingerprint as the manifest stores it, when the
     caller has it (a shard: the driver hashed the input once for every shard).
     """
     if not config.input.exists():
         raise InputError(f"input {config.input} does not exist; check input: in the config")
     # An unusable folder, a missing extra or a mapped column the input lacks: exit 2.
-    check_input(config.input, detect_format(config.input), config.input_columns)
+    source = open_source(config.input, config.input_columns)
+    source.check()
     check_targets(config)  # before anything is written or deleted
     checkpoint_lock = lock_checkpoint(config.checkpoint_dir)
     try:
@@ -106,11 +100,11 @@ def prepare(
         manifest = read_manifest(config.checkpoint_dir)
         if manifest is None:
             _refuse_foreign_output(config)
-            fingerprint = input_print(config.input, known_input)
+            fingerprint = input_print(source, known_input)
             write_manifest(config.checkpoint_dir, new_manifest(config, fingerprint))
             resumed = False
         else:
-            fingerprint = check_manifest(manifest, config)
+            fingerprint = check_manifest(manifest, config, source)
             if fingerprint.mtime_ns != manifest["input"].get("mtime_ns"):
                 # Same bytes, new mtime (copied or touched): remember it, skip the rehash next time.
                 renewed = new_manifest(config, fingerprint, checksums=has_checksums(manifest))
@@ -127,7 +121,7 @@ def prepare(
     except BaseException:
         lock.close()
         raise
-    return lock, state, resumed
+    return lock, state, resumed, source
 
 
 def check_targets(config: RunConfig) -> None:
@@ -195,6 +189,7 @@ async def execute(
     task: Task,
     state: Replay,
     *,
+    source: Source,
     resumed: bool,
     display: progress.Display,
     open_local: Callable[..., Any] | None = None,
@@ -204,8 +199,9 @@ async def execute(
 ) -> Outcome:
     """Run every row not finished in ``state`` through ``task``.
 
-    ``signals`` installs SIGINT/SIGTERM handlers that stop the run gracefully
-    (the CLI's; a library caller keeps its own, and cancellation stops the run).
+    ``source`` is the run's input, as :func:`prepare` opened it. ``signals``
+    installs SIGINT/SIGTERM handlers that stop the run gracefully (the CLI's; a
+    library caller keeps its own, and cancellation stops the run).
     ``companion`` runs beside the run with its clients and counters (a shard's
     lease of its share of the caps, engine.executors). ``snapshot_every_rows``:
     rows between two checkpoint snapshots (tests take them often).
@@ -218,6 +214,7 @@ async def execute(
             config,
             task,
             state,
+            source=source,
             resumed=resumed,
             display=display,
             open_local=open_local,
@@ -248,6 +245,7 @@ async def _execute(
     task: Task,
     state: Replay,
     *,
+    source: Source,
     resumed: bool,
     display: progress.Display,
     open_local: Callable[..., Any] | None,
@@ -264,7 +262,7 @@ async def _execute(
     )
     started = time.monotonic()
     outcome = Outcome(stats=stats, elapsed_s=0.0, resumed=resumed)
-    marks = Marks()  # where input lines start, from the reader to the snapshots
+    marks = Marks()  # where reading may resume, from the source to the snapshots
     writer = Writer(
         segment_path(config.checkpoint_dir, state.segment),
         config.output,
@@ -292,13 +290,13 @@ async def _execute(
                 urls.append(await stack.enter_async_context(server))
             for name in group.members:
                 local_urls[name] = urls
-        clients: dict[str, ModelClient] = {}
+        clients: dict[str, ModelEndpoint] = {}
         for name in sorted(config.models_used()):
             model = config.models[name]
             model_stats = ModelStats(name=name, cap=model.max_concurrency)
             stats.models[name] = model_stats
             clients[name] = await stack.enter_async_context(
-                ModelClient(model, model_stats, base_urls=local_urls.get(name))
+                http_endpoint(model, model_stats, base_urls=local_urls.get(name))
             )
         await _probe_models(clients, task.optional_models())
         if companion is not None:
@@ -309,7 +307,6 @@ async def _execute(
             workers = max(1, min(workers, config.piece.rows))
         _tune_collector(stack)
 
-        fmt = await anyio.to_thread.run_sync(detect_format, config.input)
         if config.metrics.port is not None:  # prometheus-client is imported only when asked for
             from engine.metrics import serving
 
@@ -317,7 +314,7 @@ async def _execute(
         async with anyio.create_task_group() as outer:
             outer.start_soon(writer.run)
             outer.start_soon(_sample, history, stats, writer)
-            outer.start_soon(_count_rows, config, fmt, stats)
+            outer.start_soon(_count_rows, config, source, stats)
             outer.start_soon(display.run, stats, started)
             if companion is not None:
                 outer.start_soon(companion.run)
@@ -326,9 +323,11 @@ async def _execute(
                 outer.start_soon(_watch_signals, ctx, outcome, work, outer)
             with work:
                 async with anyio.create_task_group() as inner:
-                    send, receive = anyio.create_memory_object_stream[tuple[int, Item]](workers)
+                    send, receive = anyio.create_memory_object_stream[Row](workers)
                     pool = _Workers(inner, receive, workers, state, task, ctx)
-                    inner.start_soon(_feed, config, fmt, state, marks, ctx, send, pool)
+                    # A fresh run skips nothing: an empty tuple spares each row a lookup.
+                    resume = Resume(state.done if len(state.done) else (), state.seek, marks)
+                    inner.start_soon(_feed, source.read(config.piece, resume), ctx, send, pool)
             writer.note(history.line(stats, time.time(), event="end"))
             await writer.close()
             outer.cancel_scope.cancel()
@@ -344,7 +343,7 @@ class LocalGroup:
     members: tuple[str, ...]
 
 
-async def _probe_models(clients: dict[str, ModelClient], optional: frozenset[str]) -> None:
+async def _probe_models(clients: dict[str, ModelEndpoint], optional: frozenset[str]) -> None:
     """Check every replica answers before any row is touched.
 
     A replica that does not is taken out and probed (a warning names it). A model
@@ -358,14 +357,14 @@ async def _probe_models(clients: dict[str, ModelClient], optional: frozenset[str
         problems = await client.probe()
         for problem in problems:
             log.warning(problem)
-        if client.pool.live_count == 0:
+        if client.statistics().live == 0:
             dead.append(name)
     fatal = [name for name in dead if name not in optional]
     if optional and set(optional) <= set(dead):
         fatal = dead
     if fatal:
         urls = "; ".join(
-            f"models.{name}: {', '.join(r.stats.url for r in clients[name].pool.replicas)}"
+            f"models.{name}: {', '.join(r.url for r in clients[name].statistics().replicas)}"
             for name in fatal
         )
         raise ModelDown(
@@ -374,7 +373,7 @@ async def _probe_models(clients: dict[str, ModelClient], optional: frozenset[str
     for name in dead:
         # Never answered in this run: nothing to wait for. Its generations are
         # recorded failed until a probe finds it answering.
-        clients[name].pool.down_from_start()
+        clients[name].down_from_start()
         log.warning(
             f"models.{name} is unreachable; the others go on without it, its generations "
             "are recorded as failed, and it is used again for later rows once it answers"
@@ -427,7 +426,7 @@ class _Workers:
     def __init__(
         self,
         group: TaskGroup,
-        receive: MemoryObjectReceiveStream[tuple[int, Item]],
+        receive: MemoryObjectReceiveStream[Row],
         most: int,
         state: Replay,
         task: Task,
@@ -439,7 +438,7 @@ class _Workers:
         self.most = most
         self.started = 0
 
-    def want(self, send: MemoryObjectSendStream[tuple[int, Item]]) -> None:
+    def want(self, send: MemoryObjectSendStream[Row]) -> None:
         """A row is about to be sent: start a worker for it unless one is waiting."""
         if self.started < self.most and send.statistics().tasks_waiting_receive == 0:
             self._group.start_soon(_work, self._receive.clone(), *self._args)
@@ -450,20 +449,11 @@ class _Workers:
 
 
 async def _feed(
-    config: RunConfig,
-    fmt: str,
-    state: Replay,
-    marks: Marks,
+    rows: AsyncIterator[Row],
     ctx: Context,
-    send: MemoryObjectSendStream[tuple[int, Item]],
+    send: MemoryObjectSendStream[Row],
     pool: _Workers,
 ) -> None:
-    # A fresh run skips nothing: an empty tuple spares each row a Python-level lookup.
-    skip = state.done if len(state.done) else ()
-    seek = {"start": state.seek} if state.seek[0] else {}  # else the input's (or piece's) start
-    rows = read_input(
-        config.input, fmt, config.input_columns, skip=skip, piece=config.piece, marks=marks, **seek
-    )
     async with send:
         try:
             await _send_rows(rows, ctx, send, pool)
@@ -472,9 +462,9 @@ async def _feed(
 
 
 async def _send_rows(
-    rows: AsyncIterator[tuple[int, Item]],
+    rows: AsyncIterator[Row],
     ctx: Context,
-    send: MemoryObjectSendStream[tuple[int, Item]],
+    send: MemoryObjectSendStream[Row],
     pool: _Workers,
 ) -> None:
     want, most = pool.want, pool.most
@@ -496,43 +486,27 @@ async def _send_rows(
 
 
 async def _work(
-    receive: MemoryObjectReceiveStream[tuple[int, Item]], state: Replay, task: Task, ctx: Context
+    receive: MemoryObjectReceiveStream[Row], state: Replay, task: Task, ctx: Context
 ) -> None:
     partial = state.partial
-    columns = ctx.config.input_columns
     process = task.process
     async with receive:
         while True:
             try:
                 try:  # as in _feed: take a ready row without a trip round the loop
-                    line, raw = receive.receive_nowait()
+                    row = receive.receive_nowait()
                 except anyio.WouldBlock:
-                    line, raw = await receive.receive()
+                    row = await receive.receive()
             except anyio.EndOfStream:
                 return
             if ctx.stopping:
                 return
+            line = row.line
             records = partial.pop(line, ()) if partial else ()
-            try:
-                record = decode_record(line, raw, columns)
-            except InputError as exc:
-                await ctx.fail(line, input_id(line, raw, columns), f"input: {exc}")
+            if row.error is not None:  # the source could not decode it: the row fails
+                await ctx.fail(line, row.id, f"input: {row.error}")
                 continue
-            except Exception as exc:
-                await _unreadable(ctx, line, raw, exc)
-                continue
-            await process(line, record, records, ctx)
-
-
-async def _unreadable(ctx: Context, line: int, raw: Item, exc: Exception) -> None:
-    """A row that reading or preparing raised on (not an InputError): the row fails, with
-    its line, and the run goes on; a row the engine cannot handle never stops a run."""
-    log.warning(f"input line {line}: cannot be read ({type(exc).__name__}: {exc}); it fails")
-    try:
-        row_id = input_id(line, raw, ctx.config.input_columns)
-    except Exception:
-        row_id = line
-    await ctx.fail(line, row_id, f"input: cannot be read ({type(exc).__name__}: {exc})")
+            await process(line, row.record, records, ctx)
 
 
 # The collector's first generation, while rows run: see _tune_collector.
@@ -571,13 +545,11 @@ async def _sample(history: History, stats: RunStats, writer: Writer) -> None:
         await anyio.sleep(history.step)
 
 
-async def _count_rows(config: RunConfig, fmt: str, stats: RunStats) -> None:
+async def _count_rows(config: RunConfig, source: Source, stats: RunStats) -> None:
     if config.piece is not None:
         stats.rows_total = config.piece.rows
         return
-    stats.rows_total = await anyio.to_thread.run_sync(
-        count_input, config.input, fmt, abandon_on_cancel=True
-    )
+    stats.rows_total = await anyio.to_thread.run_sync(source.count, abandon_on_cancel=True)
 
 
 async def _watch_signals(

@@ -23,7 +23,6 @@ from engine.checkpoint.journal import repair as repair_journal
 from engine.checkpoint.journal import segments
 from engine.checkpoint.manifest import has_checksums, lock_checkpoint, read_manifest
 from engine.checkpoint.snapshot import load, read_snapshot, tail_segments
-from engine.checkpoint.writer import SNAPSHOT_EVERY_ROWS
 from engine.config import EXECUTORS, RunConfig, load_config
 from engine.crash import crash_report, write_crash_log
 from engine.errors import (
@@ -38,7 +37,7 @@ from engine.errors import (
     TurnstileError,
 )
 from engine.executors.shards import is_sharded
-from engine.input.sources import count_input, detect_format
+from engine.input.sources import open_source
 from engine.redact import model_secrets
 from engine.stats import Outcome
 
@@ -71,7 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_UNUSABLE
     task = config.kind.build(config)
     try:
-        lock, state, resumed = prepare(config, fresh=args.fresh)
+        lock, state, resumed, source = prepare(config, fresh=args.fresh)
     except (CheckpointError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNUSABLE
@@ -81,13 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         async def main() -> Outcome:
             return await execute(
-                config,
-                task,
-                state,
-                resumed=resumed,
-                display=display,
-                signals=True,
-                snapshot_every_rows=args.snapshot_every_rows,
+                config, task, state, source=source, resumed=resumed, display=display, signals=True
             )
 
         try:
@@ -177,7 +170,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_UNUSABLE
     try:
-        total = count_input(config.input, detect_format(config.input))
+        total = open_source(config.input, config.input_columns).count()
     except (OSError, TurnstileError):
         total = None  # missing, or unreadable here (an extra not installed)
     done = len(state.done)
@@ -378,11 +371,6 @@ def build_parser() -> argparse.ArgumentParser:
         type=_port,
         default=None,
         help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (metrics.port)",
-    )
-    # Rows between two checkpoint snapshots: tests and benchmarks take them often, to
-    # crash a run between them; not a setting a run needs, so not in --help.
-    run.add_argument(
-        "--snapshot-every-rows", type=_positive, default=SNAPSHOT_EVERY_ROWS, help=argparse.SUPPRESS
     )
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="progress read from the checkpoint, without running")

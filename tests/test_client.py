@@ -1,4 +1,4 @@
-"""The model client against the mock server, with time injected: no test sleeps."""
+"""The HTTP endpoint against the mock server, with time injected: no test sleeps."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 from anyio.lowlevel import checkpoint
 
 from engine.config import ModelConfig
+from engine.endpoints import http_endpoint
 from engine.errors import ModelError
-from engine.http.client import NOT_FOUND_IN_ROW, ModelClient, endpoint, parse_completion
+from engine.http.client import NOT_FOUND_IN_ROW, HttpEndpoint, endpoint, parse_completion
 from engine.http.ratelimit import TokenBucket, estimate_tokens, per_minute
 from engine.stats import ModelStats
 from engine.testing.mock_server import Faults, MockServer, reply_for
@@ -50,11 +51,11 @@ class FakeTime:
 
 def client_for(
     server: MockServer | list[MockServer], time: FakeTime, *, draw: float = 0.5, **fields: object
-) -> ModelClient:
+) -> HttpEndpoint:
     servers = server if isinstance(server, list) else [server]
     urls = tuple(s.base_url for s in servers)
     config = ModelConfig(name="m", base_urls=urls, model="mock", **fields)  # type: ignore[arg-type]
-    client = ModelClient(
+    client = http_endpoint(
         config,
         ModelStats(name="m", cap=config.max_concurrency),
         sleep=time.sleep,
@@ -223,7 +224,7 @@ async def test_tokens_per_minute_paces_by_the_estimate_then_refunds(mock: MockSe
 
 async def test_an_unreachable_server_is_named_by_the_probe_and_taken_out() -> None:
     config = ModelConfig(name="teacher", base_urls=("http://127.0.0.1:9/v1",), model="x")
-    async with ModelClient(config, ModelStats(name="teacher", cap=1)) as client:
+    async with http_endpoint(config, ModelStats(name="teacher", cap=1)) as client:
         [problem] = await client.probe()
         assert problem.startswith("models.teacher: cannot reach http://127.0.0.1:9/v1/models")
         assert client.pool.live_count == 0

@@ -4,7 +4,6 @@ no limit of 0 before a sharded run's first lease."""
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 from typing import Any
 
 from engine.progress import status_line, summary
@@ -92,10 +91,13 @@ def test_a_sharded_run_shows_no_limit_before_any_shard_reports() -> None:
 
 async def test_a_shard_waiting_for_its_first_lease_reports_no_limit() -> None:
     from engine.executors.shard import Lease
-    from engine.http.replicas import ReplicaPool
+    from engine.http.client import HttpEndpoint
+    from engine.http.settings import HttpSettings
 
     teacher = ModelStats(name="teacher", cap=8)
-    pool = ReplicaPool("teacher", ["http://a/v1", "http://b/v1"], 8, teacher)
+    urls = ("http://a/v1", "http://b/v1")
+    settings = HttpSettings(name="teacher", base_urls=urls, model="x", max_concurrency=8)
+    endpoint = HttpEndpoint(settings, teacher)  # never entered: a lease sends no request
     sent: list[dict[str, Any]] = []
 
     def lease(shard: int, claims: dict[str, int], progress: dict[str, Any]) -> Any:
@@ -103,8 +105,7 @@ async def test_a_shard_waiting_for_its_first_lease_reports_no_limit() -> None:
         return {"teacher": 3}, 1.0
 
     shard_stats = RunStats(models={"teacher": teacher})
-    clients: Any = {"teacher": SimpleNamespace(pool=pool)}  # all a lease uses of a client
-    await Lease(0, lease).start(clients, shard_stats)
+    await Lease(0, lease).start({"teacher": endpoint}, shard_stats)
 
     first = sent[0]["models"]["teacher"]  # sent with the first lease, before its grant
     assert first["limit"] is None and [r["limit"] for r in first["replicas"]] == [None, None]

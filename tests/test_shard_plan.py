@@ -16,16 +16,13 @@ import orjson
 import pytest
 
 from engine.checkpoint.journal import LineSet
+from engine.input.base import START, Seek
+from engine.input.hf_dataset import HfDatasetSource
+from engine.input.jsonl import JsonlSource
+from engine.input.parquet import ParquetSource
 from engine.input.reader import Marks, line_starts, read_lines
 from engine.input.slices import Slice, even_cuts, group_cuts
-from engine.input.sources import (
-    HfDatasetSource,
-    JsonlSource,
-    ParquetSource,
-    Source,
-    open_source,
-    read_input,
-)
+from engine.input.sources import Resume, Source, open_source
 
 try:
     import pyarrow as pa
@@ -98,8 +95,17 @@ def random_jsonl(rng: random.Random) -> bytes:
     return data
 
 
-async def read_all(source: Source, **kw: Any) -> list[tuple[int, Any]]:
-    return [item async for item in source.read({}, **kw)]
+async def read_all(
+    source: Source,
+    *,
+    piece: Slice | None = None,
+    skip: Any = (),
+    start: Seek = START,
+    marks: Marks | None = None,
+) -> list[tuple[int, Any]]:
+    """(row number, record) for each row the source reads."""
+    resume = Resume(skip, start, marks)
+    return [(row.line, row.record) async for row in source.read(piece, resume)]
 
 
 # --- JSONL ---------------------------------------------------------------------------
@@ -172,7 +178,7 @@ def bounds(piece: Slice) -> dict[str, Any]:
 @pytest.mark.parametrize("bom", [b"", BOM])
 @pytest.mark.parametrize("ending", [b"\n", b"\r\n"])
 @pytest.mark.parametrize("final_newline", [True, False])
-async def test_each_slice_reads_through_read_input_and_the_source(
+async def test_each_slice_reads_through_the_source_opened_either_way(
     tmp_path: Path, bom: bytes, ending: bytes, final_newline: bool
 ) -> None:
     rows = [orjson.dumps({"n": i, "pad": "y" * (i % 5)}) for i in range(23)]
@@ -191,10 +197,10 @@ async def test_each_slice_reads_through_read_input_and_the_source(
     by_input = []
     for piece in pieces:
         by_source += await read_all(source, piece=piece)
-        by_input += [item async for item in read_input(path, "jsonl", {}, piece=piece)]
+        by_input += await read_all(JsonlSource(path), piece=piece)
     assert by_source == by_input
     assert [n for n, _ in by_source] == list(range(23))
-    assert [orjson.loads(raw)["n"] for _, raw in by_source] == list(range(23))  # BOM gone
+    assert [record["n"] for _, record in by_source] == list(range(23))  # BOM gone
 
 
 def test_blank_lines_count_in_a_slice_but_not_in_the_total(tmp_path: Path) -> None:
@@ -342,7 +348,7 @@ async def test_parquet_slices_are_whole_row_groups_balanced_across_files(
             inside = [s for s in group_starts if piece.first_row <= s < piece.next_row]
             assert len(read) == len(inside)  # its own row groups, no other
         whole = [
-            n for piece in pieces async for n, _ in read_input(folder, "parquet", {}, piece=piece)
+            n for piece in pieces for n, _ in await read_all(ParquetSource(folder), piece=piece)
         ]
         assert whole == list(range(22))
 
@@ -394,7 +400,7 @@ async def test_a_saved_dataset_is_cut_into_even_row_ranges(tmp_path: Path) -> No
         assert [(n, row["uid"]) for n, row in got] == [
             (n, f"u{n}") for n in range(piece.first_row, piece.next_row)
         ]
-        via_input = [item async for item in read_input(path, "hf", {}, piece=piece)]
+        via_input = await read_all(HfDatasetSource(path), piece=piece)
         assert via_input == got
     skip = LineSet()
     for n in range(0, 25, 2):

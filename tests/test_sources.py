@@ -14,19 +14,14 @@ import pytest
 
 from engine.checkpoint.journal import LineSet
 from engine.errors import InputError
-from engine.input.columnar import ColumnarSource
+from engine.input.base import row_id
 from engine.input.rows import InputRow, parse_row
 from engine.input.sources import (
-    check_input,
-    count_input,
-    decode_record,
-    detect_format,
-    fingerprint_paths,
-    input_id,
+    Resume,
+    Row,
+    open_source,
     parse_input_columns,
-    read_input,
     rename_columns,
-    source_for,
 )
 from tests.conftest import write_jsonl
 
@@ -62,9 +57,37 @@ def write_parquet(path: Path, rows: list[dict[str, Any]], row_group_size: int = 
 
 
 async def collect(path: Path, fmt: str, columns: Any = None, skip: Any = ()) -> list[Any]:
-    source = source_for(path, fmt)
-    assert isinstance(source, ColumnarSource)
-    return [item async for item in source.records(columns or {}, skip)]
+    """(row number, record) for each row of the source opened for ``path``."""
+    rows = await read_rows(path, fmt, columns, skip)
+    return [(row.line, row.record) for row in rows]
+
+
+async def read_rows(path: Path, fmt: str, columns: Any = None, skip: Any = ()) -> list[Row]:
+    source = open_source(path, columns)
+    assert source.fmt == fmt
+    return [row async for row in source.read(None, Resume(skip))]
+
+
+def fmt_of(path: Path) -> str:
+    return open_source(path).fmt
+
+
+def rows_in(path: Path, fmt: str) -> int:
+    source = open_source(path)
+    assert source.fmt == fmt
+    return source.count()
+
+
+def files_of(path: Path, fmt: str) -> list[Path]:
+    source = open_source(path)
+    assert source.fmt == fmt
+    return source.files()
+
+
+def check(path: Path, fmt: str, columns: dict[str, str]) -> None:
+    source = open_source(path, columns)
+    assert source.fmt == fmt
+    source.check()
 
 
 # --- detection -------------------------------------------------------------------------
@@ -72,26 +95,26 @@ async def collect(path: Path, fmt: str, columns: Any = None, skip: Any = ()) -> 
 
 @needs_pyarrow
 def test_detects_each_format(tmp_path: Path) -> None:
-    assert detect_format(write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x"}])) == "jsonl"
-    assert detect_format(write_parquet(tmp_path / "b.parquet", chats(2))) == "parquet"
+    assert fmt_of(write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x"}])) == "jsonl"
+    assert fmt_of(write_parquet(tmp_path / "b.parquet", chats(2))) == "parquet"
     no_suffix = tmp_path / "c.data"
     no_suffix.write_bytes((tmp_path / "b.parquet").read_bytes())
-    assert detect_format(no_suffix) == "parquet"  # by Parquet's magic bytes
+    assert fmt_of(no_suffix) == "parquet"  # by Parquet's magic bytes
     folder = tmp_path / "folder"
     folder.mkdir()
     write_parquet(folder / "part-0.parquet", chats(2))
-    assert detect_format(folder) == "parquet"
+    assert fmt_of(folder) == "parquet"
     hf = tmp_path / "hf"
     (hf).mkdir()
     (hf / "dataset_info.json").write_text("{}")
     (hf / "state.json").write_text("{}")
-    assert detect_format(hf) == "hf"
+    assert fmt_of(hf) == "hf"
 
 
 def test_a_folder_of_nothing_usable_names_the_fix(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(InputError, match=r"no \*.parquet files"):
-        detect_format(tmp_path)
+        fmt_of(tmp_path)
 
 
 @needs_pyarrow
@@ -103,7 +126,7 @@ def test_a_dataset_dict_asks_for_one_split(tmp_path: Path) -> None:
     )
     dd.save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(InputError, match=r"point input: at one split's folder.*test"):
-        detect_format(tmp_path / "dd")
+        fmt_of(tmp_path / "dd")
 
 
 # --- Parquet -----------------------------------------------------------------------------
@@ -118,8 +141,8 @@ async def test_parquet_rows_round_trip_with_types_and_numbers(tmp_path: Path) ->
 
     assert [i for i, _ in got] == list(range(10))
     assert [row for _, row in got] == rows  # other columns carried, types kept
-    assert count_input(path, "parquet") == 10
-    assert fingerprint_paths(path, "parquet") == [path]
+    assert rows_in(path, "parquet") == 10
+    assert files_of(path, "parquet") == [path]
 
 
 @needs_pyarrow
@@ -137,8 +160,8 @@ async def test_a_folder_of_parquet_files_reads_in_sorted_order_numbered_across_f
     got = await collect(folder, "parquet")
 
     assert [(i, row["uid"]) for i, row in got] == [(i, f"u{i}") for i in range(8)]
-    assert count_input(folder, "parquet") == 8
-    assert [p.name for p in fingerprint_paths(folder, "parquet")] == [
+    assert rows_in(folder, "parquet") == 8
+    assert [p.name for p in files_of(folder, "parquet")] == [
         "part-0.parquet",
         "part-1.parquet",
         "part-2.parquet",
@@ -213,7 +236,8 @@ async def test_values_become_json_values(tmp_path: Path) -> None:
     assert "prompt" not in second
     assert decode_input(1, second).messages == [{"role": "user", "content": "from messages"}]
     assert decode_input(1, second).id == "kept"
-    assert input_id(1, second) == "kept" and input_id(0, first) == 0
+    assert row_id(second, 1) == "kept" and row_id(first, 0) == 0
+    assert [row.id for row in await read_rows(path, "parquet")] == [0, "kept"]
 
 
 # --- saved Hugging Face datasets ------------------------------------------------------------
@@ -226,15 +250,15 @@ async def test_a_saved_dataset_streams_from_its_arrow_files(tmp_path: Path) -> N
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"), num_shards=3)
     path = tmp_path / "hf"
 
-    assert detect_format(path) == "hf"
+    assert fmt_of(path) == "hf"
     got = await collect(path, "hf", {"messages": "chat"})
 
     assert [i for i, _ in got] == list(range(25))
     assert [row["uid"] for _, row in got] == [r["uid"] for r in rows]
     assert got[7][1]["messages"] == rows[7]["chat"]
     assert isinstance(got[7][1]["score"], float)
-    assert count_input(path, "hf") == 25
-    assert [p.name for p in fingerprint_paths(path, "hf")] == [
+    assert rows_in(path, "hf") == 25
+    assert [p.name for p in files_of(path, "hf")] == [
         f"data-0000{i}-of-00003.arrow" for i in range(3)
     ]
     skip = LineSet()
@@ -246,24 +270,25 @@ async def test_a_saved_dataset_streams_from_its_arrow_files(tmp_path: Path) -> N
 # --- the run loop's view: any input -----------------------------------------------------
 
 
-async def test_read_input_gives_jsonl_lines_as_bytes_and_decodes_with_mapping(
-    tmp_path: Path,
-) -> None:
-    path = write_jsonl(tmp_path / "in.jsonl", chats(3))
+async def test_jsonl_rows_come_decoded_with_mapping_and_one_id_rule(tmp_path: Path) -> None:
+    no_user = {"uid": "u9", "chat": [{"role": "system", "content": "s"}]}
+    path = write_jsonl(tmp_path / "in.jsonl", [*chats(3), no_user])
+    with path.open("ab") as f:
+        f.write(b"{nope\n")
 
-    items = [item async for item in read_input(path, "jsonl", {"messages": "chat"})]
+    items = await collect(path, "jsonl", {"messages": "chat"})
 
-    assert [i for i, _ in items] == [0, 1, 2]
-    assert all(isinstance(raw, bytes) for _, raw in items)
-    row = decode_input(2, items[2][1], {"messages": "chat", "id": "uid"})
+    assert [i for i, _ in items] == [0, 1, 2, 3, 4]
+    assert all(isinstance(record, dict) for _, record in items)
+    assert items[2][1]["messages"][0]["content"] == "question 2"
+    mapped = await read_rows(path, "jsonl", {"messages": "chat", "id": "uid"})
+    row = parse_row(mapped[2].record, 2)
     assert row.id == "u2" and row.messages[0]["content"] == "question 2"
-    with pytest.raises(InputError, match="not valid JSON"):
-        decode_input(5, b"{nope", {"messages": "chat"})
-    assert count_input(path, "jsonl") == 3
-    no_user = orjson.dumps({"uid": "u9", "chat": [{"role": "system", "content": "s"}]})
-    assert input_id(9, no_user, {"id": "uid"}) == "u9"
-    assert input_id(9, no_user) == 9
-    assert input_id(9, b"{broken", {"id": "uid"}) == 9
+    assert mapped[4].error is not None and "not valid JSON" in mapped[4].error
+    assert rows_in(path, "jsonl") == 5
+    assert mapped[3].id == "u9" and mapped[3].error is None
+    assert (await read_rows(path, "jsonl"))[3].id == 3
+    assert mapped[4].id == 4 and mapped[4].record == {}
 
 
 def test_rename_columns_leaves_rows_without_the_column_alone() -> None:
@@ -277,11 +302,11 @@ def test_rename_columns_leaves_rows_without_the_column_alone() -> None:
 @needs_pyarrow
 def test_check_input_names_a_missing_column_and_its_columns(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "in.parquet", chats(2))
-    check_input(path, "parquet", {"messages": "chat"})
+    check(path, "parquet", {"messages": "chat"})
     with pytest.raises(InputError, match=r"input_columns.messages: .* no column 'conversation'"):
-        check_input(path, "parquet", {"messages": "conversation"})
+        check(path, "parquet", {"messages": "conversation"})
     with pytest.raises(InputError, match="does not exist"):
-        check_input(tmp_path / "missing.parquet", "parquet", {})
+        check(tmp_path / "missing.parquet", "parquet", {})
 
 
 @needs_pyarrow
@@ -291,7 +316,7 @@ async def test_without_pyarrow_the_error_says_what_to_install(
     path = write_parquet(tmp_path / "in.parquet", chats(2))
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     with pytest.raises(InputError, match=r"pip install 'turnstile\[parquet\]'"):
-        count_input(path, "parquet")
+        rows_in(path, "parquet")
     with pytest.raises(InputError, match=r"pip install 'turnstile\[parquet\]'"):
         await collect(path, "parquet")
 
@@ -323,5 +348,5 @@ def test_input_columns_are_validated() -> None:
     assert p.items and p.items[0].startswith("input_columns: must be a mapping")
 
 
-def decode_input(line: int, item: Any, columns: dict[str, str] | None = None) -> InputRow:
-    return parse_row(decode_record(line, item, columns), line)
+def decode_input(line: int, record: dict[str, Any]) -> InputRow:
+    return parse_row(record, line)

@@ -1,6 +1,6 @@
-"""Tasks in process: the registry, and runners driven by a fake client and a real writer.
+"""Tasks in process: the registry, and runners driven by in-memory endpoints and a real writer.
 
-No server: a fake model client answers from a function of the messages, and the
+No server: an in-memory endpoint answers from a function of the messages, and the
 run's real writer journals and writes the rows, so a task's whole contract (what
 it sends, what it journals, what it writes, how it resumes) is checked directly.
 """
@@ -19,43 +19,33 @@ import pytest
 from engine.checkpoint.writer import Writer
 from engine.config import RunConfig, parse_config
 from engine.errors import ModelError
-from engine.http.client import Completion
+from engine.http.endpoint import Completion, ModelEndpoint
 from engine.stats import ModelStats, RunStats
 from engine.tasks import kind_of, registry
 from engine.tasks.base import Context, usage_of
+from engine.testing.memory_endpoint import MemoryEndpoint
 from tests.conftest import read_jsonl
 from tests.journal_support import replay
 
 Answer = Callable[[list[dict[str, str]], Mapping[str, Any] | None], str]
 
 
-class FakeClient:
-    """What a task needs of a ModelClient: ``complete``; answers with ``answer``."""
+def fake(answer: Answer) -> MemoryEndpoint:
+    """An endpoint that answers with ``answer``: a reply costs a token per message and 2."""
+    return MemoryEndpoint(lambda messages, extra: reply(answer(messages, extra), messages))
 
-    def __init__(self, answer: Answer) -> None:
-        self.answer = answer
-        self.sent: list[list[dict[str, str]]] = []
 
-    async def complete(
-        self,
-        messages: list[dict[str, str]],
-        extra: Mapping[str, Any] | None = None,
-        *,
-        prefer: int | None = None,
-    ) -> Completion:
-        self.sent.append([dict(m) for m in messages])
-        await anyio.lowlevel.checkpoint()
-        text = self.answer(messages, extra)
-        if text == "FAIL":
-            raise ModelError("HTTP 400: refused", retryable=False, status=400)
-        return Completion(
-            [text],
-            ["stop"],
-            prompt_tokens=len(messages),
-            completion_tokens=2,
-            latency_s=0.0,
-            replica=0,
-        )
+def reply(text: str, messages: list[dict[str, str]]) -> Completion:
+    if text == "FAIL":
+        raise ModelError("HTTP 400: refused", retryable=False, status=400)
+    return Completion(
+        [text],
+        ["stop"],
+        prompt_tokens=len(messages),
+        completion_tokens=2,
+        latency_s=0.0,
+        replica=0,
+    )
 
 
 def echo(messages: list[dict[str, str]], extra: Mapping[str, Any] | None) -> str:
@@ -75,7 +65,9 @@ def config_for(folder: Path, task: str, section: dict[str, Any], **models: Any) 
 
 
 @asynccontextmanager
-async def running(config: RunConfig, clients: dict[str, FakeClient]) -> AsyncIterator[Context]:
+async def running(
+    config: RunConfig, clients: Mapping[str, ModelEndpoint]
+) -> AsyncIterator[Context]:
     path = config.checkpoint_dir / "journal.jsonl"
     state = replay(path, _size(config.output), _size(config.failed_output), 0)
     writer = Writer(
@@ -88,7 +80,7 @@ async def running(config: RunConfig, clients: dict[str, FakeClient]) -> AsyncIte
         policy=config.journal,
     )
     stats = RunStats(models={n: ModelStats(name=n, cap=1) for n in clients})
-    ctx = Context(config, config.kind, writer, clients, stats)  # type: ignore[arg-type]
+    ctx = Context(config, config.kind, writer, dict(clients), stats)
     async with anyio.create_task_group() as group:
         group.start_soon(writer.run)
         yield ctx
@@ -120,7 +112,7 @@ async def test_distill_runner_answers_every_user_message_and_journals_each_turn(
 ) -> None:
     config = config_for(tmp_path, "distill", {"model": "m"})
     task = config.kind.build(config)
-    client = FakeClient(echo)
+    client = fake(echo)
     record = {
         "id": "c",
         "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
@@ -147,7 +139,7 @@ async def test_distill_runner_resumes_from_its_journaled_turns(tmp_path: Path) -
     task = config.kind.build(config)
     record = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
     earlier = [{"k": "t", "l": 0, "i": 0, "c": "from before", "p": 1, "o": 1, "f": "stop"}]
-    client = FakeClient(echo)
+    client = fake(echo)
 
     async with running(config, {"m": client}) as ctx:
         await task.process(0, record, earlier, ctx)
@@ -161,11 +153,11 @@ async def test_distill_runner_resumes_from_its_journaled_turns(tmp_path: Path) -
 async def test_a_row_that_cannot_be_parsed_fails_alone_with_its_line(tmp_path: Path) -> None:
     config = config_for(tmp_path, "distill", {"model": "m"})
     task = config.kind.build(config)
-    client = FakeClient(echo)
+    client = fake(echo)
 
     async with running(config, {"m": client}) as ctx:
         await task.process(4, {"id": "bad", "messages": "not a list"}, [], ctx)
-        client.answer = lambda m, e: "FAIL"
+        client.answer = lambda m, e: reply("FAIL", m)
         await task.process(5, {"id": "refused", "prompt": "x"}, [], ctx)
 
     bad, refused = read_jsonl(config.failed_output)
@@ -196,9 +188,9 @@ async def test_preference_runner_generates_judges_and_pairs(tmp_path: Path) -> N
         )
 
     clients = {
-        "a": FakeClient(lambda m, e: "answer from a"),
-        "b": FakeClient(lambda m, e: "answer from b"),
-        "j": FakeClient(judge),
+        "a": fake(lambda m, e: "answer from a"),
+        "b": fake(lambda m, e: "answer from b"),
+        "j": fake(judge),
     }
 
     async with running(config, clients) as ctx:

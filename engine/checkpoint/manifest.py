@@ -23,7 +23,7 @@ from engine.checkpoint.paths import same_file
 from engine.checkpoint.snapshot import EMITS_NAME, SNAPSHOT_NAME
 from engine.config import RunConfig
 from engine.errors import CheckpointError
-from engine.input.sources import detect_format, fingerprint_paths
+from engine.input.base import Source
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "lock"
@@ -49,14 +49,14 @@ def hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def input_print(path: Path, known: dict[str, Any] | None = None) -> InputPrint:
+def input_print(source: Source, known: dict[str, Any] | None = None) -> InputPrint:
     """The input's fingerprint. Reuses a known digest when size and mtime are unchanged.
 
     A folder input (Parquet files, a saved dataset) is fingerprinted over the files
     that define its rows, in row order; a single file exactly as before, so the
     checkpoints of earlier versions still resume.
     """
-    files = fingerprint_paths(path, detect_format(path))
+    path, files = source.path, source.files()
     stats = [f.stat() for f in files]
     size = sum(st.st_size for st in stats)
     mtime_ns = max((st.st_mtime_ns for st in stats), default=0)
@@ -117,7 +117,7 @@ def read_manifest(checkpoint_dir: Path) -> dict[str, Any] | None:
     return data
 
 
-def check_manifest(manifest: dict[str, Any], config: RunConfig) -> InputPrint:
+def check_manifest(manifest: dict[str, Any], config: RunConfig, source: Source) -> InputPrint:
     """Refuse to resume when the input, the config or the output changed."""
     where = config.checkpoint_dir
     hint = "run with --fresh to start over (the checkpoint is discarded)"
@@ -130,7 +130,7 @@ def check_manifest(manifest: dict[str, Any], config: RunConfig) -> InputPrint:
         )
     recorded = manifest.get("input")
     known: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
-    fingerprint = input_print(config.input, known)
+    fingerprint = input_print(source, known)
     if fingerprint.digest != known.get("digest"):
         raise CheckpointError(
             f"the input file {config.input} has changed since the run in {where} started; "

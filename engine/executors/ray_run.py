@@ -116,6 +116,7 @@ def prepare_sharded(config: RunConfig, *, fresh: bool, shards: int) -> tuple[Any
     folder = config.checkpoint_dir
     lock = lock_checkpoint(folder)
     try:
+        source = open_source(config.input, config.input_columns)  # the driver's one
         if fresh:
             clear_shards(config)
         manifest = read_manifest(folder)
@@ -126,14 +127,14 @@ def prepare_sharded(config: RunConfig, *, fresh: bool, shards: int) -> tuple[Any
                 "local, use another checkpoint_dir, or run with --fresh to start over"
             )
         if manifest is None:
-            fingerprint = input_print(config.input)
+            fingerprint = input_print(source)
             write_manifest(folder, new_manifest(config, fingerprint))
             resumed = False
         else:
-            fingerprint = check_manifest(manifest, config)
+            fingerprint = check_manifest(manifest, config, source)
             resumed = True
         if plan is None:
-            pieces = open_source(config.input).plan(shards)
+            pieces = source.plan(shards)
             plan = Plan(shards=tuple(pieces), input_digest=fingerprint.digest)
             write_plan(folder, plan)
         check_plan(plan, shards, fingerprint.digest, folder)

@@ -28,8 +28,7 @@ from engine._runner import execute, prepare, run_loop
 from engine.config import RunConfig
 from engine.errors import ExecutorError
 from engine.executors.shards import check_storage, mark_done, shard_config
-from engine.http.client import ModelClient
-from engine.http.replicas import ReplicaPool
+from engine.http.endpoint import ModelEndpoint
 from engine.input.sources import Slice
 from engine.stats import RunStats, progress_of
 
@@ -45,11 +44,6 @@ KILL_HOOK = "TURNSTILE_TEST_KILL_SHARD"
 _KILLED_MARK = ".test-killed"
 
 
-def claim(pool: ReplicaPool) -> int:
-    """What a shard may have in flight on any replica until it applies its next share."""
-    return max((max(r.limit, r.in_flight) for r in pool.replicas), default=0)
-
-
 @dataclass(slots=True)
 class Lease:
     """A shard's share of each model's cap, leased from the run's quota while it runs."""
@@ -57,19 +51,16 @@ class Lease:
     index: int
     call: LeaseCall
     folder: Any = None  # the shard's folder, for the kill hook
-    clients: dict[str, ModelClient] | None = None
+    clients: dict[str, ModelEndpoint] | None = None
     stats: RunStats | None = None
     next_s: float = 1.0
 
-    async def start(self, clients: dict[str, ModelClient], stats: RunStats) -> None:
+    async def start(self, clients: dict[str, ModelEndpoint], stats: RunStats) -> None:
         self.clients, self.stats = clients, stats
         for client in clients.values():
-            client.pool.set_cap(0)  # nothing goes out before the first share...
-            # ...but that is no limit of 0 to show (the driver's first progress line
-            # did): the shard has no limit until a lease grants it a share.
-            client.pool.stats.limit = None
-            for replica in client.pool.stats.replicas:
-                replica.limit = None
+            # Nothing goes out before the first share, but that is no limit of 0 to show
+            # (the driver's first progress line did): no limit until a lease grants one.
+            client.set_share(None)
         for _ in range(60):  # a quota that is not there yet: keep asking, a while
             if await self._lease():
                 return
@@ -86,7 +77,8 @@ class Lease:
 
     async def _lease(self) -> bool:
         assert self.clients is not None and self.stats is not None
-        claims = {name: claim(client.pool) for name, client in self.clients.items()}
+        # What each may have in flight on any replica until it applies its next share.
+        claims = {name: client.statistics().claim for name, client in self.clients.items()}
         try:
             grants, self.next_s = await anyio.to_thread.run_sync(
                 self.call, self.index, claims, progress_of(self.stats)
@@ -96,7 +88,7 @@ class Lease:
             self.next_s = 1.0
             return False
         for name, share in grants.items():
-            self.clients[name].pool.set_cap(share)
+            self.clients[name].set_share(share)
         return True
 
 
@@ -116,12 +108,19 @@ def run_shard(
     check_storage(config.checkpoint_dir, token, socket.gethostname())
     shard = shard_config(config, piece)
     task = shard.kind.build(shard)
-    lock, state, resumed = prepare(shard, fresh=False, known_input=known_input)
+    lock, state, resumed, source = prepare(shard, fresh=False, known_input=known_input)
     try:
         display = progress.Display(shard.progress_interval_s, live=False, quiet=True)
         companion = Lease(piece.index, lease, folder=shard.checkpoint_dir) if lease else None
         main = functools.partial(
-            execute, shard, task, state, resumed=resumed, display=display, companion=companion
+            execute,
+            shard,
+            task,
+            state,
+            source=source,
+            resumed=resumed,
+            display=display,
+            companion=companion,
         )
         outcome = run_loop(main, uvloop=shard.uvloop)
     finally:

@@ -1,6 +1,8 @@
-"""The model client: OpenAI-compatible chat completions over aiohttp.
+"""The HTTP endpoint: OpenAI-compatible chat completions over aiohttp.
 
-One aiohttp session per model, its connector sized to the caps of its replicas.
+``HttpEndpoint`` is the online ``ModelEndpoint`` (``engine.http.endpoint``), built
+from plain values (``engine.http.settings``). One aiohttp session per model, its
+connector sized to the caps of its replicas.
 A slot on one replica (``engine.http.replicas``) is held for exactly one HTTP attempt
 and released before any backoff, so a waiting retry never starves other
 requests. Replicas taken out are probed in the background (one task each, in
@@ -12,8 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -22,8 +23,8 @@ import anyio
 import orjson
 from anyio.abc import TaskGroup
 
-from engine.config import ModelConfig
 from engine.errors import ModelError
+from engine.http.endpoint import Completion, EndpointStatistics
 from engine.http.ratelimit import estimate_tokens, per_minute
 from engine.http.reasoning import DEFAULT_DIALECT, Dialect, is_empty, split_reply
 from engine.http.replicas import Replica, ReplicaPool
@@ -43,6 +44,7 @@ from engine.http.retry import (
     parse_retry_after,
     retry_delay_s,
 )
+from engine.http.settings import HttpSettings
 from engine.redact import model_secrets, redact_url, scrub, scrub_bytes
 from engine.stats import ModelStats
 
@@ -58,40 +60,7 @@ PROBE_FIRST_S = 0.25  # an out replica is probed after this, then twice as long 
 PROBE_MAX_S = 2.0  # up to this: a server back from a restart is used again within 2 s
 
 
-# Not frozen: one is built per request, and a frozen dataclass's __init__ costs four
-# times as much (object.__setattr__ per field). Nothing changes one after it is made.
-@dataclass(slots=True)
-class Completion:
-    """What one successful request returned: per choice its answer, its reasoning trace
-    (None when it had none) and why it ended; and the token usage.
-
-    ``texts`` are answers only: a trace never ends up in them (``engine.http.reasoning``
-    takes the reply apart by the model's ``reasoning`` dialect).
-    """
-
-    texts: list[str]
-    finish_reasons: list[str | None]
-    prompt_tokens: int
-    completion_tokens: int
-    latency_s: float
-    replica: int = 0  # which of the model's servers answered
-    traces: list[str | None] | None = None  # None: no choice had a trace
-    reasoning_tokens: int = 0  # part of completion_tokens, where the server reports it
-
-    def trace(self, choice: int = 0) -> str | None:
-        traces = self.traces
-        return traces[choice] if traces is not None else None
-
-    def cut_off(self, choice: int = 0) -> bool:
-        """Cut off by max_tokens while reasoning: a trace, no answer, finish_reason length."""
-        return (
-            not self.texts[choice]
-            and self.finish_reasons[choice] == "length"
-            and self.trace(choice) is not None
-        )
-
-
-class ModelClient:
+class HttpEndpoint:
     """Sends chat completions to one model's replicas: capped, spread, retried, counted.
 
     A request is charged one of the row's ``max_retries`` only when the failure is
@@ -116,28 +85,30 @@ class ModelClient:
 
     def __init__(
         self,
-        config: ModelConfig,
-        stats: ModelStats,
+        settings: HttpSettings,
+        stats: ModelStats | None = None,
         *,
-        base_urls: Sequence[str] | None = None,
         sleep: Sleep = anyio.sleep,
         clock: Clock = time.monotonic,
         draw: Callable[[], float] = random.random,
     ) -> None:
-        """``base_urls`` replaces the config's (the built-in server's URLs). ``sleep``
-        and ``clock`` (monotonic seconds) drive pacing, backoff, probes and outage
-        times, so tests inject a fake sleep that advances a fake clock. Latency is
-        measured with the real ``perf_counter``: it is only reported."""
-        self.config = config
+        """``stats`` are the live counters it writes as it goes (a new set when None):
+        the run's display reads the ones it passes in. ``sleep`` and ``clock``
+        (monotonic seconds) drive pacing, backoff, probes and outage times, so tests
+        inject a fake sleep that advances a fake clock. Latency is measured with the
+        real ``perf_counter``: it is only reported."""
+        self.settings = settings
+        if stats is None:
+            stats = ModelStats(name=settings.name, cap=settings.max_concurrency)
         self.stats = stats
-        urls = list(base_urls or config.base_urls)
+        urls = list(settings.base_urls)
         self.pool = ReplicaPool(
-            config.name,
+            settings.name,
             urls,
-            config.max_concurrency,
+            settings.max_concurrency,
             stats,
-            down_after_s=config.down_after_s,
-            affinity=config.affinity,
+            down_after_s=settings.down_after_s,
+            affinity=settings.affinity,
         )
         self._chat_urls = [endpoint(url, "/chat/completions") for url in urls]
         self._free_max = self.FREE_ATTEMPTS * len(urls)
@@ -150,34 +121,34 @@ class ModelClient:
         self._refused: ModelError | None = None  # set once the model refuses every request
         self._not_found = 0  # 404s in a row, none answered since
         self._found = Ledger()  # the last 404's verdict: the row's if the model answers next
-        self._max_reply = config.max_reply_bytes
+        self._max_reply = settings.max_reply_bytes
         headers = {"Content-Type": "application/json"}
-        key = config.api_key()
+        key = settings.api_key
         self._secrets = model_secrets(key, urls)  # removed from every server message
         self._secret_bytes = tuple(secret.encode() for secret in self._secrets)
         if key:
             headers["Authorization"] = f"Bearer {key}"
         self._headers = headers
-        self._params = dict(config.params)
-        self._dialect = Dialect(config.reasoning, *config.reasoning_tags)
+        self._params = dict(settings.params)
+        self._dialect = Dialect(settings.reasoning, *settings.reasoning_tags)
         self._max_tokens = self._params.get("max_tokens")
-        self._body: dict[str, Any] = {**self._params, "model": config.model}
+        self._body: dict[str, Any] = {**self._params, "model": settings.model}
         now = clock()
         self._requests = (
-            per_minute(config.requests_per_minute, now) if config.requests_per_minute else None
+            per_minute(settings.requests_per_minute, now) if settings.requests_per_minute else None
         )
         self._tokens = (
-            per_minute(config.tokens_per_minute, now) if config.tokens_per_minute else None
+            per_minute(settings.tokens_per_minute, now) if settings.tokens_per_minute else None
         )
 
-    async def __aenter__(self) -> ModelClient:
-        cap = self.config.max_concurrency
+    async def __aenter__(self) -> HttpEndpoint:
+        cap = self.settings.max_concurrency
         connector = aiohttp.TCPConnector(
             limit=cap * len(self._chat_urls), limit_per_host=cap, keepalive_timeout=60
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.config.timeout_s),
+            timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
             headers=self._headers,
             skip_auto_headers=("User-Agent",),
             json_serialize=lambda obj: orjson.dumps(obj).decode(),
@@ -201,6 +172,24 @@ class ModelClient:
                 await self._session.close()
             self._session = None
 
+    def statistics(self) -> EndpointStatistics:
+        """A frozen snapshot of its counters and its replicas'."""
+        pool = self.pool
+        return EndpointStatistics.of(self.stats, live=pool.live_count, down=pool.down)
+
+    def set_share(self, cap: int | None) -> None:
+        """A new cap on each replica (a shard's share of the model's); None: nothing
+        goes out until a share is set, and no limit is shown meanwhile."""
+        self.pool.set_cap(cap or 0)
+        if cap is None:
+            self.stats.limit = None
+            for replica in self.stats.replicas:
+                replica.limit = None
+
+    def down_from_start(self) -> None:
+        """Down now when no replica is live (see ``ReplicaPool.down_from_start``)."""
+        self.pool.down_from_start()
+
     async def probe(self) -> list[str]:
         """Check that each replica is reachable at all (any HTTP answer will do).
 
@@ -213,7 +202,7 @@ class ModelClient:
             error = await self._unreachable(replica)
             if error is not None:
                 problems.append(
-                    f"models.{self.config.name}: cannot reach {replica.stats.url}/models "
+                    f"models.{self.settings.name}: cannot reach {replica.stats.url}/models "
                     f"({error}); start the server or fix base_url"
                 )
                 self.pool.take_out(replica, now)
@@ -223,7 +212,7 @@ class ModelClient:
     async def _unreachable(self, replica: Replica) -> str | None:
         """None when ``replica`` answers HTTP below 500 on ``/models``, else why not."""
         session = self._require_session()
-        timeout = aiohttp.ClientTimeout(total=min(10.0, self.config.timeout_s))
+        timeout = aiohttp.ClientTimeout(total=min(10.0, self.settings.timeout_s))
         try:
             # The status is the answer: the body is not read (nor its size trusted).
             models = endpoint(replica.url, "/models")
@@ -255,7 +244,7 @@ class ModelClient:
 
     def _require_session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            raise RuntimeError("ModelClient used outside 'async with'")
+            raise RuntimeError("HttpEndpoint used outside 'async with'")
         return self._session
 
     def request_body(
@@ -263,7 +252,7 @@ class ModelClient:
     ) -> bytes:
         if extra:
             body: dict[str, Any] = {**self._params, **extra}
-            body["model"] = self.config.model
+            body["model"] = self.settings.model
         else:
             body = self._body.copy()  # the same keys in the same order, made once
         body["messages"] = messages
@@ -290,7 +279,7 @@ class ModelClient:
         held: list[Verdict] = []  # its failures whose charge waits on the server's next outcome
         pool = self.pool
         clock = self._clock
-        max_retries = self.config.max_retries
+        max_retries = self.settings.max_retries
         while True:
             if paced:
                 await self._pace(estimate)  # before taking a slot: never wait holding one
@@ -397,11 +386,11 @@ class ModelClient:
         its requests fails at once, unsent, with a ``model_down`` error naming the fix:
         no row is failed for it (a teacher or judge stops the run, resumable)."""
         if self._refused is None:
-            name = self.config.name
+            name = self.settings.name
             where = f"from {replica.stats.url}"
             if error.kind == REFUSED:
                 why = f"models.{name}: {error} ({where}): the server refuses the key"
-                env = self.config.api_key_env
+                env = self.settings.api_key_env
                 fix = (
                     f"check the key in {env} (models.{name}.api_key_env)"
                     if env
@@ -455,7 +444,7 @@ class ModelClient:
         return b"".join(chunks)
 
     def _too_large(self, status: int) -> ModelError:
-        name = self.config.name
+        name = self.settings.name
         return ModelError(
             f"HTTP {status} with a reply larger than max_reply_bytes "
             f"({self._max_reply:,} bytes); lower models.{name}.params.max_tokens, or raise "
@@ -498,7 +487,7 @@ class ModelClient:
                 retry_after = response.headers.get("Retry-After") if status != 200 else None
         except TimeoutError as exc:
             raise ModelError(
-                f"timed out after {self.config.timeout_s:g}s", retryable=True, kind=UNHEALTHY
+                f"timed out after {self.settings.timeout_s:g}s", retryable=True, kind=UNHEALTHY
             ) from exc
         except aiohttp.InvalidURL as exc:
             raise ModelError(
@@ -519,7 +508,7 @@ class ModelClient:
                 message += (
                     "; the conversation does not fit the server's context: raise local.ctx_size "
                     "(the built-in server) or the server's context size, or lower "
-                    f"models.{self.config.name}.params.max_tokens"
+                    f"models.{self.settings.name}.params.max_tokens"
                 )
             # An HTTP-date Retry-After names wall-clock time, so it is read against time.time().
             raise ModelError(

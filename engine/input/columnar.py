@@ -29,9 +29,8 @@ import anyio
 
 from engine.errors import InputError
 from engine.input.arrow_json import converters, json_row
-from engine.input.base import Source
+from engine.input.base import FRESH, Resume, Row, Source, row_id
 from engine.input.columns import check_columns
-from engine.input.reader import Marks
 from engine.input.slices import Slice
 
 CHUNK_ROWS = 1024  # rows converted per thread hop
@@ -39,7 +38,7 @@ _NO_END = sys.maxsize  # the row bound of a read that is not restricted to a sli
 
 # (first row number, rows, batch or None for one that is passed over unread)
 Batches = Generator[tuple[int, int, Any], None, None]
-Chunk = list[tuple[int, dict[str, Any]]]
+Chunk = list[Row]
 
 
 class ColumnarSource(Source):
@@ -65,7 +64,7 @@ class ColumnarSource(Source):
         batch with no row in [lo, hi) (or, where the format checks, every such row in
         ``skip``): it is passed over without being read or converted."""
 
-    def _check(self, columns: Mapping[str, str]) -> None:
+    def _check(self) -> None:
         for file in self.files():
             try:
                 names = self._schema_names(file)
@@ -73,47 +72,29 @@ class ColumnarSource(Source):
                 raise InputError(
                     f"input {file} cannot be read as {self.needs} ({exc}); {self.unreadable}"
                 ) from exc
-            check_columns(file, names, columns)
+            check_columns(file, names, self.columns)
 
     def count(self) -> int:
         return sum(self._rows_in(file) for file in self.files())
 
-    def read(
-        self,
-        columns: Mapping[str, str],
-        skip: Container[int] = (),
-        *,
-        piece: Slice | None = None,
-        start: tuple[int, int] = (0, 0),
-        marks: Marks | None = None,
-    ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        # Offsets mean nothing here: a resume's seek is its row, the rows before it done.
-        if piece is None:
-            return self.records(columns, skip, lo=start[0])
-        return self.records(columns, skip, lo=max(start[0], piece.first_row), hi=piece.next_row)
+    async def read(self, piece: Slice | None = None, resume: Resume = FRESH) -> AsyncIterator[Row]:
+        """Rows numbered in [lo, hi) (the piece's, from the seek's row on) and not done.
 
-    async def records(
-        self,
-        columns: Mapping[str, str],
-        skip: Container[int] = (),
-        *,
-        lo: int = 0,
-        hi: int = _NO_END,
-    ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        """Yield (row number, row) for the rows numbered in [lo, hi) and not in ``skip``.
-
-        ``columns`` maps row keys to the columns holding them (``{"messages": "chat"}``);
-        skipped rows are not converted. Every read and conversion runs in a worker
+        Finished rows are not converted. Every read and conversion runs in a worker
         thread, one slice of rows per hop.
         """
-        chunks = self._chunks(columns, skip, lo, hi)
+        # No positions are noted: a resume's seek is its row, the rows before it done.
+        lo, hi = resume.seek[0], _NO_END
+        if piece is not None:
+            lo, hi = max(lo, piece.first_row), piece.next_row
+        chunks = self._chunks(self.columns, resume.done, lo, hi)
         try:
             while True:
                 chunk = await anyio.to_thread.run_sync(next, chunks, None)
                 if chunk is None:
                     return
-                for item in chunk:
-                    yield item
+                for row in chunk:
+                    yield row
         finally:
             # Close the files even when the reader is cancelled mid-way.
             with anyio.CancelScope(shield=True):
@@ -146,7 +127,7 @@ class ColumnarSource(Source):
                         if len(keep) < count:
                             part = part.take(pa.array(keep, type=pa.int64()))
                         yield [
-                            (base + i, json_row(row, convert, columns))
+                            _row(base + i, json_row(row, convert, columns))
                             for i, row in zip(keep, part.to_pylist(), strict=True)
                         ]
 
@@ -164,3 +145,7 @@ class ColumnarSource(Source):
             raise InputError(
                 f"reading {self.needs} needs pyarrow: pip install 'turnstile[{self.extra}]'"
             ) from exc
+
+
+def _row(line: int, record: dict[str, Any]) -> Row:
+    return Row(line, row_id(record, line), record)

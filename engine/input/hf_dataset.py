@@ -26,8 +26,26 @@ class HfDatasetSource(ColumnarSource):
 
     fmt = "hf"
     extra = "hf"
+    what = "saved dataset (a folder with dataset_info.json and state.json)"
     needs = "a saved Hugging Face dataset"
     unreadable = "save the dataset again with Dataset.save_to_disk"
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        """A folder with ``dataset_info.json`` and ``state.json``. A DatasetDict's folder
+        is refused here, naming a split to point at instead."""
+        if not path.is_dir():
+            return False
+        if (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
+            return True
+        if (path / "dataset_dict.json").is_file():
+            splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+            example = path / (splits[0] if splits else "train")
+            raise InputError(
+                f"input {path} is a DatasetDict (splits: {', '.join(splits) or 'none'}); "
+                f"point input: at one split's folder, e.g. {example}"
+            )
+        return False
 
     def files(self) -> list[Path]:
         """The Arrow files in ``state.json``'s order: the order decides the row numbers,

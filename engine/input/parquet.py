@@ -25,11 +25,26 @@ class ParquetSource(ColumnarSource):
 
     fmt = "parquet"
     extra = "parquet"
+    what = "*.parquet files (a file, or a folder of them)"
     needs = "Parquet"
     unreadable = (
         "a file named .parquet (.pq, .parq) is read as Parquet: if it holds JSON lines, "
         "rename it to .jsonl; else write it again as Parquet"
     )
+
+    @classmethod
+    def sniff(cls, path: Path) -> bool:
+        """A folder holding ``*.parquet`` files, a file named ``*.parquet`` (missing or
+        not), or a file starting with Parquet's magic bytes."""
+        if path.is_dir():
+            return bool(parquet_files(path))
+        if path.suffix.lower() in PARQUET_SUFFIXES:
+            return True
+        try:
+            with path.open("rb") as f:
+                return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+        except OSError:
+            return False  # a missing file is reported by whoever reads it
 
     def files(self) -> list[Path]:
         return parquet_files(self.path) if self.path.is_dir() else [self.path]

@@ -11,8 +11,7 @@ without splitting the file into lines.
 from __future__ import annotations
 
 import json
-from collections import deque
-from collections.abc import AsyncIterator, Container, Sequence
+from collections.abc import AsyncGenerator, Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,36 +19,13 @@ import anyio
 import orjson
 
 from engine.errors import InputError
+from engine.input.base import Marks as Marks  # noted by the reader, read by the writer
+from engine.input.base import row_id
+from engine.input.columns import rename_columns
 
 CHUNK = 1 << 20
 SCAN_CHUNK = 1 << 24  # planning only counts newlines: bigger reads, fewer hops
 _BOM = b"\xef\xbb\xbf"
-
-
-class Marks:
-    """(line, byte offset of its start) pairs the reader notes, one a chunk.
-
-    The writer asks for the last one at or before the first line not done yet
-    (:meth:`before`) when it takes a snapshot; older ones are dropped then, so
-    the marks kept span only the rows the reader is ahead of the finished ones.
-    """
-
-    __slots__ = ("_marks",)
-
-    def __init__(self) -> None:
-        self._marks: deque[tuple[int, int]] = deque()
-
-    def note(self, line: int, offset: int) -> None:
-        self._marks.append((line, offset))
-
-    def before(self, line: int) -> tuple[int, int] | None:
-        """The last mark whose line is at most ``line`` (None when there is none)."""
-        marks = self._marks
-        while len(marks) > 1 and marks[1][0] <= line:
-            marks.popleft()
-        if marks and marks[0][0] <= line:
-            return marks[0]
-        return None
 
 
 async def read_lines(
@@ -60,7 +36,7 @@ async def read_lines(
     start: tuple[int, int] = (0, 0),
     end: int | None = None,
     marks: Marks | None = None,
-) -> AsyncIterator[tuple[int, bytes]]:
+) -> AsyncGenerator[tuple[int, bytes], None]:
     """Yield (0-based line number, line bytes) for each non-blank line not in ``skip``.
 
     ``start`` is (line, byte offset where it starts): reading begins there, the
@@ -232,12 +208,13 @@ def check_writable(obj: Any) -> None:
         ) from exc
 
 
-def raw_id(line: int, raw: bytes) -> object:
-    """The row's id for the failed file, when the line has one, else its line number."""
+def raw_id(line: int, raw: bytes, columns: Mapping[str, str] | None = None) -> object:
+    """The id of a line that could not be used: :func:`~engine.input.base.row_id` of
+    whatever JSON it holds (its columns mapped), its line number when none."""
     obj = loads_or_none(raw)
-    if isinstance(obj, dict) and isinstance(obj.get("id"), ID_TYPES):
-        return obj["id"]
-    return line
+    if columns and isinstance(obj, dict):
+        obj = rename_columns(obj, columns)
+    return row_id(obj, line)
 
 
 def loads_or_none(raw: bytes) -> Any:
@@ -247,10 +224,6 @@ def loads_or_none(raw: bytes) -> Any:
         return _exact_ints(raw) if _LONG_DIGITS in raw.translate(_MARKS) else obj
     except (ValueError, RecursionError):  # orjson.JSONDecodeError is a ValueError
         return None
-
-
-# What an id may be: a string or a number (an integer past 64 bits as its own digits).
-ID_TYPES = (str, int, float, orjson.Fragment)
 
 
 def _bad_utf8(raw: bytes) -> bool:

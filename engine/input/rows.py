@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import InputError
-from engine.input.reader import ID_TYPES
+from engine.input.base import row_id
 
 Message = dict[str, str]
 
@@ -42,12 +42,6 @@ class InputRow:
     extra: dict[str, Any]
 
 
-def record_id(record: dict[str, Any], line: int) -> Any:
-    """A record's ``id`` when it has a usable one (a string or a number), else its line."""
-    value = record.get("id")
-    return value if isinstance(value, ID_TYPES) and not isinstance(value, bool) else line
-
-
 def parse_row(obj: Any, line: int) -> InputRow:
     """Detect the row's format and return its messages; raises InputError naming the fix."""
     if not isinstance(obj, dict):
@@ -68,9 +62,8 @@ def parse_row(obj: Any, line: int) -> InputRow:
             "no 'messages', 'conversations' or 'prompt' key; "
             "give the conversation as messages: [{role, content}, ...]"
         )
-    row_id = obj.get("id", line)
     extra = {k: v for k, v in obj.items() if k not in FORMAT_KEYS and k != "id"}
-    return InputRow(line=line, id=row_id, messages=messages, extra=extra)
+    return InputRow(line=line, id=row_id(obj, line), messages=messages, extra=extra)
 
 
 def _openai(value: Any) -> list[Message]:

@@ -577,10 +577,10 @@ def _error_key(message: str) -> str:
 
 
 def _input_rows(config: RunConfig) -> int | None:
-    from engine.input.sources import count_input, detect_format
+    from engine.input.sources import open_source
 
     try:
-        return count_input(config.input, detect_format(config.input))
+        return open_source(config.input, config.input_columns).count()
     except (OSError, TurnstileError):
         return None
 

@@ -24,7 +24,7 @@ from engine.output.filters import FilterConfig, Reply, check_row, filtered_recor
 
 if TYPE_CHECKING:
     from engine.config import ModelConfig, RunConfig
-    from engine.http.client import ModelClient
+    from engine.http.endpoint import ModelEndpoint
     from engine.problems import Problems
     from engine.stats import RunStats
 
@@ -141,7 +141,7 @@ class Context:
     config: RunConfig
     kind: TaskKind
     writer: RowWriter
-    clients: dict[str, ModelClient]
+    clients: dict[str, ModelEndpoint]
     stats: RunStats
     stopping: bool = False
     _filtering: bool = field(init=False, repr=False)  # any filter rule on: asked once, not per row

@@ -11,7 +11,8 @@ from typing import Any
 from engine.config import RunConfig
 from engine.errors import InputError, ModelError
 from engine.http.reasoning import cut_off_error
-from engine.input.rows import InputRow, parse_row, record_id
+from engine.input.base import row_id
+from engine.input.rows import InputRow, parse_row
 from engine.tasks.base import Context, Records
 from engine.tasks.distill import KEEP, DistillConfig
 from engine.tasks.distill.dialogue import TurnReply, new_dialogue, output_row
@@ -91,7 +92,7 @@ class DistillTask:
                 row, self.system_prompt, self.turn_rule, keep_reasoning=self.keep_reasoning
             )
         except InputError as exc:
-            await ctx.fail(line, record_id(record, line), f"input: {exc}")
+            await ctx.fail(line, row_id(record, line), f"input: {exc}")
             return
         if records:  # a resumed conversation: its journaled replies first
             for reply in replies_from(records)[: len(dialogue.turns)]:

@@ -20,7 +20,8 @@ from anyio.abc import TaskGroup
 from engine.config import RunConfig
 from engine.errors import ModelError
 from engine.http.reasoning import cut_off_error
-from engine.input.rows import Message, record_id
+from engine.input import base as input_base
+from engine.input.rows import Message
 from engine.tasks.base import Context, Records, row_usage
 from engine.tasks.generate import REASONING_KEY, TRUNCATED_KEY, GenerateConfig
 from engine.tasks.generate.attempts import (
@@ -104,7 +105,7 @@ class GenerateTask:
     async def process(
         self, line: int, record: dict[str, Any], records: Records, ctx: Context
     ) -> None:
-        row_id = record_id(record, line)
+        row_id = input_base.row_id(record, line)
         try:
             text = render(self.template, record)
         except RenderError as exc:

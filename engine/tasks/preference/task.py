@@ -31,7 +31,8 @@ import anyio
 from engine.config import RunConfig
 from engine.errors import InputError, ModelDown, ModelError
 from engine.http.reasoning import cut_off_error, max_tokens_of
-from engine.input.rows import InputRow, Message, parse_row, record_id
+from engine.input.base import row_id
+from engine.input.rows import InputRow, Message, parse_row
 from engine.tasks.base import Context, Records, row_usage
 from engine.tasks.preference import BROUGHT_KEYS, PreferenceConfig
 from engine.tasks.preference.judge import JSON, has_usable_rating, judge_messages, parse_ratings
@@ -224,7 +225,7 @@ class PreferenceTask:
             row = parse_row(record, line)
             brought = brought_from(record)
         except InputError as exc:
-            await ctx.fail(line, record_id(record, line), f"input: {exc}")
+            await ctx.fail(line, row_id(record, line), f"input: {exc}")
             return
         extra = {k: v for k, v in row.extra.items() if k not in BROUGHT_KEYS}
         prompt = prompt_of(row.messages)
