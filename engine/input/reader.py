@@ -177,6 +177,30 @@ MAX_DEPTH = 250
 _HEADROOM = 254 - MAX_DEPTH
 
 
+def loads_exact(raw: bytes) -> Any:
+    """``orjson.loads``, with integers past 64 bits kept exact (as :func:`decode_line` does):
+    for reading back rows the engine wrote. Raises orjson.JSONDecodeError."""
+    obj = orjson.loads(raw)
+    return _exact_ints(raw) if has_long_digits(raw) else obj
+
+
+def has_long_digits(raw: bytes) -> bool:
+    """Whether ``raw`` may hold an integer past 64 bits (a run of 19 digits or more)."""
+    return _LONG_DIGITS in raw.translate(_MARKS)
+
+
+def fragments_as_text(obj: Any) -> Any:
+    """``obj`` with each exact integer (an ``orjson.Fragment``) as its digits in a string:
+    for formats that hold no integer past 64 bits (Arrow, Parquet)."""
+    if isinstance(obj, orjson.Fragment):
+        return orjson.dumps(obj).decode()
+    if isinstance(obj, dict):
+        return {k: fragments_as_text(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [fragments_as_text(v) for v in obj]
+    return obj
+
+
 def _exact_ints(raw: bytes) -> Any:
     """The line read again by the standard library, every integer kept exact: one past
     64 bits as an ``orjson.Fragment`` of its own digits, written back out byte for byte."""

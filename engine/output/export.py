@@ -45,6 +45,7 @@ from engine.checkpoint.paths import clashes, inside, run_targets, same_file
 from engine.checkpoint.snapshot import emit_sources, has_journal
 from engine.config import RunConfig
 from engine.errors import CheckpointError, ExportError, TurnstileError
+from engine.input.reader import fragments_as_text, has_long_digits, loads_exact
 from engine.output.card import Counts, card_text
 from engine.output.filters import FILTER_KEY, filtered_path, rule_of
 from engine.output.traces import KEEP, REASONING_MODES, Reshaper
@@ -265,7 +266,10 @@ def _batches(
 ) -> Iterator[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     for raw in rows:
-        row = orjson.loads(raw)
+        if has_long_digits(raw):  # exact, as text: Arrow holds no integer past 64 bits
+            row = fragments_as_text(loads_exact(raw))
+        else:
+            row = orjson.loads(raw)
         if reshape is not None and reshape.active:
             row = reshape(row)
         unpaired = "chosen" in row and row["chosen"] is None
@@ -369,7 +373,7 @@ def _write_jsonl(
     with _replacing(dest) as tmp, tmp.open("wb") as f:
         for raw in rows:
             traced = reshape is not None and reshape.touches(raw)
-            row = orjson.loads(raw) if pairs_only or drop or traced else None
+            row = loads_exact(raw) if pairs_only or drop or traced else None
             if row is not None:
                 if pairs_only and row.get("chosen") is None:
                     continue
