@@ -348,9 +348,14 @@ async def test_eight_long_conversations_at_once_never_overflow_the_context(
 async def test_a_generate_run_with_a_schema_on_the_built_in_model(tmp_path: Path) -> None:
     topics = [{"id": f"t{i}", "topic": topic} for i, topic in enumerate(["rain", "bread", "cats"])]
     write_jsonl(tmp_path / "in.jsonl", topics)
+    # Bounded strings: the server's grammar then closes the JSON within max_tokens (at
+    # temperature 0 a 135M model may otherwise repeat itself inside a string until cut off).
     schema = {
         "type": "object",
-        "properties": {"question": {"type": "string"}, "answer": {"type": "string"}},
+        "properties": {
+            "question": {"type": "string", "maxLength": 100},
+            "answer": {"type": "string", "maxLength": 60},
+        },
         "required": ["question", "answer"],
     }
     config = {
@@ -362,7 +367,7 @@ async def test_a_generate_run_with_a_schema_on_the_built_in_model(tmp_path: Path
             "writer": {
                 "base_url": "local",
                 "max_concurrency": 3,
-                "params": {"temperature": 0.0, "max_tokens": 96, "seed": 1},
+                "params": {"temperature": 0.0, "max_tokens": 128, "seed": 1},
                 "local": {"ctx_size": 2048, "threads": 2},
             }
         },
