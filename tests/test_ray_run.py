@@ -7,16 +7,19 @@ Every run here starts its own local cluster and stops it, as `turnstile run` doe
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from engine.executors.shard import KILL_HOOK
+from engine.checkpoint.journal import segments
 from engine.executors.shards import read_plan, shard_dir
 from engine.testing.mock_server import MockServer
 from tests.conftest import (
+    Proc,
     conversations,
     kill_after,
     read_jsonl,
@@ -56,6 +59,31 @@ async def reference(folder: Path, mock: MockServer, source: list[Any]) -> list[d
     assert done.returncode == 0, done.stderr
     order = {row["id"]: i for i, row in enumerate(source)}
     return sorted(read_jsonl(folder / "out" / "distilled.jsonl"), key=lambda r: order[r["id"]])
+
+
+async def kill_shard_worker(mock: MockServer, folder: Path, *, replies: int) -> int:
+    """SIGKILL the worker running the shard in ``folder`` once its journal holds
+    ``replies`` replies (looked at every 5 requests the mock sees); its pid."""
+    seen = 0
+    while True:
+        seen += 5
+        await mock.wait_for_requests(seen)
+        if sum(_replies(path) for _, path in segments(folder)) >= replies:
+            pid = holder(folder)
+            os.kill(pid, signal.SIGKILL)
+            return pid
+
+
+def _replies(segment: Path) -> int:
+    try:
+        return segment.read_bytes().count(b'"k":"t"')
+    except FileNotFoundError:  # dropped by a snapshot since it was listed
+        return 0
+
+
+def holder(checkpoint: Path) -> int:
+    """The process holding ``checkpoint``'s lock (or that held it last): ``pid N``."""
+    return int((checkpoint / "lock").read_text().split()[1])
 
 
 def repeated(mock: MockServer) -> int:
@@ -114,7 +142,7 @@ async def test_a_shard_running_alone_gets_the_whole_cap(tmp_path: Path, mock: Mo
 
 
 async def test_a_worker_killed_mid_shard_is_retried_from_its_journal(
-    tmp_path: Path, mock: MockServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, mock: MockServer
 ) -> None:
     source = conversations(120, max_turns=4)
     want = await reference(tmp_path / "reference", mock, source)
@@ -122,12 +150,21 @@ async def test_a_worker_killed_mid_shard_is_retried_from_its_journal(
     mock.latency_ms = 5
     write_jsonl(tmp_path / "in.jsonl", source)
     config = ray_config(tmp_path, mock, cap=4)
-    monkeypatch.setenv(KILL_HOOK, "1:15")  # the cluster's workers inherit it
+    folder = shard_dir(tmp_path / "ck", 1)
 
-    done = await turnstile("run", config, "--quiet")
+    run = await start_turnstile("run", config, "--quiet")
+    killer = asyncio.ensure_future(kill_shard_worker(mock, folder, replies=15))
+    exited = asyncio.ensure_future(run.wait())
+    finished, _ = await asyncio.wait({killer, exited}, return_when=asyncio.FIRST_COMPLETED)
+    assert killer in finished, "the run ended before shard 1's worker could be killed"
+    killed = killer.result()
+    (folder / ".test-killed").touch()
+    _, err = await run.communicate()
+    done = Proc(run.returncode, err.decode())
 
     assert done.returncode == 0, done.stderr
     assert (shard_dir(tmp_path / "ck", 1) / ".test-killed").exists()
+    assert holder(folder) != killed  # the shard finished in another worker
     assert read_jsonl(tmp_path / "out" / "distilled.jsonl") == want
     assert repeated(mock) <= 4  # at most what was in flight in the killed worker
 

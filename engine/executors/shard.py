@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,11 +36,6 @@ log = logging.getLogger("turnstile")
 # (shard, claims per model, progress) -> (share per model, seconds to the next lease)
 LeaseCall = Callable[[int, dict[str, int], dict[str, Any]], tuple[dict[str, int], float]]
 
-# A test hook: "INDEX:TURNS" SIGKILLs shard INDEX's worker once it has written TURNS
-# replies, on its first attempt only (a marker file in its folder says it happened).
-KILL_HOOK = "TURNSTILE_TEST_KILL_SHARD"
-_KILLED_MARK = ".test-killed"
-
 
 @dataclass(slots=True)
 class Lease:
@@ -50,7 +43,6 @@ class Lease:
 
     index: int
     call: LeaseCall
-    folder: Any = None  # the shard's folder, for the kill hook
     clients: dict[str, ModelEndpoint] | None = None
     stats: RunStats | None = None
     next_s: float = 1.0
@@ -68,12 +60,9 @@ class Lease:
         raise ExecutorError(f"shard {self.index}: the run's quota does not answer; rerun")
 
     async def run(self) -> None:
-        async with anyio.create_task_group() as group:
-            if os.environ.get(KILL_HOOK):
-                group.start_soon(_kill_hook, self.index, self.stats, self.folder)
-            while True:
-                await anyio.sleep(self.next_s)
-                await self._lease()
+        while True:
+            await anyio.sleep(self.next_s)
+            await self._lease()
 
     async def _lease(self) -> bool:
         assert self.clients is not None and self.stats is not None
@@ -111,7 +100,7 @@ def run_shard(
     lock, state, resumed, source = prepare(shard, fresh=False, known_input=known_input)
     try:
         display = progress.Display(shard.progress_interval_s, live=False, quiet=True)
-        companion = Lease(piece.index, lease, folder=shard.checkpoint_dir) if lease else None
+        companion = Lease(piece.index, lease) if lease else None
         main = functools.partial(
             execute,
             shard,
@@ -134,14 +123,3 @@ def run_shard(
     }
     mark_done(config.checkpoint_dir, piece.index, counts)
     return {"counts": counts, "progress": progress_of(stats)}
-
-
-async def _kill_hook(index: int, stats: RunStats | None, folder: Any) -> None:
-    shard, _, turns = os.environ.get(KILL_HOOK, "").partition(":")
-    mark = folder / _KILLED_MARK
-    if shard != str(index) or stats is None or mark.exists():
-        return
-    while stats.turns_done < int(turns or 0):  # noqa: ASYNC110 (a test hook polls the counter)
-        await anyio.sleep(0.01)
-    mark.touch()
-    os.kill(os.getpid(), signal.SIGKILL)
