@@ -25,30 +25,20 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from engine import progress
-from engine.checkpoint.journal import Replay, segment_path
-from engine.checkpoint.manifest import (
-    Locks,
-    check_manifest,
-    clear_checkpoint,
-    has_checksums,
-    input_print,
-    lock_checkpoint,
-    lock_output,
-    new_manifest,
-    read_manifest,
-    write_manifest,
-)
+from engine.checkpoint.checkpoint import Checkpoint
+from engine.checkpoint.journal import Replay
+from engine.checkpoint.manifest import Locks, clear_checkpoint, has_checksums, open_manifest
 from engine.checkpoint.paths import clashes, run_targets
-from engine.checkpoint.snapshot import load
-from engine.checkpoint.writer import SNAPSHOT_EVERY_ROWS, Writer
+from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_ROWS
+from engine.checkpoint.writer import Writer
 from engine.config import ModelConfig, RunConfig
 from engine.endpoints import http_endpoint
 from engine.errors import CheckpointError, InputError, ModelDown, TurnstileError
-from engine.history import HISTORY_NAME, History, count_lines, run_id, whole_length
+from engine.history import History, run_id
 from engine.http.endpoint import ModelEndpoint
 from engine.input.sources import Marks, Resume, Row, Source, open_source
 from engine.stats import ModelStats, Outcome, RunStats
-from engine.tasks.base import Context, Task
+from engine.tasks.base import Context, Task, rows_in_flight
 
 log = logging.getLogger("turnstile")
 T = TypeVar("T")
@@ -71,7 +61,7 @@ def run_loop(main: Callable[[], Awaitable[T]], *, uvloop: bool) -> T:
 
 def prepare(
     config: RunConfig, *, fresh: bool, known_input: dict[str, Any] | None = None
-) -> tuple[Any, Replay, bool, Source]:
+) -> tuple[Locks, Replay, bool, Source]:
     """Lock the checkpoint, check or write its manifest, and replay its journal.
 
     Blocking (runs before the event loop does any network work). Returns the
@@ -87,37 +77,18 @@ def prepare(
     source = open_source(config.input, config.input_columns)
     source.check()
     check_targets(config)  # before anything is written or deleted
-    checkpoint_lock = lock_checkpoint(config.checkpoint_dir)
-    try:
-        lock = Locks(checkpoint_lock, lock_output(config.output, config.checkpoint_dir))
-    except BaseException:
-        checkpoint_lock.close()
-        raise
+    checkpoint = Checkpoint.of(config)
+    lock = checkpoint.lock()
     try:
         probe_targets(config)
         if fresh:
             clear_checkpoint(config)
-        manifest = read_manifest(config.checkpoint_dir)
+        manifest = checkpoint.manifest
         if manifest is None:
             _refuse_foreign_output(config)
-            fingerprint = input_print(source, known_input)
-            write_manifest(config.checkpoint_dir, new_manifest(config, fingerprint))
-            resumed = False
-        else:
-            fingerprint = check_manifest(manifest, config, source)
-            if fingerprint.mtime_ns != manifest["input"].get("mtime_ns"):
-                # Same bytes, new mtime (copied or touched): remember it, skip the rehash next time.
-                renewed = new_manifest(config, fingerprint, checksums=has_checksums(manifest))
-                write_manifest(config.checkpoint_dir, renewed)
-            resumed = True
+        resumed, _ = open_manifest(config, source, manifest, known_input)
         # The snapshot and the journal after it: the same state as the whole journal.
-        state = load(
-            config.checkpoint_dir,
-            _size(config.output),
-            _size(config.failed_output),
-            _size(config.filtered_output),
-            strict=manifest is None or has_checksums(manifest),
-        )
+        state = checkpoint.state(strict=manifest is None or has_checksums(manifest))
     except BaseException:
         lock.close()
         raise
@@ -196,6 +167,7 @@ async def execute(
     signals: bool = False,
     companion: Companion | None = None,
     snapshot_every_rows: int = SNAPSHOT_EVERY_ROWS,
+    checkpoint: Checkpoint | None = None,
 ) -> Outcome:
     """Run every row not finished in ``state`` through ``task``.
 
@@ -204,7 +176,9 @@ async def execute(
     library caller keeps its own, and cancellation stops the run).
     ``companion`` runs beside the run with its clients and counters (a shard's
     lease of its share of the caps, engine.executors). ``snapshot_every_rows``:
-    rows between two checkpoint snapshots (tests take them often).
+    rows between two checkpoint snapshots (tests take them often). ``checkpoint``
+    builds the run's writer (default: the config's own, engine.checkpoint; the
+    bench passes one whose writer writes nothing).
 
     A TurnstileError from any task (disk full, a model down) stops the run and
     is raised as itself, not wrapped in an exception group.
@@ -221,6 +195,7 @@ async def execute(
             signals=signals,
             companion=companion,
             snapshot_every_rows=snapshot_every_rows,
+            checkpoint=checkpoint or Checkpoint.of(config),
         )
     except BaseExceptionGroup as group:
         error = _first_error(group)
@@ -252,6 +227,7 @@ async def _execute(
     signals: bool,
     companion: Companion | None,
     snapshot_every_rows: int,
+    checkpoint: Checkpoint,
 ) -> Outcome:
     stats = RunStats(
         rows_done=len(state.done),
@@ -263,23 +239,15 @@ async def _execute(
     started = time.monotonic()
     outcome = Outcome(stats=stats, elapsed_s=0.0, resumed=resumed)
     marks = Marks()  # where reading may resume, from the source to the snapshots
-    writer = Writer(
-        segment_path(config.checkpoint_dir, state.segment),
-        config.output,
-        config.failed_output,
-        journal_end=state.journal_end,
-        out_end=state.out_end,
-        failed_end=state.failed_end,
-        policy=config.journal,
-        filtered=config.filtered_output,
-        filtered_end=state.filtered_end,
-        state=state,
-        snapshot_every_rows=snapshot_every_rows,
+    writer = checkpoint.writer(  # on the loop: the writer's events belong to it
+        state,
+        config.journal,
         marks=marks,
         seek_base=config.piece.first_row if config.piece else 0,
-        history=config.checkpoint_dir / HISTORY_NAME,
+        snapshot_every_rows=snapshot_every_rows,
     )
-    history = await anyio.to_thread.run_sync(_history, config)
+    # This run's history sampler, counting the lines earlier runs wrote.
+    history = History(run_id(), writer.history_lines)
     async with AsyncExitStack() as stack:
         local_urls: dict[str, list[str]] = {}
         for group in local_servers(config):
@@ -301,8 +269,17 @@ async def _execute(
         await _probe_models(clients, task.optional_models())
         if companion is not None:
             await companion.start(clients, stats)  # before any request: a shard's share
-        ctx = Context(config=config, kind=config.kind, writer=writer, clients=clients, stats=stats)
-        workers = config.max_conversations or task.rows_in_flight(config)
+        work = anyio.CancelScope()  # around the row workers: cancelled to stop them
+        ctx = Context(
+            config=config,
+            kind=config.kind,
+            writer=writer,
+            clients=clients,
+            stats=stats,
+            optional=task.optional_models(),
+            scope=work,
+        )
+        workers = rows_in_flight(config, task)
         if config.piece is not None:  # a shard knows its rows: no more workers than those
             workers = max(1, min(workers, config.piece.rows))
         _tune_collector(stack)
@@ -318,7 +295,6 @@ async def _execute(
             outer.start_soon(display.run, stats, started)
             if companion is not None:
                 outer.start_soon(companion.run)
-            work = anyio.CancelScope()
             if signals:
                 outer.start_soon(_watch_signals, ctx, outcome, work, outer)
             with work:
@@ -489,7 +465,7 @@ async def _work(
     receive: MemoryObjectReceiveStream[Row], state: Replay, task: Task, ctx: Context
 ) -> None:
     partial = state.partial
-    process = task.process
+    process = ctx.process
     async with receive:
         while True:
             try:
@@ -506,7 +482,7 @@ async def _work(
             if row.error is not None:  # the source could not decode it: the row fails
                 await ctx.fail(line, row.id, f"input: {row.error}")
                 continue
-            await process(line, row.record, records, ctx)
+            await process(task, line, row.record, records)
 
 
 # The collector's first generation, while rows run: see _tune_collector.
@@ -529,13 +505,6 @@ def _tune_collector(stack: AsyncExitStack) -> None:
     gc.set_threshold(max(GC_YOUNG_THRESHOLD, thresholds[0]), *thresholds[1:])
     stack.callback(gc.set_threshold, *thresholds)
     stack.callback(gc.unfreeze)
-
-
-def _history(config: RunConfig) -> History:
-    """This run's history sampler, counting the lines earlier runs wrote. Blocking."""
-    path = config.checkpoint_dir / HISTORY_NAME
-    end = whole_length(path)
-    return History(run_id(), count_lines(path, end) if end else 0)
 
 
 async def _sample(history: History, stats: RunStats, writer: Writer) -> None:
@@ -561,7 +530,7 @@ async def _watch_signals(
             if ctx.stopping:
                 work.cancel()  # a second signal: stop now
                 continue
-            ctx.stopping = True
+            ctx.stop()  # no new requests; the rows are cancelled once none is in flight
             outcome.interrupted_by = signum
             log.info(
                 f"{signal.Signals(signum).name}: no new turns; letting requests in flight "

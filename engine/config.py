@@ -167,7 +167,7 @@ class RunConfig:
         return fields
 
     @property
-    def kind(self) -> TaskKind:
+    def kind(self) -> TaskKind[Any]:
         return kind_of(self.task)
 
     def task_fields(self) -> dict[str, Any]:

@@ -54,12 +54,12 @@ def test_a_crash_exits_70_with_a_crash_log_and_the_rerun_is_exact(
     real_process = DistillTask.process
     seen = 0
 
-    async def buggy(self: DistillTask, line: int, record: Any, records: Any, ctx: Any) -> None:
+    async def buggy(self: DistillTask, record: Any, ctx: Any) -> None:
         nonlocal seen
         seen += 1
         if seen == 10:
             raise ZeroDivisionError(f"a bug that mentions the key {KEY}")
-        await real_process(self, line, record, records, ctx)
+        await real_process(self, record, ctx)
 
     monkeypatch.setattr(DistillTask, "process", buggy)
     code = run_cli("run", str(config), "--quiet")

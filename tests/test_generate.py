@@ -14,16 +14,10 @@ from engine.config import RunConfig, parse_config
 from engine.errors import ConfigError
 from engine.output.filters import FilterConfig, check_row
 from engine.tasks import kind_of, registry
+from engine.tasks.asking import TRY, Answer, Try, reply_record
 from engine.tasks.generate import KIND, GenerateConfig
-from engine.tasks.generate.attempts import (
-    ATTEMPT,
-    Attempt,
-    attempt_record,
-    attempts_from,
-    first_valid,
-    invalid_count,
-    seed_for,
-)
+from engine.tasks.generate.attempts import Attempt, first_valid, invalid_count, seed_for
+from engine.tasks.generate.task import _attempt as attempt_of
 from engine.tasks.generate.task import output_row
 from engine.tasks.structured import ReplyChecker, response_format, schema_problem
 from engine.tasks.templates import BadTemplate, RenderError, compile_template, render
@@ -337,11 +331,36 @@ def test_a_long_reply_that_is_not_json_is_shortened_in_the_error() -> None:
 # --- the journal records ---------------------------------------------------------------
 
 
+def attempt_record(line: int, attempt: Attempt) -> dict[str, Any]:
+    """An attempt's journal record, as the context writes it for ``Try(slot, number)``."""
+    answer = Answer(
+        attempt.content,
+        attempt.prompt_tokens,
+        attempt.completion_tokens,
+        attempt.finish_reason,
+        attempt.trace,
+        attempt.reasoning_tokens,
+        attempt.error,
+    )
+    return reply_record(line, Try(attempt.slot, attempt.number), answer)
+
+
+def attempts_from(records: list[dict[str, Any]], slots: int) -> dict[int, list[Attempt]]:
+    """Each slot's journaled attempts, as the task replays them through its row context."""
+    ctx, _ = _context(parse(raw_config(num_generations=slots)))
+    row = ctx.row(0, records)
+    out: dict[int, list[Attempt]] = {}
+    for slot in range(slots):
+        while (answer := row.replayed(Try(slot, len(out.get(slot, []))))) is not None:
+            out.setdefault(slot, []).append(attempt_of(slot, len(out.get(slot, [])), answer))
+    return out
+
+
 def test_attempt_records_round_trip_and_are_a_kind_of_their_own() -> None:
     attempt = Attempt(1, 0, '{"a": 1}', 10, 4, "stop", None)
     record = attempt_record(7, attempt)
-    assert record["k"] == ATTEMPT == "gg" and record["l"] == 7
-    assert ATTEMPT not in ("t", "g", "ge", "r", "o", "x", "q")
+    assert record["k"] == TRY == "gg" and record["l"] == 7
+    assert TRY not in ("t", "g", "ge", "r", "o", "x", "q")
     assert attempts_from([orjson.loads(orjson.dumps(record))], 2) == {1: [attempt]}
 
 
@@ -470,7 +489,7 @@ async def test_a_row_whose_generations_are_all_journaled_finishes_without_a_requ
     ]
     task = KIND.build(config)
 
-    await task.process(3, {"topic": "t", "difficulty": "easy"}, records, ctx)
+    await task.process({"topic": "t", "difficulty": "easy"}, ctx.row(3, records))
 
     [row] = writer.out
     assert row["id"] == 3
@@ -486,7 +505,8 @@ async def test_a_generation_whose_tries_are_journaled_as_spent_fails_without_a_r
     ctx, writer = _context(config)
     records = [_attempt(0, 0, "x", "first reason"), _attempt(0, 1, "y", "second reason")]
 
-    await KIND.build(config).process(3, {"id": "r", "topic": "t", "difficulty": "d"}, records, ctx)
+    row = ctx.row(3, records)
+    await KIND.build(config).process({"id": "r", "topic": "t", "difficulty": "d"}, row)
 
     assert writer.out == []
     [failed] = writer.failed_rows

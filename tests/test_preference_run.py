@@ -9,9 +9,12 @@ from typing import Any
 import pytest
 import yaml
 
+from engine.config import load_config
+from engine.stats import RunStats
+from engine.tasks.asking import Sample
+from engine.tasks.base import Context
 from engine.tasks.preference.judge import judge_messages
 from engine.tasks.preference.judge_json import ratings_schema
-from engine.tasks.preference.task import state_from
 from engine.testing.mock_replies import json_reply, judge_rating
 from engine.testing.mock_server import Faults, MockServer, reply_for, request_key
 from tests.conftest import by_id, kill_after, read_jsonl, turnstile, write_jsonl
@@ -242,14 +245,19 @@ async def test_a_reply_cut_off_by_max_tokens_is_filtered_and_an_input_column_is_
     assert row["filter"] == f"truncated: the reply in {where} was cut off by max_tokens"
 
 
-def test_a_resumed_row_remembers_which_generations_were_cut_off() -> None:
-    state = state_from(
+def test_a_resumed_row_remembers_which_generations_were_cut_off(tmp_path: Path) -> None:
+    config = load_config(prefs_config(tmp_path, "http://127.0.0.1:1/v1"), check_env=False)
+    ctx = Context(config, config.kind, writer=None, clients={}, stats=RunStats())  # type: ignore[arg-type]
+    row = ctx.row(
+        0,
         [
             {"k": "g", "l": 0, "s": 0, "c": "cut", "p": 1, "o": 10, "f": "length"},
             {"k": "g", "l": 0, "s": 1, "c": "whole", "p": 1, "o": 2, "f": "stop"},
-        ]
+        ],
     )
-    assert [state.generations[i].finish_reason for i in (0, 1)] == ["length", "stop"]
+    replayed = [row.replayed(Sample(i)) for i in (0, 1)]
+    assert [a.finish_reason if a else None for a in replayed] == ["length", "stop"]
+    assert ctx.stats.turns_resumed == 2  # resumed generations are counted (the ETA's)
 
 
 async def test_without_a_judge_rows_carry_generations_only(

@@ -20,8 +20,8 @@ from engine.http.reasoning import (
 )
 from engine.input.rows import InputRow
 from engine.output.traces import Reshaper, inline
+from engine.tasks.asking import Answer, Turn, answer_of, reply_record
 from engine.tasks.distill.dialogue import TurnReply, new_dialogue, output_row
-from engine.tasks.distill.task import replies_from, turn_record
 from engine.tasks.preference.pairs import REASONING_KEY, preference_row
 from engine.testing.mock_replies import (
     REASONING_DIALECTS,
@@ -297,11 +297,12 @@ def test_history_keep_sends_each_trace_back() -> None:
 
 
 def test_a_turn_record_keeps_its_trace() -> None:
-    reply = TurnReply("a", 3, 4, "stop", trace="t" * 100, reasoning_tokens=2)
-    record = turn_record(5, 0, reply)
+    reply = Answer("a", 3, 4, "stop", trace="t" * 100, reasoning_tokens=2)
+    record = reply_record(5, Turn(0), reply)
+    assert record["k"] == "t" and record["i"] == 0
     assert record["r"] == "t" * 100 and record["n"] == 2
-    assert replies_from([orjson.loads(orjson.dumps(record))]) == [reply]
-    plain = turn_record(5, 0, TurnReply("a"))
+    assert answer_of(orjson.loads(orjson.dumps(record))) == reply
+    plain = reply_record(5, Turn(0), Answer("a"))
     assert "r" not in plain and "n" not in plain
     assert TurnReply("", finish_reason="length", trace="t").cut_off
     assert not TurnReply("", finish_reason="length").cut_off

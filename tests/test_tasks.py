@@ -119,7 +119,7 @@ async def test_distill_runner_answers_every_user_message_and_journals_each_turn(
     }
 
     async with running(config, {"m": client}) as ctx:
-        await task.process(0, record, [], ctx)
+        await task.process(record, ctx.row(0, []))
 
     [row] = read_jsonl(config.output)
     assert row["messages"] == [
@@ -142,7 +142,7 @@ async def test_distill_runner_resumes_from_its_journaled_turns(tmp_path: Path) -
     client = fake(echo)
 
     async with running(config, {"m": client}) as ctx:
-        await task.process(0, record, earlier, ctx)
+        await task.process(record, ctx.row(0, earlier))
 
     [row] = read_jsonl(config.output)
     assert [m["content"] for m in row["messages"]] == ["a", "from before", "b", "re: b"]
@@ -156,9 +156,9 @@ async def test_a_row_that_cannot_be_parsed_fails_alone_with_its_line(tmp_path: P
     client = fake(echo)
 
     async with running(config, {"m": client}) as ctx:
-        await task.process(4, {"id": "bad", "messages": "not a list"}, [], ctx)
+        await task.process({"id": "bad", "messages": "not a list"}, ctx.row(4, []))
         client.answer = lambda m, e: reply("FAIL", m)
-        await task.process(5, {"id": "refused", "prompt": "x"}, [], ctx)
+        await task.process({"id": "refused", "prompt": "x"}, ctx.row(5, []))
 
     bad, refused = read_jsonl(config.failed_output)
     assert (bad["id"], bad["line"], bad["turn"]) == ("bad", 4, None)
@@ -194,7 +194,7 @@ async def test_preference_runner_generates_judges_and_pairs(tmp_path: Path) -> N
     }
 
     async with running(config, clients) as ctx:
-        await task.process(0, {"id": "p", "prompt": "which is better?"}, [], ctx)
+        await task.process({"id": "p", "prompt": "which is better?"}, ctx.row(0, []))
 
     [row] = read_jsonl(config.output)
     assert row["generations"] == ["answer from a", "answer from b"]

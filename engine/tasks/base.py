@@ -1,34 +1,65 @@
 """The seam every task plugs into: what a task is, what it sees, and what it shares.
 
-A task is two objects. Its *kind* (a ``TaskKind``, one per ``task:`` name) owns
-everything decided before a run: its config section and the parsing of it, what
-of it goes into the checkpoint's fingerprint, which models it uses, what the
-dataset card says, and the view the quality filters get of a finished row. Its
-*runner* (a ``Task``, built by the kind for one run) moves one input row at a
-time: it gets the raw input record, parses it its own way, journals its own
-records (replayed to it on resume) and writes the finished row.
+A task is two objects. Its *kind* (a ``TaskKind[S]``, one per ``task:`` name, ``S``
+its config section's type) owns everything decided before a run. A new kind must
+provide:
 
-A new task is one subpackage of ``engine.tasks`` exporting ``KIND``; nothing
-else changes (the registry finds it).
+- ``name``, and ``section_type`` (``S``);
+- ``parse_section`` (the ``task:`` section from the config, problems collected),
+  ``section_fields`` (its plain values: the checkpoint's fingerprint and the card)
+  and ``models_used`` (the names under ``models:`` it asks);
+- ``build`` (its runner for one run) and ``card_text`` (the dataset card's sentence);
+- ``replies`` (what the quality filters check of a finished row);
+
+and may override the rest (``column_keys``, ``card_usage``, ``row_problem``,
+``is_paired``, ``describe``, ``progress_note``, ``resume_problem``).
+
+Its *runner* (a ``Task``) must provide ``process(record, ctx)``: move one input
+row to its end. It sees a ``RowContext`` only: ``ctx.ask(model, messages, key=...)``
+for every reply (journaled before it returns, answered from the journal on resume,
+counted, a down model stopping the run, a stop request ending the row by
+cancellation), then ``ctx.finish(row)`` or ``ctx.fail(...)``. A task never touches
+the journal, the clients or the stop flag itself. It may say which models it can go
+on without (``optional_models``) and how many rows it wants in flight
+(``rows_in_flight``; by default the runner's ``max(4, 2 * the largest cap)``).
+
+A new task is one subpackage of ``engine.tasks`` exporting ``KIND`` (the registry
+finds it), or a kind defined anywhere and passed to ``engine.tasks.register``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, Protocol, TypeVar
 
+import anyio
+
+from engine.errors import ModelError
+from engine.http.reasoning import cut_off_error
 from engine.output.filters import FilterConfig, Reply, check_row, filtered_record, rule_of
+from engine.tasks.asking import (
+    Answer,
+    Key,
+    Sample,
+    answer_of,
+    failure_of,
+    failure_record,
+    index,
+    reply_record,
+    slot_of,
+)
 
 if TYPE_CHECKING:
     from engine.config import ModelConfig, RunConfig
-    from engine.http.endpoint import ModelEndpoint
+    from engine.http.endpoint import Messages, ModelEndpoint
     from engine.problems import Problems
     from engine.stats import RunStats
 
 Records = Sequence[dict[str, Any]]
+S = TypeVar("S")
 
 
 class RowWriter(Protocol):
@@ -54,49 +85,54 @@ class RowWriter(Protocol):
         ...
 
 
-class Task(Protocol):
+class Task(ABC):
     """One run's worker for a task: what happens to each input row."""
 
-    def rows_in_flight(self, config: RunConfig) -> int:
-        """How many rows to work on at once by default."""
-        ...
+    def rows_in_flight(self, config: RunConfig) -> int | None:
+        """How many rows to work on at once, when the task wants other than the
+        runner's default (None)."""
+        return None
 
     def optional_models(self) -> frozenset[str]:
-        """Models the task can go on without (a row records their failure)."""
-        ...
+        """Models the task can go on without (a request to one that is down raises
+        its ModelError instead of stopping the run)."""
+        return frozenset()
 
-    async def process(
-        self, line: int, record: dict[str, Any], records: Records, ctx: Context
-    ) -> None:
-        """Move one row to its end (or until ctx.stopping), journaling as it goes.
-
-        ``record`` is the input row as read (columns mapped); ``records`` are this
-        row's journal records from earlier runs.
-        """
-        ...
+    @abstractmethod
+    async def process(self, record: dict[str, Any], ctx: RowContext) -> None:
+        """Move one row to its end: ``ctx.ask`` for replies, then ``ctx.finish`` or
+        ``ctx.fail``. ``record`` is the input row as read (columns mapped)."""
 
 
-class TaskKind(ABC):
+class TaskKind(ABC, Generic[S]):
     """A task as the config, the checkpoint, the filters and the dataset card see it."""
 
     name: ClassVar[str]
+    section_type: type[S]  # the parsed section's class
     tags: ClassVar[tuple[str, ...]] = ()  # the dataset card's tags
     # Row keys `input_columns:` may map a column onto (besides `id`).
     column_keys: ClassVar[tuple[str, ...]] = ()
     pairs: ClassVar[bool] = False  # rows may carry chosen/rejected pairs (--pairs-only)
 
+    def section(self, config: RunConfig) -> S:
+        """``config``'s section, as this kind parsed it."""
+        section = config.section
+        if not isinstance(section, self.section_type):
+            raise TypeError(f"task {self.name}: the config's section is {section!r}")
+        return section
+
     @abstractmethod
     def parse_section(
         self, raw: Any, models: Mapping[str, ModelConfig], p: Problems, base: Path
-    ) -> Any | None:
+    ) -> S | None:
         """The task's config section (``raw`` is None when absent); problems go to ``p``."""
 
     @abstractmethod
-    def section_fields(self, section: Any) -> dict[str, Any]:
+    def section_fields(self, section: S) -> dict[str, Any]:
         """The section as plain values: the fingerprint's and the card's."""
 
     @abstractmethod
-    def models_used(self, section: Any) -> set[str]: ...
+    def models_used(self, section: S) -> set[str]: ...
 
     @abstractmethod
     def build(self, config: RunConfig) -> Task:
@@ -121,11 +157,11 @@ class TaskKind(ABC):
     def is_paired(self, row: Mapping[str, Any]) -> bool:
         return False
 
-    def describe(self, section: Any) -> str | None:
+    def describe(self, section: S) -> str | None:
         """A line for ``turnstile status`` (how the task counts its turns), if it has one."""
         return None
 
-    def progress_note(self, section: Any) -> str | None:
+    def progress_note(self, section: S) -> str | None:
         """A word after the progress display's turn count (what the estimate counts by)."""
         return None
 
@@ -134,20 +170,86 @@ class TaskKind(ABC):
         return None
 
 
+def rows_in_flight(config: RunConfig, task: Task) -> int:
+    """How many rows the runner works on at once: ``max_conversations`` when set, else
+    what the task wants, else twice the largest cap of the models it uses (while some
+    rows wait for the journal or their slowest model, the others keep every slot busy)."""
+    if config.max_conversations:
+        return config.max_conversations
+    wanted = task.rows_in_flight(config)
+    if wanted is not None:
+        return wanted
+    caps = [config.models[name].total_concurrency for name in config.models_used()]
+    return max(4, 2 * max(caps, default=1))
+
+
 @dataclass(slots=True)
 class Context:
-    """What a task sees while it processes rows."""
+    """A run's side of the task seam: the protocol every row's requests go through.
+
+    The runner makes one per run and a ``RowContext`` per row (``row``). ``stop()``
+    asks for a graceful stop: no request is sent after it; a row that asks for one
+    waits, and once no request is in flight and every row still working waits so,
+    ``scope`` (the runner's, around the row workers) is cancelled.
+    """
 
     config: RunConfig
-    kind: TaskKind
+    kind: TaskKind[Any]
     writer: RowWriter
-    clients: dict[str, ModelEndpoint]
+    clients: Mapping[str, ModelEndpoint]
     stats: RunStats
-    stopping: bool = False
+    optional: frozenset[str] = frozenset()  # models whose outage does not stop the run
+    scope: anyio.CancelScope | None = None  # cancelled once a stop has nothing left to wait for
     _filtering: bool = field(init=False, repr=False)  # any filter rule on: asked once, not per row
+    _stopping: bool = field(default=False, init=False, repr=False)
+    _in_flight: int = field(default=0, init=False, repr=False)  # requests sent, not yet back
+    _rows: int = field(default=0, init=False, repr=False)  # rows being processed
+    _parked: int = field(default=0, init=False, repr=False)  # of those, waiting on a stop
 
     def __post_init__(self) -> None:
         self._filtering = self.config.filters.active
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop(self) -> None:
+        """No more requests: rows finish what is in flight, then are cancelled."""
+        self._stopping = True
+        self._settle()
+
+    def row(self, line: int, records: Records = ()) -> RowContext:
+        """The context of the row at ``line``, with its journal records from earlier runs."""
+        return RowContext(self, line, index(records) if records else {})
+
+    async def process(
+        self, task: Task, line: int, record: dict[str, Any], records: Records
+    ) -> None:
+        """Run ``task`` on one row, counted as in progress (a stop waits for it)."""
+        row = self.row(line, records)
+        self._rows += 1
+        try:
+            await task.process(record, row)
+        finally:
+            self._rows -= 1
+            if row._parked:
+                self._parked -= 1
+            if self._stopping:
+                self._settle()
+
+    def _settle(self) -> None:
+        if self._stopping and self._in_flight == 0 and self._parked == self._rows:
+            if self.scope is not None:
+                self.scope.cancel()
+
+    async def _park(self, row: RowContext) -> NoReturn:
+        """A request asked for after a stop: wait to be cancelled with the other rows."""
+        if not row._parked:
+            row._parked = True
+            self._parked += 1
+            self._settle()
+        await anyio.sleep_forever()
+        raise AssertionError("a parked request is only ever cancelled")  # pragma: no cover
 
     async def finish(self, line: int, row: dict[str, Any], records: Records = ()) -> None:
         """Write a finished row: to the output, or to the filtered file when a rule fires.
@@ -173,6 +275,120 @@ class Context:
         )
         self.stats.rows_done += 1
         self.stats.rows_failed += 1
+
+
+class RowContext:
+    """What a task sees of the run while it moves one row: ``ask``, ``finish``, ``fail``."""
+
+    __slots__ = ("_journaled", "_parked", "_run", "line")
+
+    def __init__(
+        self, run: Context, line: int, journaled: dict[tuple[str, Any], dict[str, Any]]
+    ) -> None:
+        self._run = run
+        self.line = line  # the row's place in the input (0-based)
+        self._journaled = journaled
+        self._parked = False
+
+    @property
+    def config(self) -> RunConfig:
+        return self._run.config
+
+    @property
+    def stats(self) -> RunStats:
+        return self._run.stats
+
+    def replayed(self, key: Key) -> Answer | None:
+        """The reply an earlier run journaled under ``key``, if any (counted as resumed).
+
+        Each journaled reply is handed out once, here or by ``ask``. Raises ModelError
+        for a generation journaled as failed for good (a ``Sample``).
+        """
+        record = self._journaled.pop(slot_of(key), None) if self._journaled else None
+        if record is None:
+            return None
+        error = failure_of(record)
+        if error is not None:
+            raise ModelError(error, retryable=False)
+        self._run.stats.turns_resumed += 1
+        return answer_of(record)
+
+    async def ask(
+        self,
+        model: str,
+        messages: Messages,
+        *,
+        key: Key,
+        extra: Mapping[str, Any] | None = None,
+        prefer: int | None = None,
+        check: Callable[[str], str | None] | None = None,
+    ) -> Answer:
+        """The reply of ``model`` (a name under ``models:``) to ``messages``, under ``key``.
+
+        ``key`` names the reply within the row, the same in every run (``Turn``,
+        ``Try``, ``Sample``, ``Rating`` or a string of the task's own): a reply an
+        earlier run journaled under it is returned without a request. Otherwise the
+        request goes to the model's endpoint (``extra``: request fields such as
+        ``response_format`` or ``seed``; ``prefer``: the replica to try first), and the
+        reply is journaled before it is returned, with ``check(text)`` (why the text is
+        unusable, or None) when given. A reply cut off while reasoning is returned
+        (``Answer.cut_off``) for the task to fail its row; a ``Sample``'s is journaled
+        as failed instead and raised as ModelError, as is any permanent failure of it.
+
+        Raises ModelError for a failed request (``model_down`` only for an optional
+        model's outage), ModelDown when a model the run needs is down. After a stop
+        request no request is sent: the row waits to be cancelled.
+        """
+        answer = self.replayed(key)
+        if answer is not None:
+            return answer
+        run = self._run
+        if run._stopping:
+            await run._park(self)
+        run._in_flight += 1
+        try:
+            completion = await run.clients[model].complete(messages, extra, prefer=prefer)
+        except ModelError as exc:
+            if exc.model_down and model not in run.optional:
+                # Not this row's fault: stop the run, resumable, the row tried again.
+                raise exc.stopped(getattr(key, "role", "")) from exc
+            if isinstance(key, Sample) and not exc.model_down:
+                await run.writer.record(failure_record(self.line, key, str(exc)))
+            raise
+        finally:
+            run._in_flight -= 1
+        try:
+            text = completion.texts[0]
+            answer = Answer(
+                text=text,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                finish_reason=completion.finish_reasons[0],
+                trace=completion.trace(),
+                reasoning_tokens=completion.reasoning_tokens,
+                error=check(text) if check is not None else None,
+                replica=completion.replica,
+            )
+            run.stats.turns_done += 1
+            if isinstance(key, Sample) and answer.cut_off:
+                assert answer.trace is not None
+                params = run.config.models[model].params
+                error = cut_off_error(model, params, answer.trace, key.where)
+                await run.writer.record(failure_record(self.line, key, error))
+                raise ModelError(error, retryable=False)
+            await run.writer.record(reply_record(self.line, key, answer))
+            return answer
+        finally:
+            if run._stopping:
+                run._settle()
+
+    async def finish(self, row: dict[str, Any]) -> None:
+        """Write the finished row: to the output, or the filtered file when a rule fires."""
+        await self._run.finish(self.line, row)
+
+    async def fail(self, row_id: Any, error: str, *, turn: int | None = None, **extra: Any) -> None:
+        """Fail the row for good: a line in the failed file naming ``error``."""
+        await self._run.fail(self.line, row_id, error, turn=turn, **extra)
 
 
 def usage_of(counts: Iterable[tuple[int, int]]) -> dict[str, int]:

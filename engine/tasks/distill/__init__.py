@@ -32,8 +32,9 @@ class DistillConfig:
     reasoning_history: str = DROP  # keep: earlier replies go back with their trace
 
 
-class Distill(TaskKind):
+class Distill(TaskKind[DistillConfig]):
     name = "distill"
+    section_type = DistillConfig
     tags = ("distillation",)
     column_keys = ("messages", "conversations", "prompt")
 
@@ -93,7 +94,7 @@ class Distill(TaskKind):
         return DistillTask(config)
 
     def card_text(self, config: RunConfig) -> str:
-        section: DistillConfig = config.section
+        section = self.section(config)
         teacher = config.models[section.model].model
         return (
             "Multi-turn distillation: each conversation keeps its system and user turns, and "
@@ -129,7 +130,7 @@ class Distill(TaskKind):
 
     def resume_problem(self, recorded: Mapping[str, Any] | None, config: RunConfig) -> str | None:
         """Replies made under one turn rule never mix with the other's in one output."""
-        section: DistillConfig = config.section
+        section = self.section(config)
         rule = recorded.get("turns") if isinstance(recorded, Mapping) else None
         if rule == section.turns:
             return None

@@ -3,7 +3,7 @@
 ``task: generate``. Rows need no messages: any columns will do. The section, the
 fingerprint, the filters' view and the card live here; the runner is
 ``engine.tasks.generate.task``, the sandboxed template ``template``, structured
-replies ``schema``, the journal records ``attempts``.
+replies ``schema``, a row's replies ``attempts``.
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ class GenerateConfig:
     max_invalid: int = 2  # invalid replies re-requested per generation before the row fails
 
 
-class Generate(TaskKind):
+class Generate(TaskKind[GenerateConfig]):
     name = "generate"
+    section_type = GenerateConfig
     tags = ("generation",)
     column_keys = ()  # the template reads any column; input_columns may only map `id`
 
@@ -110,7 +111,7 @@ class Generate(TaskKind):
         return GenerateTask(config)
 
     def card_text(self, config: RunConfig) -> str:
-        g: GenerateConfig = config.section
+        g = self.section(config)
         served = config.models[g.model].model
         system = " after a system prompt" if g.system_prompt else ""
         shape = (
@@ -126,7 +127,7 @@ class Generate(TaskKind):
         )
 
     def card_usage(self, config: RunConfig, *, pairs_only: bool) -> str:
-        g: GenerateConfig = config.section
+        g = self.section(config)
         held = (
             "JSON values parsed from the replies, each valid against the config's `json_schema`"
             if g.json_schema is not None

@@ -1,12 +1,12 @@
 """Templated generation: render each row's prompt, ask for its generations, all at once.
 
 The row's ``num_generations`` requests go out together, each under the model's
-cap, each journaled when it lands (``attempts``), so a resumed run asks only for
-what is missing. With a JSON Schema, a reply that is not JSON or does not fit is
-journaled too and asked for again, up to ``max_invalid`` times per generation;
-then the row fails with the last reason. A row fails alone for its own
-problems (a column the template needs, a permanent model error); a model that
-is down stops the run, resumable.
+cap, each asked for under its key (``Try(slot, number)``), so the context journals
+it when it lands and a resumed run asks only for what is missing. With a JSON
+Schema, a reply that is not JSON or does not fit is journaled too and asked for
+again, up to ``max_invalid`` times per generation; then the row fails with the
+last reason. A row fails alone for its own problems (a column the template
+needs, a permanent model error); a model that is down stops the run, resumable.
 """
 
 from __future__ import annotations
@@ -22,16 +22,10 @@ from engine.errors import ModelError
 from engine.http.reasoning import cut_off_error
 from engine.input import base as input_base
 from engine.input.rows import Message
-from engine.tasks.base import Context, Records, row_usage
-from engine.tasks.generate import REASONING_KEY, TRUNCATED_KEY, GenerateConfig
-from engine.tasks.generate.attempts import (
-    Attempt,
-    attempt_record,
-    attempts_from,
-    first_valid,
-    invalid_count,
-    seed_for,
-)
+from engine.tasks.asking import Answer, Try
+from engine.tasks.base import RowContext, Task, row_usage
+from engine.tasks.generate import KIND, REASONING_KEY, TRUNCATED_KEY
+from engine.tasks.generate.attempts import Attempt, first_valid, invalid_count, seed_for
 from engine.tasks.structured import ReplyChecker, response_format
 from engine.tasks.templates import RenderError, compile_template, render
 
@@ -76,11 +70,11 @@ def output_row(
     return row
 
 
-class GenerateTask:
+class GenerateTask(Task):
     """Fills the template with each row and asks the writer model for its generations."""
 
     def __init__(self, config: RunConfig) -> None:
-        self.config: GenerateConfig = config.section
+        self.config = KIND.section(config)
         self.model_name = self.config.model
         model = config.models[self.model_name]
         self.served = model.model
@@ -94,44 +88,32 @@ class GenerateTask:
             {"response_format": response_format(schema, "generate")} if schema is not None else {}
         )
 
-    def rows_in_flight(self, config: RunConfig) -> int:
-        # As distillation: twice the caps of every replica, so that while some rows
-        # wait for the journal, others keep every slot busy.
-        return max(4, 2 * config.models[self.model_name].total_concurrency)
-
-    def optional_models(self) -> frozenset[str]:
-        return frozenset()  # without its one model the run cannot go on
-
-    async def process(
-        self, line: int, record: dict[str, Any], records: Records, ctx: Context
-    ) -> None:
-        row_id = input_base.row_id(record, line)
+    async def process(self, record: dict[str, Any], ctx: RowContext) -> None:
+        row_id = input_base.row_id(record, ctx.line)
         try:
             text = render(self.template, record)
         except RenderError as exc:
-            await ctx.fail(line, row_id, f"input: {exc}")
+            await ctx.fail(row_id, f"input: {exc}")
             return
         if not text.strip():
-            await ctx.fail(line, row_id, "input: the template rendered empty text for this row")
+            await ctx.fail(row_id, "input: the template rendered empty text for this row")
             return
         prompt: list[Message] = []
         if self.config.system_prompt:
             prompt.append({"role": "system", "content": self.config.system_prompt})
         prompt.append({"role": "user", "content": text})
 
-        state = self._replay(records, ctx)
+        state = self._replay(ctx)
         slots = range(self.config.num_generations)
         missing = [s for s in slots if s not in state.values]
         if missing and state.failure is None:
             async with anyio.create_task_group() as group:
                 for slot in missing:
-                    group.start_soon(self._generate, ctx, line, prompt, slot, state, group)
+                    group.start_soon(self._generate, ctx, prompt, slot, state, group)
         if state.failure is not None:
             slot, error = state.failure
-            await ctx.fail(line, row_id, f"generation {slot}: {error}", generation=slot)
+            await ctx.fail(row_id, f"generation {slot}: {error}", generation=slot)
             return
-        if ctx.stopping or len(state.values) < len(slots):
-            return  # stopping: the row is resumed from its journaled replies
         kept = [first_valid(state.attempts[s]) for s in slots]
         truncated = [s for s, a in enumerate(kept) if a is not None and a.finish_reason == "length"]
         usage = row_usage(
@@ -142,15 +124,17 @@ class GenerateTask:
         generations = [state.values[s] for s in slots]
         traces = [a.trace if a is not None else None for a in kept]
         row = output_row(record, row_id, prompt, generations, self.served, usage, truncated, traces)
-        await ctx.finish(line, row)
+        await ctx.finish(row)
 
-    def _replay(self, records: Records, ctx: Context) -> RowState:
+    def _replay(self, ctx: RowContext) -> RowState:
         """The row's state from its journaled replies: done generations, and a failure
         already reached (no reply is asked for again either way)."""
-        state = RowState(attempts=attempts_from(records, self.config.num_generations))
-        for attempts in state.attempts.values():
-            ctx.stats.turns_resumed += len(attempts)
-            for attempt in attempts:
+        state = RowState()
+        for slot in range(self.config.num_generations):
+            attempts = state.attempts[slot] = []
+            while (answer := ctx.replayed(Try(slot, len(attempts)))) is not None:
+                attempt = _attempt(slot, len(attempts), answer)
+                attempts.append(attempt)
                 # Journaled as valid, so it parses again (the schema is in the fingerprint).
                 value = self._parse(attempt.content)[0] if attempt.valid else None
                 self._settle(state, attempt, value)
@@ -196,50 +180,53 @@ class GenerateTask:
 
     async def _generate(
         self,
-        ctx: Context,
-        line: int,
+        ctx: RowContext,
         prompt: list[Message],
         slot: int,
         state: RowState,
         group: TaskGroup,
     ) -> None:
         """Ask for one generation until a reply is valid or the row fails."""
-        client = ctx.clients[self.model_name]
-        attempts = state.attempts.setdefault(slot, [])
+        attempts = state.attempts[slot]
         while slot not in state.values and state.failure is None:
-            if ctx.stopping:
-                return
             number = len(attempts)
             extra = dict(self.extra)
             seed = seed_for(self.seed, slot, number, self.config.num_generations)
             if seed is not None:
                 extra["seed"] = seed
             try:
-                completion = await client.complete(prompt, extra or None)
+                # The answer only: a trace is never validated against the schema.
+                answer = await ctx.ask(
+                    self.model_name,
+                    prompt,
+                    key=Try(slot, number),
+                    extra=extra or None,
+                    check=self._problem,
+                )
             except ModelError as exc:
-                if exc.model_down:
-                    # Not this row's fault: stop the run, resumable, and leave the
-                    # row to be tried again.
-                    raise exc.stopped() from exc
                 state.failure = (slot, str(exc))
                 group.cancel_scope.cancel()  # the row fails: its other requests are moot
                 return
-            # The answer only: a trace is never validated against the schema.
-            value, error = self._parse(completion.texts[0])
-            attempt = Attempt(
-                slot=slot,
-                number=number,
-                content=completion.texts[0],
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                finish_reason=completion.finish_reasons[0],
-                error=error,
-                trace=completion.trace(),
-                reasoning_tokens=completion.reasoning_tokens,
-            )
-            ctx.stats.turns_done += 1
-            await ctx.writer.record(attempt_record(line, attempt))
+            attempt = _attempt(slot, number, answer)
             attempts.append(attempt)
+            value = self._parse(attempt.content)[0] if attempt.valid else None
             self._settle(state, attempt, value)
             if state.failure is not None:
                 group.cancel_scope.cancel()
+
+    def _problem(self, text: str) -> str | None:
+        return self._parse(text)[1]
+
+
+def _attempt(slot: int, number: int, answer: Answer) -> Attempt:
+    return Attempt(
+        slot=slot,
+        number=number,
+        content=answer.text,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        finish_reason=answer.finish_reason,
+        error=answer.error,
+        trace=answer.trace,
+        reasoning_tokens=answer.reasoning_tokens,
+    )

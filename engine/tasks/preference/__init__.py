@@ -54,8 +54,9 @@ class PreferenceConfig:
     judge_format: str = ULTRAFEEDBACK
 
 
-class Preference(TaskKind):
+class Preference(TaskKind[PreferenceConfig]):
     name = "preference"
+    section_type = PreferenceConfig
     tags = ("preference", "dpo")
     column_keys = ("messages", "conversations", "prompt", *BROUGHT_KEYS)
     pairs = True
@@ -135,7 +136,7 @@ class Preference(TaskKind):
         return PreferenceTask(config)
 
     def card_text(self, config: RunConfig) -> str:
-        p: PreferenceConfig = config.section
+        p = self.section(config)
         brings = "generations" in config.input_columns
         if p.generators:
             makers = ", ".join(f"`{config.models[g].model}`" for g in p.generators)

@@ -10,11 +10,8 @@ is journaled before it is used, so a resumed run re-requests none of them (the
 brought generations are read from the input again). A generator that fails is
 recorded in the row; it delays nothing but its own requests.
 
-Journal records (besides the emits): ``{"k": "g", "l", "s", "c", "p", "o", "f"}`` a
-generation for slot ``s`` (plus ``"r"`` its reasoning trace and ``"n"`` its reasoning
-tokens, when it has them); ``{"k": "ge", "l", "s", "e"}`` a slot that failed for
-good; ``{"k": "r", "l", "a", "c", "p", "o"}`` judge reply number ``a`` (plus ``"n"``,
-and ``"x": true`` when it was cut off while reasoning).
+Generations are asked for under ``Sample(slot)`` keys, judge replies under
+``Rating(number)`` (their journal records are the context's: engine.tasks.asking).
 
 A reasoning model's generations are its answers (the judge sees answers only); a
 generation cut off by max_tokens while reasoning (no answer) fails for good, never
@@ -30,18 +27,18 @@ import anyio
 
 from engine.config import RunConfig
 from engine.errors import InputError, ModelDown, ModelError
-from engine.http.reasoning import cut_off_error, max_tokens_of
+from engine.http.reasoning import max_tokens_of
 from engine.input.base import row_id
-from engine.input.rows import InputRow, Message, parse_row
-from engine.tasks.base import Context, Records, row_usage
-from engine.tasks.preference import BROUGHT_KEYS, PreferenceConfig
+from engine.input.rows import Message, parse_row
+from engine.tasks.asking import Answer, Rating, Sample
+from engine.tasks.base import RowContext, Task, row_usage
+from engine.tasks.preference import BROUGHT_KEYS, KIND, PreferenceConfig
 from engine.tasks.preference.judge import JSON, has_usable_rating, judge_messages, parse_ratings
 from engine.tasks.preference.judge_json import parse_json_ratings, ratings_response_format
 from engine.tasks.preference.judge_template import compile_template, render_judge
 from engine.tasks.preference.pairs import preference_row
 from engine.tasks.templates import RenderError
 
-GENERATION, GENERATION_ERROR, RATING = "g", "ge", "r"
 JUDGE_TRIES = 2  # a reply with no usable rating is retried once
 BROUGHT_MODEL = "input"  # generation_models' entry for a brought generation it does not name
 _COLUMN_FIX = "map a list column onto it with input_columns, e.g. {generations: responses}"
@@ -68,23 +65,12 @@ class Generation:
     model_down: bool = False  # failed because its model is down or refuses: never journaled
 
 
-@dataclass(frozen=True, slots=True)
-class JudgeReply:
-    """One judge reply: its answer (never its trace), its cost, whether it was cut off."""
-
-    text: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-    cut_off: bool = False
-
-
 @dataclass(slots=True)
 class RowState:
     """A row's generations and judge replies so far (from the journal and this run)."""
 
     generations: dict[int, Generation] = field(default_factory=dict)
-    judge_replies: list[JudgeReply] = field(default_factory=list)
+    judge_replies: list[Answer] = field(default_factory=list)
 
 
 def slots_for(config: PreferenceConfig) -> list[Slot]:
@@ -100,38 +86,6 @@ def prompt_of(messages: list[Message]) -> list[Message]:
     """The conversation up to and including its last user turn."""
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
     return [dict(m) for m in messages[: last_user + 1] if m["role"] != "tool"]
-
-
-def state_from(records: Records) -> RowState:
-    state = RowState()
-    for record in records:
-        kind = record.get("k")
-        if kind == GENERATION and isinstance(record.get("s"), int):
-            trace = record.get("r")
-            state.generations.setdefault(
-                record["s"],
-                Generation(
-                    text=str(record.get("c", "")),
-                    prompt_tokens=int(record.get("p") or 0),
-                    completion_tokens=int(record.get("o") or 0),
-                    finish_reason=_reason(record.get("f")),
-                    trace=trace if isinstance(trace, str) else None,
-                    reasoning_tokens=int(record.get("n") or 0),
-                ),
-            )
-        elif kind == GENERATION_ERROR and isinstance(record.get("s"), int):
-            state.generations.setdefault(record["s"], Generation(error=str(record.get("e"))))
-        elif kind == RATING:
-            state.judge_replies.append(
-                JudgeReply(
-                    str(record.get("c", "")),
-                    int(record.get("p") or 0),
-                    int(record.get("o") or 0),
-                    int(record.get("n") or 0),
-                    record.get("x") is True,
-                )
-            )
-    return state
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,11 +148,11 @@ def _reason(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class PreferenceTask:
+class PreferenceTask(Task):
     """Generates with a pool of models and pairs the answers by a judge's ratings."""
 
     def __init__(self, config: RunConfig) -> None:
-        self.config: PreferenceConfig = config.section
+        self.config = KIND.section(config)
         self.slots = slots_for(self.config)
         # Rows name models as the server knows them (like distillation's `model`).
         self.served = {name: config.models[name].model for name in self.config.generators}
@@ -209,37 +163,25 @@ class PreferenceTask:
         text = self.config.judge_template_text
         self.template = compile_template(text) if text is not None else None
 
-    def rows_in_flight(self, config: RunConfig) -> int:
-        # Each row fans out to every generator: enough rows to keep the largest
-        # cap busy while rows wait for their slowest model or the judge.
-        caps = [config.models[name].total_concurrency for name in config.models_used()]
-        return max(4, 2 * max(caps))
-
     def optional_models(self) -> frozenset[str]:
         return frozenset(self.config.generators)  # one failing generator never stops the others
 
-    async def process(
-        self, line: int, record: dict[str, Any], records: Records, ctx: Context
-    ) -> None:
+    async def process(self, record: dict[str, Any], ctx: RowContext) -> None:
         try:
-            row = parse_row(record, line)
+            row = parse_row(record, ctx.line)
             brought = brought_from(record)
         except InputError as exc:
-            await ctx.fail(line, row_id(record, line), f"input: {exc}")
+            await ctx.fail(row_id(record, ctx.line), f"input: {exc}")
             return
         extra = {k: v for k, v in row.extra.items() if k not in BROUGHT_KEYS}
         prompt = prompt_of(row.messages)
         if not prompt or prompt[-1]["role"] != "user":
-            await ctx.fail(line, row.id, "input: has no user turn; add at least one user message")
+            await ctx.fail(row.id, "input: has no user turn; add at least one user message")
             return
-        state = state_from(records)
-        missing = [s for s in self.slots if s.index not in state.generations]
-        if missing:
-            async with anyio.create_task_group() as group:
-                for slot in missing:
-                    group.start_soon(self._generate, ctx, row, prompt, slot, state)
-        if ctx.stopping or len(state.generations) < len(self.slots):
-            return
+        state = RowState()
+        async with anyio.create_task_group() as group:
+            for slot in self.slots:
+                group.start_soon(self._generate, ctx, prompt, slot, state)
         made = [(s, state.generations[s.index]) for s in self.slots]
         # The row's own generations first, then the generators', in output order.
         texts = brought.texts + [g.text for _, g in made if g.text is not None]
@@ -268,7 +210,6 @@ class PreferenceTask:
             )
         if not texts and errors:
             await ctx.fail(
-                line,
                 row.id,
                 "every generation failed: "
                 + "; ".join(f"{e['model']}: {e['error']}" for e in errors),
@@ -278,10 +219,7 @@ class PreferenceTask:
         rationales: list[str | None] | None = None
         judge_note = None
         if self.config.judge and len(texts) >= 2:
-            judged = await self._judge(ctx, row, prompt, texts, state)
-            if judged is None:
-                return  # stopping
-            ratings, rationales, judge_note = judged
+            ratings, rationales, judge_note = await self._judge(ctx, prompt, texts, state)
         elif self.config.judge:
             ratings, rationales = [None] * len(texts), [None] * len(texts)
             total = len(brought.texts) + len(self.slots)
@@ -310,90 +248,43 @@ class PreferenceTask:
         )
         if judge_note is not None:
             out["pair_error"] = judge_note
-        await ctx.finish(row.line, out)
+        await ctx.finish(out)
 
     async def _generate(
-        self, ctx: Context, row: InputRow, prompt: list[Message], slot: Slot, state: RowState
+        self, ctx: RowContext, prompt: list[Message], slot: Slot, state: RowState
     ) -> None:
-        if ctx.stopping:
-            return
         extra: dict[str, Any] = {}
         seed = self.seeds.get(slot.model)
         if isinstance(seed, int) and slot.repeat:
             extra["seed"] = seed + slot.repeat  # same seed would give the same answer again
+        # A generation that fails for good (cut off while reasoning, refused) is
+        # journaled by the context and never asked for again.
+        key = Sample(slot.index, where=f"generation {slot.repeat} of {slot.model}")
         try:
-            completion = await ctx.clients[slot.model].complete(prompt, extra)
+            answer = await ctx.ask(slot.model, prompt, key=key, extra=extra)
         except ModelError as exc:
-            if exc.model_down:
-                # Its model is down or refuses every request: not this row's doing. The
-                # row records it if it finishes now; unjournaled, a resumed row asks again.
-                state.generations[slot.index] = Generation(error=str(exc), model_down=True)
-                return
-            generation, record = self._failed(row, slot, str(exc))
-        else:
-            trace = completion.trace()
-            ctx.stats.turns_done += 1
-            if completion.cut_off():
-                assert trace is not None
-                where = f"generation {slot.repeat} of {slot.model}"
-                error = cut_off_error(slot.model, self.params[slot.model], trace, where)
-                generation, record = self._failed(row, slot, error)
-            else:
-                generation = Generation(
-                    text=completion.texts[0],
-                    prompt_tokens=completion.prompt_tokens,
-                    completion_tokens=completion.completion_tokens,
-                    finish_reason=completion.finish_reasons[0],
-                    trace=trace,
-                    reasoning_tokens=completion.reasoning_tokens,
-                )
-                record = {
-                    "k": GENERATION,
-                    "l": row.line,
-                    "s": slot.index,
-                    "c": generation.text,
-                    "p": generation.prompt_tokens,
-                    "o": generation.completion_tokens,
-                    "f": generation.finish_reason,
-                }
-                if trace is not None:
-                    record["r"] = trace
-                if completion.reasoning_tokens:
-                    record["n"] = completion.reasoning_tokens
-        await ctx.writer.record(record)
-        state.generations[slot.index] = generation
-
-    @staticmethod
-    def _failed(row: InputRow, slot: Slot, error: str) -> tuple[Generation, dict[str, Any]]:
-        """A generation that failed for good, and its journal record."""
-        record: dict[str, Any] = {
-            "k": GENERATION_ERROR,
-            "l": row.line,
-            "s": slot.index,
-            "e": error,
-        }
-        return Generation(error=error), record
+            # model_down: its model is down or refuses every request, not this row's
+            # doing. The row records it if it finishes now; a resumed row asks again.
+            state.generations[slot.index] = Generation(error=str(exc), model_down=exc.model_down)
+            return
+        state.generations[slot.index] = Generation(
+            text=answer.text,
+            prompt_tokens=answer.prompt_tokens,
+            completion_tokens=answer.completion_tokens,
+            finish_reason=answer.finish_reason,
+            trace=answer.trace,
+            reasoning_tokens=answer.reasoning_tokens,
+        )
 
     async def _judge(
-        self,
-        ctx: Context,
-        row: InputRow,
-        prompt: list[Message],
-        texts: list[str],
-        state: RowState,
-    ) -> tuple[list[int | None], list[str | None], str | None] | None:
-        """Ratings and rationales for ``texts``, a note when unusable; None when stopping."""
-        assert self.config.judge is not None
+        self, ctx: RowContext, prompt: list[Message], texts: list[str], state: RowState
+    ) -> tuple[list[int | None], list[str | None], str | None]:
+        """Ratings and rationales for ``texts``, and a note when they are unusable."""
+        judge = self.config.judge
+        assert judge is not None
         n = len(texts)
         unrated: tuple[list[int | None], list[str | None]] = ([None] * n, [None] * n)
         fmt = self.config.judge_format
-        problem = None
-        for judged in state.judge_replies:
-            if judged.cut_off:
-                return *unrated, self._judge_cut_off()
-            ratings, rationales, problem = read_reply(fmt, judged.text, n)
-            if has_usable_rating(ratings):
-                return ratings, rationales, None
         if self.template is None:
             messages = judge_messages(prompt, texts, self.config.aspect, judge_format=fmt)
         else:
@@ -402,44 +293,19 @@ class PreferenceTask:
             except RenderError as exc:
                 return *unrated, str(exc)
         extra = {"response_format": ratings_response_format(n)} if fmt == JSON else None
-        client = ctx.clients[self.config.judge]
-        while len(state.judge_replies) < JUDGE_TRIES:
-            if ctx.stopping:
-                return None
+        problem = None
+        for number in range(JUDGE_TRIES):
             try:
-                completion = await client.complete(messages, extra)
+                reply = await ctx.ask(judge, messages, key=Rating(number), extra=extra)
             except ModelError as exc:
-                if exc.model_down:
-                    raise exc.stopped(" (the judge)") from exc
+                if exc.model_down:  # the judge is never optional, even as a generator too
+                    raise exc.stopped(Rating.role) from exc
                 return *unrated, f"judge failed: {exc}"
-            reply = completion.texts[0]  # the answer: ratings are never read from the trace
-            cut = completion.cut_off()
-            record: dict[str, Any] = {
-                "k": RATING,
-                "l": row.line,
-                "a": len(state.judge_replies),
-                "c": reply,
-                "p": completion.prompt_tokens,
-                "o": completion.completion_tokens,
-            }
-            if completion.reasoning_tokens:
-                record["n"] = completion.reasoning_tokens
-            if cut:
-                record["x"] = True
-            await ctx.writer.record(record)
-            state.judge_replies.append(
-                JudgeReply(
-                    reply,
-                    completion.prompt_tokens,
-                    completion.completion_tokens,
-                    completion.reasoning_tokens,
-                    cut,
-                )
-            )
-            ctx.stats.turns_done += 1
-            if cut:
+            state.judge_replies.append(reply)
+            if reply.cut_off:
                 return *unrated, self._judge_cut_off()
-            ratings, rationales, problem = read_reply(fmt, reply, n)
+            # The answer: ratings are never read from the trace.
+            ratings, rationales, problem = read_reply(fmt, reply.text, n)
             if has_usable_rating(ratings):
                 return ratings, rationales, None
         why = f" (the last one: {problem})" if problem else ""
