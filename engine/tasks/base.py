@@ -280,7 +280,7 @@ class Context:
 class RowContext:
     """What a task sees of the run while it moves one row: ``ask``, ``finish``, ``fail``."""
 
-    __slots__ = ("_journaled", "_parked", "_run", "line")
+    __slots__ = ("_journaled", "_parked", "_pending", "_run", "line")
 
     def __init__(
         self, run: Context, line: int, journaled: dict[tuple[str, Any], dict[str, Any]]
@@ -289,6 +289,7 @@ class RowContext:
         self.line = line  # the row's place in the input (0-based)
         self._journaled = journaled
         self._parked = False
+        self._pending: list[dict[str, Any]] = []  # a last reply, journaled with the row
 
     @property
     def config(self) -> RunConfig:
@@ -322,6 +323,7 @@ class RowContext:
         extra: Mapping[str, Any] | None = None,
         prefer: int | None = None,
         check: Callable[[str], str | None] | None = None,
+        last: bool = False,
     ) -> Answer:
         """The reply of ``model`` (a name under ``models:``) to ``messages``, under ``key``.
 
@@ -334,6 +336,10 @@ class RowContext:
         unusable, or None) when given. A reply cut off while reasoning is returned
         (``Answer.cut_off``) for the task to fail its row; a ``Sample``'s is journaled
         as failed instead and raised as ModelError, as is any permanent failure of it.
+
+        ``last``: the row's last reply, which ``finish`` writes in the same group as the
+        row (one writer round trip fewer a row; a kill in between asks it again, as it
+        would a reply in flight).
 
         Raises ModelError for a failed request (``model_down`` only for an optional
         model's outage), ModelDown when a model the run needs is down. After a stop
@@ -376,7 +382,10 @@ class RowContext:
                 error = cut_off_error(model, params, answer.trace, key.where)
                 await run.writer.record(failure_record(self.line, key, error))
                 raise ModelError(error, retryable=False)
-            await run.writer.record(reply_record(self.line, key, answer))
+            if last and answer.error is None:
+                self._pending.append(reply_record(self.line, key, answer))
+            else:
+                await run.writer.record(reply_record(self.line, key, answer))
             return answer
         finally:
             if run._stopping:
@@ -384,7 +393,8 @@ class RowContext:
 
     async def finish(self, row: dict[str, Any]) -> None:
         """Write the finished row: to the output, or the filtered file when a rule fires."""
-        await self._run.finish(self.line, row)
+        pending, self._pending = self._pending, []
+        await self._run.finish(self.line, row, pending)
 
     async def fail(self, row_id: Any, error: str, *, turn: int | None = None, **extra: Any) -> None:
         """Fail the row for good: a line in the failed file naming ``error``."""

@@ -44,10 +44,15 @@ class DistillTask(Task):
             await ctx.fail(row_id(record, ctx.line), f"input: {exc}")
             return
         replica = None  # the server of the previous turn: its cache holds this history
-        for turn in range(len(dialogue.turns)):
+        turns = len(dialogue.turns)
+        for turn in range(turns):
             try:
                 answer = await ctx.ask(
-                    self.model_name, dialogue.history(), key=Turn(turn), prefer=replica
+                    self.model_name,
+                    dialogue.history(),
+                    key=Turn(turn),
+                    prefer=replica,
+                    last=turn == turns - 1,
                 )
             except ModelError as exc:
                 await ctx.fail(row.id, str(exc), turn=turn)
