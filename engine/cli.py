@@ -19,11 +19,12 @@ from pathlib import Path
 from engine import progress
 from engine._reporting import write_run_report
 from engine._runner import announce, execute, prepare, run_loop
+from engine.checkpoint.checkpoint import Checkpoint
 from engine.checkpoint.journal import repair as repair_journal
 from engine.checkpoint.journal import segments
 from engine.checkpoint.manifest import has_checksums, lock_checkpoint, read_manifest
-from engine.checkpoint.snapshot import load, read_snapshot, tail_segments
-from engine.checkpoint.writer import SNAPSHOT_EVERY_ROWS
+from engine.checkpoint.snapshot import read_snapshot, tail_segments
+from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_ROWS
 from engine.config import EXECUTORS, RunConfig, load_config
 from engine.crash import crash_report, write_crash_log
 from engine.errors import (
@@ -157,26 +158,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"no run yet in {config.checkpoint_dir}")
         return EXIT_OK
 
-    def size(path: Path) -> int:
-        return path.stat().st_size if path.exists() else 0
-
-    for attempt in range(3):
-        try:
-            state = load(
-                config.checkpoint_dir,
-                size(config.output),
-                size(config.failed_output),
-                size(config.filtered_output),
-                repair=True,  # count the damaged records instead of stopping at the first
-                strict=has_checksums(manifest),
-            )
-            break
-        except (FileNotFoundError, CheckpointError) as exc:
-            # Read without the lock: a snapshot that a running run took meanwhile
-            # deleted a segment we were about to read. Read again from it.
-            if attempt == 2:
-                print(f"error: {exc}", file=sys.stderr)
-                return EXIT_UNUSABLE
+    try:
+        # Read without the lock, beside a run that may be taking a snapshot.
+        state = Checkpoint.of(config).read_state(
+            repair=True,  # count the damaged records instead of stopping at the first
+            strict=has_checksums(manifest),
+        )
+    except (FileNotFoundError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
     try:
         total = open_source(config.input, config.input_columns).count()
     except (OSError, TurnstileError):
@@ -214,10 +204,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _file_size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
-
-
 def _damage(records: int, checksum_failures: int) -> str:
     failing = f", {checksum_failures} failing their checksum" if checksum_failures else ""
     return f"{records} damaged record{'s' if records != 1 else ''}{failing}"
@@ -253,14 +239,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
         manifest = read_manifest(config.checkpoint_dir)
         checksums = manifest is not None and has_checksums(manifest)
         # Where the damage is, and what the files were vouched for before it.
-        state = load(
-            config.checkpoint_dir,
-            _file_size(config.output),
-            _file_size(config.failed_output),
-            _file_size(config.filtered_output),
-            repair=True,
-            strict=checksums,
-        )
+        state = Checkpoint.of(config).state(repair=True, strict=checksums)
         # The segments a resume reads: those after the snapshot (it covers the others).
         snapshot = read_snapshot(config.checkpoint_dir)
         first = 0 if snapshot is None else snapshot.first_segment

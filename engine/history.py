@@ -10,8 +10,8 @@ tells every run of a job apart (the report marks the restarts).
 Bounded: the step between samples grows with the file, 1 s for the first 10,000
 lines (about 3 hours), 10 s for the next 10,000 (28 hours), 60 s for the next
 10,000 (a week), 600 s after that (10,000 lines per 10 weeks). The writer appends
-the lines with everything else it writes (engine.checkpoint.writer); a line torn
-by a SIGKILL is cut off when the next run opens the file.
+the lines with everything else it writes (engine.checkpoint.writer) through an
+``Appender``; a line torn by a SIGKILL is cut off when the next run opens the file.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from engine.checkpoint.files import AppendFile
 from engine.stats import RunStats
 
 HISTORY_NAME = "metrics.jsonl"
@@ -142,18 +143,15 @@ class History:
         }
 
 
-class Appender:
-    """Appends history lines to a file directly (a sharded run's driver has no writer)."""
+class Appender(AppendFile):
+    """The history file, opened for appending: cut back to its last whole line (a SIGKILL
+    can tear one), with the number of lines earlier runs wrote (``lines``).
+
+    The run's writer (engine.checkpoint.writer) appends to it with each batch it
+    writes; a sharded run's driver, which has no writer, calls ``write`` itself.
+    Blocking to open (it counts the lines).
+    """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        keep = whole_length(path)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.ftruncate(self.fd, keep)
-        self.lines = count_lines(path, keep)
-
-    def write(self, line: bytes) -> None:
-        os.write(self.fd, line)
-
-    def close(self) -> None:
-        os.close(self.fd)
+        super().__init__(path, whole_length(path))
+        self.lines = count_lines(path, self.size) if self.size else 0

@@ -15,9 +15,10 @@ import anyio
 import orjson
 import pytest
 
-from engine.checkpoint import writer as writer_module
+from engine.checkpoint import snapshotter as snapshotter_module
 from engine.checkpoint.journal import Replay, encode, segment_path, segments
 from engine.checkpoint.snapshot import SNAPSHOT_NAME, emit_sources, load, read_snapshot
+from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_BYTES, Snapshotter
 from engine.checkpoint.writer import Writer
 from engine.config import JournalConfig
 from engine.errors import CheckpointError
@@ -358,6 +359,14 @@ class Run:
 
     def writer(self, state: Replay | None, every: int | None = 3, **kw: Any) -> Writer:
         state = state or Replay()
+        snapshots = None
+        if every is not None:
+            snapshots = Snapshotter(
+                self.ck,
+                state,
+                every_rows=every,
+                every_bytes=kw.pop("snapshot_every_bytes", SNAPSHOT_EVERY_BYTES),
+            )
         return Writer(
             segment_path(self.ck, state.segment),
             self.outputs[0],
@@ -368,8 +377,7 @@ class Run:
             failed_end=state.failed_end,
             filtered_end=state.filtered_end,
             policy=kw.pop("policy", JournalConfig()),
-            state=state if every is not None else None,
-            snapshot_every_rows=every or 1,
+            snapshots=snapshots,
             **kw,
         )
 
@@ -479,9 +487,9 @@ async def test_a_kill_at_any_step_of_a_snapshot_loses_and_repeats_nothing(
     def kill_here() -> None:
         copy = tmp_path / f"kill{len(crashes)}"
         shutil.copytree(tmp_path / "live", copy)
-        crashes.append((copy, writer._state.copy()))  # type: ignore[union-attr]
+        crashes.append((copy, writer._snapshots.state.copy()))  # type: ignore[union-attr]
 
-    real_pack, real_write = writer_module.pack_emits, writer_module.write_snapshot
+    real_pack, real_write = snapshotter_module.pack_emits, snapshotter_module.write_snapshot
 
     def pack(pairs: Any) -> bytes:
         if instant == "before":
@@ -496,8 +504,8 @@ async def test_a_kill_at_any_step_of_a_snapshot_loses_and_repeats_nothing(
         if instant == "before the drop":
             kill_here()
 
-    monkeypatch.setattr(writer_module, "pack_emits", pack)
-    monkeypatch.setattr(writer_module, "write_snapshot", write)
+    monkeypatch.setattr(snapshotter_module, "pack_emits", pack)
+    monkeypatch.setattr(snapshotter_module, "write_snapshot", write)
     async with running(writer) as w:
         await play(w, ops)
     monkeypatch.undo()
@@ -534,7 +542,7 @@ async def test_a_snapshot_that_cannot_be_written_stops_the_writer_and_loses_noth
     def full(folder: Path, data: bytes) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(writer_module, "write_snapshot", full)
+    monkeypatch.setattr(snapshotter_module, "write_snapshot", full)
     done = 0
     with pytest.raises(BaseExceptionGroup) as stopped:
         async with running(run.writer(Replay(), every=3)) as w:
@@ -580,13 +588,13 @@ async def test_snapshots_never_write_more_than_the_journal(
     async with running(ref.writer(None, every=None)) as w:
         await ops(w)
     written: list[int] = []
-    real = writer_module.write_snapshot
+    real = snapshotter_module.write_snapshot
 
     def counting(folder: Path, data: bytes) -> None:
         written.append(len(data))
         real(folder, data)
 
-    monkeypatch.setattr(writer_module, "write_snapshot", counting)
+    monkeypatch.setattr(snapshotter_module, "write_snapshot", counting)
     run = Run(tmp_path / "snap")
     async with running(run.writer(Replay(), every=1)) as w:
         await ops(w)

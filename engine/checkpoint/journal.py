@@ -47,6 +47,7 @@ from typing import Any
 
 import orjson
 
+from engine.checkpoint.files import fsync_dir
 from engine.errors import CheckpointError
 
 JOURNAL_NAME = "journal.jsonl"  # segment 0
@@ -372,15 +373,6 @@ def _past(record: dict[str, Any], limits: tuple[int, int, int]) -> bool:
         return False
     end = record.get("e")
     return not isinstance(end, int) or end > limits[_EMIT_KINDS.index(kind)]
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the folder's last renames, creations and removals durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # How a journal line decoded (``decode``'s second value).

@@ -18,7 +18,8 @@ from typing import IO, Any
 
 import orjson
 
-from engine.checkpoint.journal import fsync_dir, segments
+from engine.checkpoint.files import atomic_write
+from engine.checkpoint.journal import segments
 from engine.checkpoint.paths import same_file
 from engine.checkpoint.snapshot import EMITS_NAME, SNAPSHOT_NAME
 from engine.config import RunConfig
@@ -134,7 +135,8 @@ def check_manifest(manifest: dict[str, Any], config: RunConfig, source: Source) 
     if fingerprint.digest != known.get("digest"):
         raise CheckpointError(
             f"the input file {config.input} has changed since the run in {where} started; "
-            f"restore the original file to resume, or {hint}"
+            f"restore the original file to resume, or {hint}; with cache.dir set, only what "
+            "changed is requested"
         )
     if manifest.get("config_digest") != config_digest(config):
         _refuse_task_resume(manifest, config, hint)
@@ -149,6 +151,28 @@ def check_manifest(manifest: dict[str, Any], config: RunConfig, source: Source) 
             f"(was {manifest.get('output')}); put it back to resume, or {hint}"
         )
     return fingerprint
+
+
+def open_manifest(
+    config: RunConfig,
+    source: Source,
+    manifest: dict[str, Any] | None,
+    known_input: dict[str, Any] | None = None,
+) -> tuple[bool, InputPrint]:
+    """Check the stored ``manifest`` against the run, or write the first one; whether
+    this resumes a run, and the input's fingerprint. ``known_input``: the input's
+    fingerprint as a manifest stores it, when the caller has it (a shard: the driver
+    hashed the input once for every shard). Blocking; hold the checkpoint's lock."""
+    if manifest is None:
+        fingerprint = input_print(source, known_input)
+        write_manifest(config.checkpoint_dir, new_manifest(config, fingerprint))
+        return False, fingerprint
+    fingerprint = check_manifest(manifest, config, source)
+    if fingerprint.mtime_ns != manifest["input"].get("mtime_ns"):
+        # Same bytes, new mtime (copied or touched): remember it, skip the rehash next time.
+        renewed = new_manifest(config, fingerprint, checksums=has_checksums(manifest))
+        write_manifest(config.checkpoint_dir, renewed)
+    return True, fingerprint
 
 
 def _refuse_task_resume(manifest: dict[str, Any], config: RunConfig, hint: str) -> None:
@@ -173,13 +197,8 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
 def write_manifest(checkpoint_dir: Path, manifest: dict[str, Any]) -> None:
     """Replace the manifest atomically: temp file, fsync, rename, fsync the folder."""
     path = checkpoint_dir / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
-    with tmp.open("wb") as f:
-        f.write(orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(checkpoint_dir)
+    data = orjson.dumps(manifest, option=orjson.OPT_INDENT_2)
+    atomic_write(path, data, tmp=path.with_suffix(".json.tmp"))
 
 
 def lock_checkpoint(checkpoint_dir: Path) -> IO[bytes]:

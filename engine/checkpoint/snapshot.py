@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import sys
 import zlib
 from array import array
@@ -63,7 +62,8 @@ from typing import Any
 
 import orjson
 
-from engine.checkpoint.journal import LineSet, Replay, fsync_dir, replay_segments, segments
+from engine.checkpoint.files import atomic_write
+from engine.checkpoint.journal import LineSet, Replay, replay_segments, segments
 from engine.errors import CheckpointError
 
 SNAPSHOT_NAME = "snapshot.bin"
@@ -183,13 +183,7 @@ def _digest(data: bytes) -> bytes:
 def write_snapshot(checkpoint_dir: Path, data: bytes) -> None:
     """Replace the snapshot atomically: temp file, fsync, rename, fsync the folder."""
     path = checkpoint_dir / SNAPSHOT_NAME
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(checkpoint_dir)
+    atomic_write(path, data, tmp=path.with_name(path.name + ".tmp"))
 
 
 def read_snapshot(checkpoint_dir: Path) -> Replay | None:

@@ -13,57 +13,37 @@ Order inside a batch: journal work records, then output rows, then the journal's
 emit records that vouch for those rows. A crash between the two leaves rows the
 journal does not vouch for; the next run truncates them and writes them again.
 
-Given the replayed state of the run (``state``), the writer keeps it up to date
-with every record it writes and takes a snapshot every so often, starting a new
-journal segment and deleting the ones the snapshot covers: see
-engine.checkpoint.snapshot for the files and why a SIGKILL at any step is safe.
-Given the input reader's ``marks``, each snapshot also says where in the input a
-resume can start reading.
+Given a snapshotter (engine.checkpoint.snapshotter), the writer tells it what
+every batch wrote and lets it take a snapshot between two batches, then appends to
+the journal segment it starts. Given the history (engine.history's ``Appender``),
+metrics.jsonl lines go out with the next batch. The writer itself only batches,
+writes, rolls a failed batch back and fsyncs as ``policy`` says.
+engine.checkpoint.Checkpoint builds one for a run (``Checkpoint.writer``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
 
 from engine.checkpoint.durability import JournalConfig
-from engine.checkpoint.journal import (
-    EMIT_FAILED,
-    EMIT_FILTERED,
-    EMIT_OUTPUT,
-    Replay,
-    apply,
-    encode,
-    segment_number,
-    segment_path,
-)
-from engine.checkpoint.snapshot import (
-    EMITS_NAME,
-    SNAPSHOT_NAME,
-    covered_segments,
-    encode_snapshot,
-    pack_emits,
-    write_snapshot,
-)
+from engine.checkpoint.files import AppendFile
+from engine.checkpoint.journal import EMIT_FAILED, EMIT_FILTERED, EMIT_OUTPUT, encode
+from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_BYTES, SNAPSHOT_EVERY_ROWS, Snapshotter
 from engine.errors import CheckpointError
-from engine.history import whole_length
-from engine.input.reader import Marks
 
-# A snapshot every this many rows, or once the segment written reaches this size: a
-# resume replays at most about one segment (under 0.1 s), and a snapshot (some
-# milliseconds of work and a few fsyncs) comes every few seconds at most.
-SNAPSHOT_EVERY_ROWS = 20_000
-SNAPSHOT_EVERY_BYTES = 4 << 20
+if TYPE_CHECKING:
+    from engine.history import Appender
+
+__all__ = ["INLINE_BYTES", "SNAPSHOT_EVERY_BYTES", "SNAPSHOT_EVERY_ROWS", "Writer"]
 # A batch up to this size with no fsync due is written without a thread hop.
 INLINE_BYTES = 64 << 10
 
@@ -88,48 +68,14 @@ class _Batch:
         return sum(map(len, self.journal)) + rows + sum(map(len, self.history))
 
 
-class _File:
-    """An append-only file descriptor that knows its length."""
-
-    def __init__(self, path: Path, keep: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        size = os.fstat(self.fd).st_size
-        if size > keep:
-            os.ftruncate(self.fd, keep)  # drop what the journal does not vouch for
-        self.size = min(size, keep)
-        self.dirty = False
-
-    def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
-        self.size += len(data)
-        self.dirty = True
-
-    def rollback(self, size: int) -> None:
-        os.ftruncate(self.fd, size)
-        self.size = size
-
-    def sync(self) -> None:
-        if self.dirty:
-            os.fsync(self.fd)
-            self.dirty = False
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
 class Writer:
-    """Owns the journal, output and failed files for one run.
+    """The group writer: owns the journal, output, failed and filtered files of one run.
 
-    ``journal`` is the segment to append to. With ``state`` (the replay the run
-    resumes from: its ends must be the ones given) the writer takes snapshots;
-    without, it only appends, as a writer of one journal file. It keeps the
-    records of rows in progress (for the snapshots): callers never change a
-    record once they have handed it over.
+    ``journal`` is the segment to append to; the ends are what the replay vouches
+    for (anything after them is cut off). With a ``snapshots`` snapshotter (made
+    from the same replay) the writer takes snapshots; without, it only appends, as
+    a writer of one journal file. Callers never change a record once they have
+    handed it over (the snapshotter keeps those of rows in progress).
     """
 
     def __init__(
@@ -144,26 +90,20 @@ class Writer:
         policy: JournalConfig,
         filtered: Path | None = None,
         filtered_end: int = 0,
-        state: Replay | None = None,
-        snapshot_every_rows: int = SNAPSHOT_EVERY_ROWS,
-        snapshot_every_bytes: int = SNAPSHOT_EVERY_BYTES,
-        marks: Marks | None = None,
-        seek_base: int = 0,
-        history: Path | None = None,
+        snapshots: Snapshotter | None = None,
+        history: Appender | None = None,
     ) -> None:
         self._dir = journal.parent
-        self._segment = segment_number(journal)
         if filtered is None:
             filtered = failed.with_name(failed.name.replace(".failed.", ".filtered."))
         try:
-            self._journal = _File(journal, journal_end)
-            self._out = _File(output, out_end)
-            self._failed = _File(failed, failed_end)
-            self._filtered = _File(filtered, filtered_end)
+            self._journal = AppendFile(journal, journal_end)
+            self._out = AppendFile(output, out_end)
+            self._failed = AppendFile(failed, failed_end)
+            self._filtered = AppendFile(filtered, filtered_end)
         except OSError as exc:  # an unwritable folder, found at run time: a stop, not a bug
             raise CheckpointError(_describe(exc, self._dir)) from exc
-        # The run's history, cut back to its last whole line (a SIGKILL can tear one).
-        self._history = _File(history, whole_length(history)) if history is not None else None
+        self._history = history  # metrics.jsonl, cut back to its last whole line
         self._policy = policy
         self._batch = _Batch()
         self._kick = anyio.Event()
@@ -173,22 +113,12 @@ class Writer:
         self._stopped = anyio.Event()
         self._last_sync = time.monotonic()
         self.error: BaseException | None = None
-        self._every = (max(1, snapshot_every_rows), max(1, snapshot_every_bytes))
-        self._rows = 0  # rows written since the last snapshot
-        self._last_snapshot = 0  # its size
-        self._state = state.copy() if state is not None else None
-        self._marks = marks
-        self._seek_base = seek_base  # the first line this run reads (a shard's)
-        self._emits: _File | None = None
-        if self._state is not None:
-            # Cut off what no snapshot vouches for (one that did not finish); a run
-            # that never took one has no index.
-            if self._state.emits_end:
-                self._emits = _File(self._dir / EMITS_NAME, self._state.emits_end)
-            else:
-                (self._dir / EMITS_NAME).unlink(missing_ok=True)
-            self._drop_covered()
-            (self._dir / (SNAPSHOT_NAME + ".tmp")).unlink(missing_ok=True)
+        self._snapshots = snapshots
+
+    @property
+    def history_lines(self) -> int:
+        """Lines in the history file when it was opened (earlier runs' samples)."""
+        return self._history.lines if self._history is not None else 0
 
     # -- callers -------------------------------------------------------------
 
@@ -307,7 +237,8 @@ class Writer:
                 if batch:
                     await self._flush(batch)
                 if self._snapshot_due():
-                    self._advance_seek()
+                    assert self._snapshots is not None
+                    self._snapshots.advance_seek()
                     # Its own hop: the batch's callers are already on their way.
                     await self._in_thread(self._snapshot)
                 elif not batch and self._due() and self._dirty():
@@ -383,13 +314,8 @@ class Writer:
                 self._history.write(b"".join(batch.history))
             if sync:
                 self._sync_all()
-            if self._state is not None:
-                # Written: the state a replay would now give (records in journal order).
-                for record in batch.records:
-                    apply(self._state, record)
-                for emit in emits:
-                    apply(self._state, emit)
-                self._rows += len(emits)
+            if self._snapshots is not None:
+                self._snapshots.written(batch.records, emits)
         except OSError:
             # Leave no half-written record behind (ENOSPC mid-write): cut every file
             # back to where this batch started, so the next run finds them whole.
@@ -405,7 +331,7 @@ class Writer:
 
     @staticmethod
     def _append_rows(
-        target: _File, rows: list[tuple[int, bytes]], kind: str
+        target: AppendFile, rows: list[tuple[int, bytes]], kind: str
     ) -> list[dict[str, Any]]:
         target.write(b"".join(data for _, data in rows))
         end = target.size - sum(len(data) for _, data in rows)
@@ -415,65 +341,20 @@ class Writer:
             emits.append({"k": kind, "l": line, "e": end})
         return emits
 
-    # -- snapshots (engine.checkpoint.snapshot says why each step is where it is) ----
+    # -- snapshots (engine.checkpoint.snapshotter) ---------------------------------
 
     def _snapshot_due(self) -> bool:
-        if self._state is None or self.error is not None:
+        if self._snapshots is None or self.error is not None:
             return False
-        size = self._journal.size
-        # Never sooner than the journal grows by the last snapshot's size: rows in
-        # flight with big records (long generations) make big snapshots, and this
-        # keeps what snapshots write below what the journal does.
-        if size < self._last_snapshot:
-            return False
-        return self._rows >= self._every[0] or size >= self._every[1]
-
-    def _advance_seek(self) -> None:
-        """Move the state's seek to the reader's last mark before the first row not done."""
-        state = self._state
-        if state is None or self._marks is None:
-            return
-        mark = self._marks.before(state.done.prefix(self._seek_base))
-        if mark is not None and mark[0] > state.seek[0]:
-            state.seek = mark
+        return self._snapshots.due(self._journal.size)
 
     def _snapshot(self) -> None:
-        state = self._state
-        assert state is not None
-        for f in (self._out, self._failed, self._filtered, self._journal):
-            f.sync()
-        if self._emits is None:
-            self._emits = _File(self._dir / EMITS_NAME, 0)
-        emits = self._emits
-        packed = pack_emits(state.emits)
-        emits.write(packed)
-        emits.sync()
-        # The index's CRC32, carried on: unknown for one begun before checksums.
-        known = state.emits_crc is not None or not state.emits_end
-        crc = zlib.crc32(packed, state.emits_crc or 0) if known else None
-        following = self._segment + 1
-        segment = _File(segment_path(self._dir, following), 0)
-        data = encode_snapshot(state, segment=following, emits_end=emits.size, emits_crc=crc)
-        try:
-            write_snapshot(self._dir, data)
-        except BaseException:
-            segment.close()
-            raise
-        self._last_snapshot = len(data)
+        assert self._snapshots is not None
+        vouched = (self._out, self._failed, self._filtered, self._journal)
+        segment = self._snapshots.take(vouched)
         self._journal.close()
-        self._journal, self._segment = segment, following
-        state.first_segment = state.segment = following
-        state.emits_end = emits.size
-        state.emits_crc = crc
-        del state.emits[:]
-        self._rows = 0
+        self._journal = segment
         self._last_sync = time.monotonic()
-        self._drop_covered()
-
-    def _drop_covered(self) -> None:
-        assert self._state is not None
-        for path in covered_segments(self._dir, self._state.first_segment):
-            path.unlink(missing_ok=True)
 
     def _due(self) -> bool:
         if self._policy.fsync != "interval":
@@ -497,16 +378,11 @@ class Writer:
             if self.error is None and self._policy.fsync != "never":
                 self._sync_all()
         finally:
-            for f in (
-                self._journal,
-                self._out,
-                self._failed,
-                self._filtered,
-                self._emits,
-                self._history,
-            ):
+            for f in (self._journal, self._out, self._failed, self._filtered, self._history):
                 if f is not None:
                     f.close()
+            if self._snapshots is not None:
+                self._snapshots.close()
 
 
 def _describe(error: BaseException, checkpoint_dir: Path) -> str:

@@ -11,7 +11,7 @@ import sys
 
 from engine import progress
 from engine._reporting import write_run_report
-from engine.checkpoint.snapshot import load
+from engine.checkpoint.checkpoint import Checkpoint
 from engine.config import RunConfig
 from engine.errors import (
     EXIT_FAILED_ROWS,
@@ -98,10 +98,7 @@ def status_lines(config: RunConfig) -> list[str]:
 
 def _finished(config: RunConfig, piece: Slice) -> str:
     """Rows a started shard has finished, from its checkpoint ("?" if it cannot be read)."""
-    shard = shard_config(config, piece)
-    files = (shard.output, shard.failed_output, shard.filtered_output)
-    sizes = [path.stat().st_size if path.exists() else 0 for path in files]
     try:
-        return str(len(load(shard.checkpoint_dir, *sizes).done))
+        return str(len(Checkpoint.of(shard_config(config, piece)).read_state(strict=False).done))
     except (OSError, CheckpointError):
         return "?"

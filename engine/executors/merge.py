@@ -18,8 +18,9 @@ from pathlib import Path
 
 import orjson
 
+from engine.checkpoint.files import atomic_write, replacing
 from engine.config import RunConfig
-from engine.executors.shards import MERGED_NAME, Plan, shard_config, write_atomic
+from engine.executors.shards import MERGED_NAME, Plan, shard_config
 from engine.output.export import rows_in_order
 
 
@@ -42,7 +43,7 @@ def merge(config: RunConfig, plan: Plan) -> dict[str, int]:
         "filtered": _write(config.filtered_output, _lines(s.filtered_output for s in shards)),
     }
     files = (config.output, config.failed_output, config.filtered_output)
-    write_atomic(
+    atomic_write(
         config.checkpoint_dir / MERGED_NAME,
         orjson.dumps({path.name: _size(path) for path in files}),
     )
@@ -84,29 +85,20 @@ def _lines(paths: Iterable[Path]) -> Iterator[bytes]:
 
 def _write(dest: Path, rows: Iterable[bytes], chunk: int = 1 << 20) -> int:
     """``rows`` into ``dest``, atomically; how many. An empty result leaves no file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.merge-{os.getpid()}")
     count = 0
-    try:
-        with tmp.open("wb") as f:
-            buffer: list[bytes] = []
-            size = 0
-            for row in rows:
-                buffer.append(row + b"\n")
-                size += len(row) + 1
-                count += 1
-                if size >= chunk:
-                    f.write(b"".join(buffer))
-                    buffer, size = [], 0
-            f.write(b"".join(buffer))
-            f.flush()
-            os.fsync(f.fileno())
-        if count:
-            os.replace(tmp, dest)
-        else:
-            dest.unlink(missing_ok=True)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with replacing(dest, tmp=dest.with_name(f".{dest.name}.merge-{os.getpid()}")) as f:
+        buffer: list[bytes] = []
+        size = 0
+        for row in rows:
+            buffer.append(row + b"\n")
+            size += len(row) + 1
+            count += 1
+            if size >= chunk:
+                f.write(b"".join(buffer))
+                buffer, size = [], 0
+        f.write(b"".join(buffer))
+    if not count:
+        dest.unlink(missing_ok=True)  # an empty result leaves no file
     return count
 
 

@@ -18,7 +18,6 @@ one resumes from its own journal. Everything here is blocking file work.
 from __future__ import annotations
 
 import fcntl
-import os
 import secrets
 import shutil
 import time
@@ -29,9 +28,9 @@ from typing import Any
 
 import orjson
 
-from engine.checkpoint.journal import fsync_dir
+from engine.checkpoint.checkpoint import Checkpoint
+from engine.checkpoint.files import atomic_write
 from engine.checkpoint.manifest import LOCK_NAME, MANIFEST_NAME
-from engine.checkpoint.snapshot import load
 from engine.config import ExecutorConfig, MetricsConfig, RunConfig
 from engine.errors import CheckpointError
 from engine.input.sources import Slice
@@ -105,7 +104,7 @@ def read_plan(checkpoint_dir: Path) -> Plan | None:
 
 
 def write_plan(checkpoint_dir: Path, plan: Plan) -> None:
-    write_atomic(
+    atomic_write(
         checkpoint_dir / PLAN_NAME, orjson.dumps(plan.to_json(), option=orjson.OPT_INDENT_2)
     )
 
@@ -138,25 +137,13 @@ def clear_shards(config: RunConfig) -> None:
         path.unlink(missing_ok=True)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the folder: the file is whole or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 # -- shared storage ----------------------------------------------------------------
 
 
 def write_storage_token(checkpoint_dir: Path) -> str:
     """A fresh token in ``checkpoint_dir`` for every shard to read back (shared storage)."""
     token = secrets.token_hex(16)
-    write_atomic(checkpoint_dir / STORAGE_CHECK, token.encode())
+    atomic_write(checkpoint_dir / STORAGE_CHECK, token.encode())
     return token
 
 
@@ -190,12 +177,12 @@ class ShardState:
 
 def mark_done(checkpoint_dir: Path, index: int, counts: dict[str, int]) -> None:
     folder = shard_dir(checkpoint_dir, index)
-    write_atomic(folder / DONE_NAME, orjson.dumps(counts))
+    atomic_write(folder / DONE_NAME, orjson.dumps(counts))
     (folder / ERROR_NAME).unlink(missing_ok=True)
 
 
 def mark_failed(checkpoint_dir: Path, index: int, error: str) -> None:
-    write_atomic(shard_dir(checkpoint_dir, index) / ERROR_NAME, error.encode())
+    atomic_write(shard_dir(checkpoint_dir, index) / ERROR_NAME, error.encode())
 
 
 def shard_state(checkpoint_dir: Path, piece: Slice) -> ShardState:
@@ -253,10 +240,8 @@ def journaled_counts(config: RunConfig, piece: Slice) -> dict[str, int] | None:
     shard = shard_config(config, piece)
     if not (shard.checkpoint_dir / MANIFEST_NAME).exists():
         return None
-    files = (shard.output, shard.failed_output, shard.filtered_output)
-    sizes = [path.stat().st_size if path.exists() else 0 for path in files]
     try:
-        state = load(shard.checkpoint_dir, *sizes)
+        state = Checkpoint.of(shard).state(strict=False)
     except (OSError, CheckpointError):
         return None
     return {"rows": len(state.done), "failed": state.rows_failed, "filtered": state.rows_filtered}

@@ -40,11 +40,12 @@ from typing import Any
 
 import orjson
 
+from engine.checkpoint.checkpoint import unlocked_read
 from engine.checkpoint.journal import EMIT_OUTPUT, decode, iter_lines
 from engine.checkpoint.paths import clashes, inside, run_targets, same_file
 from engine.checkpoint.snapshot import emit_sources, has_journal
 from engine.config import RunConfig
-from engine.errors import CheckpointError, ExportError, TurnstileError
+from engine.errors import ExportError, TurnstileError
 from engine.input.reader import fragments_as_text, has_long_digits, loads_exact
 from engine.output.card import Counts, card_text
 from engine.output.filters import FILTER_KEY, filtered_path, rule_of
@@ -183,18 +184,16 @@ def rows_in_order(checkpoint_dir: Path, output: Path, base: int = 0) -> Iterator
 
 def _row_ends(checkpoint_dir: Path, out_size: int, base: int = 0) -> array[int]:
     """index_rows over the checkpoint's emits: its emits index, then its journal segments."""
-    for attempt in range(3):
-        try:
-            pairs, journals = emit_sources(checkpoint_dir)
-            flat = iter(pairs)
-            indexed = zip(flat, flat, strict=True)
-            return index_rows(chain(indexed, *(_emits(j) for j in journals)), out_size, base)
-        except (FileNotFoundError, CheckpointError):
-            # A run beside us took a snapshot and deleted a segment we were about to
-            # read; its new snapshot and index hold that segment's emits.
-            if attempt == 2:
-                raise
-    raise AssertionError("unreachable")
+
+    def read() -> array[int]:
+        pairs, journals = emit_sources(checkpoint_dir)
+        flat = iter(pairs)
+        indexed = zip(flat, flat, strict=True)
+        return index_rows(chain(indexed, *(_emits(j) for j in journals)), out_size, base)
+
+    # A run beside us may take a snapshot and delete a segment we were about to read;
+    # its new snapshot and index hold that segment's emits: read again.
+    return unlocked_read(read)
 
 
 def _emits(journal: Path) -> Iterator[tuple[int, int]]:

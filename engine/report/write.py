@@ -8,13 +8,13 @@ crash while writing leaves the previous one.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from engine.checkpoint.files import atomic_write
 from engine.history import HISTORY_NAME
 from engine.redact import config_secrets, redact
 from engine.report.page import PLOT_POINTS, render_report
@@ -66,20 +66,4 @@ def config_text(config: Mapping[str, Any]) -> str:
 
 def replace_file(path: Path, data: bytes) -> None:
     """Make ``data`` the content of ``path`` all at once, durably."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temp, 0o644)  # mkstemp's 0600 would hide the report from a web server
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    atomic_write(path, data)
