@@ -25,6 +25,8 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from engine import progress
+from engine.batch.endpoint import BatchRun, run_fingerprint
+from engine.cache import open_cache
 from engine.checkpoint.checkpoint import Checkpoint
 from engine.checkpoint.journal import Replay
 from engine.checkpoint.manifest import Locks, clear_checkpoint, has_checksums, open_manifest
@@ -32,8 +34,9 @@ from engine.checkpoint.paths import clashes, run_targets
 from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_ROWS
 from engine.checkpoint.writer import Writer
 from engine.config import ModelConfig, RunConfig
-from engine.endpoints import http_endpoint
-from engine.errors import CheckpointError, InputError, ModelDown, TurnstileError
+from engine.cost import Budget, load_spend, save_spend
+from engine.endpoints import model_endpoint
+from engine.errors import BudgetReached, CheckpointError, InputError, ModelDown, TurnstileError
 from engine.history import History, run_id
 from engine.http.endpoint import ModelEndpoint
 from engine.input.sources import Marks, Resume, Row, Source, open_source
@@ -259,14 +262,27 @@ async def _execute(
             for name in group.members:
                 local_urls[name] = urls
         clients: dict[str, ModelEndpoint] = {}
+        batch_run = BatchRun(run_fingerprint(config.fingerprint_fields(), config.checkpoint_dir))
         for name in sorted(config.models_used()):
             model = config.models[name]
             model_stats = ModelStats(name=name, cap=model.max_concurrency)
             stats.models[name] = model_stats
             clients[name] = await stack.enter_async_context(
-                http_endpoint(model, model_stats, base_urls=local_urls.get(name))
+                model_endpoint(
+                    model,
+                    model_stats,
+                    base_urls=local_urls.get(name),
+                    batch_run=batch_run,
+                    checkpoint_dir=config.checkpoint_dir,
+                )
             )
         await _probe_models(clients, task.optional_models())
+        cache = await stack.enter_async_context(open_cache(config.cache))
+        budget = None
+        if config.budget.on:
+            spent = await anyio.to_thread.run_sync(load_spend, config.checkpoint_dir)
+            prices = {name: m.price for name, m in config.models.items()}
+            budget = Budget(config.budget, prices, *spent)
         if companion is not None:
             await companion.start(clients, stats)  # before any request: a shard's share
         work = anyio.CancelScope()  # around the row workers: cancelled to stop them
@@ -278,6 +294,8 @@ async def _execute(
             stats=stats,
             optional=task.optional_models(),
             scope=work,
+            cache=cache,
+            budget=budget,
         )
         workers = rows_in_flight(config, task)
         if config.piece is not None:  # a shard knows its rows: no more workers than those
@@ -301,6 +319,7 @@ async def _execute(
                 async with anyio.create_task_group() as inner:
                     send, receive = anyio.create_memory_object_stream[Row](workers)
                     pool = _Workers(inner, receive, workers, state, task, ctx)
+                    batch_run.gauge = _RowGauge(ctx, workers, receive)
                     # A fresh run skips nothing: an empty tuple spares each row a lookup.
                     resume = Resume(state.done if len(state.done) else (), state.seek, marks)
                     inner.start_soon(_feed, source.read(config.piece, resume), ctx, send, pool)
@@ -308,7 +327,30 @@ async def _execute(
             await writer.close()
             outer.cancel_scope.cancel()
     outcome.elapsed_s = time.monotonic() - started
+    if budget is not None:
+        folder = config.checkpoint_dir
+        await anyio.to_thread.run_sync(save_spend, folder, budget.spent_usd, budget.spent_tokens)
+        if budget.reached and outcome.interrupted_by is None:
+            raise BudgetReached(budget.message(f"turnstile run {config.config_path}"))
     return outcome
+
+
+class _RowGauge:
+    """What a run's batch models learn of its rows (engine.batch.endpoint.RowGauge)."""
+
+    def __init__(self, ctx: Context, workers: int, receive: MemoryObjectReceiveStream[Row]):
+        self._ctx = ctx
+        self._workers = workers
+        self._receive = receive
+
+    def rows(self) -> int:
+        stream = self._receive.statistics()
+        if stream.open_send_streams:  # the feeder may hand out more: every worker may ask
+            return self._workers
+        return self._ctx.rows_working + stream.current_buffer_used
+
+    def requests(self) -> int:
+        return self._ctx.requests_in_flight
 
 
 @dataclass(frozen=True, slots=True)

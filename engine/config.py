@@ -18,8 +18,11 @@ from urllib.parse import urlsplit
 import orjson
 import yaml
 
+from engine.batch.settings import BatchSettings, parse_batch
+from engine.cache import CacheConfig, parse_cache
 from engine.checkpoint.durability import JournalConfig
 from engine.checkpoint.paths import clashes, run_targets
+from engine.cost import BudgetConfig, Price, parse_budget, parse_price
 from engine.errors import ConfigError
 from engine.http.reasoning import AUTO, DEFAULT_TAGS, MODES, tags_problem
 from engine.input.sources import parse_input_columns
@@ -70,6 +73,8 @@ class ModelConfig:
     max_reply_bytes: int = MAX_REPLY_BYTES  # a longer reply fails its request, unread
     reasoning: str = AUTO  # where replies carry a reasoning trace: auto | field | tags | off
     reasoning_tags: tuple[str, str] = DEFAULT_TAGS  # the inline markers around a trace
+    batch: BatchSettings | None = None  # requests go through the provider's Batch API
+    price: Price | None = None  # USD per million tokens (engine.cost); None: not counted
 
     @property
     def is_local(self) -> bool:
@@ -89,25 +94,25 @@ class ModelConfig:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
-EXECUTORS = ("local", "ray")
-_RAY_ADDRESS = re.compile(r"(ray://)?[A-Za-z0-9_.\[\]:-]+:\d+")
-
-
 @dataclass(frozen=True, slots=True)
 class ExecutorConfig:
-    """Where the run happens: this process (``local``), or shards on a Ray cluster.
-
-    ``address`` (ray): None starts a local cluster on loopback for this run and
-    stops it at the end; ``auto`` or ``ray://host:10001`` joins a running one.
-    ``shards`` is fixed by the first run of a checkpoint. ``max_concurrent_shards``
-    None runs every shard at once.
-    """
+    """Where the run happens: ``kind`` names an executor (engine.executors.registry:
+    local, processes, ray), ``options`` are the keys that executor parsed from the
+    section (its own frozen type; None for local), ``raw`` the section as written
+    (parsed again for another kind by ``--executor``)."""
 
     kind: str = "local"
-    address: str | None = None
-    shards: int = 8
-    max_concurrent_shards: int | None = None
-    num_cpus_per_shard: float = 1.0
+    options: Any = None
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    def override(self, **keys: Any) -> ExecutorConfig:
+        """The section with ``keys`` set (``--executor``, ``--shards``), parsed again by
+        its executor; raises ConfigError naming the problems."""
+        p = Problems()
+        section = parse_executor(p, {**self.raw, **keys})
+        if p.items:
+            raise ConfigError(p.items)
+        return section
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +143,8 @@ class RunConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # A shard of a sharded run reads only this piece of the input (engine.executors).
     piece: Slice | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)  # replies shared by runs
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     @property
     def failed_output(self) -> Path:
@@ -175,7 +182,7 @@ class RunConfig:
         return {self.task: self.kind.section_fields(self.section)}
 
     def models_used(self) -> set[str]:
-        return self.kind.models_used(self.section)
+        return self.kind.models_used(self.section) | self.filters.models()
 
 
 def _model_fields(model: ModelConfig) -> dict[str, Any]:
@@ -217,6 +224,8 @@ _TOP_KEYS = (
     "input_columns",
     "filters",
     "uvloop",
+    "cache",
+    "budget",
 )
 _MODEL_KEYS = (
     "base_url",
@@ -236,6 +245,8 @@ _MODEL_KEYS = (
     "max_reply_bytes",
     "reasoning",
     "reasoning_tags",
+    "price",
+    "batch",
 )
 _LOCAL_KEYS = ("parallel", "ctx_size", "threads", "port", "replicas")
 # Model names appear in keys, file names and metric labels: keep them plain.
@@ -358,13 +369,17 @@ def parse_config(
     interval = p.positive_float("progress_interval_s", raw.get("progress_interval_s"), 10.0)
     column_keys = ("id", *(kind.column_keys if kind else ()))
     input_columns = parse_input_columns(raw.get("input_columns"), p, column_keys)
-    filters = parse_filters(raw.get("filters"), p)
+    filters = parse_filters(raw.get("filters"), p, models, base)
     uvloop = raw.get("uvloop", True)
     if not isinstance(uvloop, bool):
         p.add("uvloop", f"must be true or false, got {uvloop!r}")
         uvloop = True
     executor = parse_executor(p, raw.get("executor"))
     metrics = parse_metrics(p, raw.get("metrics"))
+    cache = parse_cache(p, raw.get("cache"), base)
+    used = kind.models_used(section) if kind is not None and section is not None else set()
+    prices = {name: models[name].price for name in used if name in models}
+    budget = parse_budget(p, raw.get("budget"), prices)
 
     if p.items:
         raise ConfigError(p.items)
@@ -386,6 +401,8 @@ def parse_config(
         uvloop=uvloop,
         executor=executor,
         metrics=metrics,
+        cache=cache,
+        budget=budget,
     )
 
 
@@ -406,42 +423,15 @@ def parse_metrics(p: Problems, raw: Any) -> MetricsConfig:
 
 
 def parse_executor(p: Problems, raw: Any) -> ExecutorConfig:
-    """The ``executor:`` section; problems name the key."""
+    """The ``executor:`` section; each executor parses its own keys
+    (engine.executors.registry); problems name the key."""
+    from engine.executors.registry import parse_section
+
     body = p.mapping("executor", raw)
     if body is None:
         return ExecutorConfig()
-    p.unknown(
-        "executor",
-        body,
-        ("kind", "address", "shards", "max_concurrent_shards", "num_cpus_per_shard"),
-    )
-    kind = body.get("kind", "local")
-    if kind not in EXECUTORS:
-        p.add("executor.kind", f"must be one of {', '.join(EXECUTORS)}, got {kind!r}")
-        kind = "local"
-    address = body.get("address")
-    if address is not None and not (
-        isinstance(address, str)
-        and (address in ("auto", "local") or _RAY_ADDRESS.fullmatch(address))
-    ):
-        p.add(
-            "executor.address",
-            "must be null (start a local cluster), auto, ray://HOST:10001 or HOST:6379; "
-            f"got {address!r}",
-        )
-        address = None
-    shards = p.positive_int("executor.shards", body.get("shards"), 8) or 8
-    concurrent = p.positive_int(
-        "executor.max_concurrent_shards", body.get("max_concurrent_shards"), None
-    )
-    cpus = p.positive_float("executor.num_cpus_per_shard", body.get("num_cpus_per_shard"), 1.0)
-    return ExecutorConfig(
-        kind=kind,
-        address=address,
-        shards=shards,
-        max_concurrent_shards=concurrent,
-        num_cpus_per_shard=cpus,
-    )
+    kind, options = parse_section(p, body)
+    return ExecutorConfig(kind=kind, options=options, raw=dict(body))
 
 
 def _parse_models(
@@ -545,7 +535,11 @@ def _parse_model(
         p.add(f"{key}.affinity", f"must be true or false, got {affinity!r}")
         affinity = True
     reasoning, reasoning_tags = _parse_reasoning(p, key, body)
+    batch = parse_batch(p, f"{key}.batch", body.get("batch"))
+    if batch is not None and is_local:
+        p.add(f"{key}.batch", "a local server has no Batch API; remove batch or base_url: local")
     local = _parse_local(p, f"{key}.local", body.get("local"))
+    price = parse_price(p, f"{key}.price", body.get("price"))
     if body.get("local") is not None and not is_local:
         p.add(f"{key}.local", "only used with base_url: local; remove it or use local")
     if base_urls is None or model_name is None or params is None:
@@ -569,6 +563,8 @@ def _parse_model(
         max_reply_bytes=max_reply or MAX_REPLY_BYTES,
         reasoning=reasoning,
         reasoning_tags=reasoning_tags,
+        price=price,
+        batch=batch,
     )
 
 

@@ -2,7 +2,8 @@
 
 The one place that turns a ``models.NAME`` section (``engine.config.ModelConfig``)
 into the plain values the HTTP endpoint takes, so ``engine.http`` never imports
-the config. The key is read from its environment variable here, when the
+the config; a model with a ``batch:`` block becomes a ``BatchEndpoint`` here.
+The key is read from its environment variable here, when the
 endpoint is built.
 """
 
@@ -11,11 +12,15 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import anyio
 
+from engine.batch.endpoint import BatchEndpoint, BatchRun
+from engine.batch.log import FileLog, log_path
 from engine.config import ModelConfig
 from engine.http.client import Clock, HttpEndpoint, Sleep
+from engine.http.endpoint import ModelEndpoint
 from engine.http.settings import HttpSettings
 from engine.stats import ModelStats
 
@@ -54,4 +59,27 @@ def http_endpoint(
     """The online endpoint of model ``config`` (see ``HttpEndpoint`` for the rest)."""
     return HttpEndpoint(
         http_settings(config, base_urls), stats, sleep=sleep, clock=clock, draw=draw
+    )
+
+
+def model_endpoint(
+    config: ModelConfig,
+    stats: ModelStats | None = None,
+    *,
+    base_urls: Sequence[str] | None = None,
+    batch_run: BatchRun | None = None,
+    checkpoint_dir: Path | None = None,
+) -> ModelEndpoint:
+    """Model ``config``'s endpoint: its Batch API when it has a ``batch:`` block (its
+    records in ``checkpoint_dir``, its batches named by ``batch_run``), else online."""
+    if config.batch is None:
+        return http_endpoint(config, stats, base_urls=base_urls)
+    if batch_run is None or checkpoint_dir is None:
+        raise ValueError(f"models.{config.name}: a batch model needs its run and checkpoint")
+    return BatchEndpoint(
+        http_settings(config, base_urls),
+        config.batch,
+        stats,
+        log=FileLog(log_path(checkpoint_dir, config.name)),
+        run=batch_run,
     )

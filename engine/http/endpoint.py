@@ -25,18 +25,29 @@ batch API. A new implementation provides:
   until it answers again;
 - ``async with``: whatever it holds open (sessions, background probes) lives
   between ``__aenter__`` and ``__aexit__``.
+
+An endpoint that can also send a request body of any kind as it is (a batch
+file's ``/completions`` or ``/embeddings`` line, say) is a ``RawEndpoint`` too:
+``post(path, body, *, prefer=None) -> RawReply``, ``path`` under the model's
+base URL, with the same caps, retries, replicas and errors as ``complete``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, runtime_checkable
 
 from engine.stats import LatencyHistogram, ModelStats, Outage, ReplicaStats
 
 Messages = list[dict[str, str]]
+
+# Who asks: ``(row line, reply key)``, set by ``RowContext.ask`` around ``complete``. An
+# endpoint that must name its requests the same in every process (a batch model's
+# ``custom_id``) reads it; the others ignore it.
+asker: ContextVar[tuple[int, object] | None] = ContextVar("asker", default=None)
 
 
 # Not frozen: one is built per request, and a frozen dataclass's __init__ costs four
@@ -58,6 +69,7 @@ class Completion:
     replica: int = 0  # which of the model's servers answered
     traces: list[str | None] | None = None  # None: no choice had a trace
     reasoning_tokens: int = 0  # part of completion_tokens, where the server reports it
+    cached_tokens: int = 0  # part of prompt_tokens served from the server's prompt cache
 
     def trace(self, choice: int = 0) -> str | None:
         traces = self.traces
@@ -70,6 +82,21 @@ class Completion:
             and self.finish_reasons[choice] == "length"
             and self.trace(choice) is not None
         )
+
+
+@dataclass(slots=True)
+class RawReply:
+    """What one successful raw request returned (``RawEndpoint.post``): the body as the
+    server sent it, parsed (``data``, a JSON object), and the usage it reports (0 where
+    it reports none: embeddings have no completion tokens)."""
+
+    status: int
+    body: bytes
+    data: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    replica: int = 0  # which of the model's servers answered
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,4 +226,15 @@ class ModelEndpoint(Protocol):
 
     def down_from_start(self) -> None:
         """Fail its requests at once (``model_down``) while no server of it answers."""
+        ...
+
+
+@runtime_checkable
+class RawEndpoint(Protocol):
+    """An endpoint that also sends request bodies as they are (see the module's docstring)."""
+
+    async def post(self, path: str, body: bytes, *, prefer: int | None = None) -> RawReply:
+        """``body`` POSTed to ``path`` (``/completions``, ``/embeddings``, ...) under the
+        model's base URL; a 200 whose body is a JSON object, else ``ModelError`` as
+        ``complete`` raises it."""
         ...

@@ -37,23 +37,43 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, Protocol, Ty
 
 import anyio
 
+from engine.cache import generation_of, reply_value, request_key
+from engine.cost import worst_case
 from engine.errors import ModelError
+from engine.http.endpoint import RawEndpoint, asker
 from engine.http.reasoning import cut_off_error
 from engine.output.filters import FilterConfig, Reply, check_row, filtered_record, rule_of
+from engine.output.quality import (
+    QUALITY_KEY,
+    QualityJudge,
+    dialogue_of,
+    parse_quality,
+    quality_messages,
+    quality_request_fields,
+    quality_verdict,
+)
+from engine.output.quality import TRIES as QUALITY_TRIES
+from engine.output.quality import ask_key as quality_key
 from engine.tasks.asking import (
     Answer,
     Key,
+    RawAnswer,
     Sample,
     answer_of,
     failure_of,
     failure_record,
     index,
+    raw_answer_of,
+    raw_record,
+    raw_slot,
     reply_record,
     slot_of,
 )
 
 if TYPE_CHECKING:
+    from engine.cache import ReplyCache
     from engine.config import ModelConfig, RunConfig
+    from engine.cost import Budget
     from engine.http.endpoint import Messages, ModelEndpoint
     from engine.problems import Problems
     from engine.stats import RunStats
@@ -157,6 +177,10 @@ class TaskKind(ABC, Generic[S]):
     def is_paired(self, row: Mapping[str, Any]) -> bool:
         return False
 
+    def status_lines(self, config: RunConfig) -> list[str]:
+        """Lines of the task's own for ``turnstile status`` (read from the run's files)."""
+        return []
+
     def describe(self, section: S) -> str | None:
         """A line for ``turnstile status`` (how the task counts its turns), if it has one."""
         return None
@@ -177,10 +201,12 @@ def rows_in_flight(config: RunConfig, task: Task) -> int:
     if config.max_conversations:
         return config.max_conversations
     wanted = task.rows_in_flight(config)
-    if wanted is not None:
-        return wanted
-    caps = [config.models[name].total_concurrency for name in config.models_used()]
-    return max(4, 2 * max(caps, default=1))
+    if wanted is None:
+        caps = [config.models[name].total_concurrency for name in config.models_used()]
+        wanted = max(4, 2 * max(caps, default=1))
+    # A batch model answers a whole batch at once: enough rows to fill all its batches.
+    used = [config.models[name] for name in config.models_used()]
+    return max([wanted, *(m.batch.rows_in_flight for m in used if m.batch is not None)])
 
 
 @dataclass(slots=True)
@@ -200,6 +226,8 @@ class Context:
     stats: RunStats
     optional: frozenset[str] = frozenset()  # models whose outage does not stop the run
     scope: anyio.CancelScope | None = None  # cancelled once a stop has nothing left to wait for
+    cache: ReplyCache | None = None  # replies shared by runs (cache.dir); None: off
+    budget: Budget | None = None  # the spend a run may not go past; None: no budget
     _filtering: bool = field(init=False, repr=False)  # any filter rule on: asked once, not per row
     _stopping: bool = field(default=False, init=False, repr=False)
     _in_flight: int = field(default=0, init=False, repr=False)  # requests sent, not yet back
@@ -212,6 +240,15 @@ class Context:
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    @property
+    def rows_working(self) -> int:
+        """Rows being processed now (a batch model's gauge reads it)."""
+        return self._rows
+
+    @property
+    def requests_in_flight(self) -> int:
+        return self._in_flight
 
     def stop(self) -> None:
         """No more requests: rows finish what is in flight, then are cancelled."""
@@ -251,12 +288,18 @@ class Context:
         await anyio.sleep_forever()
         raise AssertionError("a parked request is only ever cancelled")  # pragma: no cover
 
-    async def finish(self, line: int, row: dict[str, Any], records: Records = ()) -> None:
-        """Write a finished row: to the output, or to the filtered file when a rule fires.
+    def check(self, row: dict[str, Any]) -> str | None:
+        """The first string rule the row fails (engine.output.filters), or None."""
+        return check_row(row, self.kind, self.config.filters) if self._filtering else None
+
+    async def finish(
+        self, line: int, row: dict[str, Any], records: Records = (), *, reason: str | None = None
+    ) -> None:
+        """Write a finished row: to the output, or to the filtered file with ``reason``
+        (a rule that fired, see ``RowContext.finish``).
 
         ``records`` are journaled with it (in the same group write, before it).
         """
-        reason = check_row(row, self.kind, self.config.filters) if self._filtering else None
         if reason is None:
             await self.writer.output(line, row, records)
         else:
@@ -270,9 +313,13 @@ class Context:
         self, line: int, row_id: Any, error: str, *, turn: int | None = None, **extra: Any
     ) -> None:
         """The one way a row fails for good: a line in the failed file, counted."""
-        await self.writer.failed(
+        await self.fail_line(
             line, {"id": row_id, "line": line, "turn": turn, "error": error, **extra}
         )
+
+    async def fail_line(self, line: int, row: dict[str, Any]) -> None:
+        """Fail a row for good with a failed-file line of the task's own shape, counted."""
+        await self.writer.failed(line, row)
         self.stats.rows_done += 1
         self.stats.rows_failed += 1
 
@@ -351,31 +398,64 @@ class RowContext:
         run = self._run
         if run._stopping:
             await run._park(self)
-        run._in_flight += 1
+        settings = run.config.models[model]
+        counters = run.stats.models.get(model)
+        params: Mapping[str, Any] = {**settings.params, **extra} if extra else settings.params
+        cache_key = stored = None
+        if run.cache is not None:
+            cache_key = request_key(settings.model, params, messages, generation_of(key))
+            stored = await run.cache.get(cache_key)
+            if run._stopping and stored is None:
+                await run._park(self)
+        held = None
+        if stored is None and run.budget is not None:
+            held = run.budget.hold(model, *worst_case(messages, params))
+            if held is None:  # it could take the run past its budget: start no more turns
+                run.stop()
+                await run._park(self)
+        cached_tokens = 0
         try:
-            completion = await run.clients[model].complete(messages, extra, prefer=prefer)
-        except ModelError as exc:
-            if exc.model_down and model not in run.optional:
-                # Not this row's fault: stop the run, resumable, the row tried again.
-                raise exc.stopped(getattr(key, "role", "")) from exc
-            if isinstance(key, Sample) and not exc.model_down:
-                await run.writer.record(failure_record(self.line, key, str(exc)))
-            raise
+            if stored is not None:
+                answer = _stored_answer(stored, check)
+                run.stats.cached += 1
+                if counters is not None:
+                    counters.cached += 1
+                    if settings.price is not None:
+                        counters.saved_usd += settings.price.cost(
+                            answer.prompt_tokens, answer.completion_tokens, stored.get("ct", 0)
+                        )
+            else:
+                asker.set((self.line, key))  # a batch model names the request by it
+                run._in_flight += 1
+                try:
+                    completion = await run.clients[model].complete(messages, extra, prefer=prefer)
+                except ModelError as exc:
+                    if exc.model_down and model not in run.optional:
+                        # Not this row's fault: stop the run, resumable, the row tried again.
+                        raise exc.stopped(getattr(key, "role", "")) from exc
+                    if isinstance(key, Sample) and not exc.model_down:
+                        await run.writer.record(failure_record(self.line, key, str(exc)))
+                    raise
+                finally:
+                    run._in_flight -= 1
+                text = completion.texts[0]
+                answer = Answer(
+                    text=text,
+                    prompt_tokens=completion.prompt_tokens,
+                    completion_tokens=completion.completion_tokens,
+                    finish_reason=completion.finish_reasons[0],
+                    trace=completion.trace(),
+                    reasoning_tokens=completion.reasoning_tokens,
+                    error=check(text) if check is not None else None,
+                    replica=completion.replica,
+                )
+                cached_tokens = completion.cached_tokens
+                _count_cost(run, model, completion.prompt_tokens, answer, cached_tokens)
+                run.stats.turns_done += 1
         finally:
-            run._in_flight -= 1
+            if held is not None and run.budget is not None:
+                run.budget.release(held)
         try:
-            text = completion.texts[0]
-            answer = Answer(
-                text=text,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                finish_reason=completion.finish_reasons[0],
-                trace=completion.trace(),
-                reasoning_tokens=completion.reasoning_tokens,
-                error=check(text) if check is not None else None,
-                replica=completion.replica,
-            )
-            run.stats.turns_done += 1
             if isinstance(key, Sample) and answer.cut_off:
                 assert answer.trace is not None
                 params = run.config.models[model].params
@@ -386,19 +466,171 @@ class RowContext:
                 self._pending.append(reply_record(self.line, key, answer))
             else:
                 await run.writer.record(reply_record(self.line, key, answer))
+            if stored is None and cache_key is not None and run.cache is not None:
+                # Journaled first (resume stays exact), then in the store for other runs.
+                value = reply_value(
+                    answer.text,
+                    answer.finish_reason,
+                    answer.prompt_tokens,
+                    answer.completion_tokens,
+                    answer.reasoning_tokens,
+                    answer.trace,
+                    cached_tokens,
+                )
+                await run.cache.put(cache_key, value)
             return answer
         finally:
             if run._stopping:
                 run._settle()
 
-    async def finish(self, row: dict[str, Any]) -> None:
-        """Write the finished row: to the output, or the filtered file when a rule fires."""
+    async def send(
+        self,
+        model: str,
+        path: str,
+        body: bytes,
+        *,
+        key: str,
+        prefer: int | None = None,
+        last: bool = False,
+    ) -> RawAnswer:
+        """``body`` POSTed as it is to ``path`` under ``model``'s base URL; the reply whole.
+
+        ``ask``'s sibling for requests the task builds itself (a batch file's line, to
+        ``/completions`` or ``/embeddings`` as well as ``/chat/completions``): the same
+        caps, retries and replicas (``RawEndpoint.post``), the reply journaled under
+        ``key`` before it is returned (or with the row, ``last``) and answered from the
+        journal on resume, counted as a turn, a down model stopping the run, no request
+        after a stop. Raises ModelError for a failed request, and a ``model_down`` one
+        when the model's endpoint cannot send raw requests.
+        """
+        run = self._run
+        record = self._journaled.pop(raw_slot(key), None) if self._journaled else None
+        if record is not None:
+            run.stats.turns_resumed += 1
+            return raw_answer_of(record)
+        client = run.clients[model]
+        if not isinstance(client, RawEndpoint):
+            error = ModelError(
+                f"models.{model}: its endpoint ({type(client).__name__}) cannot send a "
+                "request body as it is",
+                retryable=False,
+                model_down=True,
+                fix="use an online model (base_url) for it",
+            )
+            raise error if model in run.optional else error.stopped("")
+        if run._stopping:
+            await run._park(self)
+        run._in_flight += 1
+        try:
+            reply = await client.post(path, body, prefer=prefer)
+        except ModelError as exc:
+            if exc.model_down and model not in run.optional:
+                raise exc.stopped("") from exc
+            raise
+        finally:
+            run._in_flight -= 1
+        try:
+            answer = RawAnswer(
+                status=reply.status,
+                body=reply.data,
+                prompt_tokens=reply.prompt_tokens,
+                completion_tokens=reply.completion_tokens,
+                replica=reply.replica,
+            )
+            run.stats.turns_done += 1
+            if last:
+                self._pending.append(raw_record(self.line, key, answer))
+            else:
+                await run.writer.record(raw_record(self.line, key, answer))
+            return answer
+        finally:
+            if run._stopping:
+                run._settle()
+
+    async def finish(self, row: dict[str, Any], *, drop: str | None = None) -> None:
+        """Write the finished row: to the output, or the filtered file when a rule fires
+        (``drop``: the task's own reason, ``"rule: detail"``, to filter it regardless).
+
+        With ``filters.judge`` a row that passes the string rules is scored by the judge
+        model first (asked here, journaled with the row; engine.output.quality).
+        """
+        run = self._run
+        reason = drop if drop is not None else run.check(row)
+        judge = run.config.filters.judge
+        if reason is None and judge is not None:
+            reason = await self._judge_quality(judge, row)
         pending, self._pending = self._pending, []
-        await self._run.finish(self.line, row, pending)
+        await run.finish(self.line, row, pending, reason=reason)
+
+    async def _judge_quality(self, judge: QualityJudge, row: dict[str, Any]) -> str | None:
+        """Score the row's conversation: ``row["quality"]`` set, and the filter's reason
+        when it scored below ``min_score``. Its replies are the row's last: journaled
+        in the row's own group write, so a finished row is never scored again."""
+        messages = dialogue_of(row)
+        if messages is None:
+            return None  # nothing to score: a row of another task's shape
+        request, problem = quality_messages(judge, messages)
+        if request is None:
+            row[QUALITY_KEY] = {"score": None, "reason": problem}
+            return None
+        fields = quality_request_fields()
+        for number in range(QUALITY_TRIES):
+            asked = self.stats.turns_done
+            answer = await self.ask(
+                judge.model, request, key=quality_key(number), extra=fields, last=True
+            )
+            self.stats.judge_filter_requests += self.stats.turns_done - asked
+            score, why, problem = parse_quality(answer.text)
+            if score is not None:
+                row[QUALITY_KEY] = {"score": score, "reason": why}
+                return quality_verdict(score, why, judge.min_score)
+        row[QUALITY_KEY] = {
+            "score": None,
+            "reason": f"no usable score in {QUALITY_TRIES} replies (the last one: {problem})",
+        }
+        return None
 
     async def fail(self, row_id: Any, error: str, *, turn: int | None = None, **extra: Any) -> None:
         """Fail the row for good: a line in the failed file naming ``error``."""
         await self._run.fail(self.line, row_id, error, turn=turn, **extra)
+
+    async def fail_line(self, row: dict[str, Any]) -> None:
+        """Fail the row for good with a failed-file line of the task's own shape (an
+        OpenAI error-file line, say); the task puts the row's line in it if it wants."""
+        self._pending = []
+        await self._run.fail_line(self.line, row)
+
+
+def _stored_answer(
+    stored: Mapping[str, Any], check: Callable[[str], str | None] | None
+) -> Answer:
+    """A reply from the cache, as ``ask`` hands it back (checked again: the check may
+    be another run's)."""
+    text = str(stored.get("c", ""))
+    reason, trace = stored.get("f"), stored.get("r")
+    return Answer(
+        text=text,
+        prompt_tokens=int(stored.get("p", 0)),
+        completion_tokens=int(stored.get("o", 0)),
+        finish_reason=reason if isinstance(reason, str) else None,
+        trace=trace if isinstance(trace, str) else None,
+        reasoning_tokens=int(stored.get("n", 0)),
+        error=check(text) if check is not None else None,
+    )
+
+
+def _count_cost(run: Context, model: str, prompt: int, answer: Answer, cached: int) -> None:
+    """A sent request's cost (at the model's price) and tokens, counted and spent."""
+    price = run.config.models[model].price
+    usd = price.cost(prompt, answer.completion_tokens, cached) if price is not None else 0.0
+    counters = run.stats.models.get(model)
+    if counters is not None:
+        counters.cached_tokens += cached
+        if price is not None:
+            counters.cost_usd += usd
+            counters.priced = True
+    if run.budget is not None:
+        run.budget.spend(usd, prompt + answer.completion_tokens)
 
 
 def usage_of(counts: Iterable[tuple[int, int]]) -> dict[str, int]:

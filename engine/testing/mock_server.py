@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from engine.testing.mock_batch import MockBatchApi
 from engine.testing.mock_replies import (
     CONTEXT,
     DROP,
@@ -38,11 +39,14 @@ from engine.testing.mock_replies import (
     Faults,
     completion_body,
     context_overflow,
+    embeddings_body,
     error_body,
     parse_chat_request,
     pick_fault,
+    raw_request_key,
     reply_for,
     request_key,
+    text_completion_body,
 )
 
 __all__ = ["Faults", "MockServer", "MockStats", "main", "reply_for", "request_key"]
@@ -137,6 +141,8 @@ class MockServer:
         port: int = 0,
         reasoning: str | None = None,
         reasoning_chars: int = 0,
+        batch_delay_s: float = 0.0,
+        position_bias: float = 0.0,
     ) -> None:
         if reasoning is not None and reasoning not in REASONING_DIALECTS:
             raise ValueError(
@@ -144,6 +150,11 @@ class MockServer:
             )
         self.reasoning = reasoning
         self.reasoning_chars = reasoning_chars
+        if not 0.0 <= position_bias <= 1.0:
+            raise ValueError(f"position_bias: {position_bias!r} is not a share from 0 to 1")
+        # The share of pairwise judge verdicts naming the answer shown first, whatever
+        # the answers (engine.testing.mock_judges).
+        self.position_bias = position_bias
         self.latency_ms = latency_ms
         self.host = host
         self.port = port
@@ -162,6 +173,11 @@ class MockServer:
         # Replies sent in chunks with no Content-Length, as a streaming proxy sends them.
         self.chunked = False
         self._released = asyncio.Event()
+        # Set to a list to have every request's (path, parsed body) appended to it, as
+        # it arrived (tests check what a run sent); None records nothing.
+        self.recorded: list[tuple[str, Any]] | None = None
+        # The Batch API (/v1/files, /v1/batches): engine.testing.mock_batch.
+        self.batch = MockBatchApi(self, delay_s=batch_delay_s)
 
     @property
     def faults(self) -> Faults:
@@ -221,11 +237,14 @@ class MockServer:
             raise RuntimeError("MockServer is already running")
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/health", self._health)
         app.router.add_get("/stats", self._get_stats)
         app.router.add_get("/wait", self._wait)
         app.router.add_post("/reset", self._reset)
+        self.batch.routes(app)
         # handler_cancellation: a client that gives up frees its slot in in_flight,
         # as a real inference server aborts the request.
         runner = web.AppRunner(
@@ -275,7 +294,10 @@ class MockServer:
         if auth is not None:
             stats.authorizations.add(auth)
         try:
-            chat = parse_chat_request(orjson.loads(await request.read()))
+            parsed = orjson.loads(await request.read())
+            if self.recorded is not None:
+                self.recorded.append((request.path, parsed))
+            chat = parse_chat_request(parsed)
         except (BadRequest, orjson.JSONDecodeError) as exc:
             stats.bad_requests += 1
             message = str(exc) if isinstance(exc, BadRequest) else f"invalid JSON body: {exc}"
@@ -310,6 +332,8 @@ class MockServer:
                     created=int(time.time()),
                     reasoning=self.reasoning,
                     trace_chars=self.reasoning_chars,
+                    user_rates=(self._faults.user_end_rate, self._faults.user_repeat_rate),
+                    position_bias=self.position_bias,
                 )
                 stats.completed += 1
                 if self.chunked:
@@ -321,6 +345,48 @@ class MockServer:
             # The live object: reset() carries the in-flight gauges over to its new one.
             self._stats.in_flight -= 1
             self._stats.in_flight_by_model[model] -= 1
+
+    async def _completions(self, request: web.Request) -> web.Response:
+        return await self._raw(request, "completions")
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        return await self._raw(request, "embeddings")
+
+    async def _raw(self, request: web.Request, kind: str) -> web.Response:
+        """``/v1/completions`` and ``/v1/embeddings``: deterministic replies (pure, in
+        mock_replies), counted with the chat requests, under the same faults."""
+        stats = self._stats
+        stats.total_requests += 1
+        if self._watchers:
+            self._notify()
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            stats.bad_requests += 1
+            return _error(400, f"invalid JSON body: {exc}")
+        if self.recorded is not None:
+            self.recorded.append((request.path, body))
+        stats.requests_by_key[raw_request_key(request.path, body)] += 1
+        model = body.get("model") if isinstance(body, dict) else None
+        fault = pick_fault(self._faults, str(model), self._rng.random())
+        if fault not in (OK, INVALID_JSON):  # no JSON was asked for: a reply is a reply
+            stats.faults[fault] += 1
+            return await self._fault(request, fault, str(model))
+        if self.latency_ms > 0:
+            await asyncio.sleep(self.latency_ms / 1000)
+        try:
+            if kind == "completions":
+                self._next_id += 1
+                reply = text_completion_body(
+                    body, completion_id=f"cmpl-mock-{self._next_id}", created=int(time.time())
+                )
+            else:
+                reply = embeddings_body(body)
+        except BadRequest as exc:
+            self._stats.bad_requests += 1
+            return _error(400, str(exc))
+        self._stats.completed += 1
+        return _json(reply)
 
     async def _fault(self, request: web.Request, fault: str, model: str) -> web.Response:
         faults = self._faults
@@ -420,12 +486,51 @@ def _parser() -> argparse.ArgumentParser:
         "TRACE</think>ANSWER)",
     )
     parser.add_argument(
+        "--position-bias",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="the pairwise judge names the answer shown first for this share of requests "
+        "(0-1, drawn from each request's hash)",
+    )
+    parser.add_argument(
         "--reasoning-chars",
         type=int,
         default=0,
         help="pad each trace to this many characters (with --reasoning)",
     )
+    parser.add_argument(
+        "--user-end-rate",
+        type=float,
+        default=0.0,
+        help="the share of a simulated user's messages (models named user-...) that end "
+        "with the end marker [END]",
+    )
+    parser.add_argument(
+        "--user-repeat-rate",
+        type=float,
+        default=0.0,
+        help="the share of a simulated user's messages that repeat its first message",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--batch-delay-s",
+        type=float,
+        default=0.0,
+        help="the Batch API: a batch completes this many seconds after it is created",
+    )
+    parser.add_argument(
+        "--batch-error-rate",
+        type=float,
+        default=0.0,
+        help="the share of a batch's lines that land in its error file (a 500)",
+    )
+    parser.add_argument(
+        "--batch-expire",
+        type=int,
+        default=0,
+        help="this many batches expire with half of their lines done",
+    )
     parser.add_argument(
         "--fail-model",
         type=_fail_model,
@@ -452,6 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``turnstile mock-server`` until SIGINT or SIGTERM; return the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if not 0.0 <= args.position_bias <= 1.0:
+        parser.error(f"--position-bias: {args.position_bias!r} is not a share from 0 to 1")
     try:
         faults = Faults(
             rate_429=args.rate_429,
@@ -465,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
             retry_after_s=args.retry_after_s,
             seed=args.seed,
             fail_models=dict(args.fail_model),
+            user_end_rate=args.user_end_rate,
+            user_repeat_rate=args.user_repeat_rate,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -475,7 +584,11 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         reasoning=args.reasoning,
         reasoning_chars=args.reasoning_chars,
+        batch_delay_s=args.batch_delay_s,
+        position_bias=args.position_bias,
     )
+    server.batch.error_rate = args.batch_error_rate
+    server.batch.expire_next = args.batch_expire
     try:
         asyncio.run(serve_until_signalled(server))
     except OSError as exc:
