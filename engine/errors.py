@@ -10,6 +10,7 @@ EXIT_OK: Final = 0  # every row succeeded
 EXIT_FAILED_ROWS: Final = 1  # some rows failed (see the failed file)
 EXIT_UNUSABLE: Final = 2  # the config, input or checkpoint cannot be used (nothing was sent)
 EXIT_STOPPED: Final = 3  # stopped on an error it cannot go past: rerun to resume
+EXIT_BUDGET: Final = 4  # stopped at the budget: raise it and rerun to resume
 EXIT_CRASHED: Final = 70  # EX_SOFTWARE: a bug, never to be read as "some rows failed"
 
 
@@ -70,6 +71,19 @@ class ModelError(TurnstileError):
         part in the run, e.g. " (the judge)"."""
         fix = self.fix or "start it (or fix base_url)"
         return ModelDown(f"{self}{role}; {fix} and run the same command to resume")
+
+
+class BudgetReached(TurnstileError):
+    """The run stopped at its budget (``budget.max_usd``/``max_tokens``): nothing in
+    flight was lost; raising the budget and running the same command resumes it."""
+
+    exit_code = EXIT_BUDGET
+
+
+def exit_code_of(exc: TurnstileError) -> int:
+    """The exit code of a run stopped by ``exc`` (3 unless the error names its own)."""
+    code = getattr(exc, "exit_code", EXIT_STOPPED)
+    return code if isinstance(code, int) else EXIT_STOPPED
 
 
 class ModelDown(TurnstileError):

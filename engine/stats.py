@@ -124,6 +124,12 @@ class ModelStats:
     limit: int | None = None  # the current adaptive limit, where one applies
     replicas: list[ReplicaStats] = field(default_factory=list)
     outages: list[Outage] = field(default_factory=list)
+    # Written by Context.ask (engine.cost), not the client:
+    cached: int = 0  # requests answered from the reply cache (not sent)
+    cached_tokens: int = 0  # prompt tokens the server served from its prompt cache
+    cost_usd: float = 0.0  # from the usage the server reported, at the model's price
+    saved_usd: float = 0.0  # what the cache hits would have cost
+    priced: bool = False  # the model has a price (cost_usd means something)
 
 
 @dataclass(slots=True)
@@ -141,6 +147,17 @@ class RunStats:
     turn_rule: str | None = None  # distillation: which user messages are turns (the estimate's)
     shards: str | None = None  # a sharded run: how many are done, running, pending
     models: dict[str, ModelStats] = field(default_factory=dict)
+    # A pairwise judge (rows judged by this run): pairs judged in both orders and, of
+    # those, the ones whose verdict changed with the order, by judge.
+    order_pairs: dict[str, int] = field(default_factory=dict)
+    order_flips: dict[str, int] = field(default_factory=dict)
+    judge_filter_requests: int = 0  # requests filters.judge sent (this run)
+    cached: int = 0  # replies answered from the reply cache this run (not sent)
+
+    @property
+    def cost_usd(self) -> float | None:
+        """What this run's requests cost (None: no model has a price)."""
+        return _cost(self.models.values())
 
     @property
     def prompt_tokens(self) -> int:
@@ -175,6 +192,11 @@ class ModelStatistics:
     limit: int | None
     replicas: tuple[ReplicaStats, ...]  # copies
     outages: tuple[Outage, ...]  # copies
+    cached: int
+    cached_tokens: int
+    cost_usd: float
+    saved_usd: float
+    priced: bool
 
     @classmethod
     def of(cls, stats: ModelStats) -> ModelStatistics:
@@ -208,12 +230,22 @@ class RunStatistics:
     turn_rule: str | None
     shards: str | None
     models: Mapping[str, ModelStatistics]
+    order_pairs: Mapping[str, int]
+    order_flips: Mapping[str, int]
+    judge_filter_requests: int
+    cached: int
+
+    @property
+    def cost_usd(self) -> float | None:
+        return _cost(self.models.values())
 
     @classmethod
     def of(cls, stats: RunStats) -> RunStatistics:
         values = {f.name: getattr(stats, f.name) for f in fields(stats)}
         values.update(
             filtered_by_rule=MappingProxyType(dict(stats.filtered_by_rule)),
+            order_pairs=MappingProxyType(dict(stats.order_pairs)),
+            order_flips=MappingProxyType(dict(stats.order_flips)),
             models=MappingProxyType(
                 {name: ModelStatistics.of(m) for name, m in stats.models.items()}
             ),
@@ -231,6 +263,13 @@ class RunStatistics:
     @property
     def reasoning_tokens(self) -> int:
         return sum(m.reasoning_tokens for m in self.models.values())
+
+
+def flip_rate(stats: RunStats | RunStatistics, judge: str) -> float | None:
+    """The share of ``judge``'s pairs judged in both orders whose verdict changed with
+    the order (None before any)."""
+    both = stats.order_pairs.get(judge, 0)
+    return stats.order_flips.get(judge, 0) / both if both else None
 
 
 @dataclass(slots=True)
@@ -260,6 +299,8 @@ class Summary:
     resumed: bool
     interrupted: bool
     stats: RunStatistics  # the run's counters when it ended (a frozen copy)
+    cost_usd: float | None = None  # this call's requests at the models' prices (None: no price)
+    cached: int = 0  # requests answered from the reply cache (cache.dir), not sent
 
     @classmethod
     def of(cls, outcome: Outcome, output: Path, failed: Path, filtered: Path) -> Summary:
@@ -277,6 +318,8 @@ class Summary:
             resumed=outcome.resumed,
             interrupted=outcome.interrupted_by is not None,
             stats=RunStatistics.of(s),
+            cost_usd=s.cost_usd,
+            cached=s.cached,
         )
 
 
@@ -289,6 +332,7 @@ _ROW_COUNTERS = (
     "rows_skipped",
     "turns_done",
     "turns_resumed",
+    "cached",
 )
 _MODEL_COUNTERS = (
     "in_flight",
@@ -300,7 +344,10 @@ _MODEL_COUNTERS = (
     "prompt_tokens",
     "completion_tokens",
     "reasoning_tokens",
+    "cached",
+    "cached_tokens",
 )
+_COST_COUNTERS = ("cost_usd", "saved_usd")
 _REPLICA_COUNTERS = ("in_flight", "requests", "ok", "failures", "retried", "failed")
 
 
@@ -311,6 +358,8 @@ def progress_of(stats: RunStats) -> dict[str, Any]:
         "models": {
             name: {
                 **{key: getattr(m, key) for key in _MODEL_COUNTERS},
+                **{key: getattr(m, key) for key in _COST_COUNTERS},
+                "priced": m.priced,
                 "limit": m.limit,
                 "latency": m.latency.buckets(),
                 "latency_s": m.latency.total_s,
@@ -351,6 +400,9 @@ def combine(
         for got in reported:
             for key in _MODEL_COUNTERS:
                 setattr(m, key, getattr(m, key) + int(got.get(key, 0)))
+            for key in _COST_COUNTERS:
+                setattr(m, key, getattr(m, key) + float(got.get(key, 0.0)))
+            m.priced = m.priced or bool(got.get("priced"))
             m.limit = _add_limit(m.limit, got.get("limit"))
             m.latency.merge(got.get("latency", {}), float(got.get("latency_s", 0.0)))
             for replica, seen in zip(m.replicas, got.get("replicas", []), strict=False):
@@ -369,3 +421,8 @@ def _add_limit(total: int | None, limit: Any) -> int | None:
     if limit is None:
         return total
     return (total or 0) + int(limit)
+
+
+def _cost(models: Iterable[ModelStats | ModelStatistics]) -> float | None:
+    priced = [m.cost_usd for m in models if m.priced]
+    return sum(priced) if priced else None
