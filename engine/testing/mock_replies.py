@@ -62,6 +62,10 @@ class Faults:
     # Error bodies (and broken 200 bodies) quote the request's Authorization header,
     # as a careless server or proxy does: the client must not store it.
     echo_authorization: bool = False
+    # Simulated users (models named ``user-...``, see ``user_reply``): the share of their
+    # messages that carry the end marker, and that repeat an earlier user message.
+    user_end_rate: float = 0.0
+    user_repeat_rate: float = 0.0
 
     def __post_init__(self) -> None:
         problems = [
@@ -71,6 +75,14 @@ class Faults:
         ]
         if sum(value for _, value in self.rates()) > 1.0 + 1e-9:
             problems.append("Faults: the fault rates add up to more than 1")
+        users = (("user_end_rate", self.user_end_rate), ("user_repeat_rate", self.user_repeat_rate))
+        problems += [
+            f"Faults.{name}: {value!r} is not a probability from 0 to 1"
+            for name, value in users
+            if not 0.0 <= value <= 1.0
+        ]
+        if self.user_end_rate + self.user_repeat_rate > 1.0 + 1e-9:
+            problems.append("Faults: user_end_rate and user_repeat_rate add up to more than 1")
         if self.retry_after_s < 0:
             problems.append(f"Faults.retry_after_s: {self.retry_after_s!r} must be >= 0")
         problems += [
@@ -285,14 +297,67 @@ def judge_reply(prompt: str) -> str:
     return "\n\n".join(blocks)
 
 
-def reply_for(model: str, messages: list[dict[str, Any]], choice: int = 0) -> str:
+# A simulated user: a model whose name starts with USER_PREFIX asks questions.
+USER_PREFIX = "user-"
+END_MARKER = "[END]"
+_TOPICS = (
+    "memory", "speed", "cost", "safety", "history", "scale", "errors", "testing",
+    "design", "limits", "examples", "tradeoffs", "precision", "security", "caching", "data",
+)  # fmt: skip
+
+
+def user_reply(
+    model: str,
+    messages: list[dict[str, Any]],
+    choice: int = 0,
+    *,
+    end_rate: float = 0.0,
+    repeat_rate: float = 0.0,
+) -> str:
+    """A simulated user's next message: a function of the request alone.
+
+    The request is the conversation seen from the user's side (the teacher's replies
+    as ``user``, the user's messages as ``assistant``). The message is
+    ``[{model}] question {k}: how do {a} and {b} bear on {snippet}? #{digest}``, k the
+    user message's 1-based number, a and b two topic words and digest 12 hex chars of
+    the request's sha256, snippet the last message (the teacher's last reply) as in
+    ``reply_for``. A draw from the same digest makes ``end_rate`` of them end with
+    ``END_MARKER`` and ``repeat_rate`` of them an exact copy of the conversation's
+    first user message.
+    """
+    digest = hashlib.sha256(orjson.dumps([model, messages, choice, "user"])).hexdigest()
+    draw = int(digest[12:25], 16) / 16**13
+    earlier = [str(m.get("content", "")) for m in messages if m.get("role") == "assistant"]
+    if draw < end_rate + repeat_rate and draw >= end_rate and earlier:
+        return earlier[0]
+    last = str(messages[-1].get("content", "")) if messages else ""
+    snippet = " ".join(last.split())[:40]
+    a = _TOPICS[int(digest[0], 16)]
+    b = _TOPICS[int(digest[1], 16)]
+    text = f"[{model}] question {len(earlier) + 1}: how do {a} and {b} bear on {snippet}? "
+    text += f"#{digest[:12]}"
+    return f"{text} {END_MARKER}" if draw < end_rate else text
+
+
+def reply_for(
+    model: str,
+    messages: list[dict[str, Any]],
+    choice: int = 0,
+    *,
+    end_rate: float = 0.0,
+    repeat_rate: float = 0.0,
+) -> str:
     """The mock's answer to ``messages``: a function of the request alone.
 
     ``[{model}] answer {k}: {snippet} #{digest}`` where k counts the user
     messages, snippet is the last user message (whitespace collapsed, 40 chars)
     and digest is 12 hex chars of sha256(orjson([model, messages, choice])).
     A last user message holding ``<text 1>`` is a judge prompt: see ``judge_reply``.
+    A model named ``user-...`` is a simulated user: see ``user_reply`` (with
+    ``end_rate`` and ``repeat_rate``).
     """
+    if model.startswith(USER_PREFIX):
+        return user_reply(model, messages, choice, end_rate=end_rate, repeat_rate=repeat_rate)
     last = _last_user_content(messages)
     if last is not None and "<text 1>" in last:
         return judge_reply(last)
@@ -355,8 +420,11 @@ def completion_body(
     created: int,
     reasoning: str | None = None,
     trace_chars: int = 0,
+    user_rates: tuple[float, float] = (0.0, 0.0),
 ) -> dict[str, Any]:
     """The OpenAI-shaped ``chat.completion`` object answering ``request``.
+
+    ``user_rates``: a simulated user's ``(end_rate, repeat_rate)`` (``user_reply``).
 
     With ``reasoning`` (one of REASONING_DIALECTS) each choice thinks first: a trace
     (``trace_for``, ``trace_chars`` long) in that dialect, then the answer. ``max_tokens``
@@ -365,7 +433,13 @@ def completion_body(
     choices = []
     completion_tokens = reasoning_tokens = 0
     for choice in range(request.n):
-        content = reply_for(request.model, request.messages, choice)
+        content = reply_for(
+            request.model,
+            request.messages,
+            choice,
+            end_rate=user_rates[0],
+            repeat_rate=user_rates[1],
+        )
         if request.json_schema is not None:
             content = orjson.dumps(json_reply(request.json_schema, content)).decode()
         finish_reason = "stop"

@@ -3,6 +3,11 @@
 Each request carries the full history so far. Each reply is asked for under its
 turn's key (``Turn(i)``), so the context journals it before the conversation's
 next turn is requested and a resumed run never asks for it again.
+
+With ``distill.user`` a simulator writes the user messages after the input's:
+each is asked for under its own key (``user:<turn>:<attempt>``), so it too is
+journaled before the teacher is asked to answer it. Which request comes next is
+``engine.tasks.distill.simulator.Simulation``'s to say.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from engine.tasks.asking import Answer, Turn
 from engine.tasks.base import RowContext, Task
 from engine.tasks.distill import KEEP, KIND
 from engine.tasks.distill.dialogue import TurnReply, new_dialogue, output_row
+from engine.tasks.distill.simulator import Simulation, Step, UserRules
+from engine.tasks.templates import RenderError, compile_template, render
 
 
 class DistillTask(Task):
@@ -33,6 +40,17 @@ class DistillTask(Task):
         self.model = model.model
         self.params = model.params
         self.fail_on_length = model.fail_on_length
+        user = section.user
+        self.user = user
+        self.rules = (
+            None
+            if user is None
+            else UserRules(user.turns, end_marker=user.end_marker, max_similar=user.max_similar)
+        )
+        self.user_template = (
+            compile_template(user.template) if user is not None and user.template else None
+        )
+        self.user_params = config.models[user.model].params if user is not None else {}
 
     async def process(self, record: dict[str, Any], ctx: RowContext) -> None:
         try:
@@ -43,16 +61,50 @@ class DistillTask(Task):
         except InputError as exc:
             await ctx.fail(row_id(record, ctx.line), f"input: {exc}")
             return
+        system = ""
+        if self.user is not None:
+            if self.user_template is not None:
+                try:
+                    system = render(self.user_template, record)
+                except RenderError as exc:
+                    await ctx.fail(row.id, f"distill.user.template: {exc}")
+                    return
+            else:
+                system = self.user.system_prompt or ""
+        sim = Simulation(dialogue, self.rules, system)
         replica = None  # the server of the previous turn: its cache holds this history
-        turns = len(dialogue.turns)
-        for turn in range(turns):
+        user_replica = None  # the simulator's, likewise
+        user_usage = [0, 0, 0]
+        while (step := sim.next_step()) is not Step.DONE:
+            turn = sim.turn
+            if step is Step.USER:
+                assert self.user is not None
+                try:
+                    answer = await ctx.ask(
+                        self.user.model, sim.user_request(), key=sim.user_key, prefer=user_replica
+                    )
+                except ModelError as exc:
+                    await ctx.fail(row.id, f"the simulated user: {exc}", turn=turn)
+                    return
+                if answer.cut_off:
+                    assert answer.trace is not None
+                    where = f"the simulated user's message for turn {turn}"
+                    error = cut_off_error(self.user.model, self.user_params, answer.trace, where)
+                    await ctx.fail(row.id, error, turn=turn)
+                    return
+                user_replica = answer.replica
+                user_usage[0] += answer.prompt_tokens
+                user_usage[1] += answer.completion_tokens
+                user_usage[2] += answer.reasoning_tokens
+                sim.apply_user(answer.text)  # the answer only: its reasoning is dropped
+                continue
             try:
                 answer = await ctx.ask(
                     self.model_name,
                     dialogue.history(),
                     key=Turn(turn),
                     prefer=replica,
-                    last=turn == turns - 1,
+                    last=sim.is_last(),
                 )
             except ModelError as exc:
                 await ctx.fail(row.id, str(exc), turn=turn)
@@ -72,7 +124,16 @@ class DistillTask(Task):
                     answer.reasoning_tokens,
                 )
             )
-        await ctx.finish(output_row(dialogue, self.model))
+        out = output_row(dialogue, self.model)
+        if self.user is not None:
+            out["simulated_turns"] = sim.simulated
+            out["end_reason"] = sim.end_reason
+            out["user_usage"] = {
+                "prompt_tokens": user_usage[0],
+                "completion_tokens": user_usage[1],
+                "reasoning_tokens": user_usage[2],
+            }
+        await ctx.finish(out)
 
     def _cut_off(self, answer: Answer, turn: int) -> str | None:
         """Why a reply fails its row: cut off while reasoning (no answer), or, with
