@@ -86,6 +86,12 @@ def _totals(stats: RunStats, elapsed_s: float | None) -> dict[str, object]:
     }
     if elapsed_s is not None:
         totals["elapsed (this run)"] = f"{elapsed_s:.1f} s"
+    for judge, both in sorted(stats.order_pairs.items()):
+        flipped = stats.order_flips.get(judge, 0)
+        rate = f"{100 * flipped / both:.1f}% ({flipped} of {both} pairs)" if both else "none"
+        totals[f"{judge}: flip rate (pairs judged in both orders, this run)"] = rate
+    if stats.judge_filter_requests:
+        totals["filters.judge: requests (this run)"] = stats.judge_filter_requests
     for name, m in stats.models.items():
         totals[f"{name}: requests ok / sent"] = f"{m.ok} / {m.requests}"
         totals[f"{name}: retries, failures"] = f"{m.retries}, {m.failures}"

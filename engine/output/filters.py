@@ -27,6 +27,10 @@ Rules, checked in this order, the first that fires wins:
 - ``deny``: a reply matching any of these regular expressions (``re.search``;
   case-sensitive unless the pattern says ``(?i)``).
 
+- ``judge`` (``filters.judge: {model, template, min_score}``): a model scores the
+  finished conversation 1-10, asked through the row's context once the rules above
+  pass (engine.output.quality); a row scored below ``min_score`` is filtered.
+
 A filtered row goes to ``<output stem>.filtered.jsonl`` as :func:`filtered_record`
 makes it: the whole row plus ``filter``, the rule and a short detail.
 """
@@ -40,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from engine.output.quality import QualityJudge, parse_judge
 from engine.problems import Problems
 
 FILTER_KEY = "filter"
@@ -52,6 +57,7 @@ _KEYS = (
     "max_chars",
     "deny",
     "same_as_previous",
+    "judge",
 )
 
 
@@ -67,6 +73,7 @@ class FilterConfig:
     max_chars: int | None = None
     deny: tuple[str, ...] = ()
     same_as_previous: bool = False
+    judge: QualityJudge | None = None  # a model scores each finished conversation
     patterns: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -75,7 +82,8 @@ class FilterConfig:
 
     @property
     def active(self) -> bool:
-        """Whether any rule is on (a run with none can skip the check)."""
+        """Whether any string rule is on (a run with none can skip the check; the judge
+        is asked apart, engine.tasks.base)."""
         return bool(
             self.empty
             or self.truncated
@@ -86,9 +94,14 @@ class FilterConfig:
             or self.same_as_previous
         )
 
+    def models(self) -> set[str]:
+        """The models the filters ask (the judge's)."""
+        return {self.judge.model} if self.judge is not None else set()
+
     def as_dict(self) -> dict[str, Any]:
-        """Plain values, for the manifest or a dataset card."""
-        return {
+        """Plain values, for the manifest or a dataset card (``judge`` only when set, so
+        checkpoints made before it existed still resume)."""
+        fields: dict[str, Any] = {
             "empty": self.empty,
             "truncated": self.truncated,
             "repetition": self.repetition,
@@ -98,6 +111,9 @@ class FilterConfig:
             "deny": list(self.deny),
             "same_as_previous": self.same_as_previous,
         }
+        if self.judge is not None:
+            fields["judge"] = self.judge.as_dict()
+        return fields
 
 
 def filtered_path(output: Path) -> Path:
@@ -120,8 +136,16 @@ def rule_of(reason: str) -> str:
 # -- parsing ----------------------------------------------------------------------------
 
 
-def parse_filters(raw: Any, problems: Problems) -> FilterConfig:
-    """Validate the ``filters:`` section; every problem is reported, keyed by its name."""
+def parse_filters(
+    raw: Any,
+    problems: Problems,
+    models: Mapping[str, Any] | None = None,
+    base: Path | None = None,
+) -> FilterConfig:
+    """Validate the ``filters:`` section; every problem is reported, keyed by its name.
+
+    ``models`` (the names under ``models:``) checks ``judge.model``; ``base`` is the
+    folder ``judge.template`` is relative to (the config's)."""
     if raw is None:
         return FilterConfig()
     if not isinstance(raw, Mapping):
@@ -176,6 +200,7 @@ def parse_filters(raw: Any, problems: Problems) -> FilterConfig:
         max_chars=max_chars,
         deny=_patterns(raw.get("deny"), problems),
         same_as_previous=flag("same_as_previous"),
+        judge=parse_judge(raw.get("judge"), problems, models, base or Path.cwd()),
     )
 
 

@@ -3,8 +3,9 @@
 ``task: preference``. The section, the fingerprint, the filters' view and the
 card live here; the runner is ``engine.tasks.preference.task``, the judge's
 UltraFeedback prompt and reply parser ``judge``, its JSON ratings
-``judge_json``, a judge prompt of the user's own ``judge_template``, the
-pairing and the output row ``pairs``.
+``judge_json``, a judge prompt of the user's own ``judge_template``, pairwise
+verdicts in both orders and their round robin ``pairwise``, the pairing and the
+output row ``pairs``.
 
 Rows may bring generations of their own (``generations``, with
 ``generation_models``): they are judged with the generators' (theirs first),
@@ -21,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 from engine.output.filters import FilterConfig, Reply, ints_of, list_of, messages_of, text_of
 from engine.problems import MOST_GENERATIONS
 from engine.tasks.base import Task, TaskKind
-from engine.tasks.preference.judge import ASPECTS, JSON, JUDGE_FORMATS, ULTRAFEEDBACK
-from engine.tasks.preference.judge_template import read_template
-from engine.tasks.preference.pairs import TRUNCATED_KEY
+from engine.tasks.preference.judge import ASPECTS, JSON, JUDGE_FORMATS, PAIRWISE, ULTRAFEEDBACK
+from engine.tasks.preference.judge_template import PAIRWISE_VARIABLES, VARIABLES, read_template
+from engine.tasks.preference.pairs import JUDGEMENTS_KEY, TRUNCATED_KEY
+from engine.tasks.preference.pairwise import ON_DISAGREE, TIE_ON_DISAGREE, flip_rate, flips_of
 from engine.tasks.templates import BadTemplate
 
 if TYPE_CHECKING:
@@ -38,7 +40,9 @@ _KEYS = (
     "aspect",
     "judge_template",
     "judge_format",
+    "pairwise",
 )
+_PAIRWISE_KEYS = ("swap", "template", "on_disagree")
 # Row keys a row brings its own generations under (input_columns may map onto them).
 BROUGHT_KEYS = ("generations", "generation_models")
 
@@ -52,6 +56,22 @@ class PreferenceConfig:
     judge_template: str | None = None  # the template file, as the config names it
     judge_template_text: str | None = None  # its text, read and checked with the config
     judge_format: str = ULTRAFEEDBACK
+    pairwise: PairwiseConfig | None = None  # set with judge_format: pairwise
+
+
+@dataclass(frozen=True, slots=True)
+class PairwiseConfig:
+    """``preference.pairwise``: judge each pair in both orders (``swap``), with the
+    built-in prompt or a template file's (``template``, its text in ``template_text``),
+    and what an order-dependent verdict becomes (``on_disagree``: tie | drop)."""
+
+    swap: bool = True
+    template: str | None = None
+    template_text: str | None = None
+    on_disagree: str = TIE_ON_DISAGREE
+
+    def fields(self) -> dict[str, Any]:
+        return {"swap": self.swap, "template": self.template_text, "on_disagree": self.on_disagree}
 
 
 class Preference(TaskKind[PreferenceConfig]):
@@ -90,6 +110,20 @@ class Preference(TaskKind[PreferenceConfig]):
             )
             judge_format = ULTRAFEEDBACK
         template, text = _judge_template(body.get("judge_template"), p, base)
+        pairwise = None
+        if judge_format == PAIRWISE:
+            pairwise = _pairwise(body.get("pairwise"), p, base)
+            if template is not None:
+                p.add(
+                    "preference.judge_template",
+                    "rates every candidate at once; a pairwise judge takes "
+                    "preference.pairwise.template (variables: prompt, a, b)",
+                )
+        elif body.get("pairwise") is not None:
+            p.add(
+                "preference.pairwise",
+                "is only read with judge_format: pairwise; set that, or remove it",
+            )
         if not has_judge:
             for key in ("judge_template", "judge_format"):
                 if body.get(key) is not None:
@@ -106,6 +140,7 @@ class Preference(TaskKind[PreferenceConfig]):
             judge_template=template,
             judge_template_text=text,
             judge_format=judge_format,
+            pairwise=pairwise,
         )
 
     def section_fields(self, section: PreferenceConfig) -> dict[str, Any]:
@@ -122,6 +157,8 @@ class Preference(TaskKind[PreferenceConfig]):
             fields["judge_template"] = section.judge_template_text
         if section.judge_format != ULTRAFEEDBACK:
             fields["judge_format"] = section.judge_format
+        if section.pairwise is not None:
+            fields["pairwise"] = section.pairwise.fields()
         return fields
 
     def models_used(self, section: PreferenceConfig) -> set[str]:
@@ -149,7 +186,9 @@ class Preference(TaskKind[PreferenceConfig]):
         else:
             column = config.input_columns.get("generations", "generations")
             made = f"the generations came with the input (column `{column}`), none were made"
-        if p.judge:
+        if p.judge and p.pairwise is not None:
+            judge = f"`{config.models[p.judge].model}` {_pairwise_card(p.pairwise)}"
+        elif p.judge:
             judge = (
                 f"`{config.models[p.judge].model}` rated them together ({_judged_by(p)}); "
                 "chosen is the highest rating, rejected the lowest"
@@ -206,6 +245,18 @@ class Preference(TaskKind[PreferenceConfig]):
     def is_paired(self, row: Mapping[str, Any]) -> bool:
         return _pair_texts(row)[0] is not None
 
+    def status_lines(self, config: RunConfig) -> list[str]:
+        """The pairwise judge's flip rate over the rows written so far (output and
+        filtered files): verdicts that changed with the order, over pairs judged in both."""
+        section = self.section(config)
+        if section.judge is None or section.pairwise is None or not section.pairwise.swap:
+            return []
+        flipped = both = 0
+        for path in (config.output, config.filtered_output):
+            f, b = _file_flips(path)
+            flipped, both = flipped + f, both + b
+        return [f"flip rate:  {section.judge}: {flip_rate(flipped, both)}"]
+
 
 def _generators(
     raw: Any, models: Mapping[str, ModelConfig], p: Problems, *, judged: bool
@@ -230,19 +281,95 @@ def _generators(
     return generators
 
 
-def _judge_template(raw: Any, p: Problems, base: Path) -> tuple[str | None, str | None]:
+def _judge_template(
+    raw: Any,
+    p: Problems,
+    base: Path,
+    *,
+    key: str = "preference.judge_template",
+    pairwise: bool = False,
+) -> tuple[str | None, str | None]:
     """The template file as the config names it and its text, read and checked."""
-    key = "preference.judge_template"
     name = p.string(key, raw, required=False, fix="set it to a Jinja2 template file's path")
     if name is None:
         return None, None
     path = Path(name).expanduser()
     try:
-        text = read_template(path if path.is_absolute() else base / path)
+        text = read_template(
+            path if path.is_absolute() else base / path,
+            PAIRWISE_VARIABLES if pairwise else VARIABLES,
+        )
     except BadTemplate as exc:
         p.add(key, str(exc))
         return None, None
     return name, text
+
+
+def _pairwise(raw: Any, p: Problems, base: Path) -> PairwiseConfig:
+    """``preference.pairwise`` (absent: swap both orders, the built-in prompt, ties)."""
+    if raw is None:
+        return PairwiseConfig()
+    body = p.section("preference.pairwise", raw, _PAIRWISE_KEYS, "{swap: true, on_disagree: tie}")
+    if body is None:
+        return PairwiseConfig()
+    swap = body.get("swap", True)
+    if not isinstance(swap, bool):
+        p.add("preference.pairwise.swap", f"must be true or false, got {swap!r}")
+        swap = True
+    on_disagree = body.get("on_disagree", TIE_ON_DISAGREE)
+    if on_disagree not in ON_DISAGREE:
+        p.add(
+            "preference.pairwise.on_disagree",
+            f"must be one of {' | '.join(ON_DISAGREE)}, got {on_disagree!r}",
+        )
+        on_disagree = TIE_ON_DISAGREE
+    template, text = _judge_template(
+        body.get("template"), p, base, key="preference.pairwise.template", pairwise=True
+    )
+    return PairwiseConfig(swap=swap, template=template, template_text=text, on_disagree=on_disagree)
+
+
+def _pairwise_card(pw: PairwiseConfig) -> str:
+    prompt = (
+        f"the config's Jinja2 template `{pw.template}`"
+        if pw.template is not None
+        else "the built-in prompt"
+    )
+    if not pw.swap:
+        return (
+            f"judged every pair of answers once, in candidate order ({prompt}; a JSON verdict "
+            "checked against a schema); chosen and rejected are the most and fewest wins"
+        )
+    after = (
+        "such a row was left out (on_disagree: drop)"
+        if pw.on_disagree != TIE_ON_DISAGREE
+        else "counted as a tie"
+    )
+    return (
+        f"judged every pair of answers twice, in both orders ({prompt}; a JSON verdict checked "
+        "against a schema): a verdict that changed with the order is position bias, "
+        f"{after}; chosen and rejected are the most and fewest order-corrected wins"
+    )
+
+
+def _file_flips(path: Path) -> tuple[int, int]:
+    """Flips and pairs judged in both orders over a JSONL file's rows' judgements."""
+    import orjson
+
+    flipped = both = 0
+    try:
+        with path.open("rb") as f:
+            for line in f:
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue  # a torn last line after a crash
+                if isinstance(row, dict):
+                    f_, b_ = flips_of(row.get(JUDGEMENTS_KEY))
+                    flipped, both = flipped + f_, both + b_
+    except OSError:
+        return 0, 0
+    return flipped, both
 
 
 def _judged_by(p: PreferenceConfig) -> str:

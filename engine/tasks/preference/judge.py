@@ -26,8 +26,10 @@ from collections.abc import Sequence
 
 Message = dict[str, str]
 
-ULTRAFEEDBACK, JSON = "ultrafeedback", "json"
-JUDGE_FORMATS = (ULTRAFEEDBACK, JSON)  # free-text blocks, or a JSON object fitting a schema
+ULTRAFEEDBACK, JSON, PAIRWISE = "ultrafeedback", "json", "pairwise"
+# Free-text blocks, or a JSON object fitting a schema, both rating every candidate at
+# once; or two candidates at a time (engine.tasks.preference.pairwise).
+JUDGE_FORMATS = (ULTRAFEEDBACK, JSON, PAIRWISE)
 RATINGS = (1, 2, 3, 4, 5)
 
 ASPECTS = ("overall", "helpfulness", "honesty", "instruction-following", "truthfulness")
@@ -209,8 +211,11 @@ def judge_messages(
         raise ValueError("judge_messages needs at least one candidate")
     if not prompt or prompt[-1].get("role") != "user":
         raise ValueError("the prompt to judge must end with a user turn")
-    if judge_format not in JUDGE_FORMATS:
-        raise ValueError(f"unknown judge format {judge_format!r}; use one of {JUDGE_FORMATS}")
+    if judge_format not in (ULTRAFEEDBACK, JSON):
+        raise ValueError(
+            f"unknown judge format {judge_format!r} for rating every candidate at once; use "
+            f"{ULTRAFEEDBACK} or {JSON} (a pairwise judge compares two at a time)"
+        )
     n = len(candidates)
     if judge_format == JSON:
         answer = _JSON_ANSWER.format(n=n)

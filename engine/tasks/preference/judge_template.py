@@ -25,13 +25,15 @@ from engine.tasks.templates import ENV, BadTemplate, RenderError
 Message = dict[str, str]
 
 VARIABLES = ("prompt", "generations", "aspect")
+PAIRWISE_VARIABLES = ("prompt", "a", "b")  # preference.pairwise.template's
 
 
-def read_template(path: Path) -> str:
+def read_template(path: Path, variables: Sequence[str] = VARIABLES) -> str:
     """The template file's text, checked; raises BadTemplate saying what to fix.
 
     It must be readable UTF-8 text that is not blank, compile (a syntax error
-    names its line), and use no variable besides :data:`VARIABLES`.
+    names its line), and use no variable besides ``variables`` (:data:`VARIABLES`, or
+    :data:`PAIRWISE_VARIABLES` for ``preference.pairwise.template``).
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -49,12 +51,12 @@ def read_template(path: Path) -> str:
             "fix that line",
             exc.lineno,
         ) from exc
-    unknown = sorted(meta.find_undeclared_variables(parsed) - {*VARIABLES, *ENV.globals})
+    unknown = sorted(meta.find_undeclared_variables(parsed) - {*variables, *ENV.globals})
     if unknown:
         names = ", ".join(repr(name) for name in unknown)
         raise BadTemplate(
             f"{path} uses {names}, which the judge template never gets; its variables are "
-            f"{', '.join(VARIABLES)}"
+            f"{', '.join(variables)}"
         )
     return text
 
@@ -82,4 +84,20 @@ def render_judge(
         raise RenderError(f"the judge template failed on this row: {exc}") from exc
     if not text.strip():
         raise RenderError("the judge template rendered empty text for this row")
+    return [{"role": "user", "content": text}]
+
+
+def render_pair(template: Template, prompt: Sequence[Message], a: str, b: str) -> list[Message]:
+    """A pairwise judge request of the user's own: the template rendered with ``prompt``,
+    ``a`` (the answer shown first) and ``b``, as one user message.
+
+    Raises RenderError when the template fails on this pair or renders empty text.
+    """
+    try:
+        text = template.render(prompt=[dict(m) for m in prompt], a=a, b=b)
+    except Exception as exc:
+        # User code on user data: whatever it raises fails this row's judging only.
+        raise RenderError(f"the pairwise judge template failed on this row: {exc}") from exc
+    if not text.strip():
+        raise RenderError("the pairwise judge template rendered empty text for this row")
     return [{"role": "user", "content": text}]

@@ -45,9 +45,12 @@ TRUNCATED_KEY = "truncated_generations"
 # Each generation's reasoning trace (None where it had none), parallel to
 # ``generations``: written after it, only when some generation had a trace.
 REASONING_KEY = "generation_reasoning"
+# A pairwise judge's verdicts, every one ({a, b, order, winner, rationale}): written
+# after ``rationales``, only with judge_format: pairwise (engine.tasks.preference.pairwise).
+JUDGEMENTS_KEY = "judgements"
 # Every key the row writes itself: an input field of one of these names is dropped,
 # so ``filters.truncated`` never obeys an input column.
-_OWN_KEYS = frozenset({*ROW_KEYS, TRUNCATED_KEY, REASONING_KEY})
+_OWN_KEYS = frozenset({*ROW_KEYS, TRUNCATED_KEY, REASONING_KEY, JUDGEMENTS_KEY})
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,7 @@ def preference_row(
     truncated: Sequence[int] = (),
     reasoning: Sequence[str | None] | None = None,
     generators: Sequence[str | None] | None = None,
+    judgements: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Build one output row for a prompt: its generations, ratings and pair.
 
@@ -124,6 +128,9 @@ def preference_row(
     ``reasoning`` holds each generation's trace (None where it had none): written as
     :data:`REASONING_KEY` when any is set, and carried by the chosen and rejected
     assistant messages as ``reasoning_content``.
+
+    ``judgements``: a pairwise judge's verdicts, written as :data:`JUDGEMENTS_KEY`
+    after ``rationales`` when given (the ``ratings`` are then its round robin's points).
 
     Keys, in order: the input's other fields (``extra``), then :data:`ROW_KEYS`,
     then :data:`TRUNCATED_KEY` when ``truncated`` (indices into ``generations``
@@ -165,9 +172,12 @@ def preference_row(
     if any(trace is not None for trace in traces):
         row[REASONING_KEY] = traces
     row["generation_models"] = list(generation_models)
-    row.update(
-        _judged_fields(generations, generation_models, judged, ratings, rationales, traces, makers)
-    )
+    for key, value in _judged_fields(
+        generations, generation_models, judged, ratings, rationales, traces, makers
+    ).items():
+        row[key] = value
+        if key == "rationales" and judgements is not None:
+            row[JUDGEMENTS_KEY] = [dict(j) for j in judgements]
     row["generation_errors"] = [dict(e) for e in generation_errors]
     row["usage"] = dict(usage)
     if truncated:

@@ -35,8 +35,22 @@ from engine.tasks.base import RowContext, Task, row_usage
 from engine.tasks.preference import BROUGHT_KEYS, KIND, PreferenceConfig
 from engine.tasks.preference.judge import JSON, has_usable_rating, judge_messages, parse_ratings
 from engine.tasks.preference.judge_json import parse_json_ratings, ratings_response_format
-from engine.tasks.preference.judge_template import compile_template, render_judge
+from engine.tasks.preference.judge_template import compile_template, render_judge, render_pair
 from engine.tasks.preference.pairs import preference_row
+from engine.tasks.preference.pairwise import (
+    AB,
+    ORDER_DEPENDENT,
+    TIE,
+    VERDICT_TRIES,
+    Judgement,
+    judge_pair_messages,
+    orders,
+    pair_key,
+    pairs_of,
+    parse_verdict,
+    score,
+    verdict_response_format,
+)
 from engine.tasks.templates import RenderError
 
 JUDGE_TRIES = 2  # a reply with no usable rating is retried once
@@ -162,6 +176,12 @@ class PreferenceTask(Task):
         self.params = {name: config.models[name].params for name in config.models_used()}
         text = self.config.judge_template_text
         self.template = compile_template(text) if text is not None else None
+        pw = self.config.pairwise
+        self.pair_template = (
+            compile_template(pw.template_text)
+            if pw is not None and pw.template_text is not None
+            else None
+        )
 
     def optional_models(self) -> frozenset[str]:
         return frozenset(self.config.generators)  # one failing generator never stops the others
@@ -218,7 +238,15 @@ class PreferenceTask(Task):
         ratings: list[int | None] | None = None
         rationales: list[str | None] | None = None
         judge_note = None
-        if self.config.judge and len(texts) >= 2:
+        judgements: list[dict[str, Any]] | None = None
+        drop = None
+        if self.config.pairwise is not None:
+            judgements = []
+        if self.config.judge and len(texts) >= 2 and self.config.pairwise is not None:
+            ratings, rationales, judge_note, judgements, drop = await self._judge_pairwise(
+                ctx, prompt, texts, state
+            )
+        elif self.config.judge and len(texts) >= 2:
             ratings, rationales, judge_note = await self._judge(ctx, prompt, texts, state)
         elif self.config.judge:
             ratings, rationales = [None] * len(texts), [None] * len(texts)
@@ -245,10 +273,11 @@ class PreferenceTask(Task):
             truncated=truncated,
             reasoning=traces,
             generators=makers,
+            judgements=judgements,
         )
         if judge_note is not None:
             out["pair_error"] = judge_note
-        await ctx.finish(out)
+        await ctx.finish(out, drop=drop)
 
     async def _generate(
         self, ctx: RowContext, prompt: list[Message], slot: Slot, state: RowState
@@ -310,6 +339,85 @@ class PreferenceTask(Task):
                 return ratings, rationales, None
         why = f" (the last one: {problem})" if problem else ""
         return *unrated, f"the judge gave no usable rating in {JUDGE_TRIES} replies{why}"
+
+    async def _judge_pairwise(
+        self, ctx: RowContext, prompt: list[Message], texts: list[str], state: RowState
+    ) -> tuple[list[int | None], list[str | None], str | None, list[dict[str, Any]], str | None]:
+        """Every pair judged (in both orders with ``swap``), all at once: the candidates'
+        round-robin points as ratings, a note when there is no pair, the verdicts, and
+        the filter reason when an order-dependent verdict drops the row."""
+        judge, pw = self.config.judge, self.config.pairwise
+        assert judge is not None and pw is not None
+        n = len(texts)
+        jobs = [(a, b, order) for a, b in pairs_of(n) for order in orders(pw.swap)]
+        found: dict[tuple[int, int, str], Judgement] = {}
+        errors: list[str] = []
+        stopped: list[BaseException] = []
+        async with anyio.create_task_group() as group:
+            for a, b, order in jobs:
+                group.start_soon(
+                    self._verdict, ctx, prompt, texts, (a, b, order), found, errors, stopped, state
+                )
+        if stopped:
+            raise stopped[0]
+        judgements = [found[job] for job in jobs if job in found]
+        written = [j.as_dict() for j in judgements]
+        if errors:
+            return [None] * n, [None] * n, errors[0], written, None
+        outcome = score(n, judgements, pw.on_disagree)
+        stats = ctx.stats
+        stats.order_pairs[judge] = stats.order_pairs.get(judge, 0) + outcome.both_orders
+        stats.order_flips[judge] = stats.order_flips.get(judge, 0) + len(outcome.flipped)
+        drop = f"pairwise: {ORDER_DEPENDENT} (on_disagree: drop)" if outcome.drop else None
+        return list(outcome.points), [None] * n, outcome.error, written, drop
+
+    async def _verdict(
+        self,
+        ctx: RowContext,
+        prompt: list[Message],
+        texts: list[str],
+        job: tuple[int, int, str],
+        found: dict[tuple[int, int, str], Judgement],
+        errors: list[str],
+        stopped: list[BaseException],
+        state: RowState,
+    ) -> None:
+        """One verdict, asked again once when it does not fit; an unusable one is a tie."""
+        judge, pw = self.config.judge, self.config.pairwise
+        assert judge is not None and pw is not None
+        a, b, order = job
+        first, second = (texts[a], texts[b]) if order == AB else (texts[b], texts[a])
+        try:
+            if self.pair_template is None:
+                messages = judge_pair_messages(prompt, first, second)
+            else:
+                messages = render_pair(self.pair_template, prompt, first, second)
+        except RenderError as exc:
+            errors.append(str(exc))
+            return
+        extra = {"response_format": verdict_response_format()}
+        problem = None
+        for number in range(VERDICT_TRIES):
+            key = pair_key(a, b, order, number, texts)
+            try:
+                reply = await ctx.ask(judge, messages, key=key, extra=extra)
+            except ModelError as exc:
+                if exc.model_down:  # the judge is never optional
+                    stopped.append(exc.stopped(Rating.role))
+                else:
+                    errors.append(f"judge failed: {exc}")
+                return
+            state.judge_replies.append(reply)
+            if reply.cut_off:
+                problem = "cut off by max_tokens while reasoning"
+                break  # it would be cut off again
+            winner, rationale, problem = parse_verdict(reply.text)
+            if winner is not None:
+                found[job] = Judgement(a, b, order, winner, rationale)
+                return
+        found[job] = Judgement(
+            a, b, order, TIE, f"no usable verdict, counted as a tie (the last reply: {problem})"
+        )
 
     def _judge_cut_off(self) -> str:
         judge = self.config.judge
