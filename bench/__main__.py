@@ -38,6 +38,9 @@ NAMES = (
     "metrics",
     "reasoning",
     "startup",
+    "simulate",
+    "batch",
+    "judging",
 )
 DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
 QUICK_OUT = WORK / "quick" / "RESULTS.md"
@@ -45,7 +48,9 @@ QUICK_OUT = WORK / "quick" / "RESULTS.md"
 
 def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
     from bench import (
+        batch,
         caps,
+        judging,
         memory,
         metrics_cost,
         peers,
@@ -53,6 +58,7 @@ def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
         reasoning,
         replicas,
         shards,
+        simulate,
         startup,
         throughput,
     )
@@ -86,6 +92,12 @@ def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
         suites.append(lambda: [reasoning.reasoning(plan)])
     if "startup" in chosen:
         suites.append(lambda: [startup.startup(plan)])
+    if "simulate" in chosen:
+        suites.append(lambda: [simulate.simulate(plan)])
+    if "batch" in chosen:
+        suites.append(lambda: [batch.batch(plan)])
+    if "judging" in chosen:
+        suites.append(lambda: [judging.judging(plan)])
     return suites
 
 

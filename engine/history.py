@@ -4,7 +4,8 @@ One JSON line per sample (the format engine.report reads): the time, the id of t
 process run, the rows finished over the whole job, and for this run the replies
 journaled and, per model and replica, requests, retries, failures, tokens, in
 flight against limit and cap, and the latency quantiles of the requests finished
-since the previous sample. A resumed run appends with a new ``run`` id, so the file
+since the previous sample (for a batch model, its batches running, submitted and
+done too). A resumed run appends with a new ``run`` id, so the file
 tells every run of a job apart (the report marks the restarts).
 
 Bounded: the step between samples grows with the file, 1 s for the first 10,000
@@ -113,7 +114,18 @@ class History:
     def _model(self, name: str, m: Any) -> dict[str, Any]:
         window = m.latency.since(self._latency.get(name, {}))
         self._latency[name] = m.latency.buckets()
+        # A batch model's batches (running now, and submitted and done by this run).
+        batches = (
+            {
+                "batches_running": m.batches_running,
+                "batches_submitted": m.batches_submitted,
+                "batches_done": m.batches_done,
+            }
+            if m.batch
+            else {}
+        )
         return {
+            **batches,
             "requests": m.requests,
             "ok": m.ok,
             "retries": m.retries,

@@ -59,7 +59,33 @@ class RunCollector:
         if stats.rows_total is not None:
             total.add_metric([], stats.rows_total)
         yield total
+        yield from _judge_families(stats)
         yield from _model_families(stats)
+
+
+def _judge_families(stats: RunStats) -> Iterator[Metric]:
+    """A pairwise judge's pairs judged in both orders and its flips (flip rate = flips /
+    pairs), and the judge filter's requests."""
+    pairs = CounterMetricFamily(
+        "turnstile_judge_pairs",
+        "Pairs a pairwise judge judged in both orders (this process)",
+        labels=["judge"],
+    )
+    flips = CounterMetricFamily(
+        "turnstile_judge_flips",
+        "Of those, pairs whose verdict changed with the order (position bias)",
+        labels=["judge"],
+    )
+    for judge, both in sorted(stats.order_pairs.items()):
+        pairs.add_metric([judge], both)
+        flips.add_metric([judge], stats.order_flips.get(judge, 0))
+    yield pairs
+    yield flips
+    yield CounterMetricFamily(
+        "turnstile_judge_filter_requests",
+        "Requests the judge filter (filters.judge) sent",
+        value=stats.judge_filter_requests,
+    )
 
 
 def _model_families(stats: RunStats) -> Iterator[Metric]:
@@ -83,7 +109,15 @@ def _model_families(stats: RunStats) -> Iterator[Metric]:
     latency = HistogramMetricFamily(
         "turnstile_request_seconds", "Latency of answered requests", labels=["model"]
     )
+    batches = GaugeMetricFamily(
+        "turnstile_batches",
+        "A batch model's batches (models.X.batch): running now, done (read back) this run",
+        labels=["model", "state"],
+    )
     for name, m in stats.models.items():
+        if m.batch:
+            batches.add_metric([name, "running"], m.batches_running)
+            batches.add_metric([name, "done"], m.batches_done)
         for replica in m.replicas:
             labels = [name, replica.url]
             requests.add_metric([*labels, "ok"], replica.ok)
@@ -100,7 +134,7 @@ def _model_families(stats: RunStats) -> Iterator[Metric]:
         ]
         buckets.append(("+Inf", m.latency.count))
         latency.add_metric([name], buckets, sum_value=m.latency.total_s)
-    yield from (requests, tokens, in_flight, limit, up, latency)
+    yield from (requests, tokens, in_flight, limit, up, latency, batches)
 
 
 @contextmanager

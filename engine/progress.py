@@ -94,11 +94,22 @@ def status_line(stats: RunStats, elapsed: float) -> str:
     ]
     for m in stats.models.values():
         limit = f" limit {m.limit}" if m.limit is not None and m.limit != m.cap else ""
+        flight = f"{m.in_flight}/{m.cap} in flight{limit}"
+        if m.batch:  # its batches stand in for requests in flight
+            flight = f"{m.batches_running} batches running ({m.in_flight} requests)"
         parts.append(
-            f"{m.name}: {m.in_flight}/{m.cap} in flight{limit}, "
-            f"{m.retries} retries, {m.failures} failures" + _replicas_line(m)
+            f"{m.name}: {flight}, {m.retries} retries, {m.failures} failures" + _replicas_line(m)
         )
     return " | ".join(parts)
+
+
+def batches_text(m: ModelStats) -> str:
+    """', N batches submitted, M done' for a batch model (its batches attached from an
+    earlier run too); '' for an online one."""
+    if not m.batch:
+        return ""
+    attached = f", {m.batches_attached} attached" if m.batches_attached else ""
+    return f", {m.batches_submitted} batches submitted{attached}, {m.batches_done} done"
 
 
 def _replicas_line(m: ModelStats) -> str:
@@ -187,8 +198,8 @@ def _panel(stats: RunStats, elapsed: float) -> Group:
         live = sum(r.live for r in m.replicas)
         table.add_row(
             m.name,
-            f"{m.in_flight}/{m.cap}",
-            str(m.limit if m.limit is not None else m.cap),
+            f"{m.batches_running} batches" if m.batch else f"{m.in_flight}/{m.cap}",
+            "-" if m.batch else str(m.limit if m.limit is not None else m.cap),
             "live" if live == len(m.replicas) else f"{live}/{len(m.replicas)} live",
             str(m.requests),
             str(m.retries),
@@ -206,6 +217,21 @@ def _panel(stats: RunStats, elapsed: float) -> Group:
                     str(r.failures),
                 )
     return Group(bar, head, table)
+
+
+def judge_lines(stats: RunStats) -> list[str]:
+    """A pairwise judge's flip rate (verdicts that changed with the order, over pairs
+    judged in both orders) and the judge filter's requests, when the run has them."""
+    lines = [
+        f"judge {judge}: flip rate {100 * stats.order_flips.get(judge, 0) / both:.1f}% "
+        f"({stats.order_flips.get(judge, 0)} of {both} pairs judged in both orders changed "
+        "verdict with the order)"
+        for judge, both in sorted(stats.order_pairs.items())
+        if both
+    ]
+    if stats.judge_filter_requests:
+        lines.append(f"filters.judge: {stats.judge_filter_requests} requests")
+    return lines
 
 
 def summary(outcome: Outcome) -> str:
@@ -227,6 +253,7 @@ def summary(outcome: Outcome) -> str:
     if stats.filtered_by_rule:
         counts = ", ".join(f"{rule} {n}" for rule, n in sorted(stats.filtered_by_rule.items()))
         lines.append(f"filtered this run, by rule: {counts}")
+    lines += judge_lines(stats)
     for m in stats.models.values():
         p50 = m.latency.percentile(50)
         p95 = m.latency.percentile(95)
@@ -238,6 +265,7 @@ def summary(outcome: Outcome) -> str:
         lines.append(
             f"model {m.name}: {m.ok}/{m.requests} requests ok, {lat}, "
             f"{m.retries} retries, {m.failures} failures"
+            + batches_text(m)
             + (f", {m.resent} re-sent after server failures" if m.resent else "")
             + (f", {m.reasoning_tokens} reasoning tokens" if m.reasoning_tokens else "")
         )

@@ -130,6 +130,13 @@ class ModelStats:
     cost_usd: float = 0.0  # from the usage the server reported, at the model's price
     saved_usd: float = 0.0  # what the cache hits would have cost
     priced: bool = False  # the model has a price (cost_usd means something)
+    # A batch model (models.X.batch; written by engine.batch.endpoint): its batches
+    # stand in for requests in flight in the display, summary, metrics and history.
+    batch: bool = False
+    batches_submitted: int = 0  # created by this run
+    batches_attached: int = 0  # left running by an earlier run, collected by this one
+    batches_running: int = 0  # created or attached, not yet read back
+    batches_done: int = 0  # finished and read back by this run
 
 
 @dataclass(slots=True)
@@ -197,6 +204,11 @@ class ModelStatistics:
     cost_usd: float
     saved_usd: float
     priced: bool
+    batch: bool
+    batches_submitted: int
+    batches_attached: int
+    batches_running: int
+    batches_done: int
 
     @classmethod
     def of(cls, stats: ModelStats) -> ModelStatistics:
@@ -346,6 +358,10 @@ _MODEL_COUNTERS = (
     "reasoning_tokens",
     "cached",
     "cached_tokens",
+    "batches_submitted",
+    "batches_attached",
+    "batches_running",
+    "batches_done",
 )
 _COST_COUNTERS = ("cost_usd", "saved_usd")
 _REPLICA_COUNTERS = ("in_flight", "requests", "ok", "failures", "retried", "failed")
@@ -360,6 +376,7 @@ def progress_of(stats: RunStats) -> dict[str, Any]:
                 **{key: getattr(m, key) for key in _MODEL_COUNTERS},
                 **{key: getattr(m, key) for key in _COST_COUNTERS},
                 "priced": m.priced,
+                "batch": m.batch,
                 "limit": m.limit,
                 "latency": m.latency.buckets(),
                 "latency_s": m.latency.total_s,
@@ -403,6 +420,7 @@ def combine(
             for key in _COST_COUNTERS:
                 setattr(m, key, getattr(m, key) + float(got.get(key, 0.0)))
             m.priced = m.priced or bool(got.get("priced"))
+            m.batch = m.batch or bool(got.get("batch"))
             m.limit = _add_limit(m.limit, got.get("limit"))
             m.latency.merge(got.get("latency", {}), float(got.get("latency_s", 0.0)))
             for replica, seen in zip(m.replicas, got.get("replicas", []), strict=False):

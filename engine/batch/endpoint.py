@@ -23,7 +23,7 @@ import itertools
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -77,6 +77,9 @@ class BatchRun:
         self.gauge: RowGauge | None = None  # None: only size and flush_s submit
         self.waiting = 0  # requests waiting in a batch model
         self.lines: Counter[int] = Counter()  # rows waiting, by line
+        # Rows finished before this run: a result of an earlier run's batch for one of
+        # them will never be asked for (the batch is done without it).
+        self.finished: Container[int] = ()
 
     def stalled(self) -> bool:
         """Whether no row can add a request: every one waits on a batch."""
@@ -129,9 +132,11 @@ class BatchState:
     status: str = "validating"
     completed: int = 0
     failed: int = 0
+    total: int = 0
     created_at: float = 0.0  # the provider's, wall seconds
     next_poll: float = 0.0
     held: int = 0  # lines read back that no row has asked for yet
+    collected: bool = False  # its output and error files were read
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,6 +157,7 @@ class BatchEndpoint:
         self.batch = batch
         if stats is None:
             stats = ModelStats(name=settings.name, cap=batch.max_requests)
+        stats.batch = True
         self.stats = stats
         self._log = log
         self._run = run
@@ -163,7 +169,8 @@ class BatchEndpoint:
         self._oldest = 0.0
         self._waiters: dict[str, _Waiter] = {}  # submitted, awaited
         self._known: dict[str, str] = {}  # base -> custom id, in a batch of an earlier run
-        self._held: dict[str, Result] = {}  # base -> result read before its row asked
+        # base -> a result read before its row asked, and its batch
+        self._held: dict[str, tuple[Result, BatchState]] = {}
         self._batches: dict[str, BatchState] = {}  # running or being read
         self.finished: list[BatchState] = []
         self._seq = 0
@@ -276,7 +283,11 @@ class BatchEndpoint:
     ) -> Result:
         held = self._held.pop(base, None)
         if held is not None:
-            return held
+            result, state = held
+            state.held -= 1
+            if not state.held and state.collected:
+                await self._done(state)  # its last held line was the one still owed
+            return result
         known = self._known.pop(base, None)
         waiter = _Waiter(line)
         if known is not None:
@@ -407,14 +418,28 @@ class BatchEndpoint:
                     self._fail_all(exc)
                     return
                 await anyio.sleep(self.batch.poll_s)
-        await self._log.record({"k": "batch", "seq": seq, "file": file_id, "batch": batch["id"]})
+        await self._log.record(_batch_record(seq, file_id, batch))
         self._track(seq, file_id, batch, cids)
 
-    def _track(self, seq: int, file_id: str, batch: dict[str, Any], cids: set[str]) -> None:
+    def _track(
+        self,
+        seq: int,
+        file_id: str,
+        batch: dict[str, Any],
+        cids: set[str],
+        *,
+        attached: bool = False,
+    ) -> None:
         state = BatchState(seq, file_id, str(batch["id"]), cids)
         self._update(state, batch)
         state.next_poll = self._clock() + self.batch.poll_s
         self._batches[state.batch_id] = state
+        stats = self.stats
+        stats.batches_running += 1
+        if attached:
+            stats.batches_attached += 1
+        else:
+            stats.batches_submitted += 1
 
     def _failed_call(self, exc: ModelError, taken: list[tuple[str, bytes, _Waiter]]) -> None:
         if exc.retryable:
@@ -441,6 +466,7 @@ class BatchEndpoint:
         counts = batch.get("request_counts") or {}
         state.completed = int(counts.get("completed") or 0)
         state.failed = int(counts.get("failed") or 0)
+        state.total = int(counts.get("total") or state.total)
         state.created_at = float(batch.get("created_at") or state.created_at)
         state.extra = {k: batch.get(k) for k in ("output_file_id", "error_file_id") if batch.get(k)}
 
@@ -463,8 +489,24 @@ class BatchEndpoint:
             return
         del self._batches[state.batch_id]
         self.finished.append(state)
+        self.stats.batches_running -= 1
+        self.stats.batches_done += 1
+        state.collected = True
         if not state.held:
-            await self._log.record({"k": "done", "batch": state.batch_id})
+            await self._done(state)
+
+    async def _done(self, state: BatchState) -> None:
+        """Every line of ``state`` is accounted for: it need not be read again."""
+        await self._log.record(
+            {
+                "k": "done",
+                "batch": state.batch_id,
+                "status": state.status,
+                "completed": state.completed,
+                "failed": state.failed,
+                "total": state.total,
+            }
+        )
 
     async def _collect(self, state: BatchState) -> None:
         """Read a finished batch's files, each line handed over as it is read."""
@@ -491,7 +533,10 @@ class BatchEndpoint:
             return
         base = split_id(result.custom_id)[0]
         self._known.pop(base, None)
-        self._held[base] = result
+        line = _line_of(base)
+        if line is not None and line in self._run.finished:
+            return  # its row finished in an earlier run: accounted for
+        self._held[base] = (result, state)
         state.held += 1
 
     @staticmethod
@@ -521,15 +566,13 @@ class BatchEndpoint:
                 cids = await self._cids(file_id)
                 if seq in found:
                     batch = found[seq]
-                    await self._log.record(
-                        {"k": "batch", "seq": seq, "file": file_id, "batch": batch["id"]}
-                    )
-                    self._track(seq, file_id, batch, cids)
+                    await self._log.record(_batch_record(seq, file_id, batch))
+                    self._track(seq, file_id, batch, cids, attached=True)
                 else:
                     await self._create(seq, file_id, cids)
         for seq, (file_id, batch_id) in sorted(state.batches.items()):
             batch = await api.get(batch_id)
-            self._track(seq, file_id, batch, await self._cids(file_id))
+            self._track(seq, file_id, batch, await self._cids(file_id), attached=True)
         for batch_state in self._batches.values():
             batch_state.next_poll = 0.0
             for cid in batch_state.cids:
@@ -542,3 +585,23 @@ class BatchEndpoint:
         async for raw in api.lines(file_id):
             cids.add(str(orjson.loads(raw)["custom_id"]))
         return cids
+
+
+def _batch_record(seq: int, file_id: str, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The log record of a created batch, with what the provider said of it then."""
+    counts = batch.get("request_counts") or {}
+    return {
+        "k": "batch",
+        "seq": seq,
+        "file": file_id,
+        "batch": batch["id"],
+        "status": batch.get("status"),
+        "total": counts.get("total"),
+        "created_at": batch.get("created_at"),
+    }
+
+
+def _line_of(base: str) -> int | None:
+    """The input line a custom id's base names (None for a request no row asked)."""
+    head = base.partition(".")[0]
+    return int(head) if head.isdigit() else None
