@@ -575,11 +575,11 @@ class RowContext:
             return None
         fields = quality_request_fields()
         for number in range(QUALITY_TRIES):
-            asked = self.stats.turns_done
             answer = await self.ask(
                 judge.model, request, key=quality_key(number), extra=fields, last=True
             )
-            self.stats.judge_filter_requests += self.stats.turns_done - asked
+            if answer.replica is not None:  # sent, not answered from the journal
+                self.stats.judge_filter_requests += 1
             score, why, problem = parse_quality(answer.text)
             if score is not None:
                 row[QUALITY_KEY] = {"score": score, "reason": why}

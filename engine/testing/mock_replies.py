@@ -15,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from engine.testing.mock_judges import judge_json
+
 # Fault kinds, as they appear in ``MockStats.faults``.
 HANG = "hang"
 DROP = "drop"
@@ -421,8 +423,13 @@ def completion_body(
     reasoning: str | None = None,
     trace_chars: int = 0,
     user_rates: tuple[float, float] = (0.0, 0.0),
+    position_bias: float = 0.0,
 ) -> dict[str, Any]:
     """The OpenAI-shaped ``chat.completion`` object answering ``request``.
+
+    A structured judge request (pairwise, or scoring a dialogue) gets its JSON verdict
+    (engine.testing.mock_judges; ``position_bias``: the share of pairwise verdicts
+    that name the answer shown first).
 
     ``user_rates``: a simulated user's ``(end_rate, repeat_rate)`` (``user_reply``).
 
@@ -432,6 +439,7 @@ def completion_body(
     """
     choices = []
     completion_tokens = reasoning_tokens = 0
+    judged = judge_json(request.messages, position_bias)
     for choice in range(request.n):
         content = reply_for(
             request.model,
@@ -440,7 +448,9 @@ def completion_body(
             end_rate=user_rates[0],
             repeat_rate=user_rates[1],
         )
-        if request.json_schema is not None:
+        if judged is not None:
+            content = judged
+        elif request.json_schema is not None:
             content = orjson.dumps(json_reply(request.json_schema, content)).decode()
         finish_reason = "stop"
         left = request.max_tokens
