@@ -7,6 +7,8 @@ From Python::
     summary = engine.run("run.yaml")              # or a dict shaped like the YAML
     print(summary.rows_ok, summary.rows_failed, summary.output)
     engine.export("run.yaml", format="parquet", to="out.parquet")
+    guess = engine.estimate("run.yaml", sample=20)   # runs 20 rows, projects the rest
+    print(guess.usd, guess.usd_low, guess.usd_high, guess.time_s)
 
 ``await engine.arun(config)`` does the same inside a running event loop. Neither
 installs signal handlers or exits the process: errors are raised as the classes
@@ -26,6 +28,7 @@ from engine.errors import (
     ModelError,
     TurnstileError,
 )
+from engine.estimate import Estimate, ModelEstimate, aestimate, estimate
 from engine.stats import Summary
 
 __version__ = "0.1.0"
@@ -33,15 +36,19 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "ConfigError",
+    "Estimate",
     "ExecutorError",
     "ExportError",
     "InputError",
     "LocalServerError",
     "ModelDown",
     "ModelError",
+    "ModelEstimate",
     "Summary",
     "TurnstileError",
+    "aestimate",
     "arun",
+    "estimate",
     "export",
     "run",
 ]

@@ -34,7 +34,7 @@ from engine.checkpoint.paths import clashes, run_targets
 from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_ROWS
 from engine.checkpoint.writer import Writer
 from engine.config import ModelConfig, RunConfig
-from engine.cost import Budget, load_spend, save_spend
+from engine.cost import Budget
 from engine.endpoints import model_endpoint
 from engine.errors import BudgetReached, CheckpointError, InputError, ModelDown, TurnstileError
 from engine.history import History, run_id
@@ -171,6 +171,7 @@ async def execute(
     companion: Companion | None = None,
     snapshot_every_rows: int = SNAPSHOT_EVERY_ROWS,
     checkpoint: Checkpoint | None = None,
+    ledger: dict[int, dict[str, list[float]]] | None = None,
 ) -> Outcome:
     """Run every row not finished in ``state`` through ``task``.
 
@@ -181,7 +182,8 @@ async def execute(
     lease of its share of the caps, engine.executors). ``snapshot_every_rows``:
     rows between two checkpoint snapshots (tests take them often). ``checkpoint``
     builds the run's writer (default: the config's own, engine.checkpoint; the
-    bench passes one whose writer writes nothing).
+    bench passes one whose writer writes nothing). ``ledger``: filled with what each
+    row's replies took, per model (engine.estimate; Context.ledger).
 
     A TurnstileError from any task (disk full, a model down) stops the run and
     is raised as itself, not wrapped in an exception group.
@@ -199,6 +201,7 @@ async def execute(
             companion=companion,
             snapshot_every_rows=snapshot_every_rows,
             checkpoint=checkpoint or Checkpoint.of(config),
+            ledger=ledger,
         )
     except BaseExceptionGroup as group:
         error = _first_error(group)
@@ -231,6 +234,7 @@ async def _execute(
     companion: Companion | None,
     snapshot_every_rows: int,
     checkpoint: Checkpoint,
+    ledger: dict[int, dict[str, list[float]]] | None = None,
 ) -> Outcome:
     stats = RunStats(
         rows_done=len(state.done),
@@ -263,6 +267,7 @@ async def _execute(
                 local_urls[name] = urls
         clients: dict[str, ModelEndpoint] = {}
         batch_run = BatchRun(run_fingerprint(config.fingerprint_fields(), config.checkpoint_dir))
+        batch_run.finished = state.done  # results for these rows are never asked for
         for name in sorted(config.models_used()):
             model = config.models[name]
             model_stats = ModelStats(name=name, cap=model.max_concurrency)
@@ -280,9 +285,10 @@ async def _execute(
         cache = await stack.enter_async_context(open_cache(config.cache))
         budget = None
         if config.budget.on:
-            spent = await anyio.to_thread.run_sync(load_spend, config.checkpoint_dir)
+            # What every run of the checkpoint spent, summed from its journal (a SIGKILLed
+            # run's paid replies included): the snapshot's spend plus the records after it.
             prices = {name: m.price for name, m in config.models.items()}
-            budget = Budget(config.budget, prices, *spent)
+            budget = Budget(config.budget, prices, state.spent_usd, state.spent_tokens)
         if companion is not None:
             await companion.start(clients, stats)  # before any request: a shard's share
         work = anyio.CancelScope()  # around the row workers: cancelled to stop them
@@ -296,6 +302,7 @@ async def _execute(
             scope=work,
             cache=cache,
             budget=budget,
+            ledger=ledger,
         )
         workers = rows_in_flight(config, task)
         if config.piece is not None:  # a shard knows its rows: no more workers than those
@@ -328,8 +335,6 @@ async def _execute(
             outer.cancel_scope.cancel()
     outcome.elapsed_s = time.monotonic() - started
     if budget is not None:
-        folder = config.checkpoint_dir
-        await anyio.to_thread.run_sync(save_spend, folder, budget.spent_usd, budget.spent_tokens)
         if budget.reached and outcome.interrupted_by is None:
             raise BudgetReached(budget.message(f"turnstile run {config.config_path}"))
     return outcome

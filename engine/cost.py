@@ -12,13 +12,9 @@ The budget never lets a request start that could take the run past ``max_usd`` o
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import orjson
 
 from engine.http.ratelimit import estimate_tokens
 
@@ -26,6 +22,9 @@ if TYPE_CHECKING:
     from engine.problems import Problems
 
 MILLION = 1_000_000
+# The field of a journaled reply that was paid for (sent, not answered from the cache):
+# its cost in USD (0.0 without a price). Replay sums it, and its tokens, into the spend.
+SPENT = "$"
 DEFAULT_OUTPUT = 4096  # a request's worst-case output when its params set no max_tokens
 
 
@@ -90,11 +89,14 @@ class Budget:
     held_tokens: int = 0
     reached: bool = False  # a request was held back: the run stops at the budget
 
-    def hold(self, model: str, prompt: int, output: int) -> tuple[float, int] | None:
-        """Reserve a request's worst case, or None (and ``reached``) when it could go past."""
+    def hold(
+        self, model: str, prompt: int, output: int, *, batch: bool = False
+    ) -> tuple[float, int] | None:
+        """Reserve a request's worst case (``batch``: at the batch price), or None (and
+        ``reached``) when it could go past."""
         tokens = prompt + output
         price = self.prices.get(model)
-        usd = price.cost(prompt, output) if price is not None else 0.0
+        usd = price.cost(prompt, output, batch=batch) if price is not None else 0.0
         limit_usd, limit_tokens = self.config.max_usd, self.config.max_tokens
         if (limit_usd is not None and self.spent_usd + self.held_usd + usd > limit_usd) or (
             limit_tokens is not None
@@ -176,26 +178,3 @@ def parse_budget(p: Problems, raw: Any, prices: Mapping[str, Price | None]) -> B
                     "{input: ..., output: ...} (USD per million tokens), or use max_tokens",
                 )
     return BudgetConfig(usd, tokens)
-
-
-SPEND_NAME = "spend.json"  # in the checkpoint folder: what earlier runs spent
-
-
-def load_spend(folder: Path) -> tuple[float, int]:
-    """(USD, tokens) earlier runs of the checkpoint in ``folder`` spent."""
-    try:
-        data = orjson.loads((folder / SPEND_NAME).read_bytes())
-        return float(data["usd"]), int(data["tokens"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0.0, 0
-
-
-def save_spend(folder: Path, usd: float, tokens: int) -> None:
-    """Replace the spend file atomically (temp, fsync, rename)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / (SPEND_NAME + ".tmp")
-    with temp.open("wb") as f:
-        f.write(orjson.dumps({"usd": usd, "tokens": tokens}))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, folder / SPEND_NAME)

@@ -48,6 +48,7 @@ from typing import Any
 import orjson
 
 from engine.checkpoint.files import fsync_dir
+from engine.cost import SPENT
 from engine.errors import CheckpointError
 
 JOURNAL_NAME = "journal.jsonl"  # segment 0
@@ -193,6 +194,10 @@ class Replay:
     emits_end: int = 0
     emits_crc: int | None = None  # CRC32 of the index's first emits_end bytes (None: unknown)
     seek: tuple[int, int] = (0, 0)
+    # What the journaled replies that were paid for cost (engine.cost.SPENT), in every run
+    # of the checkpoint: the budget starts from it, so the spend is exact across a kill.
+    spent_usd: float = 0.0
+    spent_tokens: int = 0
 
     def copy(self) -> Replay:
         """A copy to go on applying records to, sharing only the (never mutated) records."""
@@ -218,6 +223,8 @@ class Replay:
             emits_end=self.emits_end,
             emits_crc=self.emits_crc,
             seek=self.seek,
+            spent_usd=self.spent_usd,
+            spent_tokens=self.spent_tokens,
         )
 
 
@@ -449,6 +456,10 @@ def apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int] = N
             state.rows_filtered += 1
             state.filtered_end = max(state.filtered_end, end)
         return
+    spent = record.get(SPENT)
+    if spent is not None:  # a reply paid for: counted even for a row already done
+        state.spent_usd += spent
+        state.spent_tokens += record.get("p", 0) + record.get("o", 0)
     if line in state.done:
         return
     state.work_records += 1

@@ -93,6 +93,7 @@ def encode_snapshot(
     body: dict[str, Any] = {name: getattr(state, name) for name in _COUNTERS}
     body["segment"] = segment
     body["emits_end"] = emits_end
+    body["spent"] = [state.spent_usd, state.spent_tokens]  # engine.cost: the budget's spend
     if emits_crc is not None:
         body["emits_crc"] = emits_crc
     body["checksums"] = True  # every journal record after it has one
@@ -146,6 +147,14 @@ def decode_snapshot(data: bytes) -> Replay:
     if seek[0] and seek[0] - 1 not in done:
         raise ValueError("seek is past a line not done")
     state.seek = (seek[0], seek[1])
+    spent = fields.get("spent", [0.0, 0])  # snapshots before it had none: nothing spent
+    if (
+        not isinstance(spent, list)
+        or len(spent) != 2
+        or not all(isinstance(n, int | float) and not isinstance(n, bool) for n in spent)
+    ):
+        raise ValueError(f"spent is {spent!r}")
+    state.spent_usd, state.spent_tokens = float(spent[0]), int(spent[1])
     partial = fields.get("partial")
     if not isinstance(partial, list):
         raise ValueError("partial is not a list")

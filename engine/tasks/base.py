@@ -29,6 +29,7 @@ finds it), or a kind defined anywhere and passed to ``engine.tasks.register``.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, Protocol, Ty
 import anyio
 
 from engine.cache import generation_of, reply_value, request_key
-from engine.cost import worst_case
+from engine.cost import SPENT, worst_case
 from engine.errors import ModelError
 from engine.http.endpoint import RawEndpoint, asker
 from engine.http.reasoning import cut_off_error
@@ -228,6 +229,9 @@ class Context:
     scope: anyio.CancelScope | None = None  # cancelled once a stop has nothing left to wait for
     cache: ReplyCache | None = None  # replies shared by runs (cache.dir); None: off
     budget: Budget | None = None  # the spend a run may not go past; None: no budget
+    # Per row and model, what its replies took (engine.estimate asks for it; None: off):
+    # {line: {model: [requests, prompt tokens, completion tokens, USD, seconds asking]}}
+    ledger: dict[int, dict[str, list[float]]] | None = None
     _filtering: bool = field(init=False, repr=False)  # any filter rule on: asked once, not per row
     _stopping: bool = field(default=False, init=False, repr=False)
     _in_flight: int = field(default=0, init=False, repr=False)  # requests sent, not yet back
@@ -408,12 +412,15 @@ class RowContext:
             if run._stopping and stored is None:
                 await run._park(self)
         held = None
+        batch = settings.batch is not None  # a batch model is charged at its batch price
         if stored is None and run.budget is not None:
-            held = run.budget.hold(model, *worst_case(messages, params))
+            held = run.budget.hold(model, *worst_case(messages, params), batch=batch)
             if held is None:  # it could take the run past its budget: start no more turns
                 run.stop()
                 await run._park(self)
         cached_tokens = 0
+        spent: float | None = None  # what a sent request cost (journaled: spend survives a kill)
+        began = time.monotonic()
         try:
             if stored is not None:
                 answer = _stored_answer(stored, check)
@@ -422,7 +429,10 @@ class RowContext:
                     counters.cached += 1
                     if settings.price is not None:
                         counters.saved_usd += settings.price.cost(
-                            answer.prompt_tokens, answer.completion_tokens, stored.get("ct", 0)
+                            answer.prompt_tokens,
+                            answer.completion_tokens,
+                            stored.get("ct", 0),
+                            batch=batch,
                         )
             else:
                 asker.set((self.line, key))  # a batch model names the request by it
@@ -450,7 +460,9 @@ class RowContext:
                     replica=completion.replica,
                 )
                 cached_tokens = completion.cached_tokens
-                _count_cost(run, model, completion.prompt_tokens, answer, cached_tokens)
+                spent = _count_cost(
+                    run, model, completion.prompt_tokens, answer, cached_tokens, batch=batch
+                )
                 run.stats.turns_done += 1
         finally:
             if held is not None and run.budget is not None:
@@ -462,10 +474,15 @@ class RowContext:
                 error = cut_off_error(model, params, answer.trace, key.where)
                 await run.writer.record(failure_record(self.line, key, error))
                 raise ModelError(error, retryable=False)
+            record = reply_record(self.line, key, answer)
+            if spent is not None:
+                record[SPENT] = spent  # replay sums it: the spend is exact across a kill
+            if run.ledger is not None:
+                _enter(run.ledger, self.line, model, answer, spent, time.monotonic() - began)
             if last and answer.error is None:
-                self._pending.append(reply_record(self.line, key, answer))
+                self._pending.append(record)
             else:
-                await run.writer.record(reply_record(self.line, key, answer))
+                await run.writer.record(record)
             if stored is None and cache_key is not None and run.cache is not None:
                 # Journaled first (resume stays exact), then in the store for other runs.
                 value = reply_value(
@@ -619,10 +636,13 @@ def _stored_answer(
     )
 
 
-def _count_cost(run: Context, model: str, prompt: int, answer: Answer, cached: int) -> None:
-    """A sent request's cost (at the model's price) and tokens, counted and spent."""
+def _count_cost(
+    run: Context, model: str, prompt: int, answer: Answer, cached: int, *, batch: bool
+) -> float:
+    """A sent request's cost (at the model's price; ``batch``: at its batch price) and
+    tokens, counted and spent; returns the cost (0.0 without a price)."""
     price = run.config.models[model].price
-    usd = price.cost(prompt, answer.completion_tokens, cached) if price is not None else 0.0
+    usd = price.cost(prompt, answer.completion_tokens, cached, batch=batch) if price else 0.0
     counters = run.stats.models.get(model)
     if counters is not None:
         counters.cached_tokens += cached
@@ -631,6 +651,25 @@ def _count_cost(run: Context, model: str, prompt: int, answer: Answer, cached: i
             counters.priced = True
     if run.budget is not None:
         run.budget.spend(usd, prompt + answer.completion_tokens)
+    return usd
+
+
+def _enter(
+    ledger: dict[int, dict[str, list[float]]],
+    line: int,
+    model: str,
+    answer: Answer,
+    spent: float | None,
+    seconds: float,
+) -> None:
+    """One reply in a row's ledger (a cached one costs nothing and takes no time)."""
+    entry = ledger.setdefault(line, {}).setdefault(model, [0, 0, 0, 0.0, 0.0])
+    entry[0] += 1
+    entry[1] += answer.prompt_tokens
+    entry[2] += answer.completion_tokens
+    if spent is not None:
+        entry[3] += spent
+        entry[4] += seconds
 
 
 def usage_of(counts: Iterable[tuple[int, int]]) -> dict[str, int]:
