@@ -191,6 +191,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"resume:     refused: {problem}run with --fresh to start over")
     filtered = f", {state.rows_filtered} filtered" if state.rows_filtered else ""
     print(f"finished:   {done} rows ({state.rows_ok} ok, {state.rows_failed} failed{filtered})")
+    for line in config.kind.status_lines(config):  # the task's own (a judge's flip rate)
+        print(line)
     print(f"in progress: {len(state.partial)} rows, {state.work_records} replies journaled")
     if total is not None:
         print(f"remaining:  {max(0, total - done)} rows ({100 * done / max(total, 1):.1f}% done)")
