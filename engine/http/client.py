@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import anyio
@@ -24,7 +24,7 @@ import orjson
 from anyio.abc import TaskGroup
 
 from engine.errors import ModelError
-from engine.http.endpoint import Completion, EndpointStatistics
+from engine.http.endpoint import Completion, EndpointStatistics, RawReply
 from engine.http.ratelimit import estimate_tokens, per_minute
 from engine.http.reasoning import DEFAULT_DIALECT, Dialect, is_empty, split_reply
 from engine.http.replicas import Replica, ReplicaPool
@@ -58,6 +58,16 @@ NOT_FOUND_IN_ROW = 5  # 404s to this many requests in a row, none answered: the 
 _READ_CHUNK = 1 << 16  # a reply of unknown length is read this much at a time, up to the limit
 PROBE_FIRST_S = 0.25  # an out replica is probed after this, then twice as long each time,
 PROBE_MAX_S = 2.0  # up to this: a server back from a restart is used again within 2 s
+
+
+class _Counted(Protocol):
+    """What a successful attempt returns, as the retry loop reads it."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+_R = TypeVar("_R", bound=_Counted)
 
 
 class HttpEndpoint:
@@ -111,6 +121,8 @@ class HttpEndpoint:
             affinity=settings.affinity,
         )
         self._chat_urls = [endpoint(url, "/chat/completions") for url in urls]
+        self._base_urls = urls
+        self._raw_urls: dict[str, list[str]] = {}  # post()'s path -> its URL on each replica
         self._free_max = self.FREE_ATTEMPTS * len(urls)
         self._sleep = sleep
         self._clock = clock
@@ -272,7 +284,28 @@ class HttpEndpoint:
         failure is permanent or the retries are spent, and one with ``model_down`` set
         when the model is down or refuses every request (not this request's doing).
         """
-        body = self.request_body(messages, extra)
+        return await self._request(self.request_body(messages, extra), self._post, prefer)
+
+    async def post(self, path: str, body: bytes, *, prefer: int | None = None) -> RawReply:
+        """``body`` POSTed as it is to ``path`` under each replica's base URL (a batch
+        file's ``/completions`` or ``/embeddings`` line, say): capped, spread, retried
+        and counted exactly as ``complete``. A 200 must carry a JSON object (else it is
+        retried, as a broken completion is); its usage is counted where it reports one.
+        """
+        urls = self._raw_urls.get(path)
+        if urls is None:
+            urls = self._raw_urls[path] = [endpoint(url, path) for url in self._base_urls]
+
+        async def send(replica: Replica, body: bytes) -> RawReply:
+            return await self._post_raw(urls[replica.index], replica, body)
+
+        return await self._request(body, send, prefer)
+
+    async def _request(
+        self, body: bytes, send: Callable[[Replica, bytes], Awaitable[_R]], prefer: int | None
+    ) -> _R:
+        """``send(replica, body)`` on a replica's slot until it succeeds: the retry loop of
+        ``complete`` and ``post`` (see the class's docstring for what is charged)."""
         paced = self._requests is not None or self._tokens is not None
         estimate = estimate_tokens(len(body), self._max_tokens) if paced else 0
         spent = free = outage = attempts = counted = 0
@@ -291,7 +324,7 @@ class HttpEndpoint:
             epoch = replica.epoch
             attempts += 1
             try:
-                completion = await self._post(replica, body)
+                completion = await send(replica, body)
             except ModelError as exc:
                 error = exc
             else:
@@ -464,10 +497,31 @@ class HttpEndpoint:
             await self._sleep(wait)
 
     async def _post(self, replica: Replica, body: bytes) -> Completion:
+        raw, latency = await self._exchange(self._chat_urls[replica.index], replica, body)
+        completion = parse_completion(raw, latency, replica.index, self._dialect)
+        stats = self.stats
+        stats.ok += 1
+        stats.prompt_tokens += completion.prompt_tokens
+        stats.completion_tokens += completion.completion_tokens
+        stats.reasoning_tokens += completion.reasoning_tokens
+        stats.latency.add(latency)
+        return completion
+
+    async def _post_raw(self, url: str, replica: Replica, body: bytes) -> RawReply:
+        raw, latency = await self._exchange(url, replica, body)
+        reply = parse_raw(raw, latency, replica.index)
+        stats = self.stats
+        stats.ok += 1
+        stats.prompt_tokens += reply.prompt_tokens
+        stats.completion_tokens += reply.completion_tokens
+        stats.latency.add(latency)
+        return reply
+
+    async def _exchange(self, url: str, replica: Replica, body: bytes) -> tuple[bytes, float]:
+        """One HTTP attempt: the 200 body and its latency, else the ModelError it is."""
         session = self._session
         if session is None:
             session = self._require_session()  # raises
-        url = self._chat_urls[replica.index]
         stats = self.stats
         stats.requests += 1
         replica.stats.requests += 1
@@ -518,13 +572,7 @@ class HttpEndpoint:
                 retry_after=parse_retry_after(retry_after, time.time()),
                 kind=kind,
             )
-        completion = parse_completion(raw, latency, replica.index, self._dialect)
-        stats.ok += 1
-        stats.prompt_tokens += completion.prompt_tokens
-        stats.completion_tokens += completion.completion_tokens
-        stats.reasoning_tokens += completion.reasoning_tokens
-        stats.latency.add(latency)
-        return completion
+        return raw, latency
 
 
 def endpoint(base_url: str, path: str) -> str:
@@ -602,6 +650,29 @@ def parse_completion(
         traces,
         reasoning_tokens,
     )
+
+
+def parse_raw(raw: bytes, latency_s: float = 0.0, replica: int = 0) -> RawReply:
+    """A 200 body of a raw request: a JSON object (else retryable, as a broken
+    completion is), with the usage it reports."""
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ModelError(
+            f"HTTP 200 with a body that is not JSON: {_snippet(raw)!r}", retryable=True, kind=FLAKY
+        ) from exc
+    if not isinstance(data, dict):
+        raise ModelError(
+            f"HTTP 200 with a body that is not a JSON object: {_snippet(raw)!r}",
+            retryable=True,
+            kind=FLAKY,
+        )
+    usage = data.get("usage")
+    prompt_tokens = completion_tokens = 0
+    if isinstance(usage, dict):
+        prompt_tokens = _int(usage.get("prompt_tokens"))
+        completion_tokens = _int(usage.get("completion_tokens"))
+    return RawReply(200, raw, data, prompt_tokens, completion_tokens, latency_s, replica)
 
 
 def _int(value: object) -> int:

@@ -17,6 +17,11 @@ and any other key, a string of the task's own::
 
 Every reply record adds ``"r"`` (its reasoning trace, except a rating's) and
 ``"n"`` (reasoning tokens) when it has them.
+
+A raw reply (``RowContext.send``: a body sent as it is, the reply kept whole) is
+its own kind, under a string key of the task's::
+
+    "<key>"           {"k": "q",  "l", "key", "s", "b", "p", "o"}   (status, body)
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 TURN, TRY, SAMPLE, SAMPLE_FAILED, RATING, OWN = "t", "gg", "g", "ge", "r", "a"
+RAW = "q"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +106,46 @@ class Answer:
         return not self.text and self.finish_reason == "length" and self.trace is not None
 
 
+@dataclass(frozen=True, slots=True)
+class RawAnswer:
+    """One raw reply as a task sees it: the server's status and its body, parsed."""
+
+    status: int
+    body: dict[str, Any]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    replica: int | None = None  # which server answered; None for a journaled reply
+
+
+def raw_slot(key: str) -> tuple[str, Any]:
+    """Where a raw reply's record sits in a row's replayed records."""
+    return RAW, key
+
+
+def raw_record(line: int, key: str, answer: RawAnswer) -> dict[str, Any]:
+    """The journal record of a raw reply (the module docstring's layout)."""
+    return {
+        "k": RAW,
+        "l": line,
+        "key": key,
+        "s": answer.status,
+        "b": answer.body,
+        "p": answer.prompt_tokens,
+        "o": answer.completion_tokens,
+    }
+
+
+def raw_answer_of(record: dict[str, Any]) -> RawAnswer:
+    """A journaled raw reply, as it was handed back when it landed."""
+    status, body = record.get("s"), record.get("b")
+    return RawAnswer(
+        status=status if isinstance(status, int) and not isinstance(status, bool) else 200,
+        body=body if isinstance(body, dict) else {},
+        prompt_tokens=_count(record.get("p")),
+        completion_tokens=_count(record.get("o")),
+    )
+
+
 def slot_of(key: Key) -> tuple[str, Any]:
     """Where a key's reply sits in a row's replayed records."""
     if isinstance(key, Turn):
@@ -150,6 +196,8 @@ def _slot_of_record(record: dict[str, Any]) -> tuple[str, Any] | None:
         return RATING, record["a"]
     if kind == OWN and isinstance(record.get("key"), str):
         return OWN, record["key"]
+    if kind == RAW and isinstance(record.get("key"), str) and isinstance(record.get("b"), dict):
+        return RAW, record["key"]
     return None
 
 

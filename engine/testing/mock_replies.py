@@ -508,3 +508,109 @@ def context_overflow(request: ChatRequest, context_tokens: int | None) -> str | 
 def error_body(message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
     """An OpenAI-style error object."""
     return {"error": {"message": message, "type": kind, "param": None, "code": None}}
+
+
+# -- /v1/completions and /v1/embeddings (a batch file's other urls) ---------------------
+
+EMBEDDING_DIMS = 8  # the mock's embeddings, unless the request asks for `dimensions`
+
+
+def _model_of(body: object) -> str:
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' must be a non-empty string")
+    return model
+
+
+def _texts(body: dict[str, Any], key: str) -> list[str]:
+    """``body[key]`` as a list of strings: one string, or a non-empty list of them."""
+    value = body.get(key)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise BadRequest(f"'{key}' must be a string or a non-empty list of strings")
+
+
+def raw_request_key(path: str, body: object) -> str:
+    """``requests_by_key``'s key for a request to ``path`` other than chat completions."""
+    return f"{path} {hashlib.sha256(orjson.dumps(body)).hexdigest()[:16]}"
+
+
+def text_for(model: str, prompt: str, choice: int = 0) -> str:
+    """The mock's completion of ``prompt``: ``[{model}] completes: {snippet} #{digest}``."""
+    snippet = " ".join(prompt.split())[:40]
+    digest = hashlib.sha256(orjson.dumps([model, prompt, choice, "text"])).hexdigest()[:12]
+    return f"[{model}] completes: {snippet} #{digest}"
+
+
+def text_completion_body(body: object, *, completion_id: str, created: int) -> dict[str, Any]:
+    """The ``text_completion`` object answering a ``/v1/completions`` request (``n``
+    choices per prompt, ``max_tokens`` cutting words); BadRequest for an unusable body."""
+    model = _model_of(body)
+    assert isinstance(body, dict)
+    prompts = _texts(body, "prompt")
+    n, max_tokens = body.get("n", 1), body.get("max_tokens")
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise BadRequest(f"'n' must be an integer from 1 to {MAX_N}")
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
+        raise BadRequest("'max_tokens' must be a positive integer")
+    choices = []
+    completion_tokens = 0
+    for p, prompt in enumerate(prompts):
+        for c in range(n):
+            text, reason = text_for(model, prompt, c), "stop"
+            if max_tokens is not None:
+                text, cut = truncate_words(text, max_tokens)
+                reason = "length" if cut else reason
+            completion_tokens += count_words(text)
+            choices.append(
+                {"index": p * n + c, "text": text, "logprobs": None, "finish_reason": reason}
+            )
+    prompt_count = sum(count_words(prompt) for prompt in prompts)
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_count,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_count + completion_tokens,
+        },
+    }
+
+
+def embedding_for(model: str, text: str, dims: int = EMBEDDING_DIMS) -> list[float]:
+    """The mock's embedding of ``text``: ``dims`` numbers in [-1, 1) from its digest."""
+    values: list[float] = []
+    block = 0
+    while len(values) < dims:
+        digest = hashlib.sha256(orjson.dumps([model, text, block])).digest()
+        values += [(b - 128) / 128 for b in digest]
+        block += 1
+    return values[:dims]
+
+
+def embeddings_body(body: object) -> dict[str, Any]:
+    """The ``list`` of embeddings answering a ``/v1/embeddings`` request (``dimensions``
+    long, else ``EMBEDDING_DIMS``); BadRequest for an unusable body."""
+    model = _model_of(body)
+    assert isinstance(body, dict)
+    texts = _texts(body, "input")
+    dims = body.get("dimensions", EMBEDDING_DIMS)
+    if not _is_int(dims) or not 1 <= dims <= 4096:
+        raise BadRequest("'dimensions' must be an integer from 1 to 4096")
+    tokens = sum(count_words(text) for text in texts)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": embedding_for(model, text, dims)}
+            for i, text in enumerate(texts)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
