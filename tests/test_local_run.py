@@ -392,3 +392,38 @@ async def test_a_generate_run_with_a_schema_on_the_built_in_model(tmp_path: Path
         assert isinstance(generation["question"], str) and generation["question"].strip()
         assert isinstance(generation["answer"], str)
         assert row["model"] == "SmolLM2-135M-Instruct"
+
+
+async def test_the_judge_filter_scores_real_dialogues_with_the_built_in_model(
+    tmp_path: Path,
+) -> None:
+    write_jsonl(tmp_path / "in.jsonl", CHATS)
+    judge = {
+        "base_url": "local",
+        "max_concurrency": 3,
+        "timeout_s": 120,
+        "params": {"temperature": 0.0, "max_tokens": 96, "seed": 1},
+        "local": {"ctx_size": 2048, "threads": 2},
+    }
+    config = local_config(tmp_path, filters={"judge": {"model": "judge", "min_score": 5}})
+    raw = yaml.safe_load(config.read_text())
+    raw["models"]["judge"] = judge
+    config.write_text(yaml.safe_dump(raw))
+
+    result = await turnstile("run", str(config), "--quiet")
+
+    assert result.returncode == 0, result.stderr
+    kept = read_jsonl(tmp_path / "out" / "distilled.jsonl")
+    filtered = read_jsonl(tmp_path / "out" / "distilled.filtered.jsonl")
+    assert len(kept) + len(filtered) == len(CHATS)
+    for row in kept:
+        score = row["quality"]["score"]
+        # A 135M judge may miss the format twice: the row is kept, with why.
+        assert score is None or 5 <= score <= 10, row["quality"]
+        assert isinstance(row["quality"]["reason"], str)
+    for row in filtered:
+        assert 1 <= row["quality"]["score"] < 5 and row["filter"].startswith("judge: scored")
+    # Its cost: one or two requests a row (a reply that does not fit is asked again once).
+    sent = re.search(r"filters\.judge: (\d+) requests", result.stderr)
+    assert sent is not None, result.stderr
+    assert len(CHATS) <= int(sent.group(1)) <= 2 * len(CHATS)
