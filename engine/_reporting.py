@@ -64,13 +64,16 @@ def checkpoint_totals(config: RunConfig) -> dict[str, object]:
     files = (config.output, config.failed_output, config.filtered_output)
     sizes = [path.stat().st_size if path.exists() else 0 for path in files]
     state = load(config.checkpoint_dir, *sizes)
-    return {
+    totals: dict[str, object] = {
         "rows ok": state.rows_ok,
         "rows failed": state.rows_failed,
         "rows filtered": state.rows_filtered,
         "replies journaled": state.work_records,
         "rows in progress": len(state.partial),
     }
+    if state.spent_tokens:  # the paid replies of every run, from the journal
+        totals["spent (every run)"] = f"${state.spent_usd:.4f}, {state.spent_tokens:,} tokens"
+    return totals
 
 
 def _totals(stats: RunStats, elapsed_s: float | None) -> dict[str, object]:
@@ -97,4 +100,13 @@ def _totals(stats: RunStats, elapsed_s: float | None) -> dict[str, object]:
         totals[f"{name}: retries, failures"] = f"{m.retries}, {m.failures}"
         if m.reasoning_tokens:
             totals[f"{name}: reasoning tokens"] = m.reasoning_tokens
+        if m.priced:
+            totals[f"{name}: cost (this run)"] = f"${m.cost_usd:.4f}"
+        if m.cached:
+            saved = f" (saved ${m.saved_usd:.4f})" if m.priced else ""
+            totals[f"{name}: answered from the reply cache"] = f"{m.cached}{saved}"
+    if stats.cost_usd is not None:
+        totals["cost (this run, every model)"] = f"${stats.cost_usd:.4f}"
+    if stats.cached:
+        totals["answered from the reply cache (this run)"] = stats.cached
     return totals

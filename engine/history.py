@@ -134,6 +134,11 @@ class History:
             "prompt_tokens": m.prompt_tokens,
             "completion_tokens": m.completion_tokens,
             "reasoning_tokens": m.reasoning_tokens,
+            # USD at the model's price (None: it has none); the reply cache's answers
+            # (not sent) and what they would have cost.
+            "cost_usd": round(m.cost_usd, 9) if m.priced else None,
+            "cached": m.cached,
+            "saved_usd": round(m.saved_usd, 9) if m.priced else None,
             "in_flight": m.in_flight,
             "limit": m.limit,
             "cap": m.cap,

@@ -114,7 +114,24 @@ def _model_families(stats: RunStats) -> Iterator[Metric]:
         "A batch model's batches (models.X.batch): running now, done (read back) this run",
         labels=["model", "state"],
     )
+    cost = CounterMetricFamily(
+        "turnstile_cost_usd",
+        "USD the model's requests cost, from the usage the server reported, at its price "
+        "(models.X.price); 0 for a model without one",
+        labels=["model"],
+    )
+    cached = CounterMetricFamily(
+        "turnstile_cached",
+        "Requests answered from the reply cache (cache.dir), not sent",
+        labels=["model"],
+    )
+    saved = CounterMetricFamily(
+        "turnstile_saved_usd", "USD the reply cache's answers would have cost", labels=["model"]
+    )
     for name, m in stats.models.items():
+        cost.add_metric([name], m.cost_usd)
+        cached.add_metric([name], m.cached)
+        saved.add_metric([name], m.saved_usd)
         if m.batch:
             batches.add_metric([name, "running"], m.batches_running)
             batches.add_metric([name, "done"], m.batches_done)
@@ -134,7 +151,7 @@ def _model_families(stats: RunStats) -> Iterator[Metric]:
         ]
         buckets.append(("+Inf", m.latency.count))
         latency.add_metric([name], buckets, sum_value=m.latency.total_s)
-    yield from (requests, tokens, in_flight, limit, up, latency, batches)
+    yield from (requests, tokens, in_flight, limit, up, latency, batches, cost, cached, saved)
 
 
 @contextmanager

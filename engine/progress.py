@@ -91,6 +91,7 @@ def status_line(stats: RunStats, elapsed: float) -> str:
         f"rows {stats.rows_done}/{total} ({stats.rows_failed} failed)",
         f"turns {_turns(stats)} ({_num(_rate(stats.turns_done, elapsed))}/s)",
         f"tokens {_num(tokens)} ({_num(_rate(stats.completion_tokens, elapsed))} out/s)",
+        *([cost] if (cost := cost_text(stats)) else []),
     ]
     for m in stats.models.values():
         limit = f" limit {m.limit}" if m.limit is not None and m.limit != m.cap else ""
@@ -101,6 +102,23 @@ def status_line(stats: RunStats, elapsed: float) -> str:
             f"{m.name}: {flight}, {m.retries} retries, {m.failures} failures" + _replicas_line(m)
         )
     return " | ".join(parts)
+
+
+def cost_text(stats: RunStats) -> str:
+    """'cost $X (Y cached, saved $Z)': what the run's requests cost at the models' prices
+    and what the reply cache answered (free: what those would have cost); '' for a run
+    with neither."""
+    models = stats.models.values()
+    cost = stats.cost_usd
+    saved = sum(m.saved_usd for m in models if m.priced)
+    parts = []
+    if cost is not None:
+        parts.append(f"cost ${cost:.4f}")
+    if stats.cached:
+        parts.append(
+            f"{stats.cached} cached" + (f", saved ${saved:.4f}" if cost is not None else "")
+        )
+    return ", ".join(parts)
 
 
 def batches_text(m: ModelStats) -> str:
@@ -189,6 +207,7 @@ def _panel(stats: RunStats, elapsed: float) -> Group:
         + f" ({_rate(stats.turns_done, elapsed):.1f}/s)"
         + f"  tokens {_num(stats.prompt_tokens + stats.completion_tokens)}"
         + f" ({_rate(stats.completion_tokens, elapsed):.0f} out/s)"
+        + (f"  {cost}" if (cost := cost_text(stats)) else "")
     )
     table = Table(box=None, pad_edge=False)
     for column in ("model", "in flight", "limit", "state", "requests", "retries", "failures"):
@@ -250,6 +269,8 @@ def summary(outcome: Outcome) -> str:
         f"({_rate(stats.completion_tokens, elapsed):.1f} completion tokens/s)"
         + (f", {stats.reasoning_tokens} of them reasoning" if stats.reasoning_tokens else ""),
     ]
+    if cost_text(stats):
+        lines.append(cost_text(stats))
     if stats.filtered_by_rule:
         counts = ", ".join(f"{rule} {n}" for rule, n in sorted(stats.filtered_by_rule.items()))
         lines.append(f"filtered this run, by rule: {counts}")
@@ -268,6 +289,9 @@ def summary(outcome: Outcome) -> str:
             + batches_text(m)
             + (f", {m.resent} re-sent after server failures" if m.resent else "")
             + (f", {m.reasoning_tokens} reasoning tokens" if m.reasoning_tokens else "")
+            + (f", ${m.cost_usd:.4f}" if m.priced else "")
+            + (f", {m.cached} cached" if m.cached else "")
+            + (f" (saved ${m.saved_usd:.4f})" if m.cached and m.priced else "")
         )
         if len(m.replicas) > 1:
             for r in m.replicas:

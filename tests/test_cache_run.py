@@ -5,15 +5,22 @@ runs share one store at once; a read-only store adds nothing; a budget stops a r
 from __future__ import annotations
 
 import asyncio
+import re
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
+from engine import progress
 from engine.cache import ReplyStore
-from engine.errors import EXIT_BUDGET, EXIT_STOPPED
+from engine.errors import EXIT_BUDGET
+from engine.history import HISTORY_NAME
+from engine.metrics import RunCollector
+from engine.stats import ModelStats, RunStats
 from engine.testing.mock_server import MockServer
-from tests.conftest import read_jsonl, turnstile, write_config, write_jsonl
+from tests.conftest import kill_after, read_jsonl, turnstile, write_config, write_jsonl
 
 
 def row(i: int, turns: int = 3, changed_at: int | None = None) -> dict[str, Any]:
@@ -115,9 +122,7 @@ async def test_a_budget_stops_the_run_with_exit_4_and_a_raised_one_resumes_it(
         budget={"max_tokens": 800},
     )
     stopped = await turnstile("run", str(path))
-    # 4 once engine/executors/launch.py maps the error through errors.exit_code_of
-    # (its `return EXIT_STOPPED` for a TurnstileError; that file is being reworked).
-    assert stopped.returncode in (EXIT_BUDGET, EXIT_STOPPED), stopped.stderr
+    assert stopped.returncode == EXIT_BUDGET, stopped.stderr
     assert "budget.max_tokens 800" in stopped.stderr and "run `turnstile run" in stopped.stderr
     assert mock.stats.total_requests < 60
     raw = yaml.safe_load(path.read_text())
@@ -131,3 +136,84 @@ async def test_a_budget_stops_the_run_with_exit_4_and_a_raised_one_resumes_it(
         return {r["id"]: r["messages"] for r in read_jsonl(tmp_path / f"out/{name}.jsonl")}
 
     assert texts("paid") == texts("ref")
+
+
+async def test_a_sigkill_while_replies_are_stored_leaves_a_whole_store_that_answers_a_rerun(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    write_jsonl(tmp_path / "in.jsonl", [row(i, turns=1) for i in range(600)])
+    path = config(tmp_path, mock.base_url, "killed", store, models=_teacher(mock, cap=32))
+    killed = await kill_after(mock, 300, "run", str(path))  # mid-way through the writes
+    assert killed.returncode < 0
+    sent = mock.stats.total_requests
+    assert sent < 600
+
+    reader = ReplyStore(store)
+    db = sqlite3.connect(reader.path)
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    kept = db.execute("SELECT key, reply FROM replies").fetchall()
+    db.close()
+    assert 0 < len(kept) <= sent
+    for _key, reply in kept:  # every entry whole: a reply that decodes, with its tokens
+        value = orjson.loads(reply)
+        assert value["c"] and value["p"] > 0 and value["o"] > 0
+
+    mock.reset()
+    again = config(tmp_path, mock.base_url, "again", store)
+    done = await turnstile("run", str(again))
+    assert done.returncode == 0, done.stderr
+    assert mock.stats.total_requests == 600 - len(kept)  # the rest from the store
+    assert ReplyStore(store).count() == 600
+    assert len(read_jsonl(tmp_path / "out/again.jsonl")) == 600
+
+
+def _teacher(mock: MockServer, *, cap: int) -> dict[str, Any]:
+    return {
+        "teacher": {
+            "base_url": mock.base_url,
+            "model": "mock",
+            "max_concurrency": cap,
+            "params": {"temperature": 0.0},
+        }
+    }
+
+
+async def test_cost_and_cache_hits_show_in_the_summary_metrics_history_and_report(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    write_jsonl(tmp_path / "in.jsonl", [row(i, turns=2) for i in range(10)])
+    priced = _teacher(mock, cap=4)
+    priced["teacher"]["price"] = {"input": 1.0, "output": 2.0}
+    first = await turnstile("run", str(config(tmp_path, mock.base_url, "p1", store, models=priced)))
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"^cost \$0\.\d{4}$", first.stderr, re.M), first.stderr
+    assert re.search(r"model teacher: .*, \$0\.\d{4}", first.stderr)
+
+    path = config(tmp_path, mock.base_url, "p2", store, models=priced)
+    second = await turnstile("run", str(path))
+    assert second.returncode == 0, second.stderr
+    # Every reply from the store: nothing spent, what it saved shown.
+    assert re.search(r"^cost \$0\.0000, 20 cached, saved \$0\.\d{4}$", second.stderr, re.M)
+    assert "20 cached (saved $" in second.stderr
+
+    history = [
+        orjson.loads(line)
+        for line in (tmp_path / "ck-p2" / HISTORY_NAME).read_bytes().splitlines()
+        if line.strip()
+    ]
+    teacher = history[-1]["models"]["teacher"]
+    assert teacher["cached"] == 20 and teacher["cost_usd"] == 0 and teacher["saved_usd"] > 0
+    page = (tmp_path / "ck-p2" / "report.html").read_text()
+    assert "answered from the reply cache" in page and "Spend so far" in page
+
+    stats = RunStats(cached=20)
+    stats.models["teacher"] = ModelStats(
+        name="teacher", cap=4, cached=20, cost_usd=0.5, saved_usd=0.25, priced=True
+    )
+    families = {f.name: f for f in RunCollector(lambda: stats).collect()}
+    assert [s.value for s in families["turnstile_cost_usd"].samples] == [0.5]
+    assert families["turnstile_cost_usd"].samples[0].labels == {"model": "teacher"}
+    assert [s.value for s in families["turnstile_cached"].samples] == [20]
+    assert "cost $0.5000, 20 cached, saved $0.2500" in progress.status_line(stats, 1.0)

@@ -173,10 +173,26 @@ def _throughput(samples: Sequence[Sample], axis: Axis) -> list[Panel]:
     reasoning = _rate(samples, axis, _summed(samples, "reasoning_tokens"))
     if any(reasoning):
         tokens.append(Line("reasoning tokens/s", PALETTE[2], reasoning, DASHED))
-    return [
+    panels = [
         Panel("Turns per second", "turns/s", _drawn([Line("turns/s", PALETTE[0], turns)])),
         Panel("Tokens per second, every model", "tokens/s", _drawn(tokens)),
     ]
+    # What the run spent at the models' prices, and what the reply cache saved (both
+    # cumulative within a run); no panel for a run without prices or a cache.
+    spend = _drawn(
+        [
+            Line("cost, USD", PALETTE[0], axis.align(_summed(samples, "cost_usd"))),
+            Line(
+                "saved by the cache, USD",
+                PALETTE[1],
+                axis.align(_summed(samples, "saved_usd")),
+                DASHED,
+            ),
+        ]
+    )
+    if spend:
+        panels.append(Panel("Spend so far, every model (this run)", "USD", spend))
+    return panels
 
 
 def _in_flight(samples: Sequence[Sample], axis: Axis, names: list[str]) -> list[Panel]:

@@ -57,6 +57,9 @@ class ModelSample(NamedTuple):
     p95: float | None
     replicas: tuple[ReplicaSample, ...]
     reasoning_tokens: float | None = None  # part of completion_tokens (histories before: absent)
+    cost_usd: float | None = None  # at the model's price, this run (None: no price, or older)
+    cached: float | None = None  # answered from the reply cache, this run
+    saved_usd: float | None = None  # what those would have cost
 
 
 class Sample(NamedTuple):

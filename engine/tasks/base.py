@@ -428,6 +428,7 @@ class RowContext:
                 if counters is not None:
                     counters.cached += 1
                     if settings.price is not None:
+                        counters.priced = True  # it costs $0, and that is worth showing
                         counters.saved_usd += settings.price.cost(
                             answer.prompt_tokens,
                             answer.completion_tokens,
