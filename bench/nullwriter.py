@@ -19,6 +19,7 @@ import anyio.lowlevel
 import orjson
 
 from engine.checkpoint import writer as checkpoint_writer
+from engine.checkpoint.checkpoint import Checkpoint
 from engine.checkpoint.journal import encode
 
 
@@ -49,12 +50,25 @@ class NullWriter(checkpoint_writer.Writer):
         await anyio.lowlevel.checkpoint()
 
 
-def main(argv: list[str]) -> int:
-    import engine._runner
-    from engine.cli import main as cli
+class NullCheckpoint(Checkpoint):
+    """The run's checkpoint, with the writer above: handed to the run, nothing patched."""
 
-    engine._runner.Writer = NullWriter  # type: ignore[attr-defined]
-    return cli(["run", argv[0], "--quiet"])
+    writer_type = NullWriter
+
+
+def main(argv: list[str]) -> int:
+    from engine import progress
+    from engine.cli import main as cli
+    from engine.config import load_config
+    from engine.executors.launch import run_command
+    from engine.executors.local import LocalExecutor
+
+    if len(argv) != 1:
+        return cli(["run", *argv])  # its usage error
+    progress.log_to_console()
+    config = load_config(argv[0])
+    executor = LocalExecutor(config, checkpoint=NullCheckpoint.of(config))
+    return run_command(config, fresh=False, quiet=True, executor=executor)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import anyio
-
-from engine import progress
-from engine._reporting import write_run_report
-from engine._runner import announce, execute, prepare, run_loop
+from engine._runner import run_loop
 from engine.config import RunConfig, load_config, parse_config
-from engine.errors import ExecutorError
-from engine.stats import Outcome, Summary
+from engine.stats import Summary
 
 ConfigLike = str | Path | Mapping[str, Any] | RunConfig
 
@@ -50,29 +45,9 @@ async def arun(config: ConfigLike, *, fresh: bool = False, progress_log: bool = 
     ``fresh`` discards the checkpoint and output first. ``progress_log`` logs a
     progress line every ``progress_interval_s`` (to the ``turnstile`` logger).
     """
-    cfg = load(config)
-    if cfg.executor.kind == "ray":
-        # The driver runs its own event loop (and Ray's blocking calls): a thread of its own.
-        sharded = functools.partial(_run_sharded, cfg, fresh=fresh, progress_log=progress_log)
-        return await anyio.to_thread.run_sync(sharded)
-    task = cfg.kind.build(cfg)
-    lock, state, resumed, source = await anyio.to_thread.run_sync(
-        functools.partial(prepare, cfg, fresh=fresh)
-    )
-    try:
-        announce(cfg, state, resumed=resumed)
-        display = progress.Display(cfg.progress_interval_s, live=False, quiet=not progress_log)
-        try:
-            outcome = await execute(
-                cfg, task, state, source=source, resumed=resumed, display=display
-            )
-        except BaseException:
-            await anyio.to_thread.run_sync(write_run_report, cfg)
-            raise
-    finally:
-        lock.close()
-    await anyio.to_thread.run_sync(write_run_report, cfg, outcome.stats, outcome.elapsed_s)
-    return Summary.of(outcome, cfg.output, cfg.failed_output, cfg.filtered_output)
+    from engine.executors import launch
+
+    return await launch.arun(load(config), fresh=fresh, progress_log=progress_log)
 
 
 def run(config: ConfigLike, *, fresh: bool = False, progress_log: bool = False) -> Summary:
@@ -82,29 +57,9 @@ def run(config: ConfigLike, *, fresh: bool = False, progress_log: bool = False) 
     errors of ``engine.errors``; never exits the process.
     """
     cfg = load(config)
-    if cfg.executor.kind == "ray":
-        return _run_sharded(cfg, fresh=fresh, progress_log=progress_log)
     return run_loop(
         functools.partial(arun, cfg, fresh=fresh, progress_log=progress_log), uvloop=cfg.uvloop
     )
-
-
-def _run_sharded(cfg: RunConfig, *, fresh: bool, progress_log: bool) -> Summary:
-    """``executor: ray``: the shards on a Ray cluster, then the merge (engine.executors)."""
-    from engine.executors.ray_run import prepare_sharded, run_sharded
-
-    lock, plan, resumed = prepare_sharded(cfg, fresh=fresh, shards=cfg.executor.shards)
-    try:
-        display = progress.Display(cfg.progress_interval_s, live=False, quiet=not progress_log)
-        outcome = run_sharded(cfg, plan, display=display, signals=False, resumed=resumed)
-    finally:
-        lock.close()
-    write_run_report(cfg, outcome.stats, outcome.elapsed_s)
-    if outcome.failed_shards:
-        failed = ", ".join(f"{i} ({error})" for i, error in sorted(outcome.failed_shards.items()))
-        raise ExecutorError(f"shards failed: {failed}; the others are done: run again to retry")
-    done = Outcome(stats=outcome.stats, elapsed_s=outcome.elapsed_s, resumed=resumed)
-    return Summary.of(done, cfg.output, cfg.failed_output, cfg.filtered_output)
 
 
 def export(

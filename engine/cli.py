@@ -18,131 +18,68 @@ from pathlib import Path
 
 from engine import progress
 from engine._reporting import write_run_report
-from engine._runner import announce, execute, prepare, run_loop
 from engine.checkpoint.checkpoint import Checkpoint
 from engine.checkpoint.journal import repair as repair_journal
 from engine.checkpoint.journal import segments
 from engine.checkpoint.manifest import has_checksums, lock_checkpoint, read_manifest
 from engine.checkpoint.snapshot import read_snapshot, tail_segments
 from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_ROWS
-from engine.config import EXECUTORS, RunConfig, load_config
-from engine.crash import crash_report, write_crash_log
+from engine.config import RunConfig, load_config
+from engine.crash import crash_report
 from engine.errors import (
     EXIT_CRASHED,
-    EXIT_FAILED_ROWS,
     EXIT_OK,
     EXIT_STOPPED,
     EXIT_UNUSABLE,
     CheckpointError,
     ConfigError,
-    InputError,
     TurnstileError,
 )
+from engine.executors.launch import run_command
+from engine.executors.registry import names as executor_names
 from engine.executors.shards import is_sharded
 from engine.input.sources import open_source
-from engine.redact import model_secrets
-from engine.stats import Outcome
 
 
 def _load(path: str, *, check_env: bool = True) -> RunConfig | None:
     try:
         return load_config(path, check_env=check_env)
     except ConfigError as exc:
-        print(f"{path}: {len(exc.problems)} problem(s) in the config:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
+        _problems(path, exc)
         return None
+
+
+def _problems(path: str, exc: ConfigError) -> int:
+    print(f"{path}: {len(exc.problems)} problem(s) in the config:", file=sys.stderr)
+    for problem in exc.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return EXIT_UNUSABLE
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_UNUSABLE
-    config = _overrides(config, args)
-    if config.executor.kind == "ray":
-        from engine.executors.command import run_command
-
-        return run_command(config, fresh=args.fresh, quiet=args.quiet)
-    if is_sharded(config.checkpoint_dir):
-        print(
-            f"error: {config.checkpoint_dir} holds a sharded run (executor: ray); resume it "
-            "with executor: ray (or --executor ray), or run with --fresh to start over",
-            file=sys.stderr,
-        )
-        return EXIT_UNUSABLE
-    task = config.kind.build(config)
     try:
-        lock, state, resumed, source = prepare(config, fresh=args.fresh)
-    except (CheckpointError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
-    try:
-        announce(config, state, resumed=resumed)
-        display = progress.Display(config.progress_interval_s, quiet=args.quiet)
-
-        async def main() -> Outcome:
-            return await execute(
-                config,
-                task,
-                state,
-                source=source,
-                resumed=resumed,
-                display=display,
-                signals=True,
-                snapshot_every_rows=args.snapshot_every_rows,
-            )
-
-        try:
-            outcome = run_loop(main, uvloop=config.uvloop)
-        except TurnstileError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            write_run_report(config)
-            return EXIT_STOPPED
-        except Exception as exc:  # a bug: say so, keep the traceback, leave it resumable
-            write_run_report(config)
-            return _crashed(exc, config)
-    finally:
-        lock.close()
-    report = write_run_report(config, outcome.stats, outcome.elapsed_s)
-    print(progress.summary(outcome), file=sys.stderr)
-    if report is not None:
-        print(f"report: {report}", file=sys.stderr)
-    if outcome.interrupted_by is not None:
-        progress.log.info(f"stopped; run `turnstile run {args.config}` again to resume")
-        return 128 + outcome.interrupted_by
-    if outcome.stats.rows_failed:
-        progress.log.info(f"{outcome.stats.rows_failed} rows failed: see {config.failed_output}")
-        return EXIT_FAILED_ROWS
-    progress.log.info(f"done: {config.output}")
-    return EXIT_OK
+        config = _overrides(config, args)
+    except ConfigError as exc:
+        return _problems(args.config, exc)
+    return run_command(
+        config, fresh=args.fresh, quiet=args.quiet, snapshot_every_rows=args.snapshot_every_rows
+    )
 
 
 def _overrides(config: RunConfig, args: argparse.Namespace) -> RunConfig:
     """--executor, --shards and --metrics-port over the config's sections."""
     executor = config.executor
-    if args.executor is not None:
-        executor = replace(executor, kind=args.executor)
-    if args.shards is not None:
-        executor = replace(executor, shards=args.shards)
+    keys = {"kind": args.executor, "shards": args.shards}
+    given = {key: value for key, value in keys.items() if value is not None}
+    if given:
+        executor = executor.override(**given)
     metrics = config.metrics
     if args.metrics_port is not None:
         metrics = replace(metrics, port=args.metrics_port)
     return replace(config, executor=executor, metrics=metrics)
-
-
-def _crashed(exc: BaseException, config: RunConfig) -> int:
-    secrets = [
-        secret
-        for model in config.models.values()
-        for secret in model_secrets(model.api_key(), model.base_urls)
-    ]
-    summary, log = write_crash_log(config.checkpoint_dir, exc, secrets)
-    print(
-        f"error: Turnstile crashed: {summary} (a bug; the traceback is in {log}). "
-        f"Nothing finished is lost: run `turnstile run {config.config_path}` again to resume",
-        file=sys.stderr,
-    )
-    return EXIT_CRASHED
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -179,7 +116,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if note is not None:
         print(f"turns:      {note}")
     if is_sharded(config.checkpoint_dir):
-        from engine.executors.command import status_lines
+        from engine.executors.sharded import status_lines
 
         for line in status_lines(config):
             print(line)
@@ -191,8 +128,6 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"resume:     refused: {problem}run with --fresh to start over")
     filtered = f", {state.rows_filtered} filtered" if state.rows_filtered else ""
     print(f"finished:   {done} rows ({state.rows_ok} ok, {state.rows_failed} failed{filtered})")
-    for line in config.kind.status_lines(config):  # the task's own (a judge's flip rate)
-        print(line)
     print(f"in progress: {len(state.partial)} rows, {state.work_records} replies journaled")
     if total is not None:
         print(f"remaining:  {max(0, total - done)} rows ({100 * done / max(total, 1):.1f}% done)")
@@ -291,35 +226,6 @@ def _bench(argv: list[str]) -> int:
     return int(code or 0)
 
 
-def cmd_estimate(args: argparse.Namespace) -> int:
-    """``turnstile estimate``: run a sample of rows into the checkpoint, print the
-    projection (exit 4 at the budget, 2 for an unusable config or checkpoint)."""
-    from engine.errors import EXIT_BUDGET, BudgetReached, InputError
-    from engine.estimate import estimate
-
-    config = _load(args.config)
-    if config is None:
-        return EXIT_UNUSABLE
-    progress.log_to_console()
-    try:
-        guess = estimate(config, sample=args.sample)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return EXIT_UNUSABLE
-    except (CheckpointError, InputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNUSABLE
-    except BudgetReached as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BUDGET
-    except TurnstileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_STOPPED
-    print(guess.text())
-    return EXIT_OK
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     config = _load(args.config, check_env=False)
     if config is None:
@@ -379,7 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--quiet", action="store_true", help="no progress display")
     run.add_argument(
-        "--executor", choices=EXECUTORS, default=None, help="override executor.kind: local or ray"
+        "--executor",
+        choices=executor_names(),
+        default=None,
+        help=f"override executor.kind: {', '.join(executor_names())}",
     )
     run.add_argument(
         "--shards", type=_positive, default=None, help="override executor.shards (first run only)"
@@ -396,16 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot-every-rows", type=_positive, default=SNAPSHOT_EVERY_ROWS, help=argparse.SUPPRESS
     )
     run.set_defaults(func=cmd_run)
-    estimate = sub.add_parser(
-        "estimate",
-        help="run a sample of rows for real (a later run resumes them) and print the whole "
-        "input's requests, tokens, USD (with a range) and time at the current caps",
-    )
-    estimate.add_argument("config")
-    estimate.add_argument(
-        "--sample", type=_positive, default=20, help="rows to run, spread over the input"
-    )
-    estimate.set_defaults(func=cmd_estimate)
     status = sub.add_parser("status", help="progress read from the checkpoint, without running")
     status.add_argument("config")
     status.set_defaults(func=cmd_status)

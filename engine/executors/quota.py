@@ -2,7 +2,8 @@
 
 ``max_concurrency`` is a per-replica cap for the whole run, however many shards
 run at once on however many machines. Each running shard leases its share from
-one ``Quota`` (held by a small Ray actor, engine.executors.ray_run) every second
+one ``Quota`` (a ``QuotaServer`` in a small Ray actor, or in the processes
+executor's driver) every second
 or so, and sets its replica pools to it; a shard that finishes releases its
 share, and the others take it over at their next lease, so the tail of a run is
 not left at a fraction of the cap.
@@ -24,13 +25,15 @@ lowest shard numbers).
 
 After the actor restarts (its state is gone) it grants no more than a shard
 already claims for ``RECOVERY_S``, long enough for every running shard to report.
-Pure state: the clock is passed in.
+``Quota`` is pure state (the clock is passed in); ``QuotaServer`` reads the clock.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 LEASE_S = 1.0  # how often a shard leases at its share
 WAITING_LEASE_S = 0.2  # how often while it holds less than its fair share
@@ -81,3 +84,35 @@ class Quota:
     def held(self, model: str) -> int:
         """The sum of the holdings of ``model``: never more than its cap."""
         return sum(self.holdings.get(model, {}).values())
+
+
+class QuotaServer:
+    """The quota as a sharded run's driver serves it: leases, and each shard's counters
+    as it reported them with its last lease (what the driver shows). Ray holds one in
+    an actor (num_cpus 0, restarted for ever); the processes executor in the driver."""
+
+    def __init__(self, caps: dict[str, int], created: float) -> None:
+        # Constructed again after a crash: then it is late, and it must not grant
+        # what it cannot know is free until every shard has told it what it holds.
+        restarted = time.time() - created > 5.0
+        self.quota = Quota(caps=caps, started=time.monotonic(), recovering=restarted)
+        self.progress: dict[int, dict[str, Any]] = {}
+
+    def lease(
+        self, shard: int, claims: dict[str, int], counters: dict[str, Any]
+    ) -> tuple[dict[str, int], float]:
+        self.progress[shard] = counters
+        grants = self.quota.lease(shard, claims, time.monotonic())
+        short = any(
+            grant < self.quota.target(shard, self.quota.caps[model])
+            for model, grant in grants.items()
+        )
+        return grants, WAITING_LEASE_S if short else LEASE_S
+
+    def release(self, shard: int, counters: dict[str, Any] | None = None) -> None:
+        self.quota.release(shard)
+        if counters is not None:
+            self.progress[shard] = counters
+
+    def snapshot(self) -> dict[int, dict[str, Any]]:
+        return dict(self.progress)

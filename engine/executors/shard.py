@@ -1,10 +1,12 @@
-"""One shard of a sharded run: the single-process engine on its slice, in a Ray worker.
+"""One shard of a sharded run: the single-process engine on its slice, wherever the
+executor's backend runs it (a Ray worker, a local process).
 
 A shard is a run like any other (engine._runner), with its own checkpoint under
 ``checkpoint_dir/shards/NNNN/``, reading only its slice of the input, and with its
 caps leased from the run's quota (engine.executors.quota) instead of taken whole:
 its pools start at 0 and take the share each lease grants. Nothing here imports
-Ray: the lease is a blocking call handed in (an actor method, in a worker).
+Ray: the lease is a blocking call handed in (an actor method, in a Ray worker; a
+request to the driver down a pipe, in a local process).
 
 A retried shard (its worker or node died) resumes from its journal, as a rerun of
 a local run does. When it finishes, it writes its done marker.
@@ -23,6 +25,7 @@ import anyio
 
 from engine import progress
 from engine._runner import execute, prepare, run_loop
+from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_ROWS
 from engine.config import RunConfig
 from engine.errors import ExecutorError
 from engine.executors.shards import check_storage, mark_done, shard_config
@@ -88,6 +91,7 @@ def run_shard(
     token: str,
     known_input: dict[str, Any],
     lease: LeaseCall | None,
+    snapshot_every_rows: int = SNAPSHOT_EVERY_ROWS,
 ) -> dict[str, Any]:
     """Run (or resume) one shard to its end; its counts and its final counters.
 
@@ -110,6 +114,7 @@ def run_shard(
             resumed=resumed,
             display=display,
             companion=companion,
+            snapshot_every_rows=snapshot_every_rows,
         )
         outcome = run_loop(main, uvloop=shard.uvloop)
     finally:
