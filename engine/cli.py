@@ -128,6 +128,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"resume:     refused: {problem}run with --fresh to start over")
     filtered = f", {state.rows_filtered} filtered" if state.rows_filtered else ""
     print(f"finished:   {done} rows ({state.rows_ok} ok, {state.rows_failed} failed{filtered})")
+    for line in config.kind.status_lines(config):  # the task's own (a judge's flip rate)
+        print(line)
     print(f"in progress: {len(state.partial)} rows, {state.work_records} replies journaled")
     if total is not None:
         print(f"remaining:  {max(0, total - done)} rows ({100 * done / max(total, 1):.1f}% done)")
@@ -226,6 +228,35 @@ def _bench(argv: list[str]) -> int:
     return int(code or 0)
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """``turnstile estimate``: run a sample of rows into the checkpoint, print the
+    projection (exit 4 at the budget, 2 for an unusable config or checkpoint)."""
+    from engine.errors import EXIT_BUDGET, BudgetReached, InputError
+    from engine.estimate import estimate
+
+    config = _load(args.config)
+    if config is None:
+        return EXIT_UNUSABLE
+    progress.log_to_console()
+    try:
+        guess = estimate(config, sample=args.sample)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except (CheckpointError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    except BudgetReached as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BUDGET
+    except TurnstileError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STOPPED
+    print(guess.text())
+    return EXIT_OK
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     config = _load(args.config, check_env=False)
     if config is None:
@@ -305,6 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--snapshot-every-rows", type=_positive, default=SNAPSHOT_EVERY_ROWS, help=argparse.SUPPRESS
     )
     run.set_defaults(func=cmd_run)
+    estimate = sub.add_parser(
+        "estimate",
+        help="run a sample of rows for real (a later run resumes them) and print the whole "
+        "input's requests, tokens, USD (with a range) and time at the current caps",
+    )
+    estimate.add_argument("config")
+    estimate.add_argument(
+        "--sample", type=_positive, default=20, help="rows to run, spread over the input"
+    )
+    estimate.set_defaults(func=cmd_estimate)
     status = sub.add_parser("status", help="progress read from the checkpoint, without running")
     status.add_argument("config")
     status.set_defaults(func=cmd_status)
