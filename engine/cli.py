@@ -131,6 +131,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for line in config.kind.status_lines(config):  # the task's own (a judge's flip rate)
         print(line)
     print(f"in progress: {len(state.partial)} rows, {state.work_records} replies journaled")
+    for line in _batch_status(config):  # a batch model's batches (engine.batch.control)
+        print(line)
     if total is not None:
         print(f"remaining:  {max(0, total - done)} rows ({100 * done / max(total, 1):.1f}% done)")
     if state.damaged:
@@ -140,6 +142,34 @@ def cmd_status(args: argparse.Namespace) -> int:
             "them (their work is requested again)"
         )
         return EXIT_UNUSABLE
+    return EXIT_OK
+
+
+def _batch_status(config: RunConfig) -> list[str]:
+    from engine.batch.control import batch_status
+
+    return batch_status(config)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel the run's running batches (its batch models', engine.batch.control)."""
+    config = _load(args.config, check_env=False)
+    if config is None:
+        return EXIT_UNUSABLE
+    import anyio
+
+    from engine.batch.control import cancel
+    from engine.errors import ModelError
+
+    try:
+        cancelled = anyio.run(cancel, config)
+    except ModelError as exc:
+        print(f"error: {exc}; nothing more was cancelled, run it again", file=sys.stderr)
+        return EXIT_STOPPED
+    for line in cancelled:
+        print(line)
+    if not cancelled:
+        print(f"no running batches in {config.checkpoint_dir}")
     return EXIT_OK
 
 
@@ -349,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="progress read from the checkpoint, without running")
     status.add_argument("config")
     status.set_defaults(func=cmd_status)
+    cancel = sub.add_parser("cancel", help="cancel the run's running batches (batch models)")
+    cancel.add_argument("config")
+    cancel.set_defaults(func=cmd_cancel)
     report = sub.add_parser(
         "report", help="write <checkpoint_dir>/report.html: plots of how the run went"
     )

@@ -633,13 +633,16 @@ def parse_completion(
         elif traces is not None:
             traces.append(None)
     usage = data.get("usage")
-    prompt_tokens = completion_tokens = reasoning_tokens = 0
+    prompt_tokens = completion_tokens = reasoning_tokens = cached_tokens = 0
     if isinstance(usage, dict):
         prompt_tokens = _int(usage.get("prompt_tokens"))
         completion_tokens = _int(usage.get("completion_tokens"))
         details = usage.get("completion_tokens_details")
         if isinstance(details, dict):
             reasoning_tokens = _int(details.get("reasoning_tokens"))
+        prompt_details = usage.get("prompt_tokens_details")
+        if isinstance(prompt_details, dict):
+            cached_tokens = _int(prompt_details.get("cached_tokens"))
     return Completion(
         texts,
         reasons,
@@ -649,6 +652,7 @@ def parse_completion(
         replica,
         traces,
         reasoning_tokens,
+        cached_tokens,
     )
 
 
