@@ -10,11 +10,13 @@ Then the same number of turns without a simulator: plain distillation of rows of
 messages, 7/4 as many rows, so both runs write the same number of replies (a simulated
 dialogue: 4 teacher turns and 3 simulated user messages) and the teacher sees the same
 history lengths. turns/s is replies written over the run's in-process seconds (the
-summary line ``turns: N written in Xs``); interleaved repeats.
+summary line ``turns: N written in Xs``); interleaved repeats
+(``BENCH_SIMULATE_REPEATS``, default 3, 1 with ``--quick``).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +124,7 @@ def _run(url: str, rows: list[dict[str, Any]], *, simulate: bool) -> dict[str, A
 
 def simulate(plan: Plan) -> Section:
     n = 500 if plan.quick else 4_000
-    repeats = 1 if plan.quick else 3
+    repeats = int(os.environ.get("BENCH_SIMULATE_REPEATS", 1 if plan.quick else 3))
     questions = [
         {
             "id": f"s{i}",

@@ -99,3 +99,12 @@ def test_user_must_be_a_mapping() -> None:
     raw = config()
     raw["distill"]["user"] = "asker"
     assert problems(raw) == ["distill.user: must be a mapping of keys, got str"]
+
+
+def test_the_card_and_status_name_the_simulator() -> None:
+    run = parse(config())
+    section = KIND.section(run)
+    assert "`small` played the user" in KIND.card_text(run)
+    assert "up to 4 user messages" in KIND.card_text(run)
+    assert "`simulated_turns`" in KIND.card_usage(run, pairs_only=False)
+    assert "simulated user (model asker)" in KIND.describe(section)

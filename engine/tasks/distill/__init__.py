@@ -144,12 +144,20 @@ class Distill(TaskKind[DistillConfig]):
         return text
 
     def card_usage(self, config: RunConfig, *, pairs_only: bool) -> str:
-        return (
+        text = (
             "`messages` is the conversation in OpenAI chat format (a list of `{role, content}`), "
             "ready for TRL's `SFTTrainer`. A reasoning teacher's assistant messages carry its "
             "trace in `reasoning_content` (the key Qwen3's and DeepSeek-R1's chat templates "
             "read), unless exported with `--reasoning inline` or `drop`. Rows are in input order."
         )
+        if self.section(config).user is not None:
+            text += (
+                " `simulated_turns` holds the 0-based indices (among the user messages) of the "
+                "messages the simulated user wrote, `end_reason` why the conversation ended "
+                "(`turns`, `end_marker` or `repetition`), `user_usage` the simulator's tokens "
+                "(`usage` is the teacher's)."
+            )
+        return text
 
     def replies(self, row: Mapping[str, Any]) -> Iterator[Reply]:
         truncated = ints_of(row.get("truncated_turns"))
@@ -164,7 +172,13 @@ class Distill(TaskKind[DistillConfig]):
             turn += 1
 
     def describe(self, section: DistillConfig) -> str:
-        return describe_rule(section.turns)
+        text = describe_rule(section.turns)
+        if section.user is not None:
+            text += (
+                f"; then a simulated user (model {section.user.model}) writes user messages up "
+                f"to {section.user.turns} a conversation"
+            )
+        return text
 
     def progress_note(self, section: DistillConfig) -> str:
         return section.turns
