@@ -353,9 +353,11 @@ def parse_config(
         ):
             p.add("output", problem)
 
-    models = _parse_models(p, raw.get("models"), env, base)
-
     kind = kind_of(task) if task in kinds else None
+    models = _parse_models(
+        p, raw.get("models"), env, base, model_names=kind.model_names if kind else True
+    )
+
     section = kind.parse_section(raw.get(task), models, p, base) if kind else None
     for other in kinds if kind else ():
         if other != task and raw.get(other) is not None:
@@ -435,7 +437,7 @@ def parse_executor(p: Problems, raw: Any) -> ExecutorConfig:
 
 
 def _parse_models(
-    p: Problems, raw: Any, env: Mapping[str, str], base: Path
+    p: Problems, raw: Any, env: Mapping[str, str], base: Path, *, model_names: bool = True
 ) -> dict[str, ModelConfig]:
     if raw is None:
         p.add("models", "missing; add at least one model, e.g. models: {teacher: {base_url: ...}}")
@@ -454,14 +456,20 @@ def _parse_models(
                 f"(e.g. {re.sub(r'[^A-Za-z0-9_.-]+', '_', str(name)) or 'teacher'!r})",
             )
             continue
-        model = _parse_model(p, str(name), body, env, base)
+        model = _parse_model(p, str(name), body, env, base, model_names=model_names)
         if model is not None:
             models[str(name)] = model
     return models
 
 
 def _parse_model(
-    p: Problems, name: str, raw: Any, env: Mapping[str, str], base: Path
+    p: Problems,
+    name: str,
+    raw: Any,
+    env: Mapping[str, str],
+    base: Path,
+    *,
+    model_names: bool = True,
 ) -> ModelConfig | None:
     key = f"models.{name}"
     body = p.mapping(key, raw)
@@ -480,11 +488,13 @@ def _parse_model(
     model_name = p.string(
         f"{key}.model",
         body.get("model"),
-        required=base_urls is not None and not is_local,
+        required=base_urls is not None and not is_local and model_names,
         fix="set it to the model name the server expects, e.g. model: gpt-4o-mini",
     )
     if model_name is None and is_local:
         model_name = Path(model_path).stem if model_path else "SmolLM2-135M-Instruct"
+    elif model_name is None and not model_names:
+        model_name = name  # never sent: each request names its own model
     api_key_env = p.string(
         f"{key}.api_key_env",
         body.get("api_key_env"),

@@ -47,7 +47,6 @@ def requests_config(folder: Path, base_urls: list[str], lines: list[Any], *, cap
         "models": {
             "server": {
                 "base_url": base_urls if len(base_urls) > 1 else base_urls[0],
-                "model": "unused",  # every line's body names its own model
                 "max_concurrency": cap,
                 "timeout_s": 10,
                 "max_retries": 6,

@@ -134,6 +134,9 @@ class TaskKind(ABC, Generic[S]):
     # Row keys `input_columns:` may map a column onto (besides `id`).
     column_keys: ClassVar[tuple[str, ...]] = ()
     pairs: ClassVar[bool] = False  # rows may carry chosen/rejected pairs (--pairs-only)
+    # Whether each model entry must name the model its server serves (`model:`); a task
+    # whose requests carry their own (a batch file's bodies) does without it.
+    model_names: ClassVar[bool] = True
 
     def section(self, config: RunConfig) -> S:
         """``config``'s section, as this kind parsed it."""
@@ -619,9 +622,7 @@ class RowContext:
         await self._run.fail_line(self.line, row)
 
 
-def _stored_answer(
-    stored: Mapping[str, Any], check: Callable[[str], str | None] | None
-) -> Answer:
+def _stored_answer(stored: Mapping[str, Any], check: Callable[[str], str | None] | None) -> Answer:
     """A reply from the cache, as ``ask`` hands it back (checked again: the check may
     be another run's)."""
     text = str(stored.get("c", ""))

@@ -48,6 +48,7 @@ class Requests(TaskKind[RequestsConfig]):
     name = "requests"
     section_type = RequestsConfig
     tags = ("batch-inference",)
+    model_names = False  # each line's body names its own model
 
     def parse_section(
         self, raw: Any, models: Mapping[str, ModelConfig], p: Problems, base: Path
