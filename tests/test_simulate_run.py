@@ -238,3 +238,32 @@ async def test_both_models_on_replicas(tmp_path: Path) -> None:
         seen = [s.stats.requests_by_key for s in (t1, t2, a1, a2)]
         assert all(n == 1 for keys in seen for n in keys.values())
         assert sum(len(keys) for keys in seen) == len(set().union(*map(set, seen)))
+
+
+async def test_the_simulators_reasoning_is_dropped(tmp_path: Path) -> None:
+    rows = source(6)
+    async with MockServer(reasoning="think") as server:
+        write_jsonl(tmp_path / "in.jsonl", rows)
+        done = await turnstile(
+            "run", str(config(tmp_path, server.base_url, server.base_url)), "--quiet"
+        )
+    assert done.returncode == 0, done.stderr
+    out = by_id(read_jsonl(tmp_path / "out" / "distilled.jsonl"))
+    for src in rows:
+        row = out[src["id"]]
+        assert row["end_reason"] == "turns"
+        messages = row["messages"]
+        # Requests carry answers only: no trace goes back to either model.
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        for n in row["simulated_turns"]:
+            at = users[n]
+            assert messages[at] == {
+                "role": "user",
+                "content": reply_for(ASKER, swapped(PROMPT, plain[:at])),
+            }
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                assert m["content"] == reply_for("mock", plain[:i])
+                assert m["reasoning_content"].startswith("Thinking about")
+        assert row["user_usage"]["reasoning_tokens"] > 0 or not row["simulated_turns"]
