@@ -41,6 +41,7 @@ NAMES = (
     "simulate",
     "batch",
     "judging",
+    "cache",
 )
 DEFAULT_OUT = ROOT / "bench" / "RESULTS.md"
 QUICK_OUT = WORK / "quick" / "RESULTS.md"
@@ -49,6 +50,7 @@ QUICK_OUT = WORK / "quick" / "RESULTS.md"
 def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
     from bench import (
         batch,
+        cache,
         caps,
         judging,
         memory,
@@ -98,6 +100,8 @@ def _suites(plan: Plan, chosen: set[str]) -> list[Callable[[], list[Section]]]:
         suites.append(lambda: [batch.batch(plan)])
     if "judging" in chosen:
         suites.append(lambda: [judging.judging(plan)])
+    if "cache" in chosen:
+        suites.append(lambda: [cache.cache(plan)])
     return suites
 
 
