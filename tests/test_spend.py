@@ -7,11 +7,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import orjson
 import yaml
 
 from engine._api import load
 from engine.checkpoint.checkpoint import Checkpoint
-from engine.cost import Price
+from engine.checkpoint.journal import Replay, apply
+from engine.checkpoint.snapshot import _digest, decode_snapshot, encode_snapshot
+from engine.cost import SPENT, Price
 from engine.errors import EXIT_BUDGET
 from engine.testing.mock_server import MockServer
 from tests.conftest import conversations, kill_after, turnstile, write_config, write_jsonl
@@ -102,3 +105,20 @@ async def test_a_batch_model_is_charged_at_its_batch_price(
     assert batch_tokens == online_tokens
     assert abs(batch_usd - online_usd * 0.25) < 1e-12
     assert Price(1.0, 2.0).cost(10, 10, batch=True) == Price(1.0, 2.0).cost(10, 10) / 2
+
+
+def test_replay_sums_paid_replies_and_the_snapshot_keeps_the_spend() -> None:
+    state = Replay()
+    apply(state, {"k": "t", "l": 0, "i": 0, "c": "a", "p": 10, "o": 5, SPENT: 0.25})
+    apply(state, {"k": "t", "l": 0, "i": 1, "c": "b", "p": 20, "o": 5})  # from the cache
+    apply(state, {"k": "t", "l": 1, "i": 0, "c": "c", "p": 7, "o": 3, SPENT: 0.5})
+    assert (state.spent_usd, state.spent_tokens) == (0.75, 25)
+    back = decode_snapshot(encode_snapshot(state, segment=1, emits_end=0))
+    assert (back.spent_usd, back.spent_tokens) == (0.75, 25)
+    # A snapshot written before the spend was kept: nothing spent.
+    head, _, body = encode_snapshot(Replay(), segment=1, emits_end=0).partition(b"\n")
+    fields = orjson.loads(body)
+    del fields["spent"]
+    old = orjson.dumps(fields)
+    magic = head[: head.index(b" 1 ") + 3]
+    assert decode_snapshot(magic + _digest(old) + b"\n" + old).spent_usd == 0.0
