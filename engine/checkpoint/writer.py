@@ -160,8 +160,12 @@ class Writer:
         await self._wait(batch)
 
     def note(self, line: bytes) -> None:
-        """Append a history line (engine.history) with the next batch; nobody waits on it."""
-        if self._history is None or self.error is not None:
+        """Append a history line (engine.history) with the next batch; nobody waits on it.
+
+        Dropped once close() began: the files may be closing in a thread by the time
+        the line would be written (a sampler waking late; the run's last line is
+        noted before close)."""
+        if self._history is None or self.error is not None or self._closing:
             return
         self._batch.history.append(line)
         if not self._soon:
