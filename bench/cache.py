@@ -146,7 +146,7 @@ def cache(plan: Plan) -> Section:
     ]
     hits = rerun.extra.get("cached", 0)
     rerun_rate = hits / rerun.wall_s if rerun.wall_s else 0.0
-    section = Section("cache", "18. The reply cache and the estimate (issue 21)")
+    section = Section("cache", "20. The reply cache and the estimate (issue 21)")
     section.lines += [
         f"{rows:,} single-turn rows, the mock at 0 ms, cap {CAP}, {repeats} interleaved "
         "repeats: cache off against cache on with a fresh store each time (every request "
@@ -179,19 +179,19 @@ def cache(plan: Plan) -> Section:
     ]
     section.targets += [
         Target(
-            "18.1 steady requests/s, cache on with no hits against cache off",
+            "20.1 steady requests/s, cache on with no hits against cache off",
             ">= 95%",
             pct(ratios),
             median(ratios) >= 0.95 if ratios else None,
         ),
         Target(
-            f"18.2 a rerun of {turns:,} turns answered from the cache",
+            f"20.2 a rerun of {turns:,} turns answered from the cache",
             "every turn a hit",
             f"{hits:,} hits, {rerun_rate:,.0f} turns/s, {rerun.wall_s:.1f} s",
             hits == turns,
         ),
         Target(
-            "18.3 estimate (20 sampled rows) against the actual cost of the run",
+            "20.3 estimate (20 sampled rows) against the actual cost of the run",
             "within 15%",
             f"{estimate['error']:+.1%}",
             abs(estimate["error"]) <= 0.15,
