@@ -56,10 +56,11 @@ def parse_section(p: Problems, body: Mapping[str, Any]) -> tuple[str, Any]:
     A key is known when any executor knows it (a config may keep ray's address while
     ``--executor local`` runs it); the chosen one checks its own.
     """
-    known = {"kind"}
-    for kind in names():
-        known.update(executor_class(kind).keys)
-    p.unknown("executor", body, tuple(sorted(known)))
+    if set(body) - {"kind"}:  # only then import every executor to learn its keys
+        known = {"kind"}
+        for kind in names():
+            known.update(executor_class(kind).keys)
+        p.unknown("executor", body, tuple(sorted(known)))
     kind = body.get("kind", "local")
     if kind not in names():
         p.add("executor.kind", f"must be one of {', '.join(names())}, got {kind!r}")

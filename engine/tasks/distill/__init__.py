@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from engine.output.filters import Reply, ints_of, messages_of, text_of
 from engine.tasks.base import Task, TaskKind
 from engine.tasks.distill.dialogue import EVERY_USER, TURN_RULES, TurnRule, describe_rule
-from engine.tasks.templates import BadTemplate, compile_template
 
 DROP, KEEP = "drop", "keep"
 HISTORY_RULES = (DROP, KEEP)
@@ -235,6 +234,8 @@ def _user(raw: Any, models: Mapping[str, ModelConfig], p: Problems) -> UserConfi
     else:
         template = p.string("distill.user.template", template, required=True, fix=_PROMPT_FIX)
         if template is not None:
+            from engine.tasks.templates import BadTemplate, compile_template
+
             try:
                 compile_template(template)
             except BadTemplate as exc:

@@ -24,7 +24,6 @@ from engine.tasks.base import RowContext, Task
 from engine.tasks.distill import KEEP, KIND
 from engine.tasks.distill.dialogue import TurnReply, new_dialogue, output_row
 from engine.tasks.distill.simulator import Simulation, Step, UserRules
-from engine.tasks.templates import RenderError, compile_template, render
 
 
 class DistillTask(Task):
@@ -47,9 +46,12 @@ class DistillTask(Task):
             if user is None
             else UserRules(user.turns, end_marker=user.end_marker, max_similar=user.max_similar)
         )
-        self.user_template = (
-            compile_template(user.template) if user is not None and user.template else None
-        )
+        self.user_template = None
+        if user is not None and user.template:
+            # Jinja2 is imported only by a run that renders a template.
+            from engine.tasks.templates import compile_template
+
+            self.user_template = compile_template(user.template)
         self.user_params = config.models[user.model].params if user is not None else {}
 
     async def process(self, record: dict[str, Any], ctx: RowContext) -> None:
@@ -64,6 +66,8 @@ class DistillTask(Task):
         system = ""
         if self.user is not None:
             if self.user_template is not None:
+                from engine.tasks.templates import RenderError, render
+
                 try:
                     system = render(self.user_template, record)
                 except RenderError as exc:
