@@ -139,8 +139,27 @@ class ModelStats:
     batches_done: int = 0  # finished and read back by this run
 
 
+class _TokenTotals:
+    """A run's token totals, summed over its models (the live counters or a snapshot)."""
+
+    __slots__ = ()
+    models: Mapping[str, Any]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(m.prompt_tokens for m in self.models.values())
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(m.completion_tokens for m in self.models.values())
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return sum(m.reasoning_tokens for m in self.models.values())
+
+
 @dataclass(slots=True)
-class RunStats:
+class RunStats(_TokenTotals):
     """Whole-run counters: what the progress display and the summary read."""
 
     rows_total: int | None = None  # known once the input has been counted
@@ -165,18 +184,6 @@ class RunStats:
     def cost_usd(self) -> float | None:
         """What this run's requests cost (None: no model has a price)."""
         return _cost(self.models.values())
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(m.prompt_tokens for m in self.models.values())
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(m.completion_tokens for m in self.models.values())
-
-    @property
-    def reasoning_tokens(self) -> int:
-        return sum(m.reasoning_tokens for m in self.models.values())
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +231,7 @@ class ModelStatistics:
 
 
 @dataclass(frozen=True, slots=True)
-class RunStatistics:
+class RunStatistics(_TokenTotals):
     """The run's counters at the moment of a snapshot: RunStats's names, read-only.
 
     What a caller is handed (``Summary.stats``), as anyio's ``statistics()`` hands out
@@ -263,18 +270,6 @@ class RunStatistics:
             ),
         )
         return cls(**values)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(m.prompt_tokens for m in self.models.values())
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(m.completion_tokens for m in self.models.values())
-
-    @property
-    def reasoning_tokens(self) -> int:
-        return sum(m.reasoning_tokens for m in self.models.values())
 
 
 def flip_rate(stats: RunStats | RunStatistics, judge: str) -> float | None:

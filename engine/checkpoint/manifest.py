@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -207,29 +208,18 @@ def lock_checkpoint(checkpoint_dir: Path) -> IO[bytes]:
     An OS lock (flock) dies with its process, so a SIGKILL never leaves it stale.
     The returned file must stay open for the run.
     """
-    try:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        handle = (checkpoint_dir / LOCK_NAME).open("a+b")
-    except OSError as exc:
-        raise CheckpointError(
-            f"{checkpoint_dir}: the checkpoint folder is not writable ({exc.strerror}); "
+    return _flock(
+        checkpoint_dir / LOCK_NAME,
+        f"pid {os.getpid()}",
+        unwritable=lambda why: (
+            f"{checkpoint_dir}: the checkpoint folder is not writable ({why}); "
             "fix its permissions or set checkpoint_dir to a writable folder"
-        ) from exc
-    try:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        handle.seek(0)
-        holder = handle.read().decode(errors="replace").strip() or "another process"
-        handle.close()
-        raise CheckpointError(
+        ),
+        busy=lambda holder: (
             f"{checkpoint_dir} is in use by {holder}; one run per checkpoint: wait for it "
             "to finish or stop it, or give this run its own checkpoint_dir"
-        ) from exc
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}".encode())
-    handle.flush()
-    return handle
+        ),
+    )
 
 
 def output_lock_path(output: Path) -> Path:
@@ -246,27 +236,40 @@ def lock_output(output: Path, checkpoint_dir: Path) -> IO[bytes]:
     with the next run taking it). The returned file must stay open for the run.
     """
     path = output_lock_path(output)
+    return _flock(
+        path,
+        f"pid {os.getpid()}, checkpoint_dir {checkpoint_dir}",
+        unwritable=lambda why: (
+            f"output: cannot create {path} ({why}); make {path.parent} writable, "
+            "or set output: to a path in a writable folder"
+        ),
+        busy=lambda holder: (
+            f"output: {output} is being written by another run ({holder}); one run per "
+            "output: wait for it to finish or stop it, or give this run another output:"
+        ),
+    )
+
+
+def _flock(
+    path: Path, note: str, *, unwritable: Callable[[str], str], busy: Callable[[str], str]
+) -> IO[bytes]:
+    """Take an exclusive OS lock on ``path`` (made with its folder), noting who holds it;
+    CheckpointError with ``unwritable(why)`` or ``busy(holder)`` when it cannot be had."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = path.open("a+b")
     except OSError as exc:
-        raise CheckpointError(
-            f"output: cannot create {path} ({exc.strerror}); make {path.parent} writable, "
-            "or set output: to a path in a writable folder"
-        ) from exc
+        raise CheckpointError(unwritable(str(exc.strerror))) from exc
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError as exc:
         handle.seek(0)
         holder = handle.read().decode(errors="replace").strip() or "another process"
         handle.close()
-        raise CheckpointError(
-            f"output: {output} is being written by another run ({holder}); one run per "
-            "output: wait for it to finish or stop it, or give this run another output:"
-        ) from exc
+        raise CheckpointError(busy(holder)) from exc
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()}, checkpoint_dir {checkpoint_dir}".encode())
+    handle.write(note.encode())
     handle.flush()
     return handle
 
