@@ -25,6 +25,7 @@ from engine.checkpoint.paths import clashes, run_targets
 from engine.cost import BudgetConfig, Price, parse_budget, parse_price
 from engine.errors import ConfigError
 from engine.http.reasoning import AUTO, DEFAULT_TAGS, MODES, tags_problem
+from engine.http.settings import MAX_REPLY_BYTES  # the one default (max_reply_bytes)
 from engine.input.sources import parse_input_columns
 from engine.output.filters import FilterConfig, filtered_path, parse_filters
 from engine.problems import MOST_CONCURRENCY, MOST_CONVERSATIONS, Problems
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
     from engine.input.sources import Slice
 
 LOCAL = "local"
-MAX_REPLY_BYTES = 32 * 1024 * 1024  # a longer reply body fails its request (max_reply_bytes)
 FSYNC_MODES = ("interval", "always", "never")
 
 
