@@ -512,7 +512,7 @@ async def _work(
     receive: MemoryObjectReceiveStream[Row], state: Replay, task: Task, ctx: Context
 ) -> None:
     partial = state.partial
-    process = ctx.process
+    begin, end = ctx.begin, ctx.end
     async with receive:
         while True:
             try:
@@ -529,7 +529,11 @@ async def _work(
             if row.error is not None:  # the source could not decode it: the row fails
                 await ctx.fail(line, row.id, f"input: {row.error}")
                 continue
-            await process(task, line, row.record, records)
+            context = begin(line, records)
+            try:
+                await task.process(row.record, context)
+            finally:
+                end(context)
 
 
 # The collector's first generation, while rows run: see _tune_collector.

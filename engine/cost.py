@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from engine.http.ratelimit import estimate_tokens
 
 if TYPE_CHECKING:
@@ -65,6 +67,17 @@ def max_output(params: Mapping[str, Any]) -> int:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return DEFAULT_OUTPUT
+
+
+def worst_case_body(body: bytes) -> tuple[int, int]:
+    """(prompt tokens estimated, most output tokens) of a request body sent as it is (a
+    batch file's line): its size for the prompt, its own max_tokens for the output."""
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        fields = None
+    out = max_output(fields) if isinstance(fields, dict) else DEFAULT_OUTPUT
+    return estimate_tokens(len(body), out) - out, out
 
 
 def worst_case(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> tuple[int, int]:

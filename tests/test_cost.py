@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
-from engine.cost import Budget, BudgetConfig, Price, max_output, worst_case
+from engine.cost import (
+    DEFAULT_OUTPUT,
+    Budget,
+    BudgetConfig,
+    Price,
+    max_output,
+    worst_case,
+    worst_case_body,
+)
 from engine.errors import EXIT_BUDGET, BudgetReached, exit_code_of
 
 
@@ -40,3 +49,11 @@ def test_the_usd_budget_and_its_message() -> None:
     assert "budget.max_usd 1" in budget.message("turnstile run x.yaml")
     assert "turnstile run x.yaml" in budget.message("turnstile run x.yaml")
     assert exit_code_of(BudgetReached("x")) == EXIT_BUDGET == 4
+
+
+def test_a_raw_bodys_worst_case_is_its_size_and_its_own_max_tokens() -> None:
+    body = orjson.dumps({"model": "m", "prompt": "x" * 400, "max_tokens": 50})
+    assert worst_case_body(body) == (len(body) // 4, 50)
+    # No max_tokens (an embeddings body) or no JSON at all: the default output.
+    assert worst_case_body(b'{"input": ["a"]}')[1] == DEFAULT_OUTPUT
+    assert worst_case_body(b"not json")[1] == DEFAULT_OUTPUT

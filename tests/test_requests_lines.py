@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InputError, ModelError
-from engine.tasks.asking import RawAnswer, index, raw_answer_of, raw_record, raw_slot
+from engine.tasks.asking import RAW, RawAnswer, index, raw_answer_of, raw_record, raw_slot
 from engine.tasks.requests.lines import (
     BatchLine,
     custom_ids,
@@ -92,7 +92,18 @@ def test_a_duplicate_custom_id_is_an_input_error_naming_both_lines(tmp_path: Pat
 def test_a_raw_reply_is_journaled_and_replayed_whole() -> None:
     answer = RawAnswer(200, {"data": [{"embedding": [0.5, -1.0]}]}, 4, 0, replica=1)
     record = raw_record(3, "request", answer)
-    assert record["k"] == "q" and record["l"] == 3 and record["key"] == "request"
-    found = index([record, {"k": "q", "l": 3, "key": "broken"}])
+    assert record["k"] == RAW and record["l"] == 3 and record["key"] == "request"
+    found = index([record, {"k": RAW, "l": 3, "key": "broken"}])
     assert list(found) == [raw_slot("request")]
     assert raw_answer_of(found[raw_slot("request")]) == RawAnswer(200, answer.body, 4, 0)
+
+
+def test_every_reply_kind_differs_from_the_journals_emit_kinds() -> None:
+    # A reply record of an emit's kind would be replayed as an emit (and never as a reply).
+    from engine.checkpoint.journal import EMIT_FAILED, EMIT_FILTERED, EMIT_OUTPUT
+    from engine.tasks import asking
+
+    replies = {asking.TURN, asking.TRY, asking.SAMPLE, asking.SAMPLE_FAILED, asking.RATING}
+    replies |= {asking.OWN, asking.RAW}
+    assert len(replies) == 7
+    assert not replies & {EMIT_OUTPUT, EMIT_FAILED, EMIT_FILTERED}

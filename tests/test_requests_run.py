@@ -10,10 +10,16 @@ from typing import Any
 
 import anyio.lowlevel
 import orjson
+import pytest
 import yaml
 
+from engine._api import load
+from engine.checkpoint.checkpoint import Checkpoint
+from engine.cost import SPENT, worst_case_body
+from engine.errors import EXIT_BUDGET
 from engine.http.client import HttpEndpoint
 from engine.http.settings import HttpSettings
+from engine.tasks.asking import RAW
 from engine.testing.mock_replies import Faults, raw_request_key
 from engine.testing.mock_server import MockServer
 from tests.conftest import kill_after, read_jsonl, turnstile, write_jsonl
@@ -38,7 +44,15 @@ def batch_line(i: int, *, url: str | None = None, model: str = "mock") -> dict[s
     return {"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body}
 
 
-def requests_config(folder: Path, base_urls: list[str], lines: list[Any], *, cap: int = 4) -> Path:
+def requests_config(
+    folder: Path,
+    base_urls: list[str],
+    lines: list[Any],
+    *,
+    cap: int = 4,
+    **extra: Any,
+) -> Path:
+    server = extra.pop("server", {})
     config = {
         "task": "requests",
         "input": "batch_input.jsonl",
@@ -50,10 +64,12 @@ def requests_config(folder: Path, base_urls: list[str], lines: list[Any], *, cap
                 "max_concurrency": cap,
                 "timeout_s": 10,
                 "max_retries": 6,
+                **server,
             }
         },
         "requests": {"model": "server"},
         "progress_interval_s": 60,
+        **extra,
     }
     write_jsonl(folder / "batch_input.jsonl", lines)
     path = folder / "requests.yaml"
@@ -167,7 +183,7 @@ async def test_a_sigkilled_run_resumes_exactly_asking_nothing_journaled_again(
     killed = await kill_after(mock, 30, "run", str(config), "--quiet")
     assert killed.returncode != 0
     journal = read_jsonl(tmp_path / "ck" / "journal.jsonl")
-    journaled = {r["l"] for r in journal if r.get("k") == "q"} | {
+    journaled = {r["l"] for r in journal if r.get("k") == RAW} | {
         r["l"] for r in journal if r.get("k") == "o"
     }
     assert journaled, "the run was killed before it journaled a reply"
@@ -229,3 +245,38 @@ async def test_post_sends_a_body_to_a_path_with_the_endpoints_retries(mock: Mock
     assert {orjson.dumps(b) for _, b in mock.recorded} == {body}
     assert mock.stats.faults["500"] > 0  # some attempts failed and were sent again
     assert client.statistics().ok == 6
+
+
+async def test_raw_replies_are_priced_journaled_with_their_spend_and_held_to_the_budget(
+    tmp_path: Path, mock: MockServer
+) -> None:
+    lines = [batch_line(i, url="/v1/chat/completions") for i in range(30)]
+    price = {"input": 1.0, "output": 2.0}
+    config = requests_config(tmp_path, [mock.base_url], lines, server={"price": price})
+
+    done = await turnstile("run", str(config), "--quiet")
+
+    assert done.returncode == 0, done.stderr
+    rows = read_jsonl(tmp_path / "out" / "batch_output.jsonl")
+    usage = [row["response"]["body"]["usage"] for row in rows]
+    want = sum(u["prompt_tokens"] * 1.0 + u["completion_tokens"] * 2.0 for u in usage) / 1e6
+    journal = read_jsonl(tmp_path / "ck" / "journal.jsonl")
+    spends = [r[SPENT] for r in journal if r.get("k") == RAW]
+    assert len(spends) == 30 and sum(spends) == pytest.approx(want)
+    assert Checkpoint.of(load(config)).state().spent_usd == pytest.approx(want)
+
+    # A token budget of 2.5 lines' worst cases (a line's max_tokens, 64, and its body's
+    # size / 4), each line spending far less: lines go out until what they spent and
+    # what is in flight leave no room for one more, then the run stops, exit 4.
+    mock.reset()
+    small = tmp_path / "small"
+    small.mkdir()
+    worst = sum(worst_case_body(orjson.dumps(lines[0]["body"])))
+    tokens = int(2.5 * worst)
+    limited = requests_config(small, [mock.base_url], lines, budget={"max_tokens": tokens})
+    stopped = await turnstile("run", str(limited), "--quiet")
+    assert stopped.returncode == EXIT_BUDGET, stopped.stderr
+    sent = mock.stats.total_requests
+    assert 0 < sent < 30
+    journaled = read_jsonl(small / "ck" / "journal.jsonl")
+    assert sum(r["p"] + r["o"] for r in journaled if r.get("k") == RAW) <= tokens

@@ -8,6 +8,8 @@ One orjson object per line. Record kinds (short keys keep a 10^6-turn journal sm
   generation errors and judge replies (see engine.tasks.preference.task);
 - ``{"k": "gg", ...}``: a generate task's reply to one attempt of one generation, valid
   or not (see engine.tasks.generate.attempts);
+- ``{"k": "a", ...}``, ``{"k": "w", ...}``: a task's reply under a key of its own, a raw
+  reply (engine.tasks.asking, which owns every reply kind);
 - ``{"k": "o", "l": line, "e": end}``: the row of input line ``l`` was written to the output,
   which then ended at byte ``e``; ``{"k": "x", ...}`` the same for the failed file, and
   ``{"k": "q", ...}`` for the filtered file.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
@@ -61,7 +61,7 @@ PROBE_MAX_S = 2.0  # up to this: a server back from a restart is used again with
 
 
 class _Counted(Protocol):
-    """What a successful attempt returns, as the retry loop reads it."""
+    """What a successful attempt returns, as the retry loop counts it."""
 
     prompt_tokens: int
     completion_tokens: int
@@ -270,13 +270,13 @@ class HttpEndpoint:
         body["messages"] = messages
         return orjson.dumps(body)
 
-    async def complete(
+    def complete(
         self,
         messages: list[dict[str, str]],
         extra: Mapping[str, Any] | None = None,
         *,
         prefer: int | None = None,
-    ) -> Completion:
+    ) -> Coroutine[Any, Any, Completion]:
         """One chat completion, retried on 429, 5xx, timeouts and dropped connections.
 
         ``prefer`` is the replica that served this conversation's previous turn
@@ -284,7 +284,10 @@ class HttpEndpoint:
         failure is permanent or the retries are spent, and one with ``model_down`` set
         when the model is down or refuses every request (not this request's doing).
         """
-        return await self._request(self.request_body(messages, extra), self._post, prefer)
+        # The retry loop's own coroutine, not one awaiting it: a reply passes through one
+        # coroutine fewer on its way back to the row (this is the hottest path there is).
+        body = self.request_body(messages, extra)
+        return self._request(body, self._chat_urls, self._parse_chat, prefer)
 
     async def post(self, path: str, body: bytes, *, prefer: int | None = None) -> RawReply:
         """``body`` POSTed as it is to ``path`` under each replica's base URL (a batch
@@ -295,16 +298,17 @@ class HttpEndpoint:
         urls = self._raw_urls.get(path)
         if urls is None:
             urls = self._raw_urls[path] = [endpoint(url, path) for url in self._base_urls]
-
-        async def send(replica: Replica, body: bytes) -> RawReply:
-            return await self._post_raw(urls[replica.index], replica, body)
-
-        return await self._request(body, send, prefer)
+        return await self._request(body, urls, parse_raw, prefer)
 
     async def _request(
-        self, body: bytes, send: Callable[[Replica, bytes], Awaitable[_R]], prefer: int | None
+        self,
+        body: bytes,
+        urls: list[str],
+        parse: Callable[[bytes, float, int], _R],
+        prefer: int | None,
     ) -> _R:
-        """``send(replica, body)`` on a replica's slot until it succeeds: the retry loop of
+        """``body`` POSTed to a replica's URL in ``urls`` on one of its slots, its 200 body
+        ``parse``d (raw, latency, replica), until that succeeds: the retry loop of
         ``complete`` and ``post`` (see the class's docstring for what is charged)."""
         paced = self._requests is not None or self._tokens is not None
         estimate = estimate_tokens(len(body), self._max_tokens) if paced else 0
@@ -324,10 +328,16 @@ class HttpEndpoint:
             epoch = replica.epoch
             attempts += 1
             try:
-                completion = await send(replica, body)
+                raw, latency = await self._exchange(urls[replica.index], replica, body)
+                completion = parse(raw, latency, replica.index)
             except ModelError as exc:
                 error = exc
             else:
+                stats = self.stats
+                stats.ok += 1
+                stats.prompt_tokens += completion.prompt_tokens
+                stats.completion_tokens += completion.completion_tokens
+                stats.latency.add(latency)
                 now = clock()
                 pool.succeeded(replica, epoch, now)
                 if self._not_found:
@@ -496,26 +506,12 @@ class HttpEndpoint:
         if wait > 0:
             await self._sleep(wait)
 
-    async def _post(self, replica: Replica, body: bytes) -> Completion:
-        raw, latency = await self._exchange(self._chat_urls[replica.index], replica, body)
-        completion = parse_completion(raw, latency, replica.index, self._dialect)
-        stats = self.stats
-        stats.ok += 1
-        stats.prompt_tokens += completion.prompt_tokens
-        stats.completion_tokens += completion.completion_tokens
-        stats.reasoning_tokens += completion.reasoning_tokens
-        stats.latency.add(latency)
+    def _parse_chat(self, raw: bytes, latency: float, replica: int) -> Completion:
+        """A chat completion's 200 body, its answers split from traces by the model's
+        reasoning dialect, and its reasoning tokens counted."""
+        completion = parse_completion(raw, latency, replica, self._dialect)
+        self.stats.reasoning_tokens += completion.reasoning_tokens
         return completion
-
-    async def _post_raw(self, url: str, replica: Replica, body: bytes) -> RawReply:
-        raw, latency = await self._exchange(url, replica, body)
-        reply = parse_raw(raw, latency, replica.index)
-        stats = self.stats
-        stats.ok += 1
-        stats.prompt_tokens += reply.prompt_tokens
-        stats.completion_tokens += reply.completion_tokens
-        stats.latency.add(latency)
-        return reply
 
     async def _exchange(self, url: str, replica: Replica, body: bytes) -> tuple[bytes, float]:
         """One HTTP attempt: the 200 body and its latency, else the ModelError it is."""
@@ -632,17 +628,7 @@ def parse_completion(
             traces.append(trace)
         elif traces is not None:
             traces.append(None)
-    usage = data.get("usage")
-    prompt_tokens = completion_tokens = reasoning_tokens = cached_tokens = 0
-    if isinstance(usage, dict):
-        prompt_tokens = _int(usage.get("prompt_tokens"))
-        completion_tokens = _int(usage.get("completion_tokens"))
-        details = usage.get("completion_tokens_details")
-        if isinstance(details, dict):
-            reasoning_tokens = _int(details.get("reasoning_tokens"))
-        prompt_details = usage.get("prompt_tokens_details")
-        if isinstance(prompt_details, dict):
-            cached_tokens = _int(prompt_details.get("cached_tokens"))
+    prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens = _usage(data)
     return Completion(
         texts,
         reasons,
@@ -671,12 +657,25 @@ def parse_raw(raw: bytes, latency_s: float = 0.0, replica: int = 0) -> RawReply:
             retryable=True,
             kind=FLAKY,
         )
+    prompt_tokens, completion_tokens, _, cached_tokens = _usage(data)
+    return RawReply(
+        200, raw, data, prompt_tokens, completion_tokens, latency_s, replica, cached_tokens
+    )
+
+
+def _usage(data: dict[str, Any]) -> tuple[int, int, int, int]:
+    """(prompt, completion, reasoning, cached prompt) tokens a reply's usage reports."""
     usage = data.get("usage")
-    prompt_tokens = completion_tokens = 0
-    if isinstance(usage, dict):
-        prompt_tokens = _int(usage.get("prompt_tokens"))
-        completion_tokens = _int(usage.get("completion_tokens"))
-    return RawReply(200, raw, data, prompt_tokens, completion_tokens, latency_s, replica)
+    if not isinstance(usage, dict):
+        return 0, 0, 0, 0
+    reasoning = cached = 0
+    details = usage.get("completion_tokens_details")
+    if isinstance(details, dict):
+        reasoning = _int(details.get("reasoning_tokens"))
+    prompt_details = usage.get("prompt_tokens_details")
+    if isinstance(prompt_details, dict):
+        cached = _int(prompt_details.get("cached_tokens"))
+    return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), reasoning, cached
 
 
 def _int(value: object) -> int:

@@ -97,6 +97,7 @@ class RawReply:
     completion_tokens: int
     latency_s: float
     replica: int = 0  # which of the model's servers answered
+    cached_tokens: int = 0  # part of prompt_tokens served from the server's prompt cache
 
 
 @dataclass(frozen=True, slots=True)

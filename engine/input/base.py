@@ -55,7 +55,8 @@ def row_id(record: object, line: int) -> object:
     """A row's id, the one rule: its record's ``id`` when that is a string or a number
     (not true/false), else its row number. ``record`` is whatever could be decoded
     (None, or not a mapping, when nothing could)."""
-    value = record.get("id") if isinstance(record, Mapping) else None
+    # type() first: a row is nearly always a dict, and the ABC check costs more than the rest.
+    value = record.get("id") if type(record) is dict or isinstance(record, Mapping) else None
     return value if isinstance(value, ID_TYPES) and not isinstance(value, bool) else line
 
 

@@ -21,7 +21,7 @@ Every reply record adds ``"r"`` (its reasoning trace, except a rating's) and
 A raw reply (``RowContext.send``: a body sent as it is, the reply kept whole) is
 its own kind, under a string key of the task's::
 
-    "<key>"           {"k": "q",  "l", "key", "s", "b", "p", "o"}   (status, body)
+    "<key>"           {"k": "w",  "l", "key", "s", "b", "p", "o"}   (status, body)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 TURN, TRY, SAMPLE, SAMPLE_FAILED, RATING, OWN = "t", "gg", "g", "ge", "r", "a"
-RAW = "q"
+RAW = "w"  # never an emit kind of the journal (o, x, q): replay tells them apart
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +84,9 @@ class Rating:
 Key = Turn | Try | Sample | Rating | str
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per reply, and a frozen dataclass's __init__ costs several
+# times as much (object.__setattr__ per field). Nothing changes one after it is made.
+@dataclass(slots=True)
 class Answer:
     """One reply as a task sees it: the answer, never the trace, in ``text``."""
 
@@ -203,8 +205,24 @@ def _slot_of_record(record: dict[str, Any]) -> tuple[str, Any] | None:
 
 def reply_record(line: int, key: Key, answer: Answer) -> dict[str, Any]:
     """The journal record of a reply to ``key`` (the module docstring's layouts)."""
+    record: dict[str, Any]
+    if type(key) is Turn:  # a distillation's turn, the most common reply by far
+        record = {
+            "k": TURN,
+            "l": line,
+            "i": key.index,
+            "c": answer.text,
+            "p": answer.prompt_tokens,
+            "o": answer.completion_tokens,
+            "f": answer.finish_reason,
+        }
+        if answer.trace is not None:
+            record["r"] = answer.trace
+        if answer.reasoning_tokens:
+            record["n"] = answer.reasoning_tokens
+        return record
     kind, at = slot_of(key)
-    record: dict[str, Any] = {"k": kind, "l": line}
+    record = {"k": kind, "l": line}
     if isinstance(key, Turn):
         record["i"] = key.index
     elif isinstance(key, Try):

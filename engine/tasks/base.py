@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, Protocol, Ty
 import anyio
 
 from engine.cache import generation_of, reply_value, request_key
-from engine.cost import SPENT, worst_case
+from engine.cost import SPENT, Price, worst_case, worst_case_body
 from engine.errors import ModelError
 from engine.http.endpoint import RawEndpoint, asker
 from engine.http.reasoning import cut_off_error
@@ -266,20 +266,20 @@ class Context:
         """The context of the row at ``line``, with its journal records from earlier runs."""
         return RowContext(self, line, index(records) if records else {})
 
-    async def process(
-        self, task: Task, line: int, record: dict[str, Any], records: Records
-    ) -> None:
-        """Run ``task`` on one row, counted as in progress (a stop waits for it)."""
-        row = self.row(line, records)
+    def begin(self, line: int, records: Records = ()) -> RowContext:
+        """The row at ``line`` taken on: its context, counted as in progress (a stop
+        waits for it) until ``end``. The runner awaits the task's ``process`` itself
+        between the two: one coroutine fewer for every request's reply to pass through."""
         self._rows += 1
-        try:
-            await task.process(record, row)
-        finally:
-            self._rows -= 1
-            if row._parked:
-                self._parked -= 1
-            if self._stopping:
-                self._settle()
+        return RowContext(self, line, index(records) if records else {})
+
+    def end(self, row: RowContext) -> None:
+        """The row's ``process`` returned or raised: no longer in progress."""
+        self._rows -= 1
+        if row._parked:
+            self._parked -= 1
+        if self._stopping:
+            self._settle()
 
     def _settle(self) -> None:
         if self._stopping and self._in_flight == 0 and self._parked == self._rows:
@@ -299,22 +299,11 @@ class Context:
         """The first string rule the row fails (engine.output.filters), or None."""
         return check_row(row, self.kind, self.config.filters) if self._filtering else None
 
-    async def finish(
-        self, line: int, row: dict[str, Any], records: Records = (), *, reason: str | None = None
-    ) -> None:
-        """Write a finished row: to the output, or to the filtered file with ``reason``
-        (a rule that fired, see ``RowContext.finish``).
-
-        ``records`` are journaled with it (in the same group write, before it).
-        """
-        if reason is None:
-            await self.writer.output(line, row, records)
-        else:
-            await self.writer.filtered(line, filtered_record(row, reason), records)
-            self.stats.rows_filtered += 1
-            rule = rule_of(reason)
-            self.stats.filtered_by_rule[rule] = self.stats.filtered_by_rule.get(rule, 0) + 1
-        self.stats.rows_done += 1
+    def count_filtered(self, reason: str) -> None:
+        """A finished row went to the filtered file for ``reason`` (see ``RowContext.finish``)."""
+        self.stats.rows_filtered += 1
+        rule = rule_of(reason)
+        self.stats.filtered_by_rule[rule] = self.stats.filtered_by_rule.get(rule, 0) + 1
 
     async def fail(
         self, line: int, row_id: Any, error: str, *, turn: int | None = None, **extra: Any
@@ -399,14 +388,14 @@ class RowContext:
         model's outage), ModelDown when a model the run needs is down. After a stop
         request no request is sent: the row waits to be cancelled.
         """
-        answer = self.replayed(key)
-        if answer is not None:
-            return answer
+        if self._journaled:
+            answer = self.replayed(key)
+            if answer is not None:
+                return answer
         run = self._run
         if run._stopping:
             await run._park(self)
         settings = run.config.models[model]
-        counters = run.stats.models.get(model)
         params: Mapping[str, Any] = {**settings.params, **extra} if extra else settings.params
         cache_key = stored = None
         if run.cache is not None:
@@ -423,23 +412,14 @@ class RowContext:
                 await run._park(self)
         cached_tokens = 0
         spent: float | None = None  # what a sent request cost (journaled: spend survives a kill)
-        began = time.monotonic()
+        began = time.monotonic() if run.ledger is not None else 0.0
         try:
             if stored is not None:
                 answer = _stored_answer(stored, check)
-                run.stats.cached += 1
-                if counters is not None:
-                    counters.cached += 1
-                    if settings.price is not None:
-                        counters.priced = True  # it costs $0, and that is worth showing
-                        counters.saved_usd += settings.price.cost(
-                            answer.prompt_tokens,
-                            answer.completion_tokens,
-                            stored.get("ct", 0),
-                            batch=batch,
-                        )
+                _count_hit(run, model, answer, stored.get("ct", 0), batch=batch)
             else:
-                asker.set((self.line, key))  # a batch model names the request by it
+                if batch:
+                    asker.set((self.line, key))  # a batch model names the request by it
                 run._in_flight += 1
                 try:
                     completion = await run.clients[model].complete(messages, extra, prefer=prefer)
@@ -453,28 +433,34 @@ class RowContext:
                 finally:
                     run._in_flight -= 1
                 text = completion.texts[0]
+                traces = completion.traces
                 answer = Answer(
-                    text=text,
-                    prompt_tokens=completion.prompt_tokens,
-                    completion_tokens=completion.completion_tokens,
-                    finish_reason=completion.finish_reasons[0],
-                    trace=completion.trace(),
-                    reasoning_tokens=completion.reasoning_tokens,
-                    error=check(text) if check is not None else None,
-                    replica=completion.replica,
+                    text,
+                    completion.prompt_tokens,
+                    completion.completion_tokens,
+                    completion.finish_reasons[0],
+                    traces[0] if traces is not None else None,
+                    completion.reasoning_tokens,
+                    check(text) if check is not None else None,
+                    completion.replica,
                 )
                 cached_tokens = completion.cached_tokens
                 spent = _count_cost(
-                    run, model, completion.prompt_tokens, answer, cached_tokens, batch=batch
+                    run,
+                    model,
+                    settings.price,
+                    answer.prompt_tokens,
+                    answer.completion_tokens,
+                    cached_tokens,
+                    batch=batch,
                 )
                 run.stats.turns_done += 1
         finally:
             if held is not None and run.budget is not None:
                 run.budget.release(held)
         try:
-            if isinstance(key, Sample) and answer.cut_off:
-                assert answer.trace is not None
-                params = run.config.models[model].params
+            if answer.trace is not None and isinstance(key, Sample) and answer.cut_off:
+                params = settings.params
                 error = cut_off_error(model, params, answer.trace, key.where)
                 await run.writer.record(failure_record(self.line, key, error))
                 raise ModelError(error, retryable=False)
@@ -541,6 +527,12 @@ class RowContext:
             raise error if model in run.optional else error.stopped("")
         if run._stopping:
             await run._park(self)
+        held = None
+        if run.budget is not None:
+            held = run.budget.hold(model, *worst_case_body(body))
+            if held is None:  # it could take the run past its budget: start no more turns
+                run.stop()
+                await run._park(self)
         run._in_flight += 1
         try:
             reply = await client.post(path, body, prefer=prefer)
@@ -550,6 +542,8 @@ class RowContext:
             raise
         finally:
             run._in_flight -= 1
+            if held is not None and run.budget is not None:
+                run.budget.release(held)
         try:
             answer = RawAnswer(
                 status=reply.status,
@@ -559,10 +553,16 @@ class RowContext:
                 replica=reply.replica,
             )
             run.stats.turns_done += 1
+            record = raw_record(self.line, key, answer)
+            # Counted and journaled as ask's replies are: the spend is exact across a kill.
+            price = run.config.models[model].price
+            record[SPENT] = _count_cost(
+                run, model, price, reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens
+            )
             if last:
-                self._pending.append(raw_record(self.line, key, answer))
+                self._pending.append(record)
             else:
-                await run.writer.record(raw_record(self.line, key, answer))
+                await run.writer.record(record)
             return answer
         finally:
             if run._stopping:
@@ -581,7 +581,12 @@ class RowContext:
         if reason is None and judge is not None:
             reason = await self._judge_quality(judge, row)
         pending, self._pending = self._pending, []
-        await run.finish(self.line, row, pending, reason=reason)
+        if reason is None:
+            await run.writer.output(self.line, row, pending)
+        else:
+            await run.writer.filtered(self.line, filtered_record(row, reason), pending)
+            run.count_filtered(reason)
+        run.stats.rows_done += 1
 
     async def _judge_quality(self, judge: QualityJudge, row: dict[str, Any]) -> str | None:
         """Score the row's conversation: ``row["quality"]`` set, and the filter's reason
@@ -639,21 +644,43 @@ def _stored_answer(stored: Mapping[str, Any], check: Callable[[str], str | None]
 
 
 def _count_cost(
-    run: Context, model: str, prompt: int, answer: Answer, cached: int, *, batch: bool
+    run: Context,
+    model: str,
+    price: Price | None,
+    prompt: int,
+    completion: int,
+    cached: int,
+    *,
+    batch: bool = False,
 ) -> float:
-    """A sent request's cost (at the model's price; ``batch``: at its batch price) and
+    """A sent request's cost (at the model's ``price``; ``batch``: at its batch price) and
     tokens, counted and spent; returns the cost (0.0 without a price)."""
-    price = run.config.models[model].price
-    usd = price.cost(prompt, answer.completion_tokens, cached, batch=batch) if price else 0.0
-    counters = run.stats.models.get(model)
-    if counters is not None:
-        counters.cached_tokens += cached
-        if price is not None:
-            counters.cost_usd += usd
-            counters.priced = True
+    usd = price.cost(prompt, completion, cached, batch=batch) if price else 0.0
+    if price is not None or cached:
+        counters = run.stats.models.get(model)
+        if counters is not None:
+            counters.cached_tokens += cached
+            if price is not None:
+                counters.cost_usd += usd
+                counters.priced = True
     if run.budget is not None:
-        run.budget.spend(usd, prompt + answer.completion_tokens)
+        run.budget.spend(usd, prompt + completion)
     return usd
+
+
+def _count_hit(run: Context, model: str, answer: Answer, cached: int, *, batch: bool) -> None:
+    """A reply the cache answered: counted, and what it saved valued at the model's price."""
+    run.stats.cached += 1
+    counters = run.stats.models.get(model)
+    if counters is None:
+        return
+    counters.cached += 1
+    price = run.config.models[model].price
+    if price is not None:
+        counters.priced = True  # it costs $0, and that is worth showing
+        counters.saved_usd += price.cost(
+            answer.prompt_tokens, answer.completion_tokens, cached, batch=batch
+        )
 
 
 def _enter(

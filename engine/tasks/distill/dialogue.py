@@ -72,6 +72,7 @@ class Dialogue:
     _answered: list[Message] = field(default_factory=list, init=False, repr=False)
     # Where each reply is in _answered (to add its trace to the row when dropped above).
     _reply_at: list[int] = field(default_factory=list, init=False, repr=False)
+    _traced: bool = field(default=False, init=False, repr=False)  # some reply had a trace
 
     @property
     def next_turn(self) -> int:
@@ -93,8 +94,10 @@ class Dialogue:
         self._answered += self.turns[n]
         self._reply_at.append(len(self._answered))
         message = {"role": "assistant", "content": reply.content}
-        if self.keep_reasoning and reply.trace is not None:
-            message[TRACE_KEY] = reply.trace
+        if reply.trace is not None:
+            self._traced = True
+            if self.keep_reasoning:
+                message[TRACE_KEY] = reply.trace
         self._answered.append(message)
 
     def messages(self) -> list[Message]:
@@ -102,7 +105,7 @@ class Dialogue:
         (``reasoning_content``) when it had one."""
         done = len(self.replies) == len(self.turns)
         out = self._answered + self.tail if done else self._answered.copy()
-        if not self.keep_reasoning:
+        if self._traced and not self.keep_reasoning:
             for at, reply in zip(self._reply_at, self.replies, strict=True):
                 if reply.trace is not None:
                     out[at] = {**out[at], TRACE_KEY: reply.trace}

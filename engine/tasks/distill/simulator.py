@@ -127,6 +127,10 @@ class Step(Enum):
     DONE = "done"  # the row is finished (``Simulation.end_reason`` says why, with a simulator)
 
 
+# Each turn asks for the next step: module names skip the enum's class attribute lookup.
+_TEACHER, _USER, _DONE = Step.TEACHER, Step.USER, Step.DONE
+
+
 @dataclass(slots=True)
 class Simulation:
     """One conversation's turns, with the user side written by a simulator when the
@@ -145,10 +149,12 @@ class Simulation:
     _users: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.rules is None:
+            return  # plain distillation: no user message to compare with
         self._users = [
             m["content"] for turn in self.dialogue.turns for m in turn if m["role"] == "user"
         ]
-        if self.rules is not None and len(self._users) >= self.rules.turns:
+        if len(self._users) >= self.rules.turns:
             self.end_reason = TURNS  # the input has its turns already: no simulated one
 
     @property
@@ -163,15 +169,17 @@ class Simulation:
         return f"user:{self.turn}:{self.attempt}"
 
     def next_step(self) -> Step:
-        if self.dialogue.next_turn < len(self.dialogue.turns):
-            return Step.TEACHER
+        dialogue = self.dialogue
+        if len(dialogue.replies) < len(dialogue.turns):
+            return _TEACHER
         if self.rules is None or self.end_reason is not None:
-            return Step.DONE
-        return Step.USER
+            return _DONE
+        return _USER
 
     def is_last(self) -> bool:
         """Whether the teacher's reply to the next turn is the row's last request."""
-        if self.dialogue.next_turn != len(self.dialogue.turns) - 1:
+        dialogue = self.dialogue
+        if len(dialogue.replies) != len(dialogue.turns) - 1:
             return False
         return self.rules is None or self.end_reason is not None
 

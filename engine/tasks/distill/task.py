@@ -79,9 +79,10 @@ class DistillTask(Task):
         replica = None  # the server of the previous turn: its cache holds this history
         user_replica = None  # the simulator's, likewise
         user_usage = [0, 0, 0]
-        while (step := sim.next_step()) is not Step.DONE:
+        done, user_step = Step.DONE, Step.USER
+        while (step := sim.next_step()) is not done:
             turn = sim.turn
-            if step is Step.USER:
+            if step is user_step:
                 assert self.user is not None
                 try:
                     answer = await ctx.ask(
@@ -113,10 +114,11 @@ class DistillTask(Task):
             except ModelError as exc:
                 await ctx.fail(row.id, str(exc), turn=turn)
                 return
-            problem = self._cut_off(answer, turn)
-            if problem is not None:
-                await ctx.fail(row.id, problem, turn=turn)
-                return
+            if answer.trace is not None or self.fail_on_length:
+                problem = self._cut_off(answer, turn)
+                if problem is not None:
+                    await ctx.fail(row.id, problem, turn=turn)
+                    return
             replica = answer.replica
             dialogue.apply(
                 TurnReply(
