@@ -6,9 +6,11 @@ import threading
 from pathlib import Path
 
 import anyio
+import pytest
 
 from engine.cache import (
     CacheConfig,
+    ReplyCache,
     ReplyStore,
     generation_of,
     open_cache,
@@ -112,3 +114,25 @@ async def test_the_cache_batches_lookups_and_additions(tmp_path: Path) -> None:
         assert await cache.get("k5") == {"c": "r5", "f": "stop", "p": 1, "o": 1}
     async with open_cache(CacheConfig()) as off:
         assert off is None
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["lookups-on-the-loop", "lookups-in-a-thread"])
+async def test_additions_are_seen_at_once_and_all_committed_at_close(
+    tmp_path: Path, small: bool
+) -> None:
+    store = ReplyStore(tmp_path)
+    store.small = small  # a big store's lookups go through the worker thread, batched
+    cache = ReplyCache(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.run)
+        for i in range(700):  # past a batch: some rounds commit while others queue
+            await cache.put(f"k{i}", reply_value(f"r{i}", "stop", 1, 1, 0, None))
+        # Seen before their commit, and after it; an unknown key is None.
+        assert await cache.get("k699") == {"c": "r699", "f": "stop", "p": 1, "o": 1}
+        assert await cache.get("k3") == {"c": "r3", "f": "stop", "p": 1, "o": 1}
+        assert await cache.get("nope") is None
+        cache.close()
+    assert store.count() == 700
+    with pytest.raises(RuntimeError, match="closed"):
+        await cache.get("k1")
+    store.close()
