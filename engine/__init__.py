@@ -16,6 +16,13 @@ below (``ConfigError.problems`` lists every problem of a config), and a run that
 was stopped resumes where it stopped on the next call with the same config.
 """
 
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from engine._api import arun, export, run
 from engine.errors import (
     CheckpointError,
@@ -28,8 +35,10 @@ from engine.errors import (
     ModelError,
     TurnstileError,
 )
-from engine.estimate import Estimate, ModelEstimate, aestimate, estimate
 from engine.stats import Summary
+
+if TYPE_CHECKING:
+    from engine.estimate import Estimate, ModelEstimate, aestimate, estimate
 
 __version__ = "0.1.0"
 
@@ -53,9 +62,40 @@ __all__ = [
     "run",
 ]
 
-# Tracebacks and docs show the public path of these names.
+# engine.estimate's names are imported when first used: a run never needs them.
+_LAZY = frozenset({"Estimate", "ModelEstimate", "aestimate", "estimate"})
+
+
+def _public(obj: Any) -> Any:
+    """``obj`` with its public path: tracebacks and docs show ``engine.NAME``."""
+    if getattr(obj, "__module__", "").startswith("engine."):
+        obj.__module__ = "engine"
+    return obj
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    module = importlib.import_module("engine.estimate")  # binds engine.estimate: _Package
+
+    for lazy in _LAZY:
+        setattr(sys.modules[__name__], lazy, _public(getattr(module, lazy)))
+    return globals()[name]
+
+
+class _Package(types.ModuleType):
+    """The package, keeping ``engine.estimate`` the function: importing the submodule of
+    that name binds the module here (as it did when the function was imported eagerly,
+    after it), so the function is bound in its place."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "estimate" and isinstance(value, types.ModuleType):
+            value = _public(value.estimate)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("engine."):
-        _obj.__module__ = "engine"
-del _name, _obj
+    if _name not in _LAZY:
+        _public(globals()[_name])
+del _name

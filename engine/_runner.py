@@ -18,15 +18,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from engine import progress
-from engine.batch.endpoint import BatchRun, run_fingerprint
-from engine.cache import open_cache
 from engine.checkpoint.checkpoint import Checkpoint
 from engine.checkpoint.journal import Replay
 from engine.checkpoint.manifest import Locks, clear_checkpoint, has_checksums, open_manifest
@@ -42,6 +40,10 @@ from engine.http.endpoint import ModelEndpoint
 from engine.input.sources import Marks, Resume, Row, Source, open_source
 from engine.stats import ModelStats, Outcome, RunStats
 from engine.tasks.base import Context, Task, rows_in_flight
+
+if TYPE_CHECKING:
+    from engine.batch.endpoint import BatchRun
+    from engine.cache import ReplyCache
 
 log = logging.getLogger("turnstile")
 T = TypeVar("T")
@@ -266,8 +268,7 @@ async def _execute(
             for name in group.members:
                 local_urls[name] = urls
         clients: dict[str, ModelEndpoint] = {}
-        batch_run = BatchRun(run_fingerprint(config.fingerprint_fields(), config.checkpoint_dir))
-        batch_run.finished = state.done  # results for these rows are never asked for
+        batch_run = _batch_run(config, state)
         for name in sorted(config.models_used()):
             model = config.models[name]
             model_stats = ModelStats(name=name, cap=model.max_concurrency)
@@ -282,7 +283,7 @@ async def _execute(
                 )
             )
         await _probe_models(clients, task.optional_models())
-        cache = await stack.enter_async_context(open_cache(config.cache))
+        cache = await _open_cache(config, stack)
         budget = None
         if config.budget.on:
             # What every run of the checkpoint spent, summed from its journal (a SIGKILLed
@@ -326,7 +327,8 @@ async def _execute(
                 async with anyio.create_task_group() as inner:
                     send, receive = anyio.create_memory_object_stream[Row](workers)
                     pool = _Workers(inner, receive, workers, state, task, ctx)
-                    batch_run.gauge = _RowGauge(ctx, workers, receive)
+                    if batch_run is not None:
+                        batch_run.gauge = _RowGauge(ctx, workers, receive)
                     # A fresh run skips nothing: an empty tuple spares each row a lookup.
                     resume = Resume(state.done if len(state.done) else (), state.seek, marks)
                     inner.start_soon(_feed, source.read(config.piece, resume), ctx, send, pool)
@@ -338,6 +340,29 @@ async def _execute(
         if budget.reached and outcome.interrupted_by is None:
             raise BudgetReached(budget.message(f"turnstile run {config.config_path}"))
     return outcome
+
+
+def _batch_run(config: RunConfig, state: Replay) -> BatchRun | None:
+    """The run's batch identity, when a model it uses has a ``batch:`` block (the batch
+    endpoint and its modules are imported only then)."""
+    if all(config.models[name].batch is None for name in config.models_used()):
+        return None
+    from engine.batch.endpoint import BatchRun, run_fingerprint
+
+    batch_run = BatchRun(run_fingerprint(config.fingerprint_fields(), config.checkpoint_dir))
+    batch_run.finished = state.done  # results for these rows are never asked for
+    return batch_run
+
+
+async def _open_cache(config: RunConfig, stack: AsyncExitStack) -> ReplyCache | None:
+    """The run's reply cache, None when ``cache.dir`` is not set (engine.cache and
+    sqlite3 are imported only when it is)."""
+    if config.cache.dir is None:
+        return None
+    from engine.cache import open_cache
+
+    cache: ReplyCache | None = await stack.enter_async_context(open_cache(config.cache))
+    return cache
 
 
 class _RowGauge:
@@ -375,10 +400,18 @@ async def _probe_models(clients: dict[str, ModelEndpoint], optional: frozenset[s
     is down from the start (its requests fail at once, its rows go on with the
     others' generations) and is used again once its probe finds it answering.
     """
+    # All at once: a run of several models waits one round trip, not one per model.
+    problems: dict[str, list[str]] = {}
+
+    async def probe(name: str, client: ModelEndpoint) -> None:
+        problems[name] = await client.probe()
+
+    async with anyio.create_task_group() as group:
+        for name, client in clients.items():
+            group.start_soon(probe, name, client)
     dead: list[str] = []
-    for name, client in clients.items():
-        problems = await client.probe()
-        for problem in problems:
+    for name, client in clients.items():  # reported in the models' order
+        for problem in problems[name]:
             log.warning(problem)
         if client.statistics().live == 0:
             dead.append(name)

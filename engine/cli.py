@@ -11,13 +11,15 @@ resumable.
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 from engine import progress
-from engine._reporting import write_run_report
 from engine.checkpoint.checkpoint import Checkpoint
 from engine.checkpoint.journal import repair as repair_journal
 from engine.checkpoint.journal import segments
@@ -25,7 +27,6 @@ from engine.checkpoint.manifest import has_checksums, lock_checkpoint, read_mani
 from engine.checkpoint.snapshot import read_snapshot, tail_segments
 from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_ROWS
 from engine.config import RunConfig, load_config
-from engine.crash import crash_report
 from engine.errors import (
     EXIT_CRASHED,
     EXIT_OK,
@@ -35,9 +36,9 @@ from engine.errors import (
     ConfigError,
     TurnstileError,
 )
+from engine.executors.base import is_sharded
 from engine.executors.launch import run_command
 from engine.executors.registry import names as executor_names
-from engine.executors.shards import is_sharded
 from engine.input.sources import open_source
 
 
@@ -185,6 +186,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if read_manifest(config.checkpoint_dir) is None:
         print(f"error: no run yet in {config.checkpoint_dir}", file=sys.stderr)
         return EXIT_UNUSABLE
+    from engine._reporting import write_run_report
+
     path = write_run_report(config)
     if path is None:
         return EXIT_STOPPED
@@ -429,6 +432,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def entry() -> NoReturn:
+    """The ``turnstile`` process (``python -m engine``): :func:`main`, then the exit.
+
+    The interpreter's own teardown after a run (freeing every module and object it
+    loaded, the cyclic collector over all of it) took about 40 ms of a run's end
+    (bench/startup.py), longer than the run's report. Everything the run wrote is
+    closed and synced when ``main`` returns, so the exit skips the teardown: the
+    atexit handlers still run (logging's flush, Ray's shutdown), then the standard
+    streams are flushed and the process ends with ``main``'s code. A worker thread
+    still counting the input's rows for the progress total is not waited for.
+    """
+    code = main()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     # Subcommands with parsers of their own get the rest of the line untouched.
@@ -447,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = args.func(args)
     except Exception as exc:  # a bug outside a run (cmd_run keeps its own crash log)
+        from engine.crash import crash_report
+
         summary, text = crash_report(exc, ())
         print(text, file=sys.stderr, end="")
         print(f"error: Turnstile crashed: {summary} (a bug)", file=sys.stderr)

@@ -13,16 +13,18 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
-from engine.batch.endpoint import BatchEndpoint, BatchRun
-from engine.batch.log import FileLog, log_path
 from engine.config import ModelConfig
 from engine.http.client import Clock, HttpEndpoint, Sleep
 from engine.http.endpoint import ModelEndpoint
 from engine.http.settings import HttpSettings
 from engine.stats import ModelStats
+
+if TYPE_CHECKING:
+    from engine.batch.endpoint import BatchRun
 
 
 def http_settings(config: ModelConfig, base_urls: Sequence[str] | None = None) -> HttpSettings:
@@ -76,6 +78,10 @@ def model_endpoint(
         return http_endpoint(config, stats, base_urls=base_urls)
     if batch_run is None or checkpoint_dir is None:
         raise ValueError(f"models.{config.name}: a batch model needs its run and checkpoint")
+    # Imported here: a run whose models are all online never loads the batch modules.
+    from engine.batch.endpoint import BatchEndpoint
+    from engine.batch.log import FileLog, log_path
+
     return BatchEndpoint(
         http_settings(config, base_urls),
         config.batch,

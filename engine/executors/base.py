@@ -43,6 +43,15 @@ from engine.config import RunConfig
 from engine.problems import Problems
 from engine.stats import Outcome
 
+# A sharded run's plan (engine.executors.shards writes it); here so that a local run can
+# tell a sharded checkpoint without importing the shard planner.
+PLAN_NAME = "plan.json"
+
+
+def is_sharded(checkpoint_dir: Path) -> bool:
+    """Whether the checkpoint is a sharded run's (it has a plan)."""
+    return (checkpoint_dir / PLAN_NAME).exists()
+
 
 @dataclass(slots=True)
 class RunResult:

@@ -13,9 +13,8 @@ import functools
 from engine import progress
 from engine._runner import announce, execute, prepare, run_loop
 from engine.errors import CheckpointError
-from engine.executors.base import Executor, RunResult, Session
+from engine.executors.base import Executor, RunResult, Session, is_sharded
 from engine.executors.registry import register
-from engine.executors.shards import is_sharded
 
 
 @register

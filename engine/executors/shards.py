@@ -33,9 +33,9 @@ from engine.checkpoint.files import atomic_write
 from engine.checkpoint.manifest import LOCK_NAME, MANIFEST_NAME
 from engine.config import ExecutorConfig, MetricsConfig, RunConfig
 from engine.errors import CheckpointError
+from engine.executors.base import PLAN_NAME
 from engine.input.sources import Slice
 
-PLAN_NAME = "plan.json"
 MERGED_NAME = "merged.json"  # written by engine.executors.merge once a merge finished
 SHARDS_DIR = "shards"
 DONE_NAME = "done.json"
@@ -86,11 +86,6 @@ def shard_config(config: RunConfig, piece: Slice) -> RunConfig:
         metrics=MetricsConfig(),  # the driver serves the whole run's
         piece=piece,
     )
-
-
-def is_sharded(checkpoint_dir: Path) -> bool:
-    """Whether the checkpoint is a sharded run's (it has a plan)."""
-    return (checkpoint_dir / PLAN_NAME).exists()
 
 
 def read_plan(checkpoint_dir: Path) -> Plan | None:
