@@ -125,6 +125,46 @@ def import_profile(top: int = 12) -> list[tuple[str, float]]:
     return rows[:top]
 
 
+# Run in the client's process: the modules loaded when the first POST goes out.
+_AT_FIRST_REQUEST = """
+import sys
+import aiohttp.client
+import orjson
+send = aiohttp.client.ClientSession._request
+seen = []
+
+async def first(self, method, url, *args, **kwargs):
+    if method == "POST" and not seen:
+        seen.append(sorted(sys.modules))
+    return await send(self, method, url, *args, **kwargs)
+
+aiohttp.client.ClientSession._request = first
+from engine.cli import main
+code = main(["run", sys.argv[1], "--quiet"])
+sys.stdout.write(orjson.dumps({"code": code, "modules": seen[0] if seen else []}).decode())
+"""
+
+
+def imports_at_first_request(mock: MockProcess, workload: workloads.Workload) -> dict[str, Any]:
+    """What a plain run (one online model, quiet) has imported when its first request
+    goes out: how many modules, how many of them the engine's, and the engine's."""
+    with RunFolder("imports") as folder:
+        config = turnstile_config(folder, mock.url, workload, cap=64)
+        proc = subprocess.run(
+            [sys.executable, "-c", _AT_FIRST_REQUEST, str(config)],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    try:
+        modules: list[str] = orjson.loads(proc.stdout)["modules"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return {"modules": 0, "engine": 0, "engine_modules": [], "rc": proc.returncode}
+    ours = [name for name in modules if name == "engine" or name.startswith("engine.")]
+    return {"modules": len(modules), "engine": len(ours), "engine_modules": ours}
+
+
 def compile_sources() -> None:
     """Byte-compile the engine and the bench, as an installed package is: a machine that
     sets PYTHONDONTWRITEBYTECODE (this one does) would otherwise compile every module of
@@ -260,6 +300,14 @@ def startup(plan: Plan) -> Section:
         *table(["module", "ms"], [[name, f"{ms:.0f}"] for name, ms in profile]),
     ]
     data["imports"] = profile
+    with MockProcess(0.0, LOGS) as mock:
+        volume = imports_at_first_request(mock, workloads.make(SINGLE, 64, INPUTS))
+    section.lines += [
+        "",
+        f"Modules loaded when a plain run's first request goes out (64 single-turn rows, one "
+        f"online model): {volume['modules']}, {volume['engine']} of them the engine's.",
+    ]
+    data["imports_at_first_request"] = volume
     section.data = data
     for r in rows:
         log(" | ".join(r))
