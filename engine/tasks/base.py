@@ -618,13 +618,21 @@ class RowContext:
 
     async def fail(self, row_id: Any, error: str, *, turn: int | None = None, **extra: Any) -> None:
         """Fail the row for good: a line in the failed file naming ``error``."""
+        await self._journal_pending()
         await self._run.fail(self.line, row_id, error, turn=turn, **extra)
 
     async def fail_line(self, row: dict[str, Any]) -> None:
         """Fail the row for good with a failed-file line of the task's own shape (an
         OpenAI error-file line, say); the task puts the row's line in it if it wants."""
-        self._pending = []
+        await self._journal_pending()
         await self._run.fail_line(self.line, row)
+
+    async def _journal_pending(self) -> None:
+        """A last reply (``ask(last=True)``) journaled though its row fails: what it cost
+        stays in the spend, and it is never asked for again."""
+        pending, self._pending = self._pending, []
+        for record in pending:
+            await self._run.writer.record(record)
 
 
 def _stored_answer(stored: Mapping[str, Any], check: Callable[[str], str | None] | None) -> Answer:
