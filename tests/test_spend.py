@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import yaml
 
 from engine._api import load
@@ -17,7 +18,14 @@ from engine.checkpoint.snapshot import _digest, decode_snapshot, encode_snapshot
 from engine.cost import SPENT, Price
 from engine.errors import EXIT_BUDGET
 from engine.testing.mock_server import MockServer
-from tests.conftest import conversations, kill_after, turnstile, write_config, write_jsonl
+from tests.conftest import (
+    conversations,
+    kill_after,
+    read_jsonl,
+    turnstile,
+    write_config,
+    write_jsonl,
+)
 from tests.test_batch_run import BATCH
 
 PRICE = {"input": 1.0, "output": 2.0}
@@ -122,3 +130,24 @@ def test_replay_sums_paid_replies_and_the_snapshot_keeps_the_spend() -> None:
     old = orjson.dumps(fields)
     magic = head[: head.index(b" 1 ") + 3]
     assert decode_snapshot(magic + _digest(old) + b"\n" + old).spent_usd == 0.0
+
+
+async def test_a_last_reply_that_fails_its_row_is_still_journaled_with_its_spend(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    # Single-turn rows cut off by max_tokens, with fail_on_length: each row's only
+    # reply, held to be journaled with the row, goes to the journal though the row fails.
+    write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"say {i}"} for i in range(6)])
+    teacher = {"params": {"temperature": 0.0, "max_tokens": 3}, "fail_on_length": True}
+    path = paid(tmp_path, mock.base_url, "cut", teacher=teacher)
+
+    result = await turnstile("run", str(path), "--quiet")
+
+    assert result.returncode == 1, result.stderr
+    assert len(read_jsonl(tmp_path / "out" / "cut.failed.jsonl")) == 6
+    journal = read_jsonl(tmp_path / "ck-cut" / "journal.jsonl")
+    turns = [r for r in journal if r["k"] == "t"]
+    assert sorted(r["l"] for r in turns) == list(range(6))
+    usd, tokens = spent(path)
+    assert tokens == sum(r["p"] + r["o"] for r in turns) > 0
+    assert usd == pytest.approx(sum(r[SPENT] for r in turns)) and usd > 0
