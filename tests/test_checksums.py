@@ -150,3 +150,14 @@ def test_an_old_emits_index_is_checked_against_the_done_lines() -> None:
     flipped = bytearray(data)
     flipped[6] ^= 0x10  # line 0 becomes a line far past the input
     assert "line" in str(check_emits(bytes(flipped), state))
+
+
+def test_the_checksum_is_zlibs_crc32_whichever_library_computes_it() -> None:
+    # A checkpoint written where ISA-L is installed must read where it is not.
+    import zlib
+
+    from engine.checkpoint.crc import crc32
+
+    for data in (b"", b'{"k":"t","l":0}', bytes(range(256)) * 80):
+        assert crc32(data) == zlib.crc32(data)
+        assert crc32(data, 12345) == zlib.crc32(data, 12345)

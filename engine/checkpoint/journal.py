@@ -40,7 +40,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import zlib
 from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from typing import Any
 
 import orjson
 
+from engine.checkpoint.crc import crc32
 from engine.checkpoint.files import fsync_dir
 from engine.cost import SPENT
 from engine.errors import CheckpointError
@@ -73,7 +73,7 @@ def encode(record: dict[str, Any]) -> bytes:
     ``record`` is never empty (every record has ``k`` and ``l``).
     """
     data = orjson.dumps(record)
-    return b'%b,"z":%d}\n' % (data[:-1], zlib.crc32(data))
+    return b'%b,"z":%d}\n' % (data[:-1], crc32(data))
 
 
 def split_checksum(raw: bytes) -> tuple[bytes, bool | None]:
@@ -86,7 +86,7 @@ def split_checksum(raw: bytes) -> tuple[bytes, bool | None]:
     if not digits.isdigit() or len(digits) > 10:
         return raw, None  # a record without one (a nested "z" key is not followed by digits})
     body = raw[:at] + b"}"
-    return body, zlib.crc32(body) == int(digits)
+    return body, crc32(body) == int(digits)
 
 
 class LineSet:

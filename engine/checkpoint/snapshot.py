@@ -62,6 +62,7 @@ from typing import Any
 
 import orjson
 
+from engine.checkpoint.crc import crc32
 from engine.checkpoint.files import atomic_write
 from engine.checkpoint.journal import LineSet, Replay, replay_segments, segments
 from engine.errors import CheckpointError
@@ -313,7 +314,7 @@ def check_emits(data: bytes, state: Replay) -> str | None:
     if len(data) != state.emits_end:
         return f"{len(data)} bytes where the snapshot vouches for {state.emits_end}"
     if state.emits_crc is not None:
-        if zlib.crc32(data) != state.emits_crc:
+        if crc32(data) != state.emits_crc:
             return "its checksum does not match the snapshot's"
         return None
     pairs = unpack_emits(data)

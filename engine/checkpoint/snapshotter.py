@@ -14,11 +14,11 @@ resume can start reading.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.checkpoint.crc import crc32
 from engine.checkpoint.files import AppendFile
 from engine.checkpoint.journal import Replay, apply, segment_path
 from engine.checkpoint.snapshot import (
@@ -124,7 +124,7 @@ class Snapshotter:
         emits.sync()
         # The index's CRC32, carried on: unknown for one begun before checksums.
         known = state.emits_crc is not None or not state.emits_end
-        crc = zlib.crc32(packed, state.emits_crc or 0) if known else None
+        crc = crc32(packed, state.emits_crc or 0) if known else None
         following = state.segment + 1
         segment = AppendFile(segment_path(self._dir, following), 0)
         data = encode_snapshot(state, segment=following, emits_end=emits.size, emits_crc=crc)
