@@ -43,7 +43,7 @@ from engine.tasks.base import Context, Task, rows_in_flight
 
 if TYPE_CHECKING:
     from engine.batch.endpoint import BatchRun
-    from engine.cache import ReplyCache
+    from engine.cache.store import ReplyCache
 
 log = logging.getLogger("turnstile")
 T = TypeVar("T")
@@ -355,11 +355,11 @@ def _batch_run(config: RunConfig, state: Replay) -> BatchRun | None:
 
 
 async def _open_cache(config: RunConfig, stack: AsyncExitStack) -> ReplyCache | None:
-    """The run's reply cache, None when ``cache.dir`` is not set (engine.cache and
-    sqlite3 are imported only when it is)."""
+    """The run's reply cache, None when ``cache.dir`` is not set (engine.cache.store
+    and sqlite3 are imported only when it is)."""
     if config.cache.dir is None:
         return None
-    from engine.cache import open_cache
+    from engine.cache.store import open_cache
 
     cache: ReplyCache | None = await stack.enter_async_context(open_cache(config.cache))
     return cache

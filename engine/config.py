@@ -19,7 +19,7 @@ import orjson
 import yaml
 
 from engine.batch.settings import BatchSettings, parse_batch
-from engine.cache import CacheConfig, parse_cache
+from engine.cache.settings import CacheConfig, parse_cache
 from engine.checkpoint.durability import JournalConfig
 from engine.checkpoint.paths import clashes, run_targets
 from engine.cost import BudgetConfig, Price, parse_budget, parse_price

@@ -8,15 +8,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from engine.cache import (
-    CacheConfig,
-    ReplyCache,
-    ReplyStore,
-    generation_of,
-    open_cache,
-    reply_value,
-    request_key,
-)
+from engine.cache.keys import generation_of, reply_value, request_key
+from engine.cache.settings import CacheConfig
+from engine.cache.store import ReplyCache, ReplyStore, open_cache
 from engine.tasks.asking import Rating, Sample, Try, Turn
 
 MESSAGES = [{"role": "user", "content": "hello"}]

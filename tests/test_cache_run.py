@@ -14,7 +14,7 @@ import orjson
 import yaml
 
 from engine import progress
-from engine.cache import ReplyStore
+from engine.cache.store import ReplyStore
 from engine.errors import EXIT_BUDGET
 from engine.history import HISTORY_NAME
 from engine.metrics import RunCollector

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, Protocol, Ty
 
 import anyio
 
-from engine.cache import generation_of, reply_value, request_key
+from engine.cache.keys import generation_of, reply_value, request_key
 from engine.cost import SPENT, Price, worst_case, worst_case_body
 from engine.errors import ModelError
 from engine.http.endpoint import RawEndpoint, asker
@@ -72,7 +72,7 @@ from engine.tasks.asking import (
 )
 
 if TYPE_CHECKING:
-    from engine.cache import ReplyCache
+    from engine.cache.store import ReplyCache
     from engine.config import ModelConfig, RunConfig
     from engine.cost import Budget
     from engine.http.endpoint import Messages, ModelEndpoint

@@ -1,10 +1,4 @@
-"""Replies kept across runs: a request answered once is never paid for again.
-
-``request_key`` is the pure part: the sha256 of what defines a reply (the ``model``
-sent, the request fields, the messages exactly as sent, and the generation where
-one row asks the same model the same thing several times). Where the request goes
-(URLs, replicas), who pays (API keys) and how long it may take (timeouts) are left
-out: moving a server changes no reply.
+"""The reply store: replies kept across runs, keyed by ``engine.cache.keys``.
 
 The store is one SQLite database in WAL mode (``<cache.dir>/replies.sqlite3``),
 shared by every run and shard that names the folder: readers never wait on the
@@ -25,24 +19,17 @@ through the thread too, so a cold disk never stalls the loop.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import orjson
 
-from engine.problems import Problems
+from engine.cache.settings import READ_ONLY, CacheConfig
 
-if TYPE_CHECKING:
-    from engine.tasks.asking import Key
-
-READ_WRITE, READ_ONLY = "read_write", "read_only"
-MODES = (READ_WRITE, READ_ONLY)
 STORE_NAME = "replies.sqlite3"
 _BATCH = 512  # lookups or additions per thread call, at most
 _BACKLOG = _BATCH * 16  # additions queued past this make the next one wait for a round
@@ -53,53 +40,6 @@ _READER_BUSY_MS = 100  # a lookup on the loop that finds the file busy goes to t
 # through the worker thread, batched, so a cold disk never stalls the loop.
 INLINE_READS_MAX_BYTES = 256 << 20
 _PUT_LINGER_S = 0.02  # additions alone wait this long for more to commit with them
-
-
-@dataclass(frozen=True, slots=True)
-class CacheConfig:
-    """The ``cache:`` section: ``dir`` None is off."""
-
-    dir: Path | None = None
-    mode: str = READ_WRITE  # read_write | read_only
-
-    @property
-    def on(self) -> bool:
-        return self.dir is not None
-
-
-def request_key(
-    model: str,
-    params: Mapping[str, Any],
-    messages: Sequence[Mapping[str, Any]],
-    generation: int | str = 0,
-) -> str:
-    """The cache key of one request: sha256 (hex) of ``model`` (the name sent),
-    ``params`` (every request field besides messages: sampling parameters,
-    ``response_format``, ``seed``), ``messages`` as sent and ``generation`` (which of
-    several same requests of one row this is; 0 for the first). Pure."""
-    body = orjson.dumps(
-        {"model": model, "params": params, "messages": messages, "generation": generation},
-        option=orjson.OPT_SORT_KEYS,
-    )
-    return hashlib.sha256(body).hexdigest()
-
-
-def generation_of(key: Key) -> int | str:
-    """Which of a row's same requests ``key`` asks for (``request_key``'s generation):
-    a sample's slot, a try's number within its slot, a rating's number; a turn is told
-    apart by its history, a task's own key by its name. Stable across runs."""
-    # Here, not at the top: engine.tasks imports this module (through Context.ask).
-    from engine.tasks.asking import Rating, Sample, Try, Turn
-
-    if isinstance(key, Turn):
-        return 0
-    if isinstance(key, Try):
-        return f"{key.slot}.{key.number}"
-    if isinstance(key, Sample):
-        return key.slot
-    if isinstance(key, Rating):
-        return key.number
-    return key
 
 
 class ReplyStore:
@@ -319,48 +259,3 @@ async def open_cache(config: CacheConfig) -> AsyncIterator[ReplyCache | None]:
                 cache.close()  # the loops finish what was queued, then end
     finally:
         await anyio.to_thread.run_sync(store.close)
-
-
-def reply_value(
-    text: str,
-    finish_reason: str | None,
-    prompt_tokens: int,
-    completion_tokens: int,
-    reasoning_tokens: int,
-    trace: str | None,
-    cached_tokens: int = 0,
-) -> dict[str, Any]:
-    """What the store keeps of a reply (its usage too: a hit shows what it saved)."""
-    value: dict[str, Any] = {
-        "c": text,
-        "f": finish_reason,
-        "p": prompt_tokens,
-        "o": completion_tokens,
-    }
-    if reasoning_tokens:
-        value["n"] = reasoning_tokens
-    if trace is not None:
-        value["r"] = trace
-    if cached_tokens:
-        value["ct"] = cached_tokens
-    return value
-
-
-def parse_cache(p: Problems, raw: Any, base: Path) -> CacheConfig:
-    """The ``cache:`` section (a relative ``dir`` is the config file's folder's)."""
-    body = p.mapping("cache", raw) if raw is not None else None
-    if body is None:
-        return CacheConfig()
-    p.unknown("cache", body, ("dir", "mode"))
-    mode = body.get("mode", READ_WRITE)
-    if mode not in MODES:
-        p.add("cache.mode", f"must be one of {', '.join(MODES)}, got {mode!r}")
-        mode = READ_WRITE
-    value = body.get("dir")
-    if value is None:
-        return CacheConfig(mode=mode)
-    folder = p.string("cache.dir", value, required=False, fix="a folder, e.g. dir: ~/.turnstile")
-    if folder is None:
-        return CacheConfig(mode=mode)
-    path = Path(folder).expanduser()
-    return CacheConfig(path if path.is_absolute() else base / path, mode)
