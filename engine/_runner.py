@@ -329,6 +329,7 @@ async def _execute(
                     pool = _Workers(inner, receive, workers, state, task, ctx)
                     if batch_run is not None:
                         batch_run.gauge = _RowGauge(ctx, workers, receive)
+                        ctx.rows_changed = batch_run.changed  # its batch loops wake on it
                     # A fresh run skips nothing: an empty tuple spares each row a lookup.
                     resume = Resume(state.done if len(state.done) else (), state.seek, marks)
                     inner.start_soon(_feed, source.read(config.piece, resume), ctx, send, pool)
@@ -381,6 +382,9 @@ class _RowGauge:
 
     def requests(self) -> int:
         return self._ctx.requests_in_flight
+
+    def stopping(self) -> bool:
+        return self._ctx.stopping
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,6 +519,7 @@ async def _feed(
             await _send_rows(rows, ctx, send, pool)
         finally:
             pool.close()
+    ctx.rows_changed()  # the input ran out: the rows in flight may all wait on batches
 
 
 async def _send_rows(

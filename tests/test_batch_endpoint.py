@@ -51,6 +51,9 @@ class _Gauge:
     def requests(self) -> int:
         return self._requests
 
+    def stopping(self) -> bool:
+        return False
+
 
 def test_a_run_is_stalled_when_every_row_and_request_waits_on_a_batch() -> None:
     run = BatchRun("fp")

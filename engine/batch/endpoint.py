@@ -4,6 +4,9 @@
 model submits the queue as a batch when it holds ``max_requests`` or ``max_bytes``,
 when no row in flight can add to it (every row waits on a batch: ``BatchRun.stalled``),
 or once its oldest request waited ``flush_s``; at most ``max_batches`` run at once.
+The loop runs on events, not a timer: it sleeps until the next poll, the flush deadline
+or a wake-up (a request queued, the queue full, the run stalled: ``BatchRun.changed``,
+which the runner calls when a row ends or its input runs out).
 Running batches are polled every ``poll_s``; a finished one's output and error files
 are read line by line, each line waking its row (which journals the reply, as for an
 online one). A line in the error file, or one its batch ended without, is asked again
@@ -18,8 +21,10 @@ of them holds waits for that batch instead of sending it again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
+import math
 import sys
 import time
 from collections import Counter, deque
@@ -68,9 +73,18 @@ class RowGauge(Protocol):
         """Requests in flight, every model's."""
         ...
 
+    def stopping(self) -> bool:
+        """Whether the run was told to stop (its rows are cancelled, not finished)."""
+        ...
+
 
 class BatchRun:
-    """What a run's batch models share: its fingerprint, and who waits on them."""
+    """What a run's batch models share: its fingerprint, and who waits on them.
+
+    The runner calls ``changed`` when a row ends and when its input runs out: with
+    the requests each model queues, those are the only things that can make the run
+    ``stalled``, so the models' loops sleep until one happens instead of checking.
+    """
 
     def __init__(self, fingerprint: str) -> None:
         self.fingerprint = fingerprint
@@ -80,6 +94,7 @@ class BatchRun:
         # Rows finished before this run: a result of an earlier run's batch for one of
         # them will never be asked for (the batch is done without it).
         self.finished: Container[int] = ()
+        self._wakes: list[Callable[[], None]] = []  # each batch model's loop
 
     def stalled(self) -> bool:
         """Whether no row can add a request: every one waits on a batch."""
@@ -87,6 +102,18 @@ class BatchRun:
         if gauge is None or self.waiting < gauge.requests():
             return False
         return len(self.lines) >= gauge.rows()
+
+    def changed(self) -> None:
+        """A row ended, a row asked a batch model, or the input ran out: wake the
+        models' loops if no row can add a request any more."""
+        if self.waiting and self.stalled():
+            for wake in self._wakes:
+                wake()
+
+    def ended_cleanly(self) -> bool:
+        """Whether the run's rows all finished: none stopped, none left to start."""
+        gauge = self.gauge
+        return gauge is not None and not gauge.stopping() and gauge.rows() == 0
 
 
 def run_fingerprint(fields: Mapping[str, Any], checkpoint_dir: Path) -> str:
@@ -112,13 +139,27 @@ def should_submit(
     return stalled or waited_s >= batch.flush_s
 
 
-class _Waiter:
-    __slots__ = ("event", "line", "result")
+def next_wake(
+    now: float,
+    queued: int,
+    oldest: float,
+    running: int,
+    polls: list[float],
+    retry_at: float,
+    batch: BatchSettings,
+    *,
+    ready: bool,
+) -> float | None:
+    """When the loop must look again if nothing wakes it (None: only a wake-up). Pure.
 
-    def __init__(self, line: int | None) -> None:
-        self.event = anyio.Event()
-        self.result: Result | None = None
-        self.line = line
+    ``ready``: the queue would go now but for ``retry_at`` (it is full, or the run is
+    stalled). Called after ``should_submit`` said no, with the same values.
+    """
+    times = list(polls)
+    if queued and running < batch.max_batches:
+        at = now if ready else oldest + batch.flush_s
+        times.append(max(at, retry_at))
+    return min(times, default=None)
 
 
 @dataclass(slots=True)
@@ -128,7 +169,7 @@ class BatchState:
     seq: int
     file_id: str
     batch_id: str
-    cids: set[str]
+    cids: tuple[str, ...]  # its lines' custom ids (until it is collected)
     status: str = "validating"
     completed: int = 0
     failed: int = 0
@@ -137,6 +178,7 @@ class BatchState:
     next_poll: float = 0.0
     held: int = 0  # lines read back that no row has asked for yet
     collected: bool = False  # its output and error files were read
+    done: bool = False  # its "done" record was written
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -164,18 +206,24 @@ class BatchEndpoint:
         self._clock = clock
         self._body: dict[str, Any] = {**settings.params, "model": settings.model}
         self._dialect = Dialect(settings.reasoning, *settings.reasoning_tags)
-        self._queue: deque[tuple[str, bytes, _Waiter]] = deque()
+        # Requests not yet in a batch: (custom id, input line). Nothing else is kept for
+        # a row waiting on a batch than its line while queued and its future (below):
+        # the row's own coroutine holds its messages for a retry.
+        self._queue: deque[tuple[str, bytes]] = deque()
         self._queued_bytes = 0
         self._oldest = 0.0
-        self._waiters: dict[str, _Waiter] = {}  # submitted, awaited
+        self._gone = 0  # rows cancelled since the queue was last swept of theirs
+        self._waiters: dict[str, asyncio.Future[Result]] = {}  # custom id -> its row
         self._known: dict[str, str] = {}  # base -> custom id, in a batch of an earlier run
         # base -> a result read before its row asked, and its batch
         self._held: dict[str, tuple[Result, BatchState]] = {}
         self._batches: dict[str, BatchState] = {}  # running or being read
+        self._closing: list[BatchState] = []  # every line handed over: "done" to write
         self.finished: list[BatchState] = []
         self._seq = 0
         self._anon = itertools.count()
         self._wake = anyio.Event()
+        self.passes = 0  # the loop's passes: one per wake-up or deadline, never a timer
         self._retry_at = 0.0
         self._session: aiohttp.ClientSession | None = None
         self._group: TaskGroup | None = None
@@ -196,6 +244,7 @@ class BatchEndpoint:
         self._group = anyio.create_task_group()
         await self._group.__aenter__()
         self._group.start_soon(self._loop)
+        self._run._wakes.append(self._wake_up)
         return self
 
     async def __aexit__(
@@ -205,9 +254,19 @@ class BatchEndpoint:
         tb: TracebackType | None,
     ) -> None:
         group, self._group = self._group, None
+        if self._wake_up in self._run._wakes:
+            self._run._wakes.remove(self._wake_up)
         if group is not None:
             group.cancel_scope.cancel()
             await group.__aexit__(None, None, None)
+        if exc_type is None:
+            clean = self._run.ended_cleanly()
+            with anyio.CancelScope(shield=True):
+                for state in self.finished:
+                    # Lines still held at a clean end belong to rows that finished without
+                    # asking for them (replayed from the journal after a kill): none will.
+                    if state.collected and not state.done and (not state.held or clean):
+                        await self._done(state)
         running = [b.batch_id for b in self._batches.values() if b.status not in TERMINAL]
         if running:
             print(
@@ -254,72 +313,94 @@ class BatchEndpoint:
             base = request_base(tag[0], tag[1])
         else:
             line, base = None, f"q{next(self._anon)}"
-        body = {**self._body, **extra} if extra else dict(self._body)
-        body["messages"] = messages
         attempt, charged = 0, 0
         started = time.perf_counter()
+        run, stats = self._run, self.stats
         while True:
-            result = await self._result(base, attempt, body, line)
+            # Awaited here, not in a helper coroutine: a row waiting on a batch holds one
+            # frame fewer (rows in flight are counted in tens of thousands).
+            result = self._held_result(base)
+            if result is None:
+                cid, future = self._wait(base, attempt, messages, extra)
+                run.waiting += 1
+                if line is not None:
+                    run.lines[line] += 1
+                stats.in_flight += 1
+                stats.requests += 1
+                run.changed()  # the last row to wait: the queue goes now
+                try:
+                    result = await future
+                finally:
+                    stats.in_flight -= 1
+                    run.waiting -= 1
+                    if line is not None:
+                        run.lines[line] -= 1
+                        if not run.lines[line]:
+                            del run.lines[line]
+                    if not future.done() or future.cancelled():  # the row was cancelled
+                        self._forget(cid, future)
             if result.body is not None:
                 return self._completed(result.body, started)
             if not result.retryable:
-                self.stats.failures += 1
+                stats.failures += 1
                 raise ModelError(result.error, retryable=False)
             if result.charged:
                 charged += 1
                 if charged > self.settings.max_retries:
-                    self.stats.failures += 1
+                    stats.failures += 1
                     raise ModelError(
                         f"{result.error} (given up after {charged} tries)", retryable=False
                     )
-                self.stats.retries += 1
+                stats.retries += 1
             else:
-                self.stats.resent += 1
+                stats.resent += 1
             attempt = split_id(result.custom_id)[1] + 1
 
     # -- requests -----------------------------------------------------------------------
-    async def _result(
-        self, base: str, attempt: int, body: dict[str, Any], line: int | None
-    ) -> Result:
+    def _held_result(self, base: str) -> Result | None:
+        """The result of ``base`` read before its row asked (a batch of an earlier run)."""
         held = self._held.pop(base, None)
-        if held is not None:
-            result, state = held
-            state.held -= 1
-            if not state.held and state.collected:
-                await self._done(state)  # its last held line was the one still owed
-            return result
-        known = self._known.pop(base, None)
-        waiter = _Waiter(line)
-        if known is not None:
-            self._waiters[known] = waiter
-        else:
-            cid = custom_id(base, attempt)
-            raw = input_line(cid, body)
-            if not self._queue:
-                self._oldest = self._clock()
-            self._queue.append((cid, raw, waiter))
-            self._queued_bytes += len(raw)
+        if held is None:
+            return None
+        result, state = held
+        state.held -= 1
+        if not state.held and state.collected:
+            self._closing.append(state)  # its last held line was the one still owed
             self._wake.set()
-        run = self._run
-        run.waiting += 1
-        if line is not None:
-            run.lines[line] += 1
-        self.stats.in_flight += 1
-        self.stats.requests += 1
-        try:
-            await waiter.event.wait()
-        finally:
-            self.stats.in_flight -= 1
-            run.waiting -= 1
-            if line is not None:
-                run.lines[line] -= 1
-                if not run.lines[line]:
-                    del run.lines[line]
-            if waiter.result is None:
-                waiter.line = -1  # cancelled: the loop drops it from the queue
+        return result
+
+    def _wait(
+        self, base: str, attempt: int, messages: Messages, extra: Mapping[str, Any] | None
+    ) -> tuple[str, asyncio.Future[Result]]:
+        """The request's custom id and the future its result comes in: in a batch of an
+        earlier run, or queued now (its input line is all that is kept of it)."""
+        cid = self._known.pop(base, None)
+        if cid is None:
+            cid = custom_id(base, attempt)
+            body = {**self._body, **extra} if extra else dict(self._body)
+            body["messages"] = messages
+            raw = input_line(cid, body)
+            queue = self._queue
+            queue.append((cid, raw))
+            self._queued_bytes += len(raw)
+            if len(queue) == 1:
+                self._oldest = self._clock()
+                self._wake.set()  # a flush deadline to keep
+            elif len(queue) >= self.batch.max_requests or (
+                self._queued_bytes >= self.batch.max_bytes
+            ):
+                self._wake.set()
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._waiters[cid] = future
+        return cid, future
+
+    def _forget(self, cid: str, future: asyncio.Future[Result]) -> None:
+        """A cancelled row's request: its line leaves the queue; a result for it read
+        later is held (a later run's row asks for it again)."""
+        if self._waiters.get(cid) is future:
+            del self._waiters[cid]
+        self._gone += 1
         self._wake.set()
-        assert waiter.result is not None
-        return waiter.result
 
     def _completed(self, body: bytes, started: float) -> Completion:
         try:
@@ -337,38 +418,66 @@ class BatchEndpoint:
         return completion
 
     # -- the loop -----------------------------------------------------------------------
+    def _wake_up(self) -> None:
+        self._wake.set()
+
     async def _loop(self) -> None:
-        tick = min(self.batch.poll_s, self.batch.flush_s, 0.05)
+        """Submit and poll; between, sleep until the next poll, the queue's flush
+        deadline or a wake-up (a request queued, the queue full, the run stalled)."""
+        batch = self.batch
         while True:
+            self.passes += 1
+            self._wake = anyio.Event()  # a wake-up from here on is seen
+            while self._closing:
+                await self._done(self._closing.pop())
+            if self._gone:
+                self._drop_cancelled()
             now = self._clock()
-            self._drop_cancelled()
+            queued = len(self._queue)
+            stalled = queued > 0 and self._run.stalled()
             if now >= self._retry_at and should_submit(
-                len(self._queue),
+                queued,
                 self._queued_bytes,
                 now - self._oldest,
                 len(self._batches),
-                self.batch,
-                stalled=self._run.stalled(),
+                batch,
+                stalled=stalled,
             ):
                 await self._submit()
                 continue
-            for state in list(self._batches.values()):
-                if state.next_poll <= now:
-                    await self._poll(state)
-            self._wake = anyio.Event()
-            with anyio.move_on_after(tick):
+            due = [state for state in self._batches.values() if state.next_poll <= now]
+            for state in due:
+                await self._poll(state)
+            if due:
+                continue  # a batch may have ended: room for the queue, rows going on
+            full = queued >= batch.max_requests or self._queued_bytes >= batch.max_bytes
+            wake_at = next_wake(
+                now,
+                queued,
+                self._oldest,
+                len(self._batches),
+                [state.next_poll for state in self._batches.values()],
+                self._retry_at,
+                batch,
+                ready=full or stalled,
+            )
+            delay = math.inf if wake_at is None else max(0.0, wake_at - self._clock())
+            with anyio.move_on_after(delay):
                 await self._wake.wait()
 
     def _drop_cancelled(self) -> None:
-        if any(w.line == -1 for _, _, w in self._queue):
-            kept = deque(item for item in self._queue if item[2].line != -1)
+        """Take the lines of cancelled rows out of the queue."""
+        self._gone = 0
+        waiters = self._waiters
+        kept = deque(item for item in self._queue if item[0] in waiters)
+        if len(kept) != len(self._queue):
             self._queue = kept
-            self._queued_bytes = sum(len(raw) for _, raw, _ in kept)
+            self._queued_bytes = sum(len(raw) for _, raw in kept)
             if kept:
                 self._oldest = min(self._oldest, self._clock())
 
-    def _take(self) -> list[tuple[str, bytes, _Waiter]]:
-        taken: list[tuple[str, bytes, _Waiter]] = []
+    def _take(self) -> list[tuple[str, bytes]]:
+        taken: list[tuple[str, bytes]] = []
         size = 0
         queue = self._queue
         while queue and len(taken) < self.batch.max_requests:
@@ -387,21 +496,21 @@ class BatchEndpoint:
         assert api is not None
         taken = self._take()
         seq = self._seq
-        data = b"".join(raw for _, raw, _ in taken)
+        data = b"".join(raw for _, raw in taken)
         try:
             file_id = await api.upload(data, f"turnstile-{self.settings.name}-{seq}.jsonl")
         except ModelError as exc:
             self._queue.extendleft(reversed(taken))
             self._queued_bytes += len(data)
-            self._failed_call(exc, taken)
+            self._failed_call(exc)
             return
         self._seq += 1
+        cids = tuple(cid for cid, _ in taken)
+        del taken, data  # uploaded: the lines are the provider's now
         await self._log.record({"k": "file", "seq": seq, "file": file_id})
-        for cid, _, waiter in taken:
-            self._waiters[cid] = waiter
-        await self._create(seq, file_id, {cid for cid, _, _ in taken})
+        await self._create(seq, file_id, cids)
 
-    async def _create(self, seq: int, file_id: str, cids: set[str]) -> None:
+    async def _create(self, seq: int, file_id: str, cids: tuple[str, ...]) -> None:
         api = self.api
         assert api is not None
         metadata = {
@@ -426,7 +535,7 @@ class BatchEndpoint:
         seq: int,
         file_id: str,
         batch: dict[str, Any],
-        cids: set[str],
+        cids: tuple[str, ...],
         *,
         attached: bool = False,
     ) -> None:
@@ -441,7 +550,7 @@ class BatchEndpoint:
         else:
             stats.batches_submitted += 1
 
-    def _failed_call(self, exc: ModelError, taken: list[tuple[str, bytes, _Waiter]]) -> None:
+    def _failed_call(self, exc: ModelError) -> None:
         if exc.retryable:
             self._retry_at = self._clock() + self.batch.poll_s
             return
@@ -455,8 +564,10 @@ class BatchEndpoint:
             model_down=True,
             fix="check base_url and api_key_env",
         )
-        for _, _, waiter in self._queue:
-            self._deliver_to(waiter, Result("", None, str(exc), retryable=False))
+        for cid, _ in self._queue:
+            future = self._waiters.pop(cid, None)
+            if future is not None and not future.done():
+                future.set_result(Result(cid, None, str(exc), retryable=False))
         self._queue.clear()
         self._queued_bytes = 0
 
@@ -497,6 +608,7 @@ class BatchEndpoint:
 
     async def _done(self, state: BatchState) -> None:
         """Every line of ``state`` is accounted for: it need not be read again."""
+        state.done = True
         await self._log.record(
             {
                 "k": "done",
@@ -524,12 +636,12 @@ class BatchEndpoint:
                     self._deliver(state, result)
         for cid in pending:
             self._deliver(state, left_over(cid, state.batch_id, state.status))
-        state.cids = set()
+        state.cids = ()
 
     def _deliver(self, state: BatchState, result: Result) -> None:
-        waiter = self._waiters.pop(result.custom_id, None)
-        if waiter is not None and waiter.line != -1:
-            self._deliver_to(waiter, result)
+        future = self._waiters.pop(result.custom_id, None)
+        if future is not None and not future.done():
+            future.set_result(result)
             return
         base = split_id(result.custom_id)[0]
         self._known.pop(base, None)
@@ -538,11 +650,6 @@ class BatchEndpoint:
             return  # its row finished in an earlier run: accounted for
         self._held[base] = (result, state)
         state.held += 1
-
-    @staticmethod
-    def _deliver_to(waiter: _Waiter, result: Result) -> None:
-        waiter.result = result
-        waiter.event.set()
 
     # -- resume -------------------------------------------------------------------------
     async def _reattach(self) -> None:
@@ -578,13 +685,13 @@ class BatchEndpoint:
             for cid in batch_state.cids:
                 self._known[split_id(cid)[0]] = cid
 
-    async def _cids(self, file_id: str) -> set[str]:
+    async def _cids(self, file_id: str) -> tuple[str, ...]:
         api = self.api
         assert api is not None
-        cids = set()
+        cids = []
         async for raw in api.lines(file_id):
-            cids.add(str(orjson.loads(raw)["custom_id"]))
-        return cids
+            cids.append(str(orjson.loads(raw)["custom_id"]))
+        return tuple(cids)
 
 
 def _batch_record(seq: int, file_id: str, batch: Mapping[str, Any]) -> dict[str, Any]:

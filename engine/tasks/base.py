@@ -240,6 +240,8 @@ class Context:
     _in_flight: int = field(default=0, init=False, repr=False)  # requests sent, not yet back
     _rows: int = field(default=0, init=False, repr=False)  # rows being processed
     _parked: int = field(default=0, init=False, repr=False)  # of those, waiting on a stop
+    # Told when a row ends (a batch model's loop wakes on it: engine.batch.endpoint.BatchRun).
+    rows_changed: Callable[[], None] = field(default=lambda: None, repr=False)
 
     def __post_init__(self) -> None:
         self._filtering = self.config.filters.active
@@ -276,6 +278,7 @@ class Context:
     def end(self, row: RowContext) -> None:
         """The row's ``process`` returned or raised: no longer in progress."""
         self._rows -= 1
+        self.rows_changed()
         if row._parked:
             self._parked -= 1
         if self._stopping:
