@@ -12,6 +12,9 @@ no timers). Its lines are answered as ``/v1/chat/completions`` would answer them
 - ``hold_content``: an output file is served up to its middle, then waits for
   ``release_content()`` (tests kill a run while it reads one).
 
+Files (uploaded, output and error) are kept on disk, in a temporary folder removed with
+the server, so a run of 10^6 requests costs the mock its disk, not its memory.
+
 ``events`` counts what happened (upload, create, get, list, cancel, content) and
 ``lines_by_id`` how often each ``custom_id`` was submitted; ``wait_for(event, n)``
 returns once ``event`` happened ``n`` times.
@@ -21,8 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
+import tempfile
 import time
+import weakref
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -60,7 +68,9 @@ class MockBatchApi:
         self.expire_next = 0
         self.seed = 0
         self.hold_content = False
-        self.files: dict[str, bytes] = {}
+        self._dir = Path(tempfile.mkdtemp(prefix="turnstile-mock-batch-"))
+        weakref.finalize(self, shutil.rmtree, self._dir, True)
+        self.files: dict[str, Path] = {}  # file id -> its bytes on disk
         self.batches: dict[str, dict[str, Any]] = {}
         self._created: dict[str, float] = {}
         self._order: list[str] = []  # batch ids, oldest first
@@ -101,9 +111,11 @@ class MockBatchApi:
         return f"{prefix}-mock-{self._next}"
 
     async def _upload(self, request: web.Request) -> web.Response:
-        data: bytes | None = None
+        path: Path | None = None
+        size = 0
         purpose = None
         name = "upload.jsonl"
+        file_id = self._id("file")
         reader = await request.multipart()
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
@@ -112,17 +124,22 @@ class MockBatchApi:
                 purpose = (await part.read()).decode()
             elif part.name == "file":
                 name = part.filename or name
-                data = bytes(await part.read())
-        if data is None or purpose != "batch":
+                path = self._dir / file_id
+                with path.open("wb") as f:  # chunk by chunk: a 200 MB file is never whole
+                    while chunk := await part.read_chunk(1 << 20):
+                        f.write(chunk)
+                        size += len(chunk)
+        if path is None or purpose != "batch":
+            if path is not None:
+                path.unlink()
             return _json({"error": {"message": "need purpose=batch and a file"}}, 400)
-        file_id = self._id("file")
-        self.files[file_id] = data
+        self.files[file_id] = path
         self._happened("upload")
         return _json(
             {
                 "id": file_id,
                 "object": "file",
-                "bytes": len(data),
+                "bytes": size,
                 "created_at": int(time.time()),
                 "filename": name,
                 "purpose": "batch",
@@ -131,8 +148,10 @@ class MockBatchApi:
 
     async def _delete(self, request: web.Request) -> web.Response:
         file_id = request.match_info["id"]
-        if self.files.pop(file_id, None) is None:
+        path = self.files.pop(file_id, None)
+        if path is None:
             return _missing("file")
+        path.unlink(missing_ok=True)
         return _json({"id": file_id, "object": "file", "deleted": True})
 
     async def _create(self, request: web.Request) -> web.Response:
@@ -140,9 +159,10 @@ class MockBatchApi:
         file_id = body.get("input_file_id")
         if file_id not in self.files:
             return _missing("file")
-        lines = [orjson.loads(x) for x in self.files[file_id].splitlines() if x.strip()]
-        for line in lines:
+        total = 0
+        for line in _lines(self.files[file_id]):
             self.lines_by_id[line["custom_id"]] += 1
+            total += 1
         batch_id = self._id("batch")
         self.batches[batch_id] = {
             "id": batch_id,
@@ -155,7 +175,7 @@ class MockBatchApi:
             "output_file_id": None,
             "error_file_id": None,
             "created_at": int(time.time()),
-            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "request_counts": {"total": total, "completed": 0, "failed": 0},
             "metadata": dict(body.get("metadata") or {}),
         }
         self._created[batch_id] = time.monotonic()
@@ -178,65 +198,59 @@ class MockBatchApi:
         return batch
 
     def _finish(self, batch: dict[str, Any], *, expire: bool) -> None:
-        lines = [orjson.loads(x) for x in self.files[batch["input_file_id"]].splitlines() if x]
-        done = len(lines) // 2 if expire else len(lines)
-        out: list[bytes] = []
-        errors: list[bytes] = []
-        for number, line in enumerate(lines):
-            cid = line["custom_id"]
-            self._next += 1
-            entry: dict[str, Any] = {"id": f"batch_req_{self._next}", "custom_id": cid}
-            if number >= done:
-                entry |= {
-                    "response": None,
-                    "error": {"code": "batch_expired", "message": "the batch expired"},
-                }
-                errors.append(orjson.dumps(entry))
-                continue
-            try:
-                chat = parse_chat_request(line["body"])
-            except BadRequest as exc:
-                entry |= {"response": _error_response(400, str(exc)), "error": None}
-                errors.append(orjson.dumps(entry))
-                continue
-            last = str(chat.messages[-1].get("content", "")) if chat.messages else ""
-            if PERMANENT_MARK in last:
-                entry |= {"response": _error_response(400, "refused (mock)"), "error": None}
-                errors.append(orjson.dumps(entry))
-                continue
-            if self.error_rate and _share(cid, self.seed) < self.error_rate:
-                entry |= {"response": _error_response(500, "server error (mock)"), "error": None}
-                errors.append(orjson.dumps(entry))
-                continue
-            server = self.server
-            body = completion_body(
-                chat,
-                completion_id=f"chatcmpl-mock-{self._next}",
-                created=int(time.time()),
-                reasoning=server.reasoning,
-                trace_chars=server.reasoning_chars,
-            )
-            server.stats.completed += 1
-            entry |= {
-                "response": {"status_code": 200, "request_id": entry["id"], "body": body},
-                "error": None,
-            }
-            out.append(orjson.dumps(entry))
+        total = batch["request_counts"]["total"]
+        done = total // 2 if expire else total
+        out_id, errors_id = self._id("file"), self._id("file")
+        completed = failed = 0
+        with (self._dir / out_id).open("wb") as out, (self._dir / errors_id).open("wb") as errors:
+            for number, line in enumerate(_lines(self.files[batch["input_file_id"]])):
+                entry = self._answer(line, expired=number >= done)
+                if entry["error"] is None and entry["response"]["status_code"] == 200:
+                    out.write(orjson.dumps(entry) + b"\n")
+                    completed += 1
+                else:
+                    errors.write(orjson.dumps(entry) + b"\n")
+                    failed += 1
         batch["status"] = "expired" if expire else "completed"
-        batch["request_counts"] = {
-            "total": len(lines),
-            "completed": len(out),
-            "failed": len(errors),
-        }
-        if out:
-            batch["output_file_id"] = self._file(out)
-        if errors:
-            batch["error_file_id"] = self._file(errors)
+        batch["request_counts"] = {"total": total, "completed": completed, "failed": failed}
+        for key, file_id, count in (
+            ("output_file_id", out_id, completed),
+            ("error_file_id", errors_id, failed),
+        ):
+            if count:
+                self.files[file_id] = self._dir / file_id
+                batch[key] = file_id
+            else:
+                (self._dir / file_id).unlink()
 
-    def _file(self, lines: list[bytes]) -> str:
-        file_id = self._id("file")
-        self.files[file_id] = b"\n".join(lines) + b"\n"
-        return file_id
+    def _answer(self, line: dict[str, Any], *, expired: bool) -> dict[str, Any]:
+        """One input line's entry in the output or error file."""
+        cid = line["custom_id"]
+        self._next += 1
+        entry: dict[str, Any] = {"id": f"batch_req_{self._next}", "custom_id": cid}
+        if expired:
+            error = {"code": "batch_expired", "message": "the batch expired"}
+            return entry | {"response": None, "error": error}
+        try:
+            chat = parse_chat_request(line["body"])
+        except BadRequest as exc:
+            return entry | {"response": _error_response(400, str(exc)), "error": None}
+        last = str(chat.messages[-1].get("content", "")) if chat.messages else ""
+        if PERMANENT_MARK in last:
+            return entry | {"response": _error_response(400, "refused (mock)"), "error": None}
+        if self.error_rate and _share(cid, self.seed) < self.error_rate:
+            return entry | {"response": _error_response(500, "server error (mock)"), "error": None}
+        server = self.server
+        body = completion_body(
+            chat,
+            completion_id=f"chatcmpl-mock-{self._next}",
+            created=int(time.time()),
+            reasoning=server.reasoning,
+            trace_chars=server.reasoning_chars,
+        )
+        server.stats.completed += 1
+        response = {"status_code": 200, "request_id": entry["id"], "body": body}
+        return entry | {"response": response, "error": None}
 
     async def _get(self, request: web.Request) -> web.Response:
         batch_id = request.match_info["id"]
@@ -273,16 +287,16 @@ class MockBatchApi:
         return _json(batch)
 
     async def _content(self, request: web.Request) -> web.StreamResponse:
-        data = self.files.get(request.match_info["id"])
-        if data is None:
+        path = self.files.get(request.match_info["id"])
+        if path is None:
             return _missing("file")
         self._happened("content")
         if not self.hold_content:
-            return web.Response(body=data, content_type="application/octet-stream")
+            return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
         response = web.StreamResponse()
         response.content_type = "application/octet-stream"
         await response.prepare(request)
-        lines = data.splitlines(keepends=True)
+        lines = path.read_bytes().splitlines(keepends=True)
         half = max(1, len(lines) // 2)
         await response.write(b"".join(lines[:half]))
         self._happened("content_half")
@@ -290,6 +304,14 @@ class MockBatchApi:
         await response.write(b"".join(lines[half:]))
         await response.write_eof()
         return response
+
+
+def _lines(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON lines of a file on disk, one at a time."""
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                yield orjson.loads(raw)
 
 
 def _error_response(status: int, message: str) -> dict[str, Any]:
