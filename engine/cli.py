@@ -336,99 +336,120 @@ def _port(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The commands with arguments of their own (build_parser's ``only``).
+_COMMANDS = frozenset({"run", "estimate", "status", "cancel", "report", "repair", "export"})
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; ``only``: with that one command's arguments alone (the
+    others are not built: a run's start does not pay for every command's parser)."""
     parser = argparse.ArgumentParser(
         prog="turnstile",
         description="Generate LLM training data from prompt and conversation datasets.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run (or resume) the job a config describes")
-    run.add_argument("config", help="the run's YAML config")
-    run.add_argument(
-        "--fresh", action="store_true", help="discard the checkpoint and output and start over"
-    )
-    run.add_argument("--quiet", action="store_true", help="no progress display")
-    run.add_argument(
-        "--executor",
-        choices=executor_names(),
-        default=None,
-        help=f"override executor.kind: {', '.join(executor_names())}",
-    )
-    run.add_argument(
-        "--shards", type=_positive, default=None, help="override executor.shards (first run only)"
-    )
-    run.add_argument(
-        "--metrics-port",
-        type=_port,
-        default=None,
-        help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (metrics.port)",
-    )
-    # Rows between two checkpoint snapshots: tests and benchmarks take them often, to
-    # crash a run between them; not a setting a run needs, so not in --help.
-    run.add_argument(
-        "--snapshot-every-rows", type=_positive, default=SNAPSHOT_EVERY_ROWS, help=argparse.SUPPRESS
-    )
-    run.set_defaults(func=cmd_run)
-    estimate = sub.add_parser(
-        "estimate",
-        help="run a sample of rows for real (a later run resumes them) and print the whole "
-        "input's requests, tokens, USD (with a range) and time at the current caps",
-    )
-    estimate.add_argument("config")
-    estimate.add_argument(
-        "--sample", type=_positive, default=20, help="rows to run, spread over the input"
-    )
-    estimate.set_defaults(func=cmd_estimate)
-    status = sub.add_parser("status", help="progress read from the checkpoint, without running")
-    status.add_argument("config")
-    status.set_defaults(func=cmd_status)
-    cancel = sub.add_parser("cancel", help="cancel the run's running batches (batch models)")
-    cancel.add_argument("config")
-    cancel.set_defaults(func=cmd_cancel)
-    report = sub.add_parser(
-        "report", help="write <checkpoint_dir>/report.html: plots of how the run went"
-    )
-    report.add_argument("config")
-    report.set_defaults(func=cmd_report)
-    repair = sub.add_parser(
-        "repair", help="drop damaged journal records so the run can resume (their work is redone)"
-    )
-    repair.add_argument("config")
-    repair.set_defaults(func=cmd_repair)
-    export = sub.add_parser(
-        "export", help="the run's finished rows in input order: Parquet, a HF dataset, or JSONL"
-    )
-    export.add_argument("config")
-    export.add_argument("--format", choices=("parquet", "hf", "jsonl"), default="parquet")
-    export.add_argument(
-        "--to",
-        default=None,
-        help="where to write (default: next to the output: <stem>.parquet, <stem>_hf/, "
-        "<stem>.sorted.jsonl)",
-    )
-    export.add_argument(
-        "--pairs-only",
-        action="store_true",
-        help="preference runs: keep only rows with a chosen/rejected pair",
-    )
-    export.add_argument(
-        "--keep-columns",
-        action="store_true",
-        help="keep input fields named like TRL's own columns (completion, label, "
-        "chat_template_kwargs); by default they are left out, with a note in the card",
-    )
-    export.add_argument(
-        "--reasoning",
-        choices=("keep", "inline", "drop"),
-        default="keep",
-        help="reasoning traces: keep them as in the output (reasoning_content), inline them "
-        "into each answer as <think>TRACE</think> (for chat templates that do not read the "
-        "field), or drop them (answers only)",
-    )
-    export.set_defaults(func=cmd_export)
-    sub.add_parser("mock-server", help="the mock OpenAI-compatible server (see --help)")
-    sub.add_parser("serve-local", help="the built-in llama.cpp server in the foreground")
-    sub.add_parser("bench", help="the benchmark suite (from a checkout; see bench/)")
+    if only is None or only == "run":
+        run = sub.add_parser("run", help="run (or resume) the job a config describes")
+        run.add_argument("config", help="the run's YAML config")
+        run.add_argument(
+            "--fresh", action="store_true", help="discard the checkpoint and output and start over"
+        )
+        run.add_argument("--quiet", action="store_true", help="no progress display")
+        run.add_argument(
+            "--executor",
+            choices=executor_names(),
+            default=None,
+            help=f"override executor.kind: {', '.join(executor_names())}",
+        )
+        run.add_argument(
+            "--shards",
+            type=_positive,
+            default=None,
+            help="override executor.shards (first run only)",
+        )
+        run.add_argument(
+            "--metrics-port",
+            type=_port,
+            default=None,
+            help="serve Prometheus metrics at http://127.0.0.1:PORT/metrics (metrics.port)",
+        )
+        # Rows between two checkpoint snapshots: tests and benchmarks take them often, to
+        # crash a run between them; not a setting a run needs, so not in --help.
+        run.add_argument(
+            "--snapshot-every-rows",
+            type=_positive,
+            default=SNAPSHOT_EVERY_ROWS,
+            help=argparse.SUPPRESS,
+        )
+        run.set_defaults(func=cmd_run)
+    if only is None or only == "estimate":
+        estimate = sub.add_parser(
+            "estimate",
+            help="run a sample of rows for real (a later run resumes them) and print the whole "
+            "input's requests, tokens, USD (with a range) and time at the current caps",
+        )
+        estimate.add_argument("config")
+        estimate.add_argument(
+            "--sample", type=_positive, default=20, help="rows to run, spread over the input"
+        )
+        estimate.set_defaults(func=cmd_estimate)
+    if only is None or only == "status":
+        status = sub.add_parser("status", help="progress read from the checkpoint, without running")
+        status.add_argument("config")
+        status.set_defaults(func=cmd_status)
+    if only is None or only == "cancel":
+        cancel = sub.add_parser("cancel", help="cancel the run's running batches (batch models)")
+        cancel.add_argument("config")
+        cancel.set_defaults(func=cmd_cancel)
+    if only is None or only == "report":
+        report = sub.add_parser(
+            "report", help="write <checkpoint_dir>/report.html: plots of how the run went"
+        )
+        report.add_argument("config")
+        report.set_defaults(func=cmd_report)
+    if only is None or only == "repair":
+        repair = sub.add_parser(
+            "repair",
+            help="drop damaged journal records so the run can resume (their work is redone)",
+        )
+        repair.add_argument("config")
+        repair.set_defaults(func=cmd_repair)
+    if only is None or only == "export":
+        export = sub.add_parser(
+            "export", help="the run's finished rows in input order: Parquet, a HF dataset, or JSONL"
+        )
+        export.add_argument("config")
+        export.add_argument("--format", choices=("parquet", "hf", "jsonl"), default="parquet")
+        export.add_argument(
+            "--to",
+            default=None,
+            help="where to write (default: next to the output: <stem>.parquet, <stem>_hf/, "
+            "<stem>.sorted.jsonl)",
+        )
+        export.add_argument(
+            "--pairs-only",
+            action="store_true",
+            help="preference runs: keep only rows with a chosen/rejected pair",
+        )
+        export.add_argument(
+            "--keep-columns",
+            action="store_true",
+            help="keep input fields named like TRL's own columns (completion, label, "
+            "chat_template_kwargs); by default they are left out, with a note in the card",
+        )
+        export.add_argument(
+            "--reasoning",
+            choices=("keep", "inline", "drop"),
+            default="keep",
+            help="reasoning traces: keep them as in the output (reasoning_content), inline them "
+            "into each answer as <think>TRACE</think> (for chat templates that do not read the "
+            "field), or drop them (answers only)",
+        )
+        export.set_defaults(func=cmd_export)
+    if only is None:  # run by main before any parsing; listed in --help
+        sub.add_parser("mock-server", help="the mock OpenAI-compatible server (see --help)")
+        sub.add_parser("serve-local", help="the built-in llama.cpp server in the foreground")
+        sub.add_parser("bench", help="the benchmark suite (from a checkout; see bench/)")
     return parser
 
 
@@ -466,7 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return local_server.main(args_list[1:])
     if args_list and args_list[0] == "bench":
         return _bench(args_list[1:])
-    args = build_parser().parse_args(args_list)
+    command = args_list[0] if args_list else None
+    args = build_parser(command if command in _COMMANDS else None).parse_args(args_list)
     progress.log_to_console()
     try:
         code = args.func(args)

@@ -1,6 +1,6 @@
 """``python -m engine`` ends through engine.cli.entry: main's exit code, every line it
 printed (stdout is block-buffered into a pipe), the atexit handlers run, and no
-interpreter teardown."""
+interpreter teardown. A command is parsed by a parser of that command alone."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from engine import cli
 from engine.errors import EXIT_OK, EXIT_UNUSABLE
 from tests.conftest import write_config
 
@@ -52,3 +55,9 @@ def test_the_atexit_handlers_still_run(tmp_path: Path) -> None:
     )
     assert done.returncode == EXIT_OK, done.stderr
     assert done.stdout.splitlines()[-1] == "handler ran"
+
+
+@pytest.mark.parametrize("command", sorted(cli._COMMANDS))
+def test_a_command_parsed_by_its_own_parser_reads_as_by_the_whole_one(command: str) -> None:
+    argv = [command, "c.yaml"]
+    assert cli.build_parser(command).parse_args(argv) == cli.build_parser().parse_args(argv)
