@@ -17,7 +17,14 @@ it takes a while (each 50,000-line batch is answered in one pass of the mock's l
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import tracemalloc
+from pathlib import Path
 
 from bench import workloads
 from bench.mockserver import MockProcess
@@ -34,10 +41,12 @@ from bench.runners import (
 from bench.throughput import INPUTS, LOGS
 from bench.workloads import SINGLE
 from engine.batch.log import log_path, read_log
+from engine.batch.settings import BatchSettings
 
 TURNSTILE = "turnstile"
 PER_BATCH = 50_000
 RSS_GOAL_MB = 1024.0
+BATCH_NEVER_DONE = ("--batch-delay-s", "3600")  # the mock's batches, while a trace is taken
 
 
 def settings(per_batch: int, batches: int) -> dict[str, float]:
@@ -145,3 +154,107 @@ def batch(plan: Plan) -> Section:
         "settings": settings(per_batch, 1),
     }
     return section
+
+
+def trace_waiting_rows(rows: int) -> list[str]:
+    """Where the memory of ``rows`` single-turn rows waiting on one batch goes.
+
+    The run goes in this process (``engine.arun``) against the mock in a child process
+    whose batch never completes; once every row waits on the created batch, a
+    tracemalloc snapshot is compared with one taken before the run (traced bytes only:
+    the allocator's own overhead and the interpreter's arenas are not counted).
+    ``python -m bench.batch trace 20000``; with tracemalloc on, it takes a few minutes.
+    """
+    import yaml
+
+    import engine
+    from engine.batch.endpoint import BatchEndpoint
+
+    wl = workloads.make(SINGLE, rows, INPUTS)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mock = subprocess.Popen(
+        [sys.executable, "-m", "engine", "mock-server", "--port", str(port), *BATCH_NEVER_DONE],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoints: list[BatchEndpoint] = []
+    init = BatchEndpoint.__init__
+
+    def remember(self: BatchEndpoint, *args: object, **kwargs: object) -> None:
+        endpoints.append(self)
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    async def measure() -> list[str]:
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        batch = BatchSettings(max_requests=rows, max_batches=1, poll_s=3600, flush_s=3600)
+        with tempfile.TemporaryDirectory() as folder:
+            config = {
+                "task": "distill",
+                "input": str(wl.path),
+                "output": "out/distilled.jsonl",
+                "checkpoint_dir": "ck",
+                "progress_interval_s": 60,
+                "models": {
+                    "teacher": {
+                        "base_url": f"http://127.0.0.1:{port}/v1",
+                        "model": "mock",
+                        "timeout_s": 60,
+                        "batch": {
+                            "max_requests": batch.max_requests,
+                            "max_batches": 1,
+                            "poll_s": batch.poll_s,
+                            "flush_s": batch.flush_s,
+                        },
+                    }
+                },
+                "distill": {"model": "teacher"},
+            }
+            path = Path(folder) / "run.yaml"
+            path.write_text(yaml.safe_dump(config))
+            tracemalloc.start(8)
+            before = tracemalloc.take_snapshot()
+            run = asyncio.ensure_future(engine.arun(str(path)))
+            while not (
+                endpoints and endpoints[0].stats.in_flight == rows and endpoints[0].batches()
+            ):
+                await asyncio.sleep(0.5)
+                if run.done():
+                    run.result()
+            after = tracemalloc.take_snapshot()
+            tracemalloc.stop()
+            run.cancel()
+            try:
+                await run
+            except BaseException:
+                pass  # stopped on purpose: its rows are what was measured
+        diff = after.compare_to(before, "lineno")
+        total = sum(d.size_diff for d in diff)
+        lines = [
+            f"{rows:,} rows waiting: {total / rows:,.0f} B a row traced ({total / 1e6:.1f} MB)"
+        ]
+        for d in diff[:20]:
+            frame = d.traceback[0]
+            lines.append(
+                f"{d.size_diff / rows:8.0f} B {d.count_diff / rows:5.2f} objects  "
+                f"{frame.filename}:{frame.lineno}"
+            )
+        return lines
+
+    BatchEndpoint.__init__ = remember  # type: ignore[method-assign]
+    try:
+        return asyncio.run(measure())
+    finally:
+        BatchEndpoint.__init__ = init  # type: ignore[method-assign]
+        mock.terminate()
+        mock.wait()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["trace"]:
+    print("\n".join(trace_waiting_rows(int(sys.argv[2]) if len(sys.argv) > 2 else 20_000)))
