@@ -142,8 +142,7 @@ def _chaos(plan: Plan, _: set[str]) -> list[Section]:
         f"python -m bench.chaos --turns {plan.chaos_turns} --kills {plan.chaos_kills} --seed 1"
     )
     text = chaos.markdown(found, command).splitlines()
-    # Its own heading and the markers chaos.py puts round it for a file of its own.
-    body = [line for line in text[1:] if line not in (chaos.START, chaos.END)]
+    body = text[1:]  # under the suite's own heading
     while body and (not body[0].strip() or body[0].startswith("#")):
         body.pop(0)
     section = Section("chaos", "Chaos: faults and repeated SIGKILLs", body)

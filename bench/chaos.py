@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import os
 import random
-import re
 import signal
 import sys
 import tempfile
@@ -38,8 +37,6 @@ CHAOS_FAULTS = {
     "rate_malformed": 0.01,
     "rate_hang": 0.01,
 }
-RESULTS = Path(__file__).with_name("RESULTS.md")
-START, END = "<!-- chaos:start -->", "<!-- chaos:end -->"
 
 
 @dataclass
@@ -203,7 +200,6 @@ def markdown(report: ChaosReport, command: str) -> str:
     faults = ", ".join(f"{k} {v}" for k, v in sorted(report.faults.items()))
     return "\n".join(
         [
-            START,
             "## Chaos: faults and repeated SIGKILLs",
             "",
             f"`{command}` ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores): "
@@ -226,17 +222,8 @@ def markdown(report: ChaosReport, command: str) -> str:
             "",
             "Re-sent requests are the retries of faulted requests plus the turns in flight at "
             "each kill; no turn that had been journaled was requested again.",
-            END,
         ]
     )
-
-
-def write_results(text: str, path: Path = RESULTS) -> None:
-    """Put the chaos section into RESULTS.md, replacing an earlier one."""
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip() + "\n\n" + text
-    path.write_text(new.rstrip() + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,15 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--turns", type=int, default=10_000)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="turnstile-chaos-") as tmp:
         report = asyncio.run(chaos(Path(tmp), turns=args.turns, kills=args.kills, seed=args.seed))
     command = f"python -m bench.chaos --turns {args.turns} --kills {args.kills} --seed {args.seed}"
     text = markdown(report, command)
-    print(text)
-    if not args.no_write:
-        write_results(text)
+    print(text)  # the full suite (python -m bench) puts it in RESULTS.md with the others
     return 0 if report.exact else 1
 
 
