@@ -9,7 +9,7 @@ grow with the input (the sizes), and one more run with ``max_batches: 2`` (100,0
 in flight) at the smallest size gives the memory a row in flight costs: MB per 10^5
 rows in flight. CPU is the client's whole process (start to exit).
 
-``BENCH_BATCH_SIZES=100000,1000000`` sets the sizes (default: 100,000 and 200,000; a
+``BENCH_BATCH_SIZES=100000,200000`` sets the sizes (default: the plan's, 100,000 and 10^6; a
 quick run 10,000 and 20,000 with batches of 5,000). The mock keeps its batch files on disk
 (engine.testing.mock_batch), so 10^6 costs it about a gigabyte of temporary disk, not memory;
 it takes a while (each 50,000-line batch is answered in one pass of the mock's loop).
@@ -57,7 +57,7 @@ def _sizes(plan: Plan) -> list[int]:
     raw = os.environ.get("BENCH_BATCH_SIZES")
     if raw:
         return [int(x) for x in raw.split(",") if x.strip()]
-    return [10_000, 20_000] if plan.quick else [100_000, 200_000]
+    return list(plan.batch_sizes)
 
 
 def run_batch(mock: MockProcess, rows: int, per_batch: int, batches: int) -> Result:

@@ -40,7 +40,7 @@ def test_every_suite_name_has_an_estimate_and_the_full_run_fits() -> None:
     for name in bench_main.NAMES:
         assert estimate_s(FULL, name) > 0 and estimate_s(QUICK, name) > 0
     full = sum(estimate_s(FULL, suite.names[0]) for suite in bench_main.SUITES)
-    assert full <= 36 * 60, f"the full plan is estimated at {full / 60:.1f} min"
+    assert full <= 39 * 60, f"the full plan is estimated at {full / 60:.1f} min"
     # The 10^7-row memory/resume run is opt-in, and memory and resume are measured once.
     assert BIG_ROWS not in FULL.memory_rows and not FULL.caps_memory_rows
     assert BIG_ROWS in with_big(FULL).resume_rows
