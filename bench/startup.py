@@ -125,41 +125,21 @@ def import_profile(top: int = 12) -> list[tuple[str, float]]:
     return rows[:top]
 
 
-# Run in the client's process: the modules loaded when the first POST goes out.
-_AT_FIRST_REQUEST = """
-import sys
-import aiohttp.client
-import orjson
-send = aiohttp.client.ClientSession._request
-seen = []
-
-async def first(self, method, url, *args, **kwargs):
-    if method == "POST" and not seen:
-        seen.append(sorted(sys.modules))
-    return await send(self, method, url, *args, **kwargs)
-
-aiohttp.client.ClientSession._request = first
-from engine.cli import main
-code = main(["run", sys.argv[1], "--quiet"])
-sys.stdout.write(orjson.dumps({"code": code, "modules": seen[0] if seen else []}).decode())
-"""
-
-
 def imports_at_first_request(mock: MockProcess, workload: workloads.Workload) -> dict[str, Any]:
     """What a plain run (one online model, quiet) has imported when its first request
     goes out: how many modules, how many of them the engine's, and the engine's."""
     with RunFolder("imports") as folder:
         config = turnstile_config(folder, mock.url, workload, cap=64)
         proc = subprocess.run(
-            [sys.executable, "-c", _AT_FIRST_REQUEST, str(config)],
+            [sys.executable, "-m", "engine.testing.first_request", str(config)],
             cwd=folder,
             capture_output=True,
             text=True,
             check=False,
         )
     try:
-        modules: list[str] = orjson.loads(proc.stdout)["modules"]
-    except (orjson.JSONDecodeError, KeyError, TypeError):
+        modules: list[str] = orjson.loads(proc.stdout.strip().splitlines()[-1])["modules"]
+    except (orjson.JSONDecodeError, KeyError, TypeError, IndexError):
         return {"modules": 0, "engine": 0, "engine_modules": [], "rc": proc.returncode}
     ours = [name for name in modules if name == "engine" or name.startswith("engine.")]
     return {"modules": len(modules), "engine": len(ours), "engine_modules": ours}

@@ -130,25 +130,6 @@ def test_each_module_of_the_old_cycle_imports_alone(module: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-# What a plain run (one online model, no cache, no batch, no metrics port, quiet) has
-# imported when its first request goes out: recorded in a subprocess, at the first POST.
-_AT_FIRST_REQUEST = """
-import json, sys
-import aiohttp.client
-send = aiohttp.client.ClientSession._request
-seen = []
-
-async def first(self, method, url, *args, **kwargs):
-    if method == "POST" and not seen:
-        seen.append(sorted(sys.modules))
-    return await send(self, method, url, *args, **kwargs)
-
-aiohttp.client.ClientSession._request = first
-from engine.cli import main
-code = main(["run", sys.argv[1], "--quiet"])
-print(json.dumps({"code": code, "modules": seen[0] if seen else None}))
-"""
-
 # Features a plain run does not use; each is imported only where its feature is on.
 _NOT_AT_START = (
     "engine._reporting",
@@ -182,7 +163,9 @@ def _modules_at_first_request(folder: Path, base_url: str) -> list[str]:
     write_jsonl(folder / "in.jsonl", conversations(4))
     config = write_config(folder, base_url)
     done = subprocess.run(
-        [sys.executable, "-c", _AT_FIRST_REQUEST, str(config)],
+        # At its first POST (engine.testing.first_request): a plain run (one online
+        # model, no cache, no batch, no metrics port, quiet).
+        [sys.executable, "-m", "engine.testing.first_request", str(config)],
         capture_output=True,
         text=True,
         check=False,
