@@ -3,7 +3,7 @@
 Separate from the suite (it needs ``pip install py-spy``)::
 
     .venv/bin/python -m bench.profile [--rows 20000] [--cap 64] [--latency-ms 0] [--no-uvloop]
-        [--engine DIR] [--bare] [--out FILE.json] [--samples FILE.txt]
+        [--engine DIR] [--bare] [--cache] [--out FILE.json] [--samples FILE.txt]
 
 One run of single-turn rows against the mock server (its own process, on uvloop),
 sampled by ``py-spy record --nonblocking --threads --format raw`` at 500 Hz. Each
@@ -15,7 +15,9 @@ imports; the main thread's CPU seconds (from
 microseconds per turn. The writer's worker threads are reported apart, in CPU
 seconds from /proc. ``--engine DIR`` puts DIR first on PYTHONPATH (an ``engine/``
 tree of another version, for a before/after table); ``--bare`` profiles the bare
-loop (bench/baseline.py) the same way, for the reference's own parts.
+loop (bench/baseline.py) the same way, for the reference's own parts; ``--cache``
+runs with the reply cache on (a fresh store: every request looked up, missed, sent
+and stored), the case bench section "cache" compares with the cache off.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ STARTUP = "start-up: imports, config, checkpoint, input fingerprint"
 LOOP = "event loop itself (uvloop / asyncio): polling, socket reads, callbacks"
 # (part, pattern on a frame "function (file:line)"), matched from the innermost frame out.
 PARTS: tuple[tuple[str, str], ...] = (
+    ("reply cache (engine/cache/)", r"engine/cache/"),
     ("journal writer, loop side (Writer.*, its thread hops)", r"engine/checkpoint/"),
     ("aiohttp: request, response, connection pool", r"aiohttp/"),
     ("replica pool (engine/http/replicas.py)", r"engine/http/replicas\.py"),
@@ -129,6 +132,7 @@ def profile(
     engine: Path | None,
     bare: bool = False,
     keep: Path | None = None,
+    cache: bool = False,
 ) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
@@ -143,6 +147,10 @@ def profile(
     ):
         folder = Path(tmp)
         config = turnstile_config(folder, mock.url, wl, cap=cap, uvloop=uvloop)
+        if cache:
+            raw_config = orjson.loads(config.read_bytes())
+            raw_config["cache"] = {"dir": str(folder / "store")}
+            config.write_bytes(orjson.dumps(raw_config))
         if bare:
             env["PYTHONPATH"] = str(ROOT)
             system = bare_cmd(mock.url, wl, folder / "out.jsonl", cap, uvloop=uvloop)[2:]
@@ -201,6 +209,7 @@ def profile(
         "uvloop": uvloop,
         "system": "bare loop (bench/baseline.py)" if bare else "turnstile run",
         "engine": str(engine) if engine else "this tree",
+        "cache": cache,
         "wall_s": wall,
         "served": stats.get("completed", 0),
         "steady_rate": stats.get("completed", 0) / window if window > 0 else None,
@@ -241,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-uvloop", action="store_true", help="run Turnstile on asyncio")
     parser.add_argument("--engine", type=Path, default=None, help="another engine/ tree's parent")
     parser.add_argument("--bare", action="store_true", help="profile bench/baseline.py instead")
+    parser.add_argument("--cache", action="store_true", help="the reply cache on, a fresh store")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON")
     parser.add_argument(
         "--samples", type=Path, default=None, help="keep py-spy's raw samples (flamegraph input)"
@@ -254,13 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         args.engine,
         args.bare,
         args.samples,
+        args.cache,
     )
     if args.out is not None:
         args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(
         f"{result['system']}: {result['rows']:,} single-turn rows, cap {result['cap']}, "
         f"{result['latency_ms']:g} ms, "
-        f"uvloop {result['uvloop']}, engine {result['engine']}: steady "
+        f"uvloop {result['uvloop']}, engine {result['engine']}, cache {result['cache']}: steady "
         f"{result['steady_rate'] or 0:,.0f}/s under py-spy; main thread "
         f"{result['main_thread_cpu_s']:.2f} s CPU, other threads "
         f"{result['other_threads_cpu_s']:.2f} s"

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from pathlib import Path
 
 import anyio
 import pytest
 
-from engine.cache.keys import generation_of, reply_value, request_key
+from engine.cache.keys import reply_value, request_key
 from engine.cache.settings import CacheConfig
 from engine.cache.store import ReplyCache, ReplyStore, open_cache
-from engine.tasks.asking import Rating, Sample, Try, Turn
+from engine.tasks.asking import Rating, Sample, Try, Turn, generation_of
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
+def k(name: object) -> bytes:
+    """A store key (a sha256 digest, as request_key makes) named for a test."""
+    return hashlib.sha256(str(name).encode()).digest()
+
+
 def test_the_key_changes_with_what_defines_a_reply() -> None:
     base = request_key("gpt", {"temperature": 0.0}, MESSAGES)
-    assert len(base) == 64
+    assert isinstance(base, bytes) and len(base) == 32
     assert request_key("gpt", {"temperature": 0.0}, MESSAGES) == base
     others = {
         request_key("gpt-2", {"temperature": 0.0}, MESSAGES),
@@ -55,10 +61,10 @@ def test_two_stores_on_one_folder_write_at_once(tmp_path: Path) -> None:
     def fill(store: ReplyStore, which: int) -> None:
         for batch in range(20):
             store.put_many(
-                (f"k{which}-{batch}-{i}", reply_value(f"r{i}", "stop", 1, 2, 0, None))
+                (k(f"{which}-{batch}-{i}"), reply_value(f"r{i}", "stop", 1, 2, 0, None))
                 for i in range(50)
             )
-            store.put_many([("shared", reply_value(f"from {which}", "stop", 1, 1, 0, None))])
+            store.put_many([(k("shared"), reply_value(f"from {which}", "stop", 1, 1, 0, None))])
 
     threads = [threading.Thread(target=fill, args=(s, n)) for n, s in enumerate(stores)]
     for t in threads:
@@ -66,20 +72,20 @@ def test_two_stores_on_one_folder_write_at_once(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert stores[0].count() == 2 * 20 * 50 + 1
-    assert stores[1].get_many(["k0-3-7"])["k0-3-7"]["c"] == "r7"
+    assert stores[1].get_many([k("0-3-7")])[k("0-3-7")]["c"] == "r7"
     assert (tmp_path / "replies.sqlite3-wal").exists() or stores[0].count()
     for s in stores:
         s.close()
 
 
 def test_a_read_only_store_reads_and_never_writes(tmp_path: Path) -> None:
-    assert ReplyStore(tmp_path / "none", read_only=True).get_many(["x"]) == {}
+    assert ReplyStore(tmp_path / "none", read_only=True).get_many([k("x")]) == {}
     assert not (tmp_path / "none").exists()
     writer = ReplyStore(tmp_path)
-    writer.put_many([("x", reply_value("kept", "stop", 1, 1, 0, None))])
+    writer.put_many([(k("x"), reply_value("kept", "stop", 1, 1, 0, None))])
     reader = ReplyStore(tmp_path, read_only=True)
-    reader.put_many([("y", reply_value("not kept", "stop", 1, 1, 0, None))])
-    assert reader.get_many(["x", "y"]) == {"x": {"c": "kept", "f": "stop", "p": 1, "o": 1}}
+    reader.put_many([(k("y"), reply_value("not kept", "stop", 1, 1, 0, None))])
+    assert reader.get_many([k("x"), k("y")]) == {k("x"): {"c": "kept", "f": "stop", "p": 1, "o": 1}}
     assert writer.count() == 1
     reader.close()
     writer.close()
@@ -90,12 +96,12 @@ async def test_the_cache_batches_lookups_and_additions(tmp_path: Path) -> None:
         assert cache is not None
         async with anyio.create_task_group() as tg:
             for i in range(300):
-                tg.start_soon(cache.put, f"k{i}", reply_value(f"r{i}", "stop", 1, 1, 0, None))
+                tg.start_soon(cache.put, k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None))
         found: dict[int, object] = {}
 
         async def get(i: int) -> None:
             assert cache is not None
-            found[i] = await cache.get(f"k{i}")
+            found[i] = await cache.get(k(i))
 
         async with anyio.create_task_group() as tg:
             for i in range(310):
@@ -103,9 +109,9 @@ async def test_the_cache_batches_lookups_and_additions(tmp_path: Path) -> None:
     assert sum(v is not None for v in found.values()) == 300
     async with open_cache(CacheConfig(tmp_path, "read_only")) as cache:
         assert cache is not None
-        await cache.put("new", reply_value("x", "stop", 1, 1, 0, None))
-        assert await cache.get("new") is None
-        assert await cache.get("k5") == {"c": "r5", "f": "stop", "p": 1, "o": 1}
+        await cache.put(k("new"), reply_value("x", "stop", 1, 1, 0, None))
+        assert await cache.get(k("new")) is None
+        assert await cache.get(k(5)) == {"c": "r5", "f": "stop", "p": 1, "o": 1}
     async with open_cache(CacheConfig()) as off:
         assert off is None
 
@@ -119,14 +125,74 @@ async def test_additions_are_seen_at_once_and_all_committed_at_close(
     cache = ReplyCache(store)
     async with anyio.create_task_group() as tg:
         tg.start_soon(cache.run)
-        for i in range(700):  # past a batch: some rounds commit while others queue
-            await cache.put(f"k{i}", reply_value(f"r{i}", "stop", 1, 1, 0, None))
-        # Seen before their commit, and after it; an unknown key is None.
-        assert await cache.get("k699") == {"c": "r699", "f": "stop", "p": 1, "o": 1}
-        assert await cache.get("k3") == {"c": "r3", "f": "stop", "p": 1, "o": 1}
-        assert await cache.get("nope") is None
+        for i in range(2500):  # past a batch: one round commits while others queue
+            await cache.put(k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None))
+        # Seen before their commit; an unknown key is None.
+        assert await cache.get(k(2499)) == {"c": "r2499", "f": "stop", "p": 1, "o": 1}
+        assert await cache.get(k("nope")) is None
         cache.close()
-    assert store.count() == 700
+    assert store.count() == 2500
     with pytest.raises(RuntimeError, match="closed"):
-        await cache.get("k1")
+        await cache.get(k(1))
+    # Committed: a later run's cache finds them in the store.
+    again = ReplyCache(store)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(again.run)
+        assert await again.get(k(3)) == {"c": "r3", "f": "stop", "p": 1, "o": 1}
+        assert await again.get(k("nope")) is None
+        again.close()
     store.close()
+
+
+async def test_the_lookups_of_one_loop_pass_are_one_query(tmp_path: Path) -> None:
+    store = ReplyStore(tmp_path)
+    store.put_many([(k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None)) for i in range(0, 64, 2)])
+    queries: list[str] = []
+    assert store._reader is not None
+    store._reader.set_trace_callback(queries.append)
+    cache = ReplyCache(store)
+    found: dict[int, object] = {}
+
+    async def get(i: int) -> None:
+        found[i] = await cache.get(k(i))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.run)
+        async with anyio.create_task_group() as askers:
+            for i in range(64):
+                askers.start_soon(get, i)
+        cache.close()
+    assert len([q for q in queries if q.startswith("SELECT")]) == 1
+    assert {i for i, reply in found.items() if reply is not None} == set(range(0, 64, 2))
+    store.close()
+
+
+def test_two_keys_sharing_a_slot_never_answer_for_each_other(tmp_path: Path) -> None:
+    first, second = k("a"), k("a")[:8] + k("b")[8:]  # the same first 8 bytes: one slot
+    store = ReplyStore(tmp_path)
+    store.put_many([(first, reply_value("first", "stop", 1, 1, 0, None))])
+    store.put_many([(second, reply_value("second", "stop", 1, 1, 0, None))])
+    assert store.get_many([first, second]) == {first: {"c": "first", "f": "stop", "p": 1, "o": 1}}
+    assert store.lookup([second]) == {}
+    store.close()
+
+
+def test_a_store_of_the_first_layout_is_moved_once_and_read(tmp_path: Path) -> None:
+    import sqlite3
+
+    import orjson
+
+    old = sqlite3.connect(tmp_path / "replies.sqlite3")
+    old.execute("CREATE TABLE replies (key TEXT PRIMARY KEY, reply BLOB NOT NULL) WITHOUT ROWID")
+    kept = reply_value("kept", "stop", 1, 2, 0, None)
+    old.execute("INSERT INTO replies VALUES (?, ?)", (k("x").hex(), orjson.dumps(kept)))
+    old.execute("INSERT INTO replies VALUES (?, ?)", ("not a key", orjson.dumps(kept)))
+    old.commit()
+    old.close()
+    # Read-only cannot move it: nothing is found, nothing fails.
+    assert ReplyStore(tmp_path, read_only=True).get_many([k("x")]) == {}
+    store = ReplyStore(tmp_path)
+    assert store.get_many([k("x")]) == {k("x"): kept}
+    assert store.count() == 1
+    store.close()
+    assert ReplyStore(tmp_path, read_only=True).get_many([k("x")]) == {k("x"): kept}

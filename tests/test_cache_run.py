@@ -142,19 +142,27 @@ async def test_a_sigkill_while_replies_are_stored_leaves_a_whole_store_that_answ
     mock: MockServer, tmp_path: Path
 ) -> None:
     store = tmp_path / "store"
-    write_jsonl(tmp_path / "in.jsonl", [row(i, turns=1) for i in range(600)])
+    write_jsonl(tmp_path / "seed.jsonl", [row(i, turns=1) for i in range(100)])
+    seed = config(
+        tmp_path, mock.base_url, "seed", store, models=_teacher(mock, cap=32), input="seed.jsonl"
+    )
+    assert (await turnstile("run", str(seed))).returncode == 0  # 100 replies committed
+    mock.reset()
+    rows = 2000
+    write_jsonl(tmp_path / "in.jsonl", [row(i, turns=1) for i in range(rows)])
     path = config(tmp_path, mock.base_url, "killed", store, models=_teacher(mock, cap=32))
-    killed = await kill_after(mock, 300, "run", str(path))  # mid-way through the writes
+    killed = await kill_after(mock, 1500, "run", str(path))  # mid-way through the writes
     assert killed.returncode < 0
     sent = mock.stats.total_requests
-    assert sent < 600
+    assert sent < rows - 100  # the seed's rows came from the store
 
     reader = ReplyStore(store)
     db = sqlite3.connect(reader.path)
     assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    kept = db.execute("SELECT key, reply FROM replies").fetchall()
+    kept = db.execute("SELECT key, reply FROM reply").fetchall()
     db.close()
-    assert 0 < len(kept) <= sent
+    reader.close()
+    assert 100 <= len(kept) <= 100 + sent
     for _key, reply in kept:  # every entry whole: a reply that decodes, with its tokens
         value = orjson.loads(reply)
         assert value["c"] and value["p"] > 0 and value["o"] > 0
@@ -163,9 +171,9 @@ async def test_a_sigkill_while_replies_are_stored_leaves_a_whole_store_that_answ
     again = config(tmp_path, mock.base_url, "again", store)
     done = await turnstile("run", str(again))
     assert done.returncode == 0, done.stderr
-    assert mock.stats.total_requests == 600 - len(kept)  # the rest from the store
-    assert ReplyStore(store).count() == 600
-    assert len(read_jsonl(tmp_path / "out/again.jsonl")) == 600
+    assert mock.stats.total_requests == rows - len(kept)  # the rest from the store
+    assert ReplyStore(store).count() == rows
+    assert len(read_jsonl(tmp_path / "out/again.jsonl")) == rows
 
 
 def _teacher(mock: MockServer, *, cap: int) -> dict[str, Any]:

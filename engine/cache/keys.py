@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
-
-if TYPE_CHECKING:
-    from engine.tasks.asking import Key
 
 
 def request_key(
@@ -17,8 +14,8 @@ def request_key(
     params: Mapping[str, Any],
     messages: Sequence[Mapping[str, Any]],
     generation: int | str = 0,
-) -> str:
-    """The cache key of one request: sha256 (hex) of ``model`` (the name sent),
+) -> bytes:
+    """The cache key of one request: the sha256 digest (32 bytes) of ``model`` (the name sent),
     ``params`` (every request field besides messages: sampling parameters,
     ``response_format``, ``seed``), ``messages`` as sent and ``generation`` (which of
     several same requests of one row this is; 0 for the first). Pure."""
@@ -26,25 +23,7 @@ def request_key(
         {"model": model, "params": params, "messages": messages, "generation": generation},
         option=orjson.OPT_SORT_KEYS,
     )
-    return hashlib.sha256(body).hexdigest()
-
-
-def generation_of(key: Key) -> int | str:
-    """Which of a row's same requests ``key`` asks for (``request_key``'s generation):
-    a sample's slot, a try's number within its slot, a rating's number; a turn is told
-    apart by its history, a task's own key by its name. Stable across runs."""
-    # Here, not at the top: engine.tasks imports this module (through Context.ask).
-    from engine.tasks.asking import Rating, Sample, Try, Turn
-
-    if isinstance(key, Turn):
-        return 0
-    if isinstance(key, Try):
-        return f"{key.slot}.{key.number}"
-    if isinstance(key, Sample):
-        return key.slot
-    if isinstance(key, Rating):
-        return key.number
-    return key
+    return hashlib.sha256(body).digest()
 
 
 def reply_value(

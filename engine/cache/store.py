@@ -5,15 +5,22 @@ shared by every run and shard that names the folder: readers never wait on the
 writer, writers take turns (``busy_timeout``), and a key already stored is kept
 (``INSERT OR IGNORE``: the same request made by two runs at once has one reply).
 A SIGKILL at any moment leaves the database whole (SQLite's own guarantee): a
-batch is committed or not at all, and ``ReplyCache.put`` returns only once its
-batch is committed, so a reply a run has handed to its task is in the store.
+batch is committed or not at all.
+
+Its one table is written in the order replies come (rowids grow: a batch fills a
+few new pages), found by a unique index on each key's first 8 bytes as an integer
+(``slot``: small entries, the only random writes), the whole 32-byte key kept
+beside the reply and compared on every lookup. Two keys sharing a slot (one chance
+in 2^64 a pair) cost the later one its place: it is asked again, never answered
+with the other's reply.
 
 ``ReplyCache`` keeps writes off the event loop: additions queue and go to a worker
 thread in batches, not waited for (a run's replies are journaled first: the store
-only saves other runs a request); the run's end commits every one still queued.
-Lookups in a store small enough to sit in the page cache are answered on the loop
-(a few microseconds: less than the thread hop); in a bigger one they are batched
-through the thread too, so a cold disk never stalls the loop.
+only saves other runs a request; a kill loses at most the batch being gathered);
+the run's end commits every one still queued. Lookups in a store small enough to
+sit in the page cache are answered on the loop, all those of one loop pass in one
+query (a few microseconds: less than a thread hop); in a bigger one they are
+batched through the thread too, so a cold disk never stalls the loop.
 """
 
 from __future__ import annotations
@@ -31,20 +38,32 @@ import orjson
 from engine.cache.settings import READ_ONLY, CacheConfig
 
 STORE_NAME = "replies.sqlite3"
-_BATCH = 512  # lookups or additions per thread call, at most
-_BACKLOG = _BATCH * 16  # additions queued past this make the next one wait for a round
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS reply (slot INTEGER NOT NULL, key BLOB NOT NULL,"
+    " reply BLOB NOT NULL)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS reply_slot ON reply (slot)",
+)
+_OLD_TABLE = "replies"  # the first layout: hex text keys, one WITHOUT ROWID table
+_GETS = 512  # lookups per query, at most
+_PUTS = 2048  # additions per commit, at most: a commit's cost is mostly per page
+_BACKLOG = _PUTS * 4  # additions queued past this make the next one wait for a round
 _BUSY_MS = 60_000  # how long a writer waits for another run's commit
 _READER_BUSY_MS = 100  # a lookup on the loop that finds the file busy goes to the thread
 # A store up to this size at open is read on the event loop (a lookup of a key in a
 # file the page cache holds: a few microseconds, less than a thread hop); a bigger one
 # through the worker thread, batched, so a cold disk never stalls the loop.
 INLINE_READS_MAX_BYTES = 256 << 20
-_PUT_LINGER_S = 0.02  # additions alone wait this long for more to commit with them
+_PUT_LINGER_S = 0.1  # additions alone wait this long for more to commit with them
+
+
+def slot_of(key: bytes) -> int:
+    """A key's slot in the store's index: its first 8 bytes as a signed integer."""
+    return int.from_bytes(key[:8], "big", signed=True)
 
 
 class ReplyStore:
     """The SQLite database: its main connection used from one thread at a time (the
-    cache's worker calls), and a second one for ``lookup`` on the event loop."""
+    cache's worker calls), and a second one for lookups on the event loop."""
 
     def __init__(self, folder: Path, *, read_only: bool = False) -> None:
         self.path = folder / STORE_NAME
@@ -54,8 +73,12 @@ class ReplyStore:
         if read_only:
             if self.path.exists():
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
-                self._db = self._connect(uri, uri=True)
-                self._reader = self._connect(uri, uri=True, busy_ms=_READER_BUSY_MS)
+                db = self._connect(uri, uri=True)
+                if _has_table(db, "reply"):  # else a store never written by this version
+                    self._db = db
+                    self._reader = self._connect(uri, uri=True, busy_ms=_READER_BUSY_MS)
+                else:
+                    db.close()
             self.small = self._size() <= INLINE_READS_MAX_BYTES
             return
         folder.mkdir(parents=True, exist_ok=True)
@@ -63,10 +86,10 @@ class ReplyStore:
         # Every run of the store sets WAL; the first one's setting is kept in the file.
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # WAL: a SIGKILL loses no commit
-        db.execute(
-            "CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply BLOB NOT NULL)"
-            " WITHOUT ROWID"
-        )
+        db.execute("PRAGMA cache_size=-65536")  # 64 MiB: a batch's index pages stay cached
+        for statement in _SCHEMA:
+            db.execute(statement)
+        _upgrade(db)
         self._db = db
         self._reader = self._connect(str(self.path), busy_ms=_READER_BUSY_MS)
         # Small enough to be in the page cache: looked up on the loop, no thread hop.
@@ -86,43 +109,35 @@ class ReplyStore:
         except FileNotFoundError:
             return 0
 
-    def lookup(self, key: str) -> dict[str, Any] | None:
-        """The stored reply of ``key`` through the reader connection (a WAL reader never
-        waits for the writer); raises sqlite3.OperationalError when the file is busy."""
-        if self._reader is None:
-            return None
-        row = self._reader.execute("SELECT reply FROM replies WHERE key = ?", (key,)).fetchone()
-        return None if row is None else orjson.loads(row[0])
+    def lookup(self, keys: Sequence[bytes]) -> dict[bytes, dict[str, Any]]:
+        """``get_many`` through the reader connection (a WAL reader never waits for the
+        writer), for the event loop; raises sqlite3.OperationalError when the file is
+        busy."""
+        return _select(self._reader, keys)
 
-    def get_many(self, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, dict[str, Any]]:
         """The stored replies of ``keys`` (those it holds)."""
-        if self._db is None or not keys:
-            return {}
-        marks = ",".join("?" * len(keys))
-        rows = self._db.execute(
-            f"SELECT key, reply FROM replies WHERE key IN ({marks})", tuple(keys)
-        ).fetchall()
-        return {key: orjson.loads(reply) for key, reply in rows}
+        return _select(self._db, keys)
 
-    def put_many(self, items: Iterable[tuple[str, dict[str, Any]]]) -> None:
+    def put_many(self, items: Iterable[tuple[bytes, dict[str, Any]]]) -> None:
         """Add replies in one transaction; a key already there keeps its reply."""
         if self._db is None or self.read_only:
             return
-        rows = [(key, orjson.dumps(reply)) for key, reply in items]
+        rows = [(slot_of(key), key, orjson.dumps(reply)) for key, reply in items]
         if not rows:
             return
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT OR IGNORE INTO replies (key, reply) VALUES (?, ?)", rows)
+            db.executemany("INSERT OR IGNORE INTO reply (slot, key, reply) VALUES (?, ?, ?)", rows)
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
 
     def exchange(
-        self, items: Sequence[tuple[str, dict[str, Any]]], keys: Sequence[str]
-    ) -> dict[str, dict[str, Any]]:
+        self, items: Sequence[tuple[bytes, dict[str, Any]]], keys: Sequence[bytes]
+    ) -> dict[bytes, dict[str, Any]]:
         """Add ``items``, then look ``keys`` up (one thread call of the cache's server)."""
         self.put_many(items)
         return self.get_many(keys)
@@ -130,7 +145,7 @@ class ReplyStore:
     def count(self) -> int:
         if self._db is None:
             return 0
-        return int(self._db.execute("SELECT count(*) FROM replies").fetchone()[0])
+        return int(self._db.execute("SELECT count(*) FROM reply").fetchone()[0])
 
     def close(self) -> None:
         for db in (self._db, self._reader):
@@ -139,59 +154,141 @@ class ReplyStore:
         self._db = self._reader = None
 
 
+def _select(db: sqlite3.Connection | None, keys: Sequence[bytes]) -> dict[bytes, dict[str, Any]]:
+    """The replies ``db`` holds for ``keys``: one query per ``_GETS`` keys, each row's
+    whole key compared (a slot names a key's first 8 bytes only)."""
+    if db is None or not keys:
+        return {}
+    found: dict[bytes, dict[str, Any]] = {}
+    wanted = set(keys)
+    for at in range(0, len(keys), _GETS):
+        part = keys[at : at + _GETS]
+        marks = ",".join("?" * len(part))
+        rows = db.execute(
+            f"SELECT key, reply FROM reply WHERE slot IN ({marks})", [slot_of(k) for k in part]
+        ).fetchall()
+        for key, reply in rows:
+            if key in wanted:
+                found[key] = orjson.loads(reply)
+    return found
+
+
+def _has_table(db: sqlite3.Connection, name: str) -> bool:
+    found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,))
+    return found.fetchone() is not None
+
+
+def _digest(hex_key: object) -> bytes | None:
+    """A first-layout key as this one keeps it (None: not a key this engine wrote)."""
+    if not isinstance(hex_key, str) or len(hex_key) != 64:
+        return None
+    try:
+        return bytes.fromhex(hex_key)
+    except ValueError:
+        return None
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Move a store of the first layout (hex text keys) into this one, once, in one
+    transaction (a second run opening it meanwhile waits, then finds it moved)."""
+    if not _has_table(db, _OLD_TABLE):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if _has_table(db, _OLD_TABLE):
+            old = db.execute(f"SELECT key, reply FROM {_OLD_TABLE}")
+            while rows := old.fetchmany(4096):
+                moved = [(_digest(hex_key), reply) for hex_key, reply in rows]
+                db.executemany(
+                    "INSERT OR IGNORE INTO reply (slot, key, reply) VALUES (?, ?, ?)",
+                    [(slot_of(key), key, reply) for key, reply in moved if key is not None],
+                )
+            db.execute(f"DROP TABLE {_OLD_TABLE}")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 class ReplyCache:
     """The store as a run's tasks use it: ``get`` and ``put``, off the loop where it counts.
 
     Additions are not waited for (their replies are journaled already: the store only
     saves other runs a request). They queue, are seen by lookups at once (``_pending``)
-    and go to the store in one thread call per round, with the lookups queued by
-    then: a round starts when a lookup waits, when ``_BATCH`` additions are queued, or
-    ``_PUT_LINGER_S`` after the first; an addition waits only while ``_BACKLOG`` are
-    queued. After ``close`` the server commits everything queued before ``run`` ends.
-    A small store (``ReplyStore.small``) answers lookups on the loop itself.
+    and go to the store in one thread call per round: a round starts when ``_PUTS``
+    additions are queued, ``_PUT_LINGER_S`` after the first one queued, or when a
+    lookup waits for the thread; an addition waits only while ``_BACKLOG`` are queued.
+    After ``close`` the server commits everything queued before ``run`` ends.
+    A small store (``ReplyStore.small``) answers the lookups of one loop pass on the
+    loop itself, in one query; a big one's go to the thread, with the additions due.
     """
 
     def __init__(self, store: ReplyStore) -> None:
         self.store = store
         self.read_only = store.read_only
         self._inline = store.small
-        self._gets: list[tuple[str, asyncio.Future[dict[str, Any] | None]]] = []
-        self._puts: list[tuple[str, dict[str, Any]]] = []
-        self._pending: dict[str, dict[str, Any]] = {}  # added, not yet committed
+        self._loop = asyncio.get_running_loop()
+        self._looking: list[tuple[bytes, asyncio.Future[dict[str, Any] | None]]] = []
+        self._gets: list[tuple[bytes, asyncio.Future[dict[str, Any] | None]]] = []
+        self._puts: list[tuple[bytes, dict[str, Any]]] = []
+        self._due = 0.0  # when the oldest queued addition is to be committed
+        self._pending: dict[bytes, dict[str, Any]] = {}  # added, not yet committed
         self._room: list[asyncio.Future[None]] = []  # additions waiting on the backlog
         self._wake = asyncio.Event()  # a lookup waits, a batch is full, or the cache closed
         self._queued = asyncio.Event()  # something is queued
         self._closed = False
 
-    async def get(self, key: str) -> dict[str, Any] | None:
+    async def get(self, key: bytes) -> dict[str, Any] | None:
         """The stored reply of ``key``, or None."""
         self._check_open()
         reply = self._pending.get(key)
         if reply is not None:
             return reply
+        future: asyncio.Future[dict[str, Any] | None] = self._loop.create_future()
         if self._inline:
-            try:
-                return self.store.lookup(key)
-            except sqlite3.OperationalError:
-                pass  # the file is busy (another run's checkpoint): ask the thread
-        future: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
-        self._gets.append((key, future))
-        self._queued.set()
-        self._wake.set()
+            if not self._looking:
+                self._loop.call_soon(self._look_up)
+            self._looking.append((key, future))
+        else:
+            self._ask_thread([(key, future)])
         return await future
 
-    async def put(self, key: str, reply: dict[str, Any]) -> None:
+    def _look_up(self) -> None:
+        """Answer the lookups of the last loop pass with one query on the loop."""
+        looking, self._looking = self._looking, []
+        try:
+            found = self.store.lookup([key for key, _ in looking])
+        except sqlite3.OperationalError:
+            self._ask_thread(looking)  # the file is busy (another run's commit)
+            return
+        except Exception as exc:
+            for _, future in looking:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for key, future in looking:
+            if not future.done():  # its asker may have been cancelled meanwhile
+                future.set_result(found.get(key))
+
+    def _ask_thread(self, gets: list[tuple[bytes, asyncio.Future[dict[str, Any] | None]]]) -> None:
+        self._gets += gets
+        self._queued.set()
+        self._wake.set()
+
+    async def put(self, key: bytes, reply: dict[str, Any]) -> None:
         """Add a reply (nothing in read-only mode): committed by a later round."""
         if self.read_only:
             return
         self._check_open()
+        if not self._puts:
+            self._due = self._loop.time() + _PUT_LINGER_S
         self._puts.append((key, reply))
         self._pending.setdefault(key, reply)
         self._queued.set()
-        if len(self._puts) >= _BATCH:
+        if len(self._puts) >= _PUTS:
             self._wake.set()
         if len(self._puts) > _BACKLOG:
-            room: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            room: asyncio.Future[None] = self._loop.create_future()
             self._room.append(room)
             await room
 
@@ -204,15 +301,19 @@ class ReplyCache:
                 self._queued.clear()
                 await self._queued.wait()
                 continue
-            if not self._gets and len(self._puts) < _BATCH and not self._closed:
+            if not self._gets and len(self._puts) < _PUTS and not self._closed:
                 self._wake.clear()
-                with anyio.move_on_after(_PUT_LINGER_S):
+                with anyio.move_on_after(self._due - self._loop.time()):
                     await self._wake.wait()  # more additions to commit with these
-            gets, self._gets = self._gets[:_BATCH], self._gets[_BATCH:]
-            puts, self._puts = self._puts[:_BATCH], self._puts[_BATCH:]
-            keys = list({key for key, _ in gets})
+            gets, self._gets = self._gets[:_GETS], self._gets[_GETS:]
+            puts: list[tuple[bytes, dict[str, Any]]] = []
+            if len(self._puts) >= _PUTS or self._closed or self._loop.time() >= self._due:
+                puts, self._puts = self._puts[:_PUTS], self._puts[_PUTS:]
+                self._due = self._loop.time() + _PUT_LINGER_S
             try:
-                found = await anyio.to_thread.run_sync(self.store.exchange, puts, keys)
+                found = await anyio.to_thread.run_sync(
+                    self.store.exchange, puts, [key for key, _ in gets]
+                )
             except Exception as exc:
                 for _, future in gets:
                     if not future.done():

@@ -161,6 +161,22 @@ def slot_of(key: Key) -> tuple[str, Any]:
     return OWN, key
 
 
+def generation_of(key: Key) -> int | str:
+    """Which of a row's same requests ``key`` asks for (the reply cache's
+    ``request_key`` generation): a sample's slot, a try's number within its slot, a
+    rating's number; a turn is told apart by its history, a task's own key by its
+    name. Stable across runs."""
+    if isinstance(key, Turn):
+        return 0
+    if isinstance(key, Try):
+        return f"{key.slot}.{key.number}"
+    if isinstance(key, Sample):
+        return key.slot
+    if isinstance(key, Rating):
+        return key.number
+    return key
+
+
 def index(records: Iterable[dict[str, Any]]) -> dict[tuple[str, Any], dict[str, Any]]:
     """A row's journaled replies by slot; the first of a repeated record wins.
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, Protocol, Ty
 
 import anyio
 
-from engine.cache.keys import generation_of, reply_value, request_key
+from engine.cache.keys import reply_value, request_key
 from engine.cost import SPENT, Price, worst_case, worst_case_body
 from engine.errors import ModelError
 from engine.http.endpoint import RawEndpoint, asker
@@ -63,6 +63,7 @@ from engine.tasks.asking import (
     answer_of,
     failure_of,
     failure_record,
+    generation_of,
     index,
     raw_answer_of,
     raw_record,
