@@ -3,7 +3,8 @@
 Separate from the suite (it needs ``pip install py-spy``)::
 
     .venv/bin/python -m bench.profile [--rows 20000] [--cap 64] [--latency-ms 0] [--no-uvloop]
-        [--engine DIR] [--bare] [--cache] [--out FILE.json] [--samples FILE.txt]
+        [--engine DIR] [--bare] [--cache] [--trace-chars N] [--out FILE.json]
+        [--samples FILE.txt]
 
 One run of single-turn rows against the mock server (its own process, on uvloop),
 sampled by ``py-spy record --nonblocking --threads --format raw`` at 500 Hz. Each
@@ -17,7 +18,9 @@ seconds from /proc. ``--engine DIR`` puts DIR first on PYTHONPATH (an ``engine/`
 tree of another version, for a before/after table); ``--bare`` profiles the bare
 loop (bench/baseline.py) the same way, for the reference's own parts; ``--cache``
 runs with the reply cache on (a fresh store: every request looked up, missed, sent
-and stored), the case bench section "cache" compares with the cache off.
+and stored), the case bench section "cache" compares with the cache off;
+``--trace-chars N`` has the mock send an N-character reasoning trace with each
+reply (``reasoning_content``), as bench section "reasoning" does with 16,384.
 """
 
 from __future__ import annotations
@@ -133,6 +136,7 @@ def profile(
     bare: bool = False,
     keep: Path | None = None,
     cache: bool = False,
+    trace_chars: int = 0,
 ) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
@@ -141,8 +145,11 @@ def profile(
     env = dict(os.environ)
     if engine is not None:
         env["PYTHONPATH"] = str(engine)
+    traced: dict[str, Any] = (
+        {"reasoning": "reasoning_content", "reasoning_chars": trace_chars} if trace_chars else {}
+    )
     with (
-        MockProcess(latency_ms, LOGS, uvloop=True) as mock,
+        MockProcess(latency_ms, LOGS, uvloop=True, **traced) as mock,
         tempfile.TemporaryDirectory(dir=WORK) as tmp,
     ):
         folder = Path(tmp)
@@ -154,6 +161,8 @@ def profile(
         if bare:
             env["PYTHONPATH"] = str(ROOT)
             system = bare_cmd(mock.url, wl, folder / "out.jsonl", cap, uvloop=uvloop)[2:]
+            if trace_chars:
+                system.append("--reasoning")
         else:
             system = ["engine", "run", str(config), "--quiet"]
         raw = folder / "samples.txt"
@@ -210,6 +219,7 @@ def profile(
         "system": "bare loop (bench/baseline.py)" if bare else "turnstile run",
         "engine": str(engine) if engine else "this tree",
         "cache": cache,
+        "trace_chars": trace_chars,
         "wall_s": wall,
         "served": stats.get("completed", 0),
         "steady_rate": stats.get("completed", 0) / window if window > 0 else None,
@@ -251,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", type=Path, default=None, help="another engine/ tree's parent")
     parser.add_argument("--bare", action="store_true", help="profile bench/baseline.py instead")
     parser.add_argument("--cache", action="store_true", help="the reply cache on, a fresh store")
+    parser.add_argument(
+        "--trace-chars", type=int, default=0, help="a reasoning trace of N characters a reply"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON")
     parser.add_argument(
         "--samples", type=Path, default=None, help="keep py-spy's raw samples (flamegraph input)"
@@ -265,13 +278,15 @@ def main(argv: list[str] | None = None) -> int:
         args.bare,
         args.samples,
         args.cache,
+        args.trace_chars,
     )
     if args.out is not None:
         args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     print(
         f"{result['system']}: {result['rows']:,} single-turn rows, cap {result['cap']}, "
         f"{result['latency_ms']:g} ms, "
-        f"uvloop {result['uvloop']}, engine {result['engine']}, cache {result['cache']}: steady "
+        f"uvloop {result['uvloop']}, engine {result['engine']}, cache {result['cache']}, "
+        f"trace {result['trace_chars']} chars: steady "
         f"{result['steady_rate'] or 0:,.0f}/s under py-spy; main thread "
         f"{result['main_thread_cpu_s']:.2f} s CPU, other threads "
         f"{result['other_threads_cpu_s']:.2f} s"

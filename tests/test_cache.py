@@ -196,3 +196,33 @@ def test_a_store_of_the_first_layout_is_moved_once_and_read(tmp_path: Path) -> N
     assert store.count() == 1
     store.close()
     assert ReplyStore(tmp_path, read_only=True).get_many([k("x")]) == {k("x"): kept}
+
+
+async def test_a_run_alone_on_its_store_queries_nothing_for_a_miss_and_sees_another_runs_adds(
+    tmp_path: Path,
+) -> None:
+    store = ReplyStore(tmp_path)
+    store.put_many([(k(1), reply_value("r1", "stop", 1, 1, 0, None))])
+    queries: list[str] = []
+    assert store._reader is not None
+    store._reader.set_trace_callback(queries.append)
+    cache = ReplyCache(store)
+    other = ReplyStore(tmp_path)  # another run on the same folder
+    async with anyio.create_task_group() as tg:
+        await tg.start(cache.run)  # it knows the store's slots now
+        assert await cache.get(k(2)) is None
+        await cache.put(k(3), reply_value("r3", "stop", 1, 1, 0, None))
+        assert await cache.get(k(3)) is not None  # its own, queued
+        assert queries == []  # a miss and an own addition: no query
+        assert await cache.get(k(1)) == {"c": "r1", "f": "stop", "p": 1, "o": 1}
+        assert len(queries) == 1  # a slot the store holds is read
+        other.put_many([(k(4), reply_value("r4", "stop", 1, 1, 0, None))])
+        # A round (each commit of additions, or every second when idle) notices the
+        # other run's commit...
+        await cache._round([], [])
+        # ...and from then on every lookup asks the store: the other run's reply is found.
+        assert await cache.get(k(4)) == {"c": "r4", "f": "stop", "p": 1, "o": 1}
+        cache.close()
+    assert store.count() == 3
+    other.close()
+    store.close()

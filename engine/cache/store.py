@@ -21,6 +21,13 @@ the run's end commits every one still queued. Lookups in a store small enough to
 sit in the page cache are answered on the loop, all those of one loop pass in one
 query (a few microseconds: less than a thread hop); in a bigger one they are
 batched through the thread too, so a cold disk never stalls the loop.
+
+While a run writes a store of up to ``KNOWN_SLOTS_MAX`` replies, the cache holds
+every slot in it (read at open, then each addition's): a lookup whose slot is not
+there is a miss without a query, so a run that is not answered from the store pays
+almost nothing for it. Another run's commit ends that (SQLite's ``data_version``,
+read with every round and at least every second): from then on every lookup
+queries, so a reply another run stores is found, at most about a second late.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Any
 
 import anyio
 import orjson
+from anyio.abc import TaskStatus
 
 from engine.cache.settings import READ_ONLY, CacheConfig
 
@@ -54,6 +62,10 @@ _READER_BUSY_MS = 100  # a lookup on the loop that finds the file busy goes to t
 # through the worker thread, batched, so a cold disk never stalls the loop.
 INLINE_READS_MAX_BYTES = 256 << 20
 _PUT_LINGER_S = 0.1  # additions alone wait this long for more to commit with them
+# A store of up to this many replies has its slots in memory while a run writes it: a
+# lookup of a slot it lacks is a miss at once, no query (a fresh store's every lookup).
+KNOWN_SLOTS_MAX = 1 << 20
+_OTHERS_CHECK_S = 1.0  # how often an idle cache asks whether another run has written
 
 
 def slot_of(key: bytes) -> int:
@@ -70,6 +82,7 @@ class ReplyStore:
         self.read_only = read_only
         self._db: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
+        self._version = 0  # SQLite's data_version when ``slots`` read the store
         if read_only:
             if self.path.exists():
                 uri = f"{self.path.resolve().as_uri()}?mode=ro"
@@ -137,10 +150,35 @@ class ReplyStore:
 
     def exchange(
         self, items: Sequence[tuple[bytes, dict[str, Any]]], keys: Sequence[bytes]
-    ) -> dict[bytes, dict[str, Any]]:
-        """Add ``items``, then look ``keys`` up (one thread call of the cache's server)."""
+    ) -> tuple[dict[bytes, dict[str, Any]], bool]:
+        """Add ``items``, then look ``keys`` up, and say whether another run has
+        written meanwhile (one thread call of the cache's server)."""
         self.put_many(items)
-        return self.get_many(keys)
+        return self.get_many(keys), self.others_wrote()
+
+    def slots(self, limit: int) -> set[int] | None:
+        """Every slot the store holds, or None past ``limit`` of them (kept in memory
+        only while small). Notes the store's version first: ``others_wrote`` then says
+        whether another run has committed since."""
+        if self._db is None:
+            return set()
+        self._version = self._data_version()
+        found: set[int] = set()
+        rows = self._db.execute("SELECT slot FROM reply")
+        while part := rows.fetchmany(8192):
+            found.update(slot for (slot,) in part)
+            if len(found) > limit:
+                return None
+        return found
+
+    def others_wrote(self) -> bool:
+        """Whether another connection (another run) committed since ``slots`` (this
+        one's own commits leave SQLite's data_version as it is)."""
+        return self._db is not None and self._data_version() != self._version
+
+    def _data_version(self) -> int:
+        assert self._db is not None
+        return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def count(self) -> int:
         if self._db is None:
@@ -233,6 +271,8 @@ class ReplyCache:
         self._puts: list[tuple[bytes, dict[str, Any]]] = []
         self._due = 0.0  # when the oldest queued addition is to be committed
         self._pending: dict[bytes, dict[str, Any]] = {}  # added, not yet committed
+        # Every slot the store holds while only this run writes it; None: ask the store.
+        self._known: set[int] | None = None
         self._room: list[asyncio.Future[None]] = []  # additions waiting on the backlog
         self._wake = asyncio.Event()  # a lookup waits, a batch is full, or the cache closed
         self._queued = asyncio.Event()  # something is queued
@@ -244,6 +284,9 @@ class ReplyCache:
         reply = self._pending.get(key)
         if reply is not None:
             return reply
+        known = self._known
+        if known is not None and slot_of(key) not in known:
+            return None  # not in the store: no query
         future: asyncio.Future[dict[str, Any] | None] = self._loop.create_future()
         if self._inline:
             if not self._looking:
@@ -284,6 +327,8 @@ class ReplyCache:
             self._due = self._loop.time() + _PUT_LINGER_S
         self._puts.append((key, reply))
         self._pending.setdefault(key, reply)
+        if self._known is not None:
+            self._known.add(slot_of(key))
         self._queued.set()
         if len(self._puts) >= _PUTS:
             self._wake.set()
@@ -292,14 +337,24 @@ class ReplyCache:
             self._room.append(room)
             await room
 
-    async def run(self) -> None:
-        """Serve lookups and additions until ``close``, then commit what is queued."""
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve lookups and additions until ``close``, then commit what is queued
+        (started, for ``TaskGroup.start``, once it knows the store's slots)."""
+        if not self.read_only and self._inline:
+            await self._learn_slots()
+        task_status.started()
         while True:
             if not self._gets and not self._puts:
                 if self._closed:
                     return
                 self._queued.clear()
-                await self._queued.wait()
+                if self._known is None:
+                    await self._queued.wait()
+                    continue
+                with anyio.move_on_after(_OTHERS_CHECK_S) as idle:
+                    await self._queued.wait()
+                if idle.cancelled_caught:
+                    await self._round([], [])  # has another run written meanwhile?
                 continue
             if not self._gets and len(self._puts) < _PUTS and not self._closed:
                 self._wake.clear()
@@ -310,25 +365,42 @@ class ReplyCache:
             if len(self._puts) >= _PUTS or self._closed or self._loop.time() >= self._due:
                 puts, self._puts = self._puts[:_PUTS], self._puts[_PUTS:]
                 self._due = self._loop.time() + _PUT_LINGER_S
-            try:
-                found = await anyio.to_thread.run_sync(
-                    self.store.exchange, puts, [key for key, _ in gets]
-                )
-            except Exception as exc:
-                for _, future in gets:
-                    if not future.done():
-                        future.set_exception(exc)
-                raise
-            for key, _ in puts:
-                self._pending.pop(key, None)
-            for key, future in gets:
-                if not future.done():  # its asker may have been cancelled meanwhile
-                    future.set_result(found.get(key))
-            if self._room and len(self._puts) <= _BACKLOG:
-                room, self._room = self._room, []
-                for waiting in room:
-                    if not waiting.done():
-                        waiting.set_result(None)
+            await self._round(gets, puts)
+
+    async def _learn_slots(self) -> None:
+        """Hold the store's slots (those added meanwhile too) when it is small enough."""
+        known = await anyio.to_thread.run_sync(self.store.slots, KNOWN_SLOTS_MAX)
+        if known is not None:
+            known.update(slot_of(key) for key in self._pending)
+        self._known = known
+
+    async def _round(
+        self,
+        gets: list[tuple[bytes, asyncio.Future[dict[str, Any] | None]]],
+        puts: list[tuple[bytes, dict[str, Any]]],
+    ) -> None:
+        """One thread call: commit ``puts``, answer ``gets``, notice other writers."""
+        try:
+            found, others = await anyio.to_thread.run_sync(
+                self.store.exchange, puts, [key for key, _ in gets]
+            )
+        except Exception as exc:
+            for _, future in gets:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        if others:
+            self._known = None  # another run writes this store: ask it every time
+        for key, _ in puts:
+            self._pending.pop(key, None)
+        for key, future in gets:
+            if not future.done():  # its asker may have been cancelled meanwhile
+                future.set_result(found.get(key))
+        if self._room and len(self._puts) <= _BACKLOG:
+            room, self._room = self._room, []
+            for waiting in room:
+                if not waiting.done():
+                    waiting.set_result(None)
 
     def close(self) -> None:
         """No more lookups or additions: ``run`` commits what is queued, then returns."""
@@ -353,7 +425,7 @@ async def open_cache(config: CacheConfig) -> AsyncIterator[ReplyCache | None]:
     cache = ReplyCache(store)
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(cache.run)
+            await tg.start(cache.run)
             try:
                 yield cache
             finally:
