@@ -14,10 +14,16 @@ the history (engine.history's ``Appender``) are each one.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+Buffer = bytes | memoryview
+try:
+    _IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))
+except (ValueError, OSError):
+    _IOV_MAX = 1024
 
 
 def fsync_dir(path: Path) -> None:
@@ -80,6 +86,20 @@ class AppendFile:
             written = os.write(self.fd, view)
             view = view[written:]
         self.size += len(data)
+        self.dirty = True
+
+    def write_parts(self, parts: Sequence[Buffer]) -> None:
+        """Append ``parts`` in order, without joining them first (``writev``, up to
+        ``IOV_MAX`` at a time; a short write's rest is written whole)."""
+        for at in range(0, len(parts), _IOV_MAX):
+            chunk = parts[at : at + _IOV_MAX]
+            size = sum(map(len, chunk))
+            written = os.writev(self.fd, chunk)
+            if written < size:
+                self.size += written
+                self.write(b"".join(chunk)[written:])
+            else:
+                self.size += size
         self.dirty = True
 
     def rollback(self, size: int) -> None:

@@ -35,8 +35,14 @@ import anyio
 import orjson
 
 from engine.checkpoint.durability import JournalConfig
-from engine.checkpoint.files import AppendFile
-from engine.checkpoint.journal import EMIT_FAILED, EMIT_FILTERED, EMIT_OUTPUT, encode
+from engine.checkpoint.files import AppendFile, Buffer
+from engine.checkpoint.journal import (
+    EMIT_FAILED,
+    EMIT_FILTERED,
+    EMIT_OUTPUT,
+    encode,
+    encode_parts,
+)
 from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_BYTES, SNAPSHOT_EVERY_ROWS, Snapshotter
 from engine.errors import CheckpointError
 
@@ -50,7 +56,7 @@ INLINE_BYTES = 64 << 10
 
 @dataclass(slots=True)
 class _Batch:
-    journal: list[bytes] = field(default_factory=list)
+    journal: list[Buffer] = field(default_factory=list)  # encoded records, in pieces
     records: list[dict[str, Any]] = field(default_factory=list)  # journal, decoded
     out: list[tuple[int, bytes]] = field(default_factory=list)
     failed: list[tuple[int, bytes]] = field(default_factory=list)
@@ -125,7 +131,7 @@ class Writer:
     async def record(self, record: dict[str, Any]) -> None:
         """Journal one record; returns once it is written to the OS."""
         batch = self._batch
-        batch.journal.append(encode(record))
+        batch.journal += encode_parts(record)
         batch.records.append(record)
         await self._wait(batch)
 
@@ -138,15 +144,16 @@ class Writer:
         group write: one wait instead of two.
         """
         batch = self._batch
-        batch.journal.extend(encode(record) for record in records)
+        for record in records:
+            batch.journal += encode_parts(record)
         batch.records.extend(records)
-        batch.out.append((line, orjson.dumps(row) + b"\n"))
+        batch.out.append((line, orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)))
         await self._wait(batch)
 
     async def failed(self, line: int, row: dict[str, Any]) -> None:
         """Write a failure to the failed file (and journal that it was)."""
         batch = self._batch
-        batch.failed.append((line, orjson.dumps(row) + b"\n"))
+        batch.failed.append((line, orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)))
         await self._wait(batch)
 
     async def filtered(
@@ -154,9 +161,10 @@ class Writer:
     ) -> None:
         """Write a row the quality filters left out to the filtered file (and journal it)."""
         batch = self._batch
-        batch.journal.extend(encode(record) for record in records)
+        for record in records:
+            batch.journal += encode_parts(record)
         batch.records.extend(records)
-        batch.filtered.append((line, orjson.dumps(row) + b"\n"))
+        batch.filtered.append((line, orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)))
         await self._wait(batch)
 
     def note(self, line: bytes) -> None:
@@ -295,11 +303,11 @@ class Writer:
             files.append(self._history)
         sizes = [f.size for f in files]
         try:
-            journal: list[bytes] = []
+            journal: list[Buffer] = []
             emits: list[dict[str, Any]] = []
             if batch.out or batch.failed or batch.filtered:
                 # Work records reach the journal before the rows built from them.
-                self._journal.write(b"".join(batch.journal))
+                self._journal.write_parts(batch.journal)
             else:
                 journal = batch.journal
             if batch.out:
@@ -308,12 +316,12 @@ class Writer:
                 emits += self._append_rows(self._failed, batch.failed, EMIT_FAILED)
             if batch.filtered:
                 emits += self._append_rows(self._filtered, batch.filtered, EMIT_FILTERED)
-            journal = journal + [encode(emit) for emit in emits]
+            journal = journal + [encode(emit) for emit in emits]  # short: joined
             if sync:
                 self._out.sync()
                 self._failed.sync()
                 self._filtered.sync()
-            self._journal.write(b"".join(journal))
+            self._journal.write_parts(journal)
             if batch.history and self._history is not None:
                 self._history.write(b"".join(batch.history))
             if sync:
@@ -337,7 +345,7 @@ class Writer:
     def _append_rows(
         target: AppendFile, rows: list[tuple[int, bytes]], kind: str
     ) -> list[dict[str, Any]]:
-        target.write(b"".join(data for _, data in rows))
+        target.write_parts([data for _, data in rows])
         end = target.size - sum(len(data) for _, data in rows)
         emits = []
         for line, data in rows:
