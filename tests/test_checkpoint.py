@@ -10,10 +10,9 @@ import orjson
 import pytest
 
 from engine.checkpoint.checkpoint import Checkpoint, Outputs, unlocked_read
-from engine.checkpoint.crc import crc32
 from engine.checkpoint.durability import JournalConfig
 from engine.checkpoint.files import AppendFile, atomic_write
-from engine.checkpoint.journal import Replay, encode, encode_parts
+from engine.checkpoint.journal import Replay
 from engine.checkpoint.snapshot import SNAPSHOT_NAME, load
 from engine.errors import CheckpointError
 from engine.history import HISTORY_NAME, Appender
@@ -61,12 +60,6 @@ def test_an_append_file_writes_pieces_in_order_past_iov_max(tmp_path: Path) -> N
     f.close()
     expected = b"".join(parts)
     assert path.read_bytes() == expected and f.size == len(expected)
-
-
-def test_a_journal_line_in_pieces_is_the_line(tmp_path: Path) -> None:
-    record = {"k": "t", "l": 3, "c": "x" * 20_000}
-    assert b"".join(encode_parts(record)) == encode(record)
-    assert encode(record).endswith(b',"z":%d}\n' % crc32(orjson.dumps(record)))
 
 
 def test_the_history_appender_drops_a_torn_line_and_counts_the_rest(tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ _SCHEMA = (
 )
 _OLD_TABLE = "replies"  # the first layout: hex text keys, one WITHOUT ROWID table
 _GETS = 512  # lookups per query, at most
+_ROWS_PER_INSERT = 300  # 900 parameters: under SQLite's oldest limit (999)
 _PUTS = 2048  # additions per commit, at most: a commit's cost is mostly per page
 _BACKLOG = _PUTS * 4  # additions queued past this make the next one wait for a round
 _BUSY_MS = 60_000  # how long a writer waits for another run's commit
@@ -133,16 +134,26 @@ class ReplyStore:
         return _select(self._db, keys)
 
     def put_many(self, items: Iterable[tuple[bytes, dict[str, Any]]]) -> None:
-        """Add replies in one transaction; a key already there keeps its reply."""
+        """Add replies in one transaction; a key already there keeps its reply.
+
+        Rows go in ``_ROWS_PER_INSERT`` to a statement: each statement runs with
+        the GIL released, so a batch hands the GIL back and forth a few times, not
+        once a row (every hand-over wakes the event loop's thread)."""
         if self._db is None or self.read_only:
             return
-        rows = [(slot_of(key), key, orjson.dumps(reply)) for key, reply in items]
-        if not rows:
+        values: list[object] = []
+        for key, reply in items:
+            values += (slot_of(key), key, orjson.dumps(reply))
+        if not values:
             return
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT OR IGNORE INTO reply (slot, key, reply) VALUES (?, ?, ?)", rows)
+            step = 3 * _ROWS_PER_INSERT
+            for at in range(0, len(values), step):
+                part = values[at : at + step]
+                marks = ",".join(["(?,?,?)"] * (len(part) // 3))
+                db.execute(f"INSERT OR IGNORE INTO reply (slot, key, reply) VALUES {marks}", part)
         except BaseException:
             db.execute("ROLLBACK")
             raise

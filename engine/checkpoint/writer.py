@@ -35,14 +35,8 @@ import anyio
 import orjson
 
 from engine.checkpoint.durability import JournalConfig
-from engine.checkpoint.files import AppendFile, Buffer
-from engine.checkpoint.journal import (
-    EMIT_FAILED,
-    EMIT_FILTERED,
-    EMIT_OUTPUT,
-    encode,
-    encode_parts,
-)
+from engine.checkpoint.files import AppendFile
+from engine.checkpoint.journal import EMIT_FAILED, EMIT_FILTERED, EMIT_OUTPUT, encode
 from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_BYTES, SNAPSHOT_EVERY_ROWS, Snapshotter
 from engine.errors import CheckpointError
 
@@ -58,7 +52,9 @@ INLINE_BYTES = 1 << 20
 
 @dataclass(slots=True)
 class _Batch:
-    journal: list[Buffer] = field(default_factory=list)  # encoded records, in pieces
+    journal: list[bytes] = field(default_factory=list)  # encoded records
+    # (fresh bytes, each the size of its line: orjson's own buffers, kept until the
+    # batch is written, made a run with 16 KB reasoning turns 50% bigger in RSS)
     records: list[dict[str, Any]] = field(default_factory=list)  # journal, decoded
     out: list[tuple[int, bytes]] = field(default_factory=list)
     failed: list[tuple[int, bytes]] = field(default_factory=list)
@@ -133,7 +129,7 @@ class Writer:
     async def record(self, record: dict[str, Any]) -> None:
         """Journal one record; returns once it is written to the OS."""
         batch = self._batch
-        batch.journal += encode_parts(record)
+        batch.journal.append(encode(record))
         batch.records.append(record)
         await self._wait(batch)
 
@@ -146,16 +142,15 @@ class Writer:
         group write: one wait instead of two.
         """
         batch = self._batch
-        for record in records:
-            batch.journal += encode_parts(record)
+        batch.journal.extend(encode(record) for record in records)
         batch.records.extend(records)
-        batch.out.append((line, orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)))
+        batch.out.append((line, orjson.dumps(row) + b"\n"))
         await self._wait(batch)
 
     async def failed(self, line: int, row: dict[str, Any]) -> None:
         """Write a failure to the failed file (and journal that it was)."""
         batch = self._batch
-        batch.failed.append((line, orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)))
+        batch.failed.append((line, orjson.dumps(row) + b"\n"))
         await self._wait(batch)
 
     async def filtered(
@@ -163,10 +158,9 @@ class Writer:
     ) -> None:
         """Write a row the quality filters left out to the filtered file (and journal it)."""
         batch = self._batch
-        for record in records:
-            batch.journal += encode_parts(record)
+        batch.journal.extend(encode(record) for record in records)
         batch.records.extend(records)
-        batch.filtered.append((line, orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)))
+        batch.filtered.append((line, orjson.dumps(row) + b"\n"))
         await self._wait(batch)
 
     def note(self, line: bytes) -> None:
@@ -305,7 +299,7 @@ class Writer:
             files.append(self._history)
         sizes = [f.size for f in files]
         try:
-            journal: list[Buffer] = []
+            journal: list[bytes] = []
             emits: list[dict[str, Any]] = []
             if batch.out or batch.failed or batch.filtered:
                 # Work records reach the journal before the rows built from them.
@@ -318,7 +312,7 @@ class Writer:
                 emits += self._append_rows(self._failed, batch.failed, EMIT_FAILED)
             if batch.filtered:
                 emits += self._append_rows(self._filtered, batch.filtered, EMIT_FILTERED)
-            journal = journal + [encode(emit) for emit in emits]  # short: joined
+            journal = journal + [encode(emit) for emit in emits]
             if sync:
                 self._out.sync()
                 self._failed.sync()
