@@ -21,6 +21,8 @@ class TurnstileError(Exception):
 class ConfigError(TurnstileError):
     """The config is unusable. Holds every problem found, one line each."""
 
+    exit_code = EXIT_UNUSABLE  # also when found once the run has begun (nothing sent)
+
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))

@@ -12,6 +12,7 @@ import pytest
 from engine.cache.keys import reply_value, request_key
 from engine.cache.settings import CacheConfig
 from engine.cache.store import ReplyCache, ReplyStore, open_cache
+from engine.errors import ConfigError
 from engine.tasks.asking import Rating, Sample, Try, Turn, generation_of
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -226,3 +227,11 @@ async def test_a_run_alone_on_its_store_queries_nothing_for_a_miss_and_sees_anot
     assert store.count() == 3
     other.close()
     store.close()
+
+
+async def test_a_file_that_is_not_a_store_is_refused_naming_cache_dir(tmp_path: Path) -> None:
+    (tmp_path / "replies.sqlite3").write_bytes(b"not sqlite " * 500)
+    with pytest.raises(ConfigError, match=r"cache\.dir: .*replies\.sqlite3 is not a reply store"):
+        async with open_cache(CacheConfig(tmp_path)):
+            pass
+    assert (tmp_path / "replies.sqlite3").read_bytes() == b"not sqlite " * 500  # left as it was

@@ -225,3 +225,16 @@ async def test_cost_and_cache_hits_show_in_the_summary_metrics_history_and_repor
     assert families["turnstile_cost_usd"].samples[0].labels == {"model": "teacher"}
     assert [s.value for s in families["turnstile_cached"].samples] == [20]
     assert "cost $0.5000, 20 cached, saved $0.2500" in progress.status_line(stats, 1.0)
+
+
+async def test_a_cache_dir_holding_another_file_is_refused_with_exit_2(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "replies.sqlite3").write_bytes(b"not sqlite " * 500)
+    write_jsonl(tmp_path / "in.jsonl", [row(i, turns=1) for i in range(3)])
+    refused = await turnstile("run", str(config(tmp_path, mock.base_url, "bad", store)))
+    assert refused.returncode == 2, refused.stderr
+    assert "cache.dir:" in refused.stderr and "is not a reply store" in refused.stderr
+    assert mock.stats.total_requests == 0

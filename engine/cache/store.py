@@ -44,6 +44,7 @@ import orjson
 from anyio.abc import TaskStatus
 
 from engine.cache.settings import READ_ONLY, CacheConfig
+from engine.errors import ConfigError
 
 STORE_NAME = "replies.sqlite3"
 _SCHEMA = (
@@ -430,9 +431,18 @@ async def open_cache(config: CacheConfig) -> AsyncIterator[ReplyCache | None]:
     if config.dir is None:
         yield None
         return
-    store = await anyio.to_thread.run_sync(
-        lambda: ReplyStore(Path(config.dir or "."), read_only=config.mode == READ_ONLY)
-    )
+    folder = Path(config.dir)
+    try:
+        store = await anyio.to_thread.run_sync(
+            lambda: ReplyStore(folder, read_only=config.mode == READ_ONLY)
+        )
+    except sqlite3.DatabaseError as exc:  # another file where the store should be
+        raise ConfigError(
+            [
+                f"cache.dir: {folder / STORE_NAME} is not a reply store this engine can"
+                f" open ({exc}); name another folder in cache.dir, or move that file away"
+            ]
+        ) from exc
     cache = ReplyCache(store)
     try:
         async with anyio.create_task_group() as tg:
