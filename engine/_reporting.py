@@ -12,10 +12,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from engine.checkpoint.snapshot import load
-from engine.config import RunConfig
+from engine.config import RunConfig, read_document
 from engine.errors import TurnstileError
 from engine.stats import RunStats
 
@@ -51,8 +49,8 @@ def write_run_report(
 def config_dict(config: RunConfig) -> dict[str, Any]:
     """The config as written (its YAML file), or what it fixes when it came as a dict."""
     try:
-        raw = yaml.safe_load(config.config_path.read_text())
-    except (OSError, yaml.YAMLError):
+        raw = read_document(config.config_path.read_text())
+    except (OSError, ValueError):
         raw = None
     if isinstance(raw, dict):
         return raw

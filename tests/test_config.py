@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 
@@ -17,6 +19,7 @@ from engine.config import (
     RunConfig,
     load_config,
     parse_config,
+    read_document,
 )
 from engine.errors import ConfigError
 from engine.tasks.distill import DistillConfig
@@ -450,6 +453,33 @@ def test_load_config_reports_invalid_yaml(tmp_path: Path) -> None:
         load_config(path)
     assert len(info.value.problems) == 1
     assert info.value.problems[0].startswith(f"{path}: not valid YAML")
+
+
+def test_a_json_config_reads_as_its_yaml_form_does(tmp_path: Path) -> None:
+    raw = yaml.safe_load(EXAMPLE)
+    (tmp_path / "job.yaml").write_text(EXAMPLE, encoding="utf-8")
+    (tmp_path / "job.json").write_text(orjson.dumps(raw).decode(), encoding="utf-8")
+    from_yaml = load_config(tmp_path / "job.yaml")
+    from_json = load_config(tmp_path / "job.json")
+    assert replace(from_json, config_path=from_yaml.config_path) == from_yaml
+
+
+def test_a_flow_style_yaml_config_is_still_yaml() -> None:
+    # Starts with a brace like JSON, is not JSON: YAML reads it.
+    assert read_document("{task: distill, models: {teacher: {model: m}}}") == {
+        "task": "distill",
+        "models": {"teacher": {"model": "m"}},
+    }
+    assert read_document('  {"a": 1.5e3}\n') == {"a": 1500.0}  # JSON's reading of 1.5e3
+
+
+def test_broken_json_is_reported_as_yaml_sees_it(tmp_path: Path) -> None:
+    path = tmp_path / "job.json"
+    path.write_text('{"task": "distill",\n "models": {"teacher": [}\n', encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.problems[0].startswith(f"{path}: not valid YAML")
+    assert "line 2" in info.value.problems[0]
 
 
 def test_load_config_refuses_a_yaml_list(tmp_path: Path) -> None:

@@ -157,11 +157,15 @@ _NOT_AT_START = (
 )
 
 
-def _modules_at_first_request(folder: Path, base_url: str) -> list[str]:
+def _modules_at_first_request(folder: Path, base_url: str, *, json: bool = False) -> list[str]:
     from tests.conftest import conversations, write_config, write_jsonl
 
     write_jsonl(folder / "in.jsonl", conversations(4))
     config = write_config(folder, base_url)
+    if json:  # the same config as a program would write it
+        import yaml
+
+        config.write_bytes(orjson.dumps(yaml.safe_load(config.read_text())))
     done = subprocess.run(
         # At its first POST (engine.testing.first_request): a plain run (one online
         # model, no cache, no batch, no metrics port, quiet).
@@ -199,3 +203,11 @@ def test_a_plain_run_imports_no_cache_or_batch_module_before_its_first_request(
     # client only of a run that uses them.
     batch = ("engine.batch.endpoint", "engine.batch.log", "engine.batch.api")
     assert _under(modules, ("engine.cache.store", *batch, "sqlite3")) == []
+
+
+def test_a_json_config_is_read_without_the_yaml_parser(
+    tmp_path: Path, threaded_mock: MockServer
+) -> None:
+    modules = _modules_at_first_request(tmp_path, threaded_mock.base_url, json=True)
+    assert "engine.config" in modules
+    assert _under(modules, ("yaml",)) == []
