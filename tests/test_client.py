@@ -11,7 +11,13 @@ from anyio.lowlevel import checkpoint
 from engine.config import ModelConfig
 from engine.endpoints import http_endpoint
 from engine.errors import ModelError
-from engine.http.client import NOT_FOUND_IN_ROW, HttpEndpoint, endpoint, parse_completion
+from engine.http.client import (
+    NOT_FOUND_IN_ROW,
+    USER_AGENT,
+    HttpEndpoint,
+    endpoint,
+    parse_completion,
+)
 from engine.http.ratelimit import TokenBucket, estimate_tokens, per_minute
 from engine.stats import ModelStats
 from engine.testing.mock_server import Faults, MockServer, reply_for
@@ -345,6 +351,12 @@ async def test_a_key_echoed_in_a_broken_reply_is_removed_from_the_message(
     assert "HTTP 200 with a body that is not JSON" in str(caught.value)
     assert KEY not in str(caught.value) and "Bearer ***" in str(caught.value)
     assert mock.stats.authorizations == {f"Bearer {KEY}"}  # sent, as it must be
+
+
+async def test_requests_name_turnstile_as_their_user_agent(mock: MockServer) -> None:
+    async with client_for(mock, FakeTime()) as client:
+        await client.complete(MESSAGES)
+    assert mock.stats.user_agents == {USER_AGENT}
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["with_its_length", "of_unknown_length"])

@@ -53,7 +53,7 @@ from engine.batch.lines import (
 from engine.batch.log import BatchLog, replay
 from engine.batch.settings import BatchSettings
 from engine.errors import ModelError
-from engine.http.client import parse_completion
+from engine.http.client import USER_AGENT, parse_completion
 from engine.http.endpoint import Completion, EndpointStatistics, Messages, asker
 from engine.http.reasoning import Dialect
 from engine.http.settings import HttpSettings
@@ -233,7 +233,8 @@ class BatchEndpoint:
     # -- the seam ---------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s)
+            timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
+            headers={"User-Agent": USER_AGENT},
         )
         self.api = BatchApi(self._session, self.settings.base_urls[0], self.settings.api_key)
         try:

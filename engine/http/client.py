@@ -53,6 +53,9 @@ log = logging.getLogger("turnstile")
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
 _ERROR_BODY_CHARS = 300
+# Sent with every request: a server's logs name the client (and aiohttp, not told one,
+# would add its own to each request's headers, a few microseconds each time).
+USER_AGENT = "turnstile"
 NOT_FOUND = 404
 NOT_FOUND_IN_ROW = 5  # 404s to this many requests in a row, none answered: the model's URL or name
 _READ_CHUNK = 1 << 16  # a reply of unknown length is read this much at a time, up to the limit
@@ -134,7 +137,7 @@ class HttpEndpoint:
         self._not_found = 0  # 404s in a row, none answered since
         self._found = Ledger()  # the last 404's verdict: the row's if the model answers next
         self._max_reply = settings.max_reply_bytes
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
         key = settings.api_key
         self._secrets = model_secrets(key, urls)  # removed from every server message
         self._secret_bytes = tuple(secret.encode() for secret in self._secrets)
@@ -162,7 +165,6 @@ class HttpEndpoint:
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.settings.timeout_s),
             headers=self._headers,
-            skip_auto_headers=("User-Agent",),
             json_serialize=lambda obj: orjson.dumps(obj).decode(),
         )
         self._probes = anyio.create_task_group()

@@ -76,6 +76,7 @@ class MockStats:
     requests_by_key: collections.Counter[str] = field(default_factory=collections.Counter)
     # Distinct Authorization headers seen: tests check a key reaches its own server.
     authorizations: set[str] = field(default_factory=set)
+    user_agents: set[str] = field(default_factory=set)  # distinct User-Agent headers seen
 
     def as_dict(self) -> dict[str, Any]:
         """The counters as plain JSON-ready values."""
@@ -293,6 +294,7 @@ class MockServer:
         auth = request.headers.get("Authorization")
         if auth is not None:
             stats.authorizations.add(auth)
+        stats.user_agents.add(request.headers.get("User-Agent", ""))
         try:
             parsed = orjson.loads(await request.read())
             if self.recorded is not None:
