@@ -47,7 +47,7 @@ def write_run_report(
 
 
 def config_dict(config: RunConfig) -> dict[str, Any]:
-    """The config as written (its YAML file), or what it fixes when it came as a dict."""
+    """The config as written (its YAML or JSON file), or what it fixes when it came as a dict."""
     try:
         raw = read_document(config.config_path.read_text())
     except (OSError, ValueError):

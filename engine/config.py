@@ -289,8 +289,8 @@ def read_document(text: str) -> Any:
     """A config file's contents: YAML, or JSON (which YAML includes) read as JSON.
 
     A config a program wrote is usually JSON: reading it with orjson spares a run's
-    start the YAML parser (importing and running it: about 20 ms, a tenth of what
-    Turnstile adds to the first request). Text that orjson refuses is YAML's to read
+    start the YAML parser (importing and running it: about 20 ms before the first
+    request). Text that orjson refuses is YAML's to read
     (flow-style YAML starts with a brace too), and its error says where the problem is.
     Raises ValueError naming what is wrong.
     """
