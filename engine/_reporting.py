@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.checkpoint.snapshot import load
-from engine.config import RunConfig, read_document
+from engine.config import YAML, RunConfig, parse_document
 from engine.errors import TurnstileError
 from engine.stats import RunStats
 
@@ -28,11 +28,13 @@ def write_run_report(
         from engine.report import write_report
 
         totals = _totals(stats, elapsed_s) if stats is not None else checkpoint_totals(config)
+        raw, syntax = config_dict(config)
         path = write_report(
             config.checkpoint_dir,
             title=f"Turnstile: {config.config_path.name} ({config.task})",
-            config=config_dict(config),
+            config=raw,
             totals=totals,
+            syntax=syntax,
         )
     except (OSError, ValueError, TurnstileError) as exc:
         log.warning(f"the report could not be written ({exc}); `turnstile report` tries again")
@@ -46,15 +48,17 @@ def write_run_report(
     return path
 
 
-def config_dict(config: RunConfig) -> dict[str, Any]:
-    """The config as written (its YAML or JSON file), or what it fixes when it came as a dict."""
+def config_dict(config: RunConfig) -> tuple[dict[str, Any], str]:
+    """The config as written (its YAML or JSON file) and that file's syntax, or what
+    the config fixes (shown as YAML) when it came as a dict."""
     try:
-        raw = read_document(config.config_path.read_text())
+        raw, syntax = parse_document(config.config_path.read_text())
     except (OSError, ValueError):
-        raw = None
+        raw, syntax = None, YAML
     if isinstance(raw, dict):
-        return raw
-    return {"input": str(config.input), "output": str(config.output), **config.fingerprint_fields()}
+        return raw, syntax
+    fixed = {"input": str(config.input), "output": str(config.output)}
+    return {**fixed, **config.fingerprint_fields()}, YAML
 
 
 def checkpoint_totals(config: RunConfig) -> dict[str, object]:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from engine.input.sources import Slice
 
 LOCAL = "local"
+JSON, YAML = "json", "yaml"  # the syntaxes a config file is read in (parse_document)
 FSYNC_MODES = ("interval", "always", "never")
 
 
@@ -294,15 +295,21 @@ def read_document(text: str) -> Any:
     (flow-style YAML starts with a brace too), and its error says where the problem is.
     Raises ValueError naming what is wrong.
     """
+    return parse_document(text)[0]
+
+
+def parse_document(text: str) -> tuple[Any, str]:
+    """``read_document``'s value and the syntax it was read in: ``"json"`` or ``"yaml"``
+    (the report shows a config in the syntax it was written in)."""
     if text.lstrip().startswith("{"):
         try:
-            return orjson.loads(text)
+            return orjson.loads(text), JSON
         except orjson.JSONDecodeError:
             pass
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.safe_load(text), YAML
     except yaml.YAMLError as exc:
         raise ValueError(f"not valid YAML: {exc}") from exc
 

@@ -211,3 +211,36 @@ def test_a_json_config_is_read_without_the_yaml_parser(
     modules = _modules_at_first_request(tmp_path, threaded_mock.base_url, json=True)
     assert "engine.config" in modules
     assert _under(modules, ("yaml",)) == []
+
+
+def test_a_run_from_a_json_config_never_imports_the_yaml_parser(
+    tmp_path: Path, threaded_mock: MockServer
+) -> None:
+    # To its exit, the report included: the report shows the config as JSON, as it was
+    # written, so the run's end does not import the parser its start was spared.
+    from tests.conftest import conversations, write_config, write_jsonl
+
+    write_jsonl(tmp_path / "in.jsonl", conversations(3))
+    config = write_config(tmp_path, threaded_mock.base_url)
+    raw = yaml_load(config)
+    config = tmp_path / "run.json"
+    config.write_bytes(orjson.dumps(raw))
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "engine", "run", str(config), "--quiet"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    imported = [line.rpartition("|")[2].strip() for line in done.stderr.splitlines()]
+    assert "engine.report" in imported  # the report was written, by this process
+    assert _under(imported, ("yaml",)) == []
+    page = (tmp_path / "ck" / "report.html").read_text()
+    assert "&quot;task&quot;: &quot;distill&quot;" in page  # the config, as JSON
+
+
+def yaml_load(path: Path) -> object:
+    import yaml
+
+    return yaml.safe_load(path.read_text())

@@ -284,6 +284,23 @@ def test_config_is_masked_by_key_name_and_headers() -> None:
     assert "/data/out.jsonl" in text and "- http://b" in text and "temperature: 0.7" in text
 
 
+def test_a_json_config_is_shown_as_json_masked_in_its_order() -> None:
+    config = {
+        "task": "distill",
+        "models": {"teacher": {"api_key": "sk-inline", "params": {"temperature": 0.7}}},
+        "out": Path("/data/out.jsonl"),
+    }
+    text = config_text(config, "json")
+    assert "sk-inline" not in text
+    assert orjson.loads(text) == {
+        "task": "distill",
+        "models": {"teacher": {"api_key": "***", "params": {"temperature": 0.7}}},
+        "out": "/data/out.jsonl",
+    }
+    assert list(orjson.loads(text)) == ["task", "models", "out"]
+    assert text.startswith('{\n  "task"')  # indented, one key a line
+
+
 def test_api_key_values_from_the_environment_are_scrubbed() -> None:
     config = {"models": {"a": {"api_key_env": "K1"}, "b": {"api_key_env": "K2"}, "c": {}}}
     environ = {"K1": "sk-one-<&>-secret", "K2": "abc"}  # too short to replace safely

@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
+import orjson
 
 from engine.checkpoint.files import atomic_write
+from engine.config import JSON, YAML
 from engine.history import HISTORY_NAME
 from engine.redact import config_secrets, redact
 from engine.report.page import PLOT_POINTS, render_report
@@ -30,10 +31,12 @@ def write_report(
     config: Mapping[str, Any],
     totals: Mapping[str, object],
     points: int | None = PLOT_POINTS,
+    syntax: str = YAML,
 ) -> Path:
     """Write the report of the run checkpointed in ``checkpoint_dir``; its path. Blocking.
 
-    ``config`` is the run's config as a plain mapping (shown masked); ``totals`` are the
+    ``config`` is the run's config as a plain mapping (shown masked, in ``syntax``:
+    ``"yaml"`` or ``"json"``, the one its file was written in); ``totals`` are the
     labelled numbers of the run's summary; ``points``: about this many per line (None:
     every sample; engine.report.samples decodes only the lines it draws). With no
     history yet the page says so.
@@ -44,7 +47,7 @@ def write_report(
     page = render_report(
         read_series(checkpoint_dir / HISTORY_NAME, most=points),
         title=title,
-        config_text=config_text(config),
+        config_text=config_text(config, syntax),
         totals=totals,
         points=points,
         secrets=config_secrets(config, os.environ),
@@ -54,12 +57,22 @@ def write_report(
     return path
 
 
-def config_text(config: Mapping[str, Any]) -> str:
-    """The config as YAML, secrets masked (``engine.redact``), keys in their order."""
+def config_text(config: Mapping[str, Any], syntax: str = YAML) -> str:
+    """The config as YAML or as indented JSON (``syntax``), secrets masked
+    (``engine.redact``), keys in their order.
+
+    JSON is written without YAML's library: a run from a JSON config (what programs
+    and the bench write) then imports no YAML parser at all, at its end as at its start.
+    """
     if not config:
         return ""
+    masked = redact(config)
+    if syntax == JSON:
+        return orjson.dumps(masked, default=str, option=orjson.OPT_INDENT_2).decode()
+    import yaml
+
     dumped: str = yaml.safe_dump(
-        redact(config), sort_keys=False, allow_unicode=True, default_flow_style=False, width=100
+        masked, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100
     )
     return dumped
 
