@@ -263,7 +263,7 @@ async def test_the_cap_holds_under_many_concurrent_tasks() -> None:
 # -- hand-off order ----------------------------------------------------------------------
 
 
-async def test_a_freed_slot_goes_to_its_own_queue_then_no_preference_then_the_oldest() -> None:
+async def test_a_freed_slot_goes_to_the_oldest_of_its_own_and_no_preference_then_any() -> None:
     pool = make_pool(3, cap=1)
     r0, r1, r2 = [await acquire_now(pool, i) for i in range(3)]
     assert in_flight(pool) == [1, 1, 1]
@@ -285,7 +285,9 @@ async def test_a_freed_slot_goes_to_its_own_queue_then_no_preference_then_the_ol
             assert len(now_served) == 1
             assert now_served[0].replica is r0
             served.append(now_served[0])
-        assert served == [own_1, own_2, anyone_1, anyone_2, other_old, other_new]
+        # First come, first served among those that can use r0: a conversation's next
+        # turn (own_*) does not jump ahead of a first turn that waited longer (anyone_1).
+        assert served == [anyone_1, own_1, own_2, anyone_2, other_old, other_new]
     assert in_flight(pool) == [1, 1, 1]
     assert_stats_mirror(pool)
     del r1, r2
@@ -304,6 +306,26 @@ async def test_a_new_request_queues_behind_waiters_and_does_not_jump_the_line() 
         pool.release(held)
         await anyio.wait_all_tasks_blocked()
         assert second.replica is held
+    assert in_flight(pool) == [1]
+
+
+async def test_one_server_serves_first_turns_and_next_turns_in_arrival_order() -> None:
+    # One replica: every continuing conversation prefers it, new ones prefer nothing.
+    # Serving the continuing ones first would start the input's last conversations
+    # late, all their turns still ahead when the others are done (an idle tail).
+    pool = make_pool(1, cap=1)
+    held = await acquire_now(pool)
+    async with tasks() as tg:
+        first_turn = await spawn(tg, pool, None)
+        next_turn = await spawn(tg, pool, 0)
+        later_first_turn = await spawn(tg, pool, None)
+        served = []
+        for _ in range(3):
+            pool.release(held)
+            await anyio.wait_all_tasks_blocked()
+            waiters = (first_turn, next_turn, later_first_turn)
+            served += [w for w in waiters if w.replica is not None and w not in served]
+        assert served == [first_turn, next_turn, later_first_turn]
     assert in_flight(pool) == [1]
 
 

@@ -8,8 +8,11 @@ hands out slots:
 - *spread*: a request goes to the live replica with the most free room;
 - *affinity*: a conversation's next turn goes back to the replica that served its
   last one while that replica is live and has room (its cached prefix is there);
-  a slot freed on a replica goes first to a request waiting for that replica, then
-  to one with no preference, then to the longest waiting, so no slot idles;
+  a slot freed on a replica goes to the longest waiting of the requests that want
+  that replica or have no preference (first come, first served: a conversation's
+  next turn does not jump ahead of another's first, which would start the last
+  conversations late and leave slots idle at the run's end), else to the longest
+  waiting of all, so no slot idles;
 - *health*: a replica whose requests fail (connection errors, timeouts, 5xx)
   ``OUT_AFTER_FAILURES`` times in a row is taken out until the client's probe puts
   it back; when every replica is out the model pauses (requests wait, none is
@@ -272,7 +275,8 @@ class ReplicaPool:
         self.stats.in_flight += 1
 
     def _wake(self, replica: Replica) -> None:
-        """Hand ``replica``'s free room to waiters: its own first, then any, then the oldest."""
+        """Hand ``replica``'s free room to waiters: the oldest of its own and those with no
+        preference, then the oldest of any."""
         while self._waiting and replica.room > 0:
             waiter = self._next_waiter(replica.index)
             self._waiting -= 1
@@ -282,7 +286,7 @@ class ReplicaPool:
 
     def _next_waiter(self, index: int) -> _Waiter:
         own, anyone = self._queues[index], self._queues[None]
-        if own:
+        if own and (not anyone or own[0].seq < anyone[0].seq):
             return own.popleft()
         if anyone:
             return anyone.popleft()
