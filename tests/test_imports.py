@@ -162,10 +162,8 @@ def _modules_at_first_request(folder: Path, base_url: str, *, json: bool = False
 
     write_jsonl(folder / "in.jsonl", conversations(4))
     config = write_config(folder, base_url)
-    if json:  # the same config as a program would write it
-        import yaml
-
-        config.write_bytes(orjson.dumps(yaml.safe_load(config.read_text())))
+    if json:
+        config = _as_json(config)
     done = subprocess.run(
         # At its first POST (engine.testing.first_request): a plain run (one online
         # model, no cache, no batch, no metrics port, quiet).
@@ -181,6 +179,15 @@ def _modules_at_first_request(folder: Path, base_url: str, *, json: bool = False
     modules: list[str] = result["modules"]
     assert modules, "no request was sent"
     return modules
+
+
+def _as_json(config: Path) -> Path:
+    """The same config as a program would write it: JSON, in a file of its own."""
+    import yaml
+
+    path = config.with_suffix(".json")
+    path.write_bytes(orjson.dumps(yaml.safe_load(config.read_text())))
+    return path
 
 
 def _under(modules: list[str], names: Sequence[str]) -> list[str]:
@@ -221,10 +228,7 @@ def test_a_run_from_a_json_config_never_imports_the_yaml_parser(
     from tests.conftest import conversations, write_config, write_jsonl
 
     write_jsonl(tmp_path / "in.jsonl", conversations(3))
-    config = write_config(tmp_path, threaded_mock.base_url)
-    raw = yaml_load(config)
-    config = tmp_path / "run.json"
-    config.write_bytes(orjson.dumps(raw))
+    config = _as_json(write_config(tmp_path, threaded_mock.base_url))
     done = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "engine", "run", str(config), "--quiet"],
         capture_output=True,
@@ -238,9 +242,3 @@ def test_a_run_from_a_json_config_never_imports_the_yaml_parser(
     assert _under(imported, ("yaml",)) == []
     page = (tmp_path / "ck" / "report.html").read_text()
     assert "&quot;task&quot;: &quot;distill&quot;" in page  # the config, as JSON
-
-
-def yaml_load(path: Path) -> object:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
