@@ -191,6 +191,17 @@ def test_thinning_keeps_run_ends_and_exact_mean_rates() -> None:
     assert thin(samples[:10], 200) == samples[:10] and thin(samples, None) == samples
 
 
+def test_thinning_a_few_more_than_asked_keeps_about_as_many_as_asked() -> None:
+    """The reader gives about as many lines as the page draws plus every outage line:
+    1,060 samples thinned to 1,000 keep 1,000 (a whole stride dropped every second)."""
+    samples = parse_series(encode([line(T0 + i, "a", turns=i) for i in range(1060)]))
+    kept = thin(samples, 1000)
+    assert 1000 <= len(kept) <= 1001
+    assert kept[0] == samples[0] and kept[-1] == samples[-1]
+    times = [s.t for s in kept]
+    assert times == sorted(set(times))
+
+
 def test_a_short_last_interval_is_merged_into_the_one_before() -> None:
     """A run's last sample comes when it ends, here 0.1 s after the one before: 3 replies
     in it read as 30 turns/s in a run of 10 a second (issue 25 #13). The point before

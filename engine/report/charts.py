@@ -13,14 +13,13 @@ line joins the last sample of one run to the first of the next.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 from urllib.parse import urlsplit
 
-from engine.report.samples import Sample
-from engine.report.series import Restart, model_names, rates, replica_urls
+from engine.report.samples import ModelSample, ReplicaSample, Sample
+from engine.report.series import Restart, intervals, model_names, per_second, replica_urls
 
 Values = list[float | None]
 
@@ -128,6 +127,7 @@ class Axis:
     def __init__(self, samples: Sequence[Sample]) -> None:
         self.samples = samples
         self.breaks = [i for i in range(1, len(samples)) if samples[i].run != samples[i - 1].run]
+        self.intervals = intervals(samples)  # what every rate divides by
 
     def times(self) -> list[float]:
         t = [s.t for s in self.samples]
@@ -149,28 +149,71 @@ class Axis:
         return out
 
 
+class Columns:
+    """Every model's fields as columns, a value per sample (None where the model is
+    absent): each model's samples transposed once, not a pass over them per line."""
+
+    def __init__(self, samples: Sequence[Sample], names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.size = len(samples)
+        self._columns = {
+            name: dict(
+                zip(
+                    ModelSample._fields,
+                    zip(*[s.models.get(name, _ABSENT) for s in samples], strict=True)
+                    if samples
+                    else [()] * len(ModelSample._fields),
+                    strict=True,
+                )
+            )
+            for name in names
+        }
+
+    def model(self, name: str, field: str) -> Values:
+        """One model's ``field`` at every sample."""
+        return list(self._columns[name][field])
+
+    def replicas(self, name: str) -> list[tuple[ReplicaSample, ...]]:
+        """One model's replicas at every sample (none where it is absent)."""
+        return list(self._columns[name]["replicas"])
+
+    def summed(self, field: str) -> Values:
+        """``field`` summed over every model at each sample (None where none has it)."""
+        columns = [self._columns[name][field] for name in self.names]
+        if len(columns) < 2:
+            return list(columns[0]) if columns else [None] * self.size
+        return [
+            sum(known) if (known := [v for v in values if v is not None]) else None
+            for values in zip(*columns, strict=True)
+        ]
+
+
+_ABSENT = ModelSample._make([None] * len(ModelSample._fields))._replace(replicas=())
+
+
 def charts(samples: Sequence[Sample], axis: Axis | None = None) -> list[Chart]:
     """The four charts of the report, over ``samples`` (already thinned for drawing)."""
     axis = axis or Axis(samples)
     names = model_names(samples)
+    columns = Columns(samples, names)
     return [
-        Chart("throughput", HEADINGS["throughput"], _throughput(samples, axis)),
-        Chart("in_flight", HEADINGS["in_flight"], _in_flight(samples, axis, names)),
-        Chart("latency", HEADINGS["latency"], [_latency(samples, axis, names)]),
-        Chart("failures", HEADINGS["failures"], [_failures(samples, axis, names)]),
+        Chart("throughput", HEADINGS["throughput"], _throughput(samples, axis, columns)),
+        Chart("in_flight", HEADINGS["in_flight"], _in_flight(samples, axis, columns)),
+        Chart("latency", HEADINGS["latency"], [_latency(axis, columns)]),
+        Chart("failures", HEADINGS["failures"], [_failures(axis, columns)]),
     ]
 
 
-def _throughput(samples: Sequence[Sample], axis: Axis) -> list[Panel]:
-    turns = _rate(samples, axis, [s.turns for s in samples])
-    completion = _rate(samples, axis, _summed(samples, "completion_tokens"))
-    prompt = _rate(samples, axis, _summed(samples, "prompt_tokens"))
+def _throughput(samples: Sequence[Sample], axis: Axis, columns: Columns) -> list[Panel]:
+    turns = _rate(axis, [s.turns for s in samples])
+    completion = _rate(axis, columns.summed("completion_tokens"))
+    prompt = _rate(axis, columns.summed("prompt_tokens"))
     tokens = [
         Line("completion tokens/s", PALETTE[0], completion),
         Line("prompt tokens/s", PALETTE[1], prompt),
     ]
     # Part of the completion tokens, where a server reports any (none: no line).
-    reasoning = _rate(samples, axis, _summed(samples, "reasoning_tokens"))
+    reasoning = _rate(axis, columns.summed("reasoning_tokens"))
     if any(reasoning):
         tokens.append(Line("reasoning tokens/s", PALETTE[2], reasoning, DASHED))
     panels = [
@@ -181,11 +224,11 @@ def _throughput(samples: Sequence[Sample], axis: Axis) -> list[Panel]:
     # cumulative within a run); no panel for a run without prices or a cache.
     spend = _drawn(
         [
-            Line("cost, USD", PALETTE[0], axis.align(_summed(samples, "cost_usd"))),
+            Line("cost, USD", PALETTE[0], axis.align(columns.summed("cost_usd"))),
             Line(
                 "saved by the cache, USD",
                 PALETTE[1],
-                axis.align(_summed(samples, "saved_usd")),
+                axis.align(columns.summed("saved_usd")),
                 DASHED,
             ),
         ]
@@ -195,25 +238,25 @@ def _throughput(samples: Sequence[Sample], axis: Axis) -> list[Panel]:
     return panels
 
 
-def _in_flight(samples: Sequence[Sample], axis: Axis, names: list[str]) -> list[Panel]:
+def _in_flight(samples: Sequence[Sample], axis: Axis, columns: Columns) -> list[Panel]:
     """Per model, in flight (solid) against its limit (dashed) and cap (dotted); then
     the same per replica where it has several, a colour per replica."""
     panels = []
-    for name in names:
+    for name in columns.names:
         lines = [
-            Line(kind, PALETTE[0], axis.align(_model_column(samples, name, field)), dash, width)
+            Line(kind, PALETTE[0], axis.align(columns.model(name, field)), dash, width)
             for kind, field, dash, width in _GAUGES
         ]
         panels.append(Panel(f"{name}: in flight (all replicas)", "requests", _drawn(lines)))
         urls = replica_urls(samples, name)
         if len(urls) < 2:
             continue
-        columns = _replica_columns(samples, name, urls)
+        per_replica = _replica_columns(columns.replicas(name), urls)
         lines = []
         for i, (url, short) in enumerate(zip(urls, short_names(urls), strict=True)):
             color = PALETTE[i % len(PALETTE)]
             for kind, field, dash, width in _GAUGES:
-                values = axis.align(columns[url][field])
+                values = axis.align(per_replica[url][field])
                 lines.append(Line(f"{short} {kind}", color, values, dash, width))
         title = f"{name}: in flight per replica (limit dashed, cap dotted)"
         panels.append(Panel(title, "requests", _drawn(lines)))
@@ -227,26 +270,26 @@ _GAUGES: tuple[tuple[str, str, tuple[float, ...], float], ...] = (
 )
 
 
-def _latency(samples: Sequence[Sample], axis: Axis, names: list[str]) -> Panel:
+def _latency(axis: Axis, columns: Columns) -> Panel:
     """Per model, p50 (solid) and p95 (dashed) of the requests finished in each step."""
     lines = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(columns.names):
         color = PALETTE[i % len(PALETTE)]
-        p50 = axis.align(_model_column(samples, name, "p50"))
-        p95 = axis.align(_model_column(samples, name, "p95"))
+        p50 = axis.align(columns.model(name, "p50"))
+        p95 = axis.align(columns.model(name, "p95"))
         lines += [Line(f"{name} p50", color, p50), Line(f"{name} p95", color, p95, DASHED)]
     return Panel("Latency of the requests answered in each step", "seconds", _drawn(lines))
 
 
-def _failures(samples: Sequence[Sample], axis: Axis, names: list[str]) -> Panel:
+def _failures(axis: Axis, columns: Columns) -> Panel:
     """Per model, failed requests/s (solid), retried requests/s (dashed: charged to
     their rows) and re-sent requests/s (dotted: after a server failure, charged to none)."""
     lines = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(columns.names):
         color = PALETTE[i % len(PALETTE)]
-        failed = _rate(samples, axis, _model_column(samples, name, "failures"))
-        retried = _rate(samples, axis, _model_column(samples, name, "retries"))
-        resent = _rate(samples, axis, _model_column(samples, name, "resent"))
+        failed = _rate(axis, columns.model(name, "failures"))
+        retried = _rate(axis, columns.model(name, "retries"))
+        resent = _rate(axis, columns.model(name, "resent"))
         lines += [
             Line(f"{name} failures/s", color, failed),
             Line(f"{name} retries/s", color, retried, DASHED),
@@ -255,9 +298,11 @@ def _failures(samples: Sequence[Sample], axis: Axis, names: list[str]) -> Panel:
     return Panel("Failed, retried and re-sent requests per second", "requests/s", _drawn(lines))
 
 
-def _rate(samples: Sequence[Sample], axis: Axis, counts: Values) -> Values:
+def _rate(axis: Axis, counts: Values) -> Values:
     # Three decimals are more than a plot shows, and keep the page small.
-    return axis.align([None if v is None else round(v, 3) for v in rates(samples, counts)])
+    return axis.align(
+        [None if v is None else round(v, 3) for v in per_second(axis.intervals, counts)]
+    )
 
 
 def _drawn(lines: list[Line]) -> list[Line]:
@@ -265,36 +310,17 @@ def _drawn(lines: list[Line]) -> list[Line]:
     return [line for line in lines if any(v is not None for v in line.values)]
 
 
-def _model_column(samples: Sequence[Sample], model: str, field: str) -> Values:
-    get: Callable[[Any], float | None] = attrgetter(field)
-    out: Values = []
-    for sample in samples:
-        body = sample.models.get(model)
-        out.append(None if body is None else get(body))
-    return out
-
-
-def _summed(samples: Sequence[Sample], field: str) -> Values:
-    """A counter summed over every model of each sample (None where none has it)."""
-    get: Callable[[Any], float | None] = attrgetter(field)
-    out: Values = []
-    for sample in samples:
-        known = [v for body in sample.models.values() if (v := get(body)) is not None]
-        out.append(sum(known) if known else None)
-    return out
-
-
 def _replica_columns(
-    samples: Sequence[Sample], model: str, urls: list[str]
+    replicas: Sequence[tuple[ReplicaSample, ...]], urls: list[str]
 ) -> dict[str, dict[str, Values]]:
-    """Per replica URL, its in flight, limit and cap at every sample, in one pass."""
-    n = len(samples)
+    """Per replica URL, its in flight, limit and cap at every sample (``replicas``: a
+    model's replicas at each sample), in one pass."""
+    n = len(replicas)
     columns: dict[str, dict[str, Values]] = {
         url: {field: [None] * n for _, field, _, _ in _GAUGES} for url in urls
     }
-    for i, sample in enumerate(samples):
-        body = sample.models.get(model)
-        for replica in body.replicas if body is not None else ():
+    for i, listed in enumerate(replicas):
+        for replica in listed:
             column = columns[replica.url]
             column["in_flight"][i] = replica.in_flight
             column["limit"][i] = replica.limit

@@ -74,15 +74,30 @@ def rate(samples: Sequence[Sample], value: Value) -> Curve:
 
 def rates(samples: Sequence[Sample], counts: Sequence[float | None]) -> list[float | None]:
     """``rate`` of a counter already read, one count per sample."""
-    y: list[float | None] = [None] * len(samples)
-    for i in range(1, len(samples)):
-        now, before = counts[i], counts[i - 1]
-        if now is None or before is None or now < before:
-            continue
-        sample, previous = samples[i], samples[i - 1]
-        if previous.run == sample.run and sample.t > previous.t:
-            y[i] = (now - before) / (sample.t - previous.t)
-    return y
+    return per_second(intervals(samples), counts)
+
+
+def intervals(samples: Sequence[Sample]) -> list[float | None]:
+    """Seconds since the sample before, per sample: None for the first of a run (and
+    where the clock did not move forward), so no rate spans a restart."""
+    return [None] * min(1, len(samples)) + [
+        sample.t - previous.t if previous.run == sample.run and sample.t > previous.t else None
+        for previous, sample in itertools.pairwise(samples)
+    ]
+
+
+def per_second(
+    seconds: Sequence[float | None], counts: Sequence[float | None]
+) -> list[float | None]:
+    """The rate of a counter between samples ``seconds`` apart (``intervals``)."""
+    return [None] * min(1, len(counts)) + [
+        (now - before) / dt
+        if dt is not None and now is not None and before is not None and now >= before
+        else None
+        for dt, (before, now) in zip(
+            itertools.islice(seconds, 1, None), itertools.pairwise(counts), strict=True
+        )
+    ]
 
 
 def gauge(samples: Sequence[Sample], value: Value) -> Curve:
@@ -174,23 +189,26 @@ def spans(outages: Sequence[Outage], *, merge_within: float) -> list[tuple[float
 
 
 def thin(samples: Sequence[Sample], most: int | None) -> list[Sample]:
-    """About ``most`` of the samples, for plotting: every k-th of each run, and its last.
+    """About ``most`` of the samples, for plotting: evenly spread over each run, and its last.
 
     Differencing cumulative counters over the kept samples gives the exact mean rate
     between them, so thinning loses only detail, never a count; gauges and latency are
     those of the kept samples. Each run keeps its first and last sample, so restarts
-    stay where they were. ``most`` None keeps them all.
+    stay where they were. The stride is fractional: 1,060 samples thinned to 1,000 keep
+    1,000, not every second one. ``most`` None keeps them all.
     """
     if most is None or len(samples) <= most:
         return list(samples)
-    every = math.ceil(len(samples) / most)
+    every = len(samples) / most
     kept: list[Sample] = []
     start = 0
     for i in range(1, len(samples) + 1):
         if i == len(samples) or samples[i].run != samples[start].run:
-            kept.extend(samples[start:i:every])
-            if (i - 1 - start) % every:
-                kept.append(samples[i - 1])
+            picks = dict.fromkeys(
+                start + int(j * every) for j in range(math.ceil((i - start) / every))
+            )
+            picks[i - 1] = None
+            kept += [samples[k] for k in picks]
             start = i
     return kept
 
@@ -222,20 +240,13 @@ def whole_intervals(samples: Sequence[Sample]) -> list[Sample]:
 
 def model_names(samples: Sequence[Sample]) -> list[str]:
     """Every model in the history, in the order they first appear."""
-    names: dict[str, None] = {}
-    for sample in samples:
-        names.update(dict.fromkeys(sample.models))
-    return list(names)
+    return list(dict.fromkeys(name for sample in samples for name in sample.models))
 
 
 def replica_urls(samples: Sequence[Sample], model: str) -> list[str]:
     """Every replica of ``model`` in the history, in the order they first appear."""
-    urls: dict[str, None] = {}
-    for sample in samples:
-        body = sample.models.get(model)
-        if body is not None:
-            urls.update(dict.fromkeys(r.url for r in body.replicas))
-    return list(urls)
+    bodies = (sample.models.get(model) for sample in samples)
+    return list(dict.fromkeys(r.url for body in bodies if body is not None for r in body.replicas))
 
 
 def of_model(model: str, read: Callable[[ModelSample], float | None]) -> Value:
