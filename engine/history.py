@@ -5,8 +5,11 @@ process run, the rows finished over the whole job, and for this run the replies
 journaled and, per model and replica, requests, retries, failures, tokens, in
 flight against limit and cap, and the latency quantiles of the requests finished
 since the previous sample (for a batch model, its batches running, submitted and
-done too). A resumed run appends with a new ``run`` id, so the file
-tells every run of a job apart (the report marks the restarts).
+done too); per replica also ``out``, how many of this run's samples, this one
+included, found it out of service (with it a reader finds every outage from a few
+lines, engine.report.samples, instead of searching the whole file). A resumed run
+appends with a new ``run`` id, so the file tells every run of a job apart (the
+report marks the restarts).
 
 Bounded: the step between samples grows with the file, 1 s for the first 10,000
 lines (about 3 hours), 10 s for the next 10,000 (28 hours), 60 s for the next
@@ -85,6 +88,7 @@ class History:
         self.run = run
         self.lines = lines  # in the file so far, earlier runs' included
         self._latency: dict[str, dict[int, int]] = {}
+        self._out: dict[tuple[str, str], int] = {}  # samples out, this run, by (model, url)
 
     @property
     def step(self) -> float:
@@ -154,10 +158,17 @@ class History:
                     "requests": r.requests,
                     "ok": r.ok,
                     "failures": r.failures,
+                    "out": self._count_out(name, r.url, out=not r.live),
                 }
                 for r in m.replicas
             ],
         }
+
+    def _count_out(self, model: str, url: str, *, out: bool) -> int:
+        key = (model, url)
+        count = self._out.get(key, 0) + out
+        self._out[key] = count
+        return count
 
 
 class Appender(AppendFile):

@@ -261,6 +261,59 @@ def test_reading_a_long_history_decodes_about_most_lines_and_keeps_every_event()
     assert parse_series(b"torn", most=1) == [] and parse_series(b"", most=1) == []
 
 
+def engine_history(runs_out: dict[str, tuple[int, set[int], set[int]]]) -> bytes:
+    """Lines as engine.history writes them, for runs named in ``runs_out``: per run its
+    number of samples and the samples at which gpu1 and gpu2 are out of service."""
+    from engine.history import History
+    from engine.stats import ModelStats, ReplicaStats, RunStats
+
+    lines: list[bytes] = []
+    t = T0
+    for run, (samples, gpu1_out, gpu2_out) in runs_out.items():
+        history = History(run, len(lines))
+        teacher = ModelStats(
+            "teacher", cap=32, replicas=[ReplicaStats(GPU1, 16), ReplicaStats(GPU2, 16)]
+        )
+        stats = RunStats(rows_total=10**6, models={"teacher": teacher})
+        for i in range(samples):
+            teacher.replicas[0].live = i not in gpu1_out
+            teacher.replicas[1].live = i not in gpu2_out
+            stats.turns_done = teacher.requests = 5 * i
+            lines.append(history.line(stats, t))
+            t += 1.0
+        t += 600.0  # down ten minutes before the next run
+    return b"".join(lines)
+
+
+def test_outages_are_found_from_the_out_counters_without_reading_each_out_line() -> None:
+    """With the replicas' ``out`` counters (engine.history writes them), a read with
+    ``most`` finds every outage of the full read by bisection: a long one, two that
+    overlap, one of a single sample, a flapping replica, one open when its run ended
+    and one open when the next began, and in a run written before the counters (found
+    by searching its lines). The lines inside a long outage are not all decoded."""
+    gpu2_long = set(range(1000, 1300))
+    data = engine_history(
+        {
+            "a": (6000, set(range(1200, 1250)) | {5000}, gpu2_long | set(range(5990, 6000))),
+            "b": (4000, {2 * i for i in range(1500, 1510)}, set(range(0, 20))),
+            "c": (3000, set(range(700, 900)), {1500}),
+        }
+    )
+    lines = data.splitlines(keepends=True)
+    old = [orjson.loads(raw) for raw in lines[6000:10000]]  # run b, as an older engine wrote it
+    for body in old:
+        for item in body["models"]["teacher"]["replicas"]:
+            del item["out"]
+    data = b"".join(lines[:6000]) + encode(old) + b"".join(lines[10000:])
+    full = parse_series(data)
+    read = parse_series(data, most=200)
+    assert len(full) == 13_000 and outages(read) == outages(full)
+    assert len(outages(full)) == 4 + 11 + 2
+    assert restarts(read) == restarts(full)
+    inside = [s for s in read if s.run == "a" and T0 + 1000 < s.t < T0 + 1200]
+    assert len(inside) < 20  # all 199 of them were decoded before the counters
+
+
 # Secrets: the config masked by key name, the API key scrubbed from the page.
 
 
@@ -620,3 +673,5 @@ def test_history_lines_from_the_engine_read_back() -> None:
     assert samples[1].models["teacher"].p50 == pytest.approx(0.8, rel=0.05)
     assert samples[1].shards == "1/2 shards done" and samples[1].rows_total == 1000.0
     assert outages(samples) == [Outage("teacher", GPU2, T0 + 2, T0 + 2, open_end=True)]
+    # How many of this run's samples found each replica out, this one included.
+    assert [r.out for r in samples[1].models["teacher"].replicas] == [0, 1]

@@ -5,18 +5,22 @@ file is a journal of a process that may have been killed: a torn last line, a li
 that is not a sample and keys this version does not know are skipped, not errors,
 so a report can always be drawn from what is there.
 
-A day-long run's history is about 18,000 lines (10 MB); decoding them all takes
+A day-long run's history is about 18,000 lines (12 MB); decoding them all takes
 longer than the report may cost at the end of a run, and a page 1,000 pixels wide
 shows no more than a few thousand points. So a reader may ask for about ``most``
-samples: lines spread evenly over the file, every line that shows a replica out of
-service (and the one after it), and the first and last line of every run (found by
-bisection), which keeps rates exact, restarts and outages where they were.
+samples: lines spread evenly over the file, the first and last line of every run,
+and every line where a replica goes out of service or comes back, which keeps rates
+exact, restarts and outages where they were. Both are found by bisection between the
+lines read: a run's lines are consecutive, and each replica's ``out`` counter (how
+many of its run's samples so far found it out) says whether the lines between two
+read were all live, all out, or some of each. A history written before the counters
+is searched for its out lines instead (each decoded, and the line after it).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,6 +42,7 @@ class ReplicaSample(NamedTuple):
     requests: float | None
     ok: float | None
     failures: float | None
+    out: float | None = None  # of this run's samples so far, those it was out (older: absent)
 
 
 class ModelSample(NamedTuple):
@@ -124,9 +129,12 @@ def _parse_line(line: bytes) -> Sample | None:
     return parse_sample(raw)
 
 
-# A replica out of service, as orjson writes it (no spaces): found with bytes.find over
-# the whole file, so only those lines are decoded.
+# A replica out of service, as orjson writes it (no spaces): in a history written before
+# the replicas' ``out`` counters, found with bytes.find, so only those lines are decoded.
 _OUT = b'"live":false'
+
+# Per replica of a sample: (model, url, samples out so far this run, live).
+_Outs = list[tuple[str, str, float | None, bool]]
 
 
 class _Spread:
@@ -135,27 +143,117 @@ class _Spread:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.decoded: dict[int, Sample | None] = {}  # by the offset the line starts at
+        self._outs: dict[int, _Outs] = {}
+        self._counts: dict[int, tuple[float | None, ...]] = {}
 
     def samples(self, most: int) -> list[Sample]:
         data = self.data
         size = len(data)
-        starts = {self.start_of(size * i // most) for i in range(most)}
+        for i in range(most):
+            self.sample(self.start_of(size * i // most))
         # The first and the last line that decode (the last one may be torn).
-        starts.add(next((s for s in self.forward(0, size) if self.sample(s) is not None), 0))
-        starts.add(next((s for s in self.backward(size) if self.sample(s) is not None), 0))
-        position = data.find(_OUT)
-        while position >= 0:  # each line with a replica out, and the line after it
-            start = self.start_of(position)
-            end = self.end_of(start)
-            starts.add(start)
-            if end + 1 < len(data):
-                starts.add(end + 1)
-            position = data.find(_OUT, end)
-        known = [start for start in sorted(starts) if self.sample(start) is not None]
-        for a, b in itertools.pairwise(known):
+        next((s for s in self.forward(0, size) if self.sample(s) is not None), 0)
+        next((s for s in self.backward(size) if self.sample(s) is not None), 0)
+        for a, b in itertools.pairwise(self.known()):
             if self.run(a) != self.run(b):
                 self.find_runs(a, b)
+        known = self.known()
+        counts = [self.counts(start) for start in known]
+        for (a, before), (b, after) in itertools.pairwise(zip(known, counts, strict=True)):
+            if before != after or None in before:  # else every replica live, none out between
+                self.find_outages(a, b)
         return [sample for _, sample in sorted(self.decoded.items()) if sample is not None]
+
+    def known(self) -> list[int]:
+        """The starts of the lines decoded so far that are samples, in file order."""
+        return [start for start, sample in sorted(self.decoded.items()) if sample is not None]
+
+    def find_outages(self, a: int, b: int) -> None:
+        """Decode every line between the samples at ``a`` and ``b`` where a replica
+        goes out of service or comes back: each first line seen out, and each first
+        seen live again (so an outage is drawn from its first to its last second)."""
+        todo = [(a, b)]
+        while todo:
+            lo, hi = todo.pop()
+            split = self.outage_split(lo, hi)
+            if split is not None:
+                todo += [(lo, split), (split, hi)]
+
+    def outage_split(self, lo: int, hi: int) -> int | None:
+        """A sample's line between those at ``lo`` and ``hi`` that tells more of the
+        outages there, or None when every replica's state between them is known.
+
+        The replicas' ``out`` counters say how many lines between were out: none or
+        all of them (a state known throughout: what is left to find is where it
+        began, the line after ``lo``), or some (look in the middle). A history
+        without the counters is searched for its out lines instead."""
+        first = self.end_of(lo) + 1
+        if first >= hi or self.run(lo) != self.run(hi):
+            return None  # adjacent, or runs apart with nothing readable between
+        counts = self.counts(lo)
+        if counts == self.counts(hi) and None not in counts:
+            return None  # the usual case: every replica live at both, none out between
+        before, after = self.outs(lo), self.outs(hi)
+        if any(out is None for _, _, out, _ in before + after):
+            self.search_outages(first, hi)
+            return None
+        if [key[:2] for key in before] != [key[:2] for key in after]:
+            return self.between(lo, hi)  # the replicas changed in between: look closer
+        lines = None
+        changes_after_lo = False
+        for (_, _, count_lo, live_lo), (_, _, count_hi, live_hi) in zip(before, after, strict=True):
+            assert count_lo is not None and count_hi is not None
+            out_between = count_hi - count_lo - (not live_hi)
+            if out_between == 0 and live_lo:
+                continue  # live throughout
+            if lines is None:
+                lines = self.data.count(b"\n", first, hi)
+            if out_between not in (0, lines):
+                return self.between(lo, hi)  # some out, some not (or the counts disagree)
+            changes_after_lo |= (out_between == 0) != live_lo
+        if not changes_after_lo:
+            return None
+        return first if self.sample(first) is not None else self.between(lo, hi)
+
+    def search_outages(self, first: int, hi: int) -> None:
+        """Decode each line from ``first`` to before ``hi`` with a replica out, and the
+        line after it."""
+        data = self.data
+        position = data.find(_OUT, first, hi)
+        while position >= 0:
+            start = self.start_of(position)
+            end = self.end_of(start)
+            self.sample(start)
+            if end + 1 < len(data):
+                self.sample(end + 1)
+            position = data.find(_OUT, end, hi)
+
+    def counts(self, start: int) -> tuple[float | None, ...]:
+        """The out counter of each replica of the sample at ``start``; None for one out
+        of service (or without a counter)."""
+        found = self._counts.get(start)
+        if found is None:
+            sample = self.decoded[start]
+            assert sample is not None
+            found = tuple(
+                r.out if r.live else None for body in sample.models.values() for r in body.replicas
+            )
+            self._counts[start] = found
+        return found
+
+    def outs(self, start: int) -> _Outs:
+        """The replicas of the sample at ``start``: (model, url, out counter, live)."""
+        found = self._outs.get(start)
+        if found is None:
+            sample = self.decoded[start]
+            assert sample is not None
+            found = [
+                (model, r.url, r.out, r.live)
+                for model, body in sample.models.items()
+                for r in body.replicas
+            ]
+            self._outs[start] = found
+        return found
 
     def find_runs(self, a: int, b: int) -> None:
         """Decode the first and last line of every run between the lines at ``a`` and
@@ -222,6 +320,10 @@ _NUMBER = frozenset((int, float))
 # (a number; the few that are not are set apart below).
 _MODELS, _SHARDS = Sample._fields.index("models"), Sample._fields.index("shards")
 _REPLICAS = ModelSample._fields.index("replicas")
+# Each tuple made with tuple.__new__ from values in field order: what a named tuple's own
+# constructor and _make call, less a Python frame and a length check per tuple (the
+# values are built from the fields, so the length is right).
+_new = tuple.__new__
 
 
 def parse_sample(raw: Any) -> Sample | None:
@@ -242,26 +344,27 @@ def parse_sample(raw: Any) -> Sample | None:
         if type(body) is dict
     }
     values[_SHARDS] = shards if type(shards) is str else None
-    return Sample._make(values)  # in one step from a list: the fastest way to make one
+    return _new(Sample, values)
 
 
 def _model(body: dict[str, Any]) -> ModelSample:
     get = body.get
     values: list[Any] = [v if type(v) in _NUMBER else None for v in map(get, ModelSample._fields)]
     replicas = get("replicas")
-    values[_REPLICAS] = tuple(_replicas(replicas if type(replicas) is list else ()))
-    return ModelSample._make(values)
+    values[_REPLICAS] = _replicas(replicas) if type(replicas) is list else ()
+    return _new(ModelSample, values)
 
 
-def _replicas(items: Iterable[Any]) -> Iterator[ReplicaSample]:
+def _replicas(items: list[Any]) -> tuple[ReplicaSample, ...]:
     number = _NUMBER
+    found = []
     for item in items:
         if type(item) is not dict or type(url := item.get("url")) is not str:
             continue
         get = item.get
         in_flight, limit, cap = get("in_flight"), get("limit"), get("cap")
-        requests, ok, failures = get("requests"), get("ok"), get("failures")
-        yield ReplicaSample(  # positional: the hot loop of a long history
+        requests, ok, failures, out = get("requests"), get("ok"), get("failures"), get("out")
+        replica = (
             url,
             in_flight if type(in_flight) in number else None,
             limit if type(limit) in number else None,
@@ -270,4 +373,7 @@ def _replicas(items: Iterable[Any]) -> Iterator[ReplicaSample]:
             requests if type(requests) in number else None,
             ok if type(ok) in number else None,
             failures if type(failures) in number else None,
+            out if type(out) in number else None,
         )
+        found.append(_new(ReplicaSample, replica))
+    return tuple(found)
