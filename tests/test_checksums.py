@@ -161,3 +161,15 @@ def test_the_checksum_is_zlibs_crc32_whichever_library_computes_it() -> None:
     for data in (b"", b'{"k":"t","l":0}', bytes(range(256)) * 80):
         assert crc32(data) == zlib.crc32(data)
         assert crc32(data, 12345) == zlib.crc32(data, 12345)
+
+
+def test_the_checksum_in_pieces_that_keep_the_gil_is_the_same() -> None:
+    # encode runs on the event loop: it checksums a long record (a reasoning turn's 16 KB)
+    # in pieces of at most 5 KiB, so the library never lets go of the GIL.
+    import zlib
+
+    from engine.checkpoint.crc import crc32_holding_gil
+
+    for size in (0, 1, 5119, 5120, 5121, 10_240, 16_732, 100_003):
+        data = bytes((i * 7 + size) % 251 for i in range(size))
+        assert crc32_holding_gil(data) == zlib.crc32(data)

@@ -4,6 +4,11 @@ The same checksum (zlib's CRC-32 polynomial, the same values: a checkpoint writt
 with one reads with the other). ISA-L's (``isal``, a dependency with wheels for the
 common platforms) computes it about three times as fast: 2.7 against 8.9 us for a
 16 KB record (a reasoning turn), 0.15 against 0.34 us for a short one.
+
+Both let go of the GIL for an input over 5 KiB. Good in a worker thread; on the event
+loop it is a hand-over: the loop must then wait for the GIL back from whichever thread
+took it (the journal writer's, say), 11 us for a 16 KB record against 2.6 us computed
+in pieces that keep it (``crc32_holding_gil``, for code on the loop).
 """
 
 from __future__ import annotations
@@ -13,4 +18,17 @@ try:
 except ImportError:  # a platform without its wheel: the standard library's
     from zlib import crc32
 
-__all__ = ["crc32"]
+__all__ = ["crc32", "crc32_holding_gil"]
+
+_HELD = 5 * 1024  # the most either library checksums without letting go of the GIL
+
+
+def crc32_holding_gil(data: bytes) -> int:
+    """``crc32(data)``, in pieces small enough that the GIL is never let go."""
+    if len(data) <= _HELD:
+        return crc32(data)
+    view = memoryview(data)
+    value = 0
+    for at in range(0, len(view), _HELD):
+        value = crc32(view[at : at + _HELD], value)
+    return value

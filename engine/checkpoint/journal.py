@@ -48,7 +48,7 @@ from typing import Any
 
 import orjson
 
-from engine.checkpoint.crc import crc32
+from engine.checkpoint.crc import crc32, crc32_holding_gil
 from engine.checkpoint.files import fsync_dir
 from engine.cost import SPENT
 from engine.errors import CheckpointError
@@ -72,8 +72,8 @@ def encode(record: dict[str, Any]) -> bytes:
 
     ``record`` is never empty (every record has ``k`` and ``l``).
     """
-    data = orjson.dumps(record)
-    return b'%b,"z":%d}\n' % (data[:-1], crc32(data))
+    data = orjson.dumps(record)  # on the event loop: the checksum keeps the GIL
+    return b'%b,"z":%d}\n' % (data[:-1], crc32_holding_gil(data))
 
 
 def split_checksum(raw: bytes) -> tuple[bytes, bool | None]:
