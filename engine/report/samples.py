@@ -143,8 +143,6 @@ class _Spread:
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.decoded: dict[int, Sample | None] = {}  # by the offset the line starts at
-        self._outs: dict[int, _Outs] = {}
-        self._counts: dict[int, tuple[float | None, ...]] = {}
 
     def samples(self, most: int) -> list[Sample]:
         data = self.data
@@ -160,7 +158,7 @@ class _Spread:
         known = self.known()
         counts = [self.counts(start) for start in known]
         for (a, before), (b, after) in itertools.pairwise(zip(known, counts, strict=True)):
-            if before != after or None in before:  # else every replica live, none out between
+            if not _all_live_between(before, after):
                 self.find_outages(a, b)
         return [sample for _, sample in sorted(self.decoded.items()) if sample is not None]
 
@@ -190,9 +188,8 @@ class _Spread:
         first = self.end_of(lo) + 1
         if first >= hi or self.run(lo) != self.run(hi):
             return None  # adjacent, or runs apart with nothing readable between
-        counts = self.counts(lo)
-        if counts == self.counts(hi) and None not in counts:
-            return None  # the usual case: every replica live at both, none out between
+        if _all_live_between(self.counts(lo), self.counts(hi)):
+            return None
         before, after = self.outs(lo), self.outs(hi)
         if any(out is None for _, _, out, _ in before + after):
             self.search_outages(first, hi)
@@ -231,29 +228,21 @@ class _Spread:
     def counts(self, start: int) -> tuple[float | None, ...]:
         """The out counter of each replica of the sample at ``start``; None for one out
         of service (or without a counter)."""
-        found = self._counts.get(start)
-        if found is None:
-            sample = self.decoded[start]
-            assert sample is not None
-            found = tuple(
-                r.out if r.live else None for body in sample.models.values() for r in body.replicas
-            )
-            self._counts[start] = found
-        return found
+        sample = self.decoded[start]
+        assert sample is not None
+        return tuple(
+            r.out if r.live else None for body in sample.models.values() for r in body.replicas
+        )
 
     def outs(self, start: int) -> _Outs:
         """The replicas of the sample at ``start``: (model, url, out counter, live)."""
-        found = self._outs.get(start)
-        if found is None:
-            sample = self.decoded[start]
-            assert sample is not None
-            found = [
-                (model, r.url, r.out, r.live)
-                for model, body in sample.models.items()
-                for r in body.replicas
-            ]
-            self._outs[start] = found
-        return found
+        sample = self.decoded[start]
+        assert sample is not None
+        return [
+            (model, r.url, r.out, r.live)
+            for model, body in sample.models.items()
+            for r in body.replicas
+        ]
 
     def find_runs(self, a: int, b: int) -> None:
         """Decode the first and last line of every run between the lines at ``a`` and
@@ -310,6 +299,12 @@ class _Spread:
         sample = self.decoded[start]
         assert sample is not None
         return sample.run
+
+
+def _all_live_between(before: tuple[float | None, ...], after: tuple[float | None, ...]) -> bool:
+    """Whether two samples' ``_Spread.counts`` show every replica live at both and none
+    out between them (the same counters, all known): the usual case, nothing to look for."""
+    return before == after and None not in before
 
 
 # By exact type, not isinstance: a bool (an int to isinstance) where a count belongs is
