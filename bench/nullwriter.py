@@ -20,7 +20,7 @@ import orjson
 
 from engine.checkpoint import writer as checkpoint_writer
 from engine.checkpoint.checkpoint import Checkpoint
-from engine.checkpoint.journal import encode
+from engine.checkpoint.journal import encode, writing_record
 
 
 class NullWriter(checkpoint_writer.Writer):
@@ -30,9 +30,10 @@ class NullWriter(checkpoint_writer.Writer):
     async def output(
         self, line: int, row: dict[str, Any], records: Sequence[dict[str, Any]] = ()
     ) -> None:
-        for record in records:
-            encode(record)
-        orjson.dumps(row)
+        record = writing_record(line, records)
+        record["b"] = record["e"] = 0
+        encode(record)
+        orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
 
     async def failed(self, line: int, row: dict[str, Any]) -> None:
         orjson.dumps(row)
@@ -40,7 +41,9 @@ class NullWriter(checkpoint_writer.Writer):
     async def filtered(
         self, line: int, row: dict[str, Any], records: Sequence[dict[str, Any]] = ()
     ) -> None:
-        await self.output(line, row, records)
+        for record in records:
+            encode(record)
+        orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
 
     async def run(self) -> None:
         await self._stopped.wait()

@@ -33,14 +33,17 @@ async def test_a_damaged_record_is_named_and_repair_redoes_only_its_turn(
     expected = await _reference(tmp_path, mock, source)
     write_jsonl(tmp_path / "in.jsonl", source)
     config = write_config(tmp_path, mock.base_url)
+    mock.reset()
     assert (await turnstile("run", str(config), "--quiet")).returncode == 0
+    turns = mock.stats.total_requests
     # Pretend the run stopped early: keep only turn records, damage one of them.
     journal = tmp_path / "ck" / "journal.jsonl"
     records = [r for r in journal.read_bytes().splitlines() if b'"k":"t"' in r]
     offset = sum(len(r) + 1 for r in records[:3])
     damaged = orjson.loads(records[3])
-    later = [r for r in map(orjson.loads, records) if r["l"] == damaged["l"]]
-    redo = sum(1 for r in later if r["i"] >= damaged["i"])
+    kept = [r for r in map(orjson.loads, records) if r != damaged]
+    reused = sum(1 for r in kept if r["l"] != damaged["l"] or r["i"] < damaged["i"])
+    redo = turns - reused
     records[3] = b'{"k":"t","l":' + b"\x00garbage"
     journal.write_bytes(b"\n".join(records) + b"\n")
     for path in (tmp_path / "out").iterdir():
@@ -58,8 +61,10 @@ async def test_a_damaged_record_is_named_and_repair_redoes_only_its_turn(
 
     assert rerun.returncode == 0, rerun.stderr
     assert by_id(read_jsonl(tmp_path / "out" / "distilled.jsonl")) == expected
-    # Only the damaged turn is asked again, and the turns after it in the same
-    # conversation (their history held the lost reply).
+    # Only the damaged turn is asked again, the turns after it in the same
+    # conversation (their history held the lost reply), and each row's last turn: a
+    # finished row holds that reply itself (the journal's v record stands for it),
+    # and the outputs are gone.
     assert mock.stats.total_requests == redo
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from engine._api import load
 from engine.checkpoint.checkpoint import Checkpoint
+from engine.checkpoint.journal import WRITING
 from engine.cost import SPENT, worst_case_body
 from engine.errors import EXIT_BUDGET
 from engine.http.client import HttpEndpoint
@@ -261,7 +262,8 @@ async def test_raw_replies_are_priced_journaled_with_their_spend_and_held_to_the
     usage = [row["response"]["body"]["usage"] for row in rows]
     want = sum(u["prompt_tokens"] * 1.0 + u["completion_tokens"] * 2.0 for u in usage) / 1e6
     journal = read_jsonl(tmp_path / "ck" / "journal.jsonl")
-    spends = [r[SPENT] for r in journal if r.get("k") == RAW]
+    # A line's reply is its row's last: its spend is journaled in the row's v record.
+    spends = [r[SPENT] for r in journal if r.get("k") in (RAW, WRITING)]
     assert len(spends) == 30 and sum(spends) == pytest.approx(want)
     assert Checkpoint.of(load(config)).state().spent_usd == pytest.approx(want)
 
@@ -279,4 +281,4 @@ async def test_raw_replies_are_priced_journaled_with_their_spend_and_held_to_the
     sent = mock.stats.total_requests
     assert 0 < sent < 30
     journaled = read_jsonl(small / "ck" / "journal.jsonl")
-    assert sum(r["p"] + r["o"] for r in journaled if r.get("k") == RAW) <= tokens
+    assert sum(r["p"] + r["o"] for r in journaled if r.get("k") in (RAW, WRITING)) <= tokens

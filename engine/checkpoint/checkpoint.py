@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from engine.checkpoint.adopt import adopt
 from engine.checkpoint.durability import JournalConfig
 from engine.checkpoint.journal import Replay, segment_path
 from engine.checkpoint.manifest import (
@@ -101,7 +102,9 @@ class Checkpoint:
         return read_manifest(self.folder)
 
     def state(self, *, strict: bool | None = None, repair: bool = False) -> Replay:
-        """What the checkpoint says is finished: its snapshot, then the segments after it.
+        """What the checkpoint says is finished: its snapshot, then the segments after it,
+        and the rows a kill left whole in the output before their emits were journaled
+        (engine.checkpoint.adopt; ``writer()`` journals those emits).
 
         ``strict`` (every journal record must carry a checksum): None takes it from
         the manifest (a checkpoint without one is new: strict). ``repair`` counts
@@ -110,7 +113,9 @@ class Checkpoint:
         if strict is None:
             manifest = self.manifest
             strict = manifest is None or has_checksums(manifest)
-        return load(self.folder, *self.outputs.sizes(), repair=repair, strict=strict)
+        state = load(self.folder, *self.outputs.sizes(), repair=repair, strict=strict)
+        adopt(state, self.outputs.output)
+        return state
 
     def read_state(self, *, strict: bool | None = None, repair: bool = False) -> Replay:
         """``state()`` without holding the lock (status, a sharded run's counts)."""
@@ -126,7 +131,9 @@ class Checkpoint:
         snapshot_every_rows: int = SNAPSHOT_EVERY_ROWS,
     ) -> Writer:
         """The run's writer, resuming from ``state``: the group writer appending to its
-        segment, its snapshotter, and the history (metrics.jsonl). Blocking to open."""
+        segment, its snapshotter, and the history (metrics.jsonl), with the emits of
+        the rows ``state()`` adopted journaled first. Blocking to open."""
+        adopted, state.adopted = state.adopted, []
         snapshots = Snapshotter(
             self.folder,
             state,
@@ -148,6 +155,7 @@ class Checkpoint:
                 filtered_end=state.filtered_end,
                 snapshots=snapshots,
                 history=history,
+                adopted=adopted,
             )
         except BaseException:
             history.close()

@@ -10,9 +10,18 @@ One orjson object per line. Record kinds (short keys keep a 10^6-turn journal sm
   or not (see engine.tasks.generate.attempts);
 - ``{"k": "a", ...}``, ``{"k": "w", ...}``: a task's reply under a key of its own, a raw
   reply (engine.tasks.asking, which owns every reply kind);
+- ``{"k": "v", "l": line, "b": start, "e": end}`` (+ ``"$"``, ``"p"``, ``"o"``: what the
+  row's last replies cost): the row of input line ``l`` is being written to the output at
+  bytes ``[b, e)``. Its last replies (a single-turn row's only one, with its trace) are
+  journaled as the row itself, not a second time here: their text is in those bytes;
 - ``{"k": "o", "l": line, "e": end}``: the row of input line ``l`` was written to the output,
   which then ended at byte ``e``; ``{"k": "x", ...}`` the same for the failed file, and
   ``{"k": "q", ...}`` for the filtered file.
+
+A row's group write puts its ``v`` record in the journal, then the row in the output,
+then its ``o`` record. A kill after the row and before its ``o`` leaves a row whose ``v``
+record says where it is: a replay that finds those bytes whole takes the row as written
+(engine.checkpoint.adopt); else the row is made again and its last replies asked again.
 
 Each record ends with its checksum, ``"z"``: the CRC32 of the record as it would be
 without it (``{"k": "t", ..., "f": "stop"}``), so a byte changed inside a record that
@@ -58,6 +67,7 @@ READ_CHUNK = 1 << 22
 EMIT_OUTPUT = "o"
 EMIT_FAILED = "x"
 EMIT_FILTERED = "q"
+WRITING = "v"  # a row on its way to the output, where its last replies are kept
 NO_LIMIT = (sys.maxsize, sys.maxsize, sys.maxsize)  # file sizes that vouch for every emit
 _SEGMENT = re.compile(r"journal\.(\d{6,})\.jsonl")
 
@@ -200,6 +210,12 @@ class Replay:
     # of the checkpoint: the budget starts from it, so the spend is exact across a kill.
     spent_usd: float = 0.0
     spent_tokens: int = 0
+    # Rows whose ``v`` record is journaled and whose emit is not: line -> (start, end)
+    # in the output. Only a replay's last group writes leave any (engine.checkpoint.adopt).
+    writing: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # Emits of rows found whole in the output though their emit was not journaled,
+    # (line, end): the run's writer journals them before anything else.
+    adopted: list[tuple[int, int]] = field(default_factory=list)
 
     def copy(self) -> Replay:
         """A copy to go on applying records to, sharing only the (never mutated) records."""
@@ -227,6 +243,8 @@ class Replay:
             seek=self.seek,
             spent_usd=self.spent_usd,
             spent_tokens=self.spent_tokens,
+            writing=dict(self.writing),
+            adopted=list(self.adopted),
         )
 
 
@@ -446,6 +464,8 @@ def apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int] = N
             return
         state.done.add(line)
         state.partial.pop(line, None)
+        if state.writing:
+            state.writing.pop(line, None)
         if kind == EMIT_OUTPUT:
             state.rows_ok += 1
             state.out_end = max(state.out_end, end)
@@ -464,5 +484,40 @@ def apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int] = N
         state.spent_tokens += record.get("p", 0) + record.get("o", 0)
     if line in state.done:
         return
+    if kind == WRITING:
+        _writing(state, line, record)
+        return
     state.work_records += 1
     state.partial.setdefault(line, []).append(record)
+
+
+def writing_record(line: int, replies: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The ``v`` record of line ``line``'s row, standing for its last ``replies`` (whose
+    text the row holds): what those that were paid for cost. The writer adds the
+    row's place in the output (``b``, ``e``) when it knows it."""
+    record: dict[str, Any] = {"k": WRITING, "l": line}
+    usd = None
+    prompt = completion = 0
+    for reply in replies:
+        spent = reply.get(SPENT)
+        if spent is not None:
+            usd = (usd or 0.0) + spent
+            prompt += reply.get("p", 0)
+            completion += reply.get("o", 0)
+    if usd is not None:
+        record[SPENT], record["p"], record["o"] = usd, prompt, completion
+    return record
+
+
+def _writing(state: Replay, line: int, record: dict[str, Any]) -> None:
+    start, end = record.get("b"), record.get("e")
+    if not (isinstance(start, int) and isinstance(end, int) and 0 <= start < end):
+        return
+    writing = state.writing
+    # Written at ``start``: whatever an earlier record put there or after was cut off
+    # by the run that wrote this one (the output only grows, from its vouched end).
+    # So the entries stay in order of their starts, and the stale ones are the last.
+    while writing and next(reversed(writing.values()))[0] >= start:
+        writing.popitem()
+    writing.pop(line, None)  # (a dict keeps a key where it was first put)
+    writing[line] = (start, end)

@@ -9,9 +9,12 @@ the page cache takes a few microseconds, a hop to a worker thread and back costs
 ten times that. Big batches, fsyncs and snapshots go to the writer task, which
 does them in a worker thread.
 
-Order inside a batch: journal work records, then output rows, then the journal's
-emit records that vouch for those rows. A crash between the two leaves rows the
-journal does not vouch for; the next run truncates them and writes them again.
+Order inside a batch: journal work records (and each output row's ``v`` record, which
+stands for the row's last replies: their text is journaled once, in the row), then
+the rows, then the journal's emit records that vouch for them. A crash between the
+last two leaves rows the journal does not vouch for: the next run keeps each one
+that is whole where its ``v`` record says (engine.checkpoint.adopt), and cuts off
+and writes again the rest.
 
 Given a snapshotter (engine.checkpoint.snapshotter), the writer tells it what
 every batch wrote and lets it take a snapshot between two batches, then appends to
@@ -36,7 +39,13 @@ import orjson
 
 from engine.checkpoint.durability import JournalConfig
 from engine.checkpoint.files import AppendFile
-from engine.checkpoint.journal import EMIT_FAILED, EMIT_FILTERED, EMIT_OUTPUT, encode
+from engine.checkpoint.journal import (
+    EMIT_FAILED,
+    EMIT_FILTERED,
+    EMIT_OUTPUT,
+    encode,
+    writing_record,
+)
 from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_BYTES, SNAPSHOT_EVERY_ROWS, Snapshotter
 from engine.errors import CheckpointError
 
@@ -57,6 +66,7 @@ class _Batch:
     journal: list[bytes] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)  # journal, decoded
     out: list[tuple[int, bytes]] = field(default_factory=list)
+    writing: list[dict[str, Any]] = field(default_factory=list)  # each out row's v record
     failed: list[tuple[int, bytes]] = field(default_factory=list)
     filtered: list[tuple[int, bytes]] = field(default_factory=list)
     history: list[bytes] = field(default_factory=list)  # metrics.jsonl lines (engine.history)
@@ -76,7 +86,9 @@ class Writer:
     """The group writer: owns the journal, output, failed and filtered files of one run.
 
     ``journal`` is the segment to append to; the ends are what the replay vouches
-    for (anything after them is cut off). With a ``snapshots`` snapshotter (made
+    for (anything after them is cut off); ``adopted``, the (line, end) emits of rows
+    the replay found whole past the journal's emits (engine.checkpoint.adopt), are
+    journaled at once. With a ``snapshots`` snapshotter (made
     from the same replay) the writer takes snapshots; without, it only appends, as
     a writer of one journal file. Callers never change a record once they have
     handed it over (the snapshotter keeps those of rows in progress).
@@ -96,6 +108,7 @@ class Writer:
         filtered_end: int = 0,
         snapshots: Snapshotter | None = None,
         history: Appender | None = None,
+        adopted: Sequence[tuple[int, int]] = (),
     ) -> None:
         self._dir = journal.parent
         if filtered is None:
@@ -105,6 +118,10 @@ class Writer:
             self._out = AppendFile(output, out_end)
             self._failed = AppendFile(failed, failed_end)
             self._filtered = AppendFile(filtered, filtered_end)
+            if adopted:
+                self._journal.write_parts(
+                    [encode({"k": EMIT_OUTPUT, "l": line, "e": end}) for line, end in adopted]
+                )
         except OSError as exc:  # an unwritable folder, found at run time: a stop, not a bug
             raise CheckpointError(_describe(exc, self._dir)) from exc
         self._history = history  # metrics.jsonl, cut back to its last whole line
@@ -138,19 +155,22 @@ class Writer:
     ) -> None:
         """Write a finished row to the output (and journal that it was).
 
-        ``records`` (the row's last turn, say) are journaled first, in the same
-        group write: one wait instead of two.
+        ``records`` (the row's last turn, say) are the replies the row was finished
+        with, not yet journaled: the row holds their text, so they are journaled as
+        the row's ``v`` record (their cost, the row's place), in the same group
+        write: one wait instead of two, and a long reply written once.
         """
         batch = self._batch
-        batch.journal.extend(encode(record) for record in records)
-        batch.records.extend(records)
-        batch.out.append((line, orjson.dumps(row) + b"\n"))
+        record = writing_record(line, records)
+        batch.writing.append(record)
+        batch.records.append(record)
+        batch.out.append((line, orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)))
         await self._wait(batch)
 
     async def failed(self, line: int, row: dict[str, Any]) -> None:
         """Write a failure to the failed file (and journal that it was)."""
         batch = self._batch
-        batch.failed.append((line, orjson.dumps(row) + b"\n"))
+        batch.failed.append((line, orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)))
         await self._wait(batch)
 
     async def filtered(
@@ -160,7 +180,7 @@ class Writer:
         batch = self._batch
         batch.journal.extend(encode(record) for record in records)
         batch.records.extend(records)
-        batch.filtered.append((line, orjson.dumps(row) + b"\n"))
+        batch.filtered.append((line, orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)))
         await self._wait(batch)
 
     def note(self, line: bytes) -> None:
@@ -303,7 +323,7 @@ class Writer:
             emits: list[dict[str, Any]] = []
             if batch.out or batch.failed or batch.filtered:
                 # Work records reach the journal before the rows built from them.
-                self._journal.write_parts(batch.journal)
+                self._journal.write_parts(batch.journal + self._places(batch))
             else:
                 journal = batch.journal
             if batch.out:
@@ -336,6 +356,17 @@ class Writer:
 
     def _describe(self, error: BaseException) -> str:
         return _describe(error, self._journal.path.parent)
+
+    def _places(self, batch: _Batch) -> list[bytes]:
+        """The output rows' v records, each with where its row is about to be written."""
+        at = self._out.size
+        lines = []
+        for (_, data), record in zip(batch.out, batch.writing, strict=True):
+            record["b"] = at
+            at += len(data)
+            record["e"] = at
+            lines.append(encode(record))
+        return lines
 
     @staticmethod
     def _append_rows(

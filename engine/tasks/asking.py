@@ -16,7 +16,9 @@ and any other key, a string of the task's own::
     "<key>"           {"k": "a",  "l", "key", "c", "p", "o", "f"}
 
 Every reply record adds ``"r"`` (its reasoning trace, except a rating's) and
-``"n"`` (reasoning tokens) when it has them.
+``"n"`` (reasoning tokens) when it has them. The replies a row is finished with
+are journaled as the row instead (engine.checkpoint.journal's ``v`` record): the
+row holds their text.
 
 A raw reply (``RowContext.send``: a body sent as it is, the reply kept whole) is
 its own kind, under a string key of the task's::
