@@ -33,7 +33,7 @@ class NullWriter(checkpoint_writer.Writer):
         record = writing_record(line, records)
         record["b"] = record["e"] = 0
         encode(record)
-        orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
+        orjson.dumps(row) + b"\n"
 
     async def failed(self, line: int, row: dict[str, Any]) -> None:
         orjson.dumps(row)
@@ -43,7 +43,7 @@ class NullWriter(checkpoint_writer.Writer):
     ) -> None:
         for record in records:
             encode(record)
-        orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE)
+        orjson.dumps(row) + b"\n"
 
     async def run(self) -> None:
         await self._stopped.wait()
