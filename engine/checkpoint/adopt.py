@@ -17,7 +17,7 @@ from pathlib import Path
 
 import orjson
 
-from engine.checkpoint.journal import Replay
+from engine.checkpoint.journal import EMIT_OUTPUT, Replay, apply, emit_record
 
 
 def adopt(state: Replay, output: Path) -> None:
@@ -42,13 +42,9 @@ def adopt(state: Replay, output: Path) -> None:
             f.seek(start)
             if not _whole_row(f.read(end - start), end - start):
                 return
-            state.done.add(line)
-            state.partial.pop(line, None)
-            state.rows_ok += 1
-            state.out_end = at = end
-            state.emits.append(line)
-            state.emits.append(end)
+            apply(state, emit_record(EMIT_OUTPUT, line, end))  # as its journaled emit will be
             state.adopted.append((line, end))
+            at = end
 
 
 def _whole_row(data: bytes, size: int) -> bool:

@@ -491,6 +491,12 @@ def apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int] = N
     state.partial.setdefault(line, []).append(record)
 
 
+def emit_record(kind: str, line: int, end: int) -> dict[str, Any]:
+    """The emit of line ``line``'s row: written to the ``kind`` file (o, x, q), which
+    then ended at byte ``end``."""
+    return {"k": kind, "l": line, "e": end}
+
+
 def writing_record(line: int, replies: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """The ``v`` record of line ``line``'s row, standing for its last ``replies`` (whose
     text the row holds): what those that were paid for cost. The writer adds the

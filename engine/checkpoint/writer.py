@@ -43,6 +43,7 @@ from engine.checkpoint.journal import (
     EMIT_FAILED,
     EMIT_FILTERED,
     EMIT_OUTPUT,
+    emit_record,
     encode,
     writing_record,
 )
@@ -120,7 +121,7 @@ class Writer:
             self._filtered = AppendFile(filtered, filtered_end)
             if adopted:
                 self._journal.write_parts(
-                    [encode({"k": EMIT_OUTPUT, "l": line, "e": end}) for line, end in adopted]
+                    [encode(emit_record(EMIT_OUTPUT, line, end)) for line, end in adopted]
                 )
         except OSError as exc:  # an unwritable folder, found at run time: a stop, not a bug
             raise CheckpointError(_describe(exc, self._dir)) from exc
@@ -379,7 +380,7 @@ class Writer:
         emits = []
         for line, data in rows:
             end += len(data)
-            emits.append({"k": kind, "l": line, "e": end})
+            emits.append(emit_record(kind, line, end))
         return emits
 
     # -- snapshots (engine.checkpoint.snapshotter) ---------------------------------
