@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import sys
 import threading
 from pathlib import Path
 
@@ -11,11 +13,20 @@ import pytest
 
 from engine.cache.keys import reply_value, request_key
 from engine.cache.settings import CacheConfig
-from engine.cache.store import ReplyCache, ReplyStore, open_cache
+from engine.cache.store import (
+    _PUT_BYTES,
+    _PUT_ROWS,
+    STORE_THREAD_NICE,
+    ReplyCache,
+    ReplyStore,
+    entry,
+    open_cache,
+)
 from engine.errors import ConfigError
 from engine.tasks.asking import Rating, Sample, Try, Turn, generation_of
 
 MESSAGES = [{"role": "user", "content": "hello"}]
+ADDED = _PUT_ROWS + 300  # more additions than one commit takes
 
 
 def k(name: object) -> bytes:
@@ -61,11 +72,11 @@ def test_two_stores_on_one_folder_write_at_once(tmp_path: Path) -> None:
 
     def fill(store: ReplyStore, which: int) -> None:
         for batch in range(20):
-            store.put_many(
-                (k(f"{which}-{batch}-{i}"), reply_value(f"r{i}", "stop", 1, 2, 0, None))
+            store.insert(
+                entry(k(f"{which}-{batch}-{i}"), reply_value(f"r{i}", "stop", 1, 2, 0, None))
                 for i in range(50)
             )
-            store.put_many([(k("shared"), reply_value(f"from {which}", "stop", 1, 1, 0, None))])
+            store.insert([entry(k("shared"), reply_value(f"from {which}", "stop", 1, 1, 0, None))])
 
     threads = [threading.Thread(target=fill, args=(s, n)) for n, s in enumerate(stores)]
     for t in threads:
@@ -83,9 +94,9 @@ def test_a_read_only_store_reads_and_never_writes(tmp_path: Path) -> None:
     assert ReplyStore(tmp_path / "none", read_only=True).get_many([k("x")]) == {}
     assert not (tmp_path / "none").exists()
     writer = ReplyStore(tmp_path)
-    writer.put_many([(k("x"), reply_value("kept", "stop", 1, 1, 0, None))])
+    writer.insert([entry(k("x"), reply_value("kept", "stop", 1, 1, 0, None))])
     reader = ReplyStore(tmp_path, read_only=True)
-    reader.put_many([(k("y"), reply_value("not kept", "stop", 1, 1, 0, None))])
+    reader.insert([entry(k("y"), reply_value("not kept", "stop", 1, 1, 0, None))])
     assert reader.get_many([k("x"), k("y")]) == {k("x"): {"c": "kept", "f": "stop", "p": 1, "o": 1}}
     assert writer.count() == 1
     reader.close()
@@ -126,13 +137,14 @@ async def test_additions_are_seen_at_once_and_all_committed_at_close(
     cache = ReplyCache(store)
     async with anyio.create_task_group() as tg:
         tg.start_soon(cache.run)
-        for i in range(2500):  # past a batch: one round commits while others queue
+        for i in range(ADDED):  # past a batch: one round commits while others queue
             await cache.put(k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None))
         # Seen before their commit; an unknown key is None.
-        assert await cache.get(k(2499)) == {"c": "r2499", "f": "stop", "p": 1, "o": 1}
+        last = ADDED - 1
+        assert await cache.get(k(last)) == {"c": f"r{last}", "f": "stop", "p": 1, "o": 1}
         assert await cache.get(k("nope")) is None
         cache.close()
-    assert store.count() == 2500
+    assert store.count() == ADDED
     with pytest.raises(RuntimeError, match="closed"):
         await cache.get(k(1))
     # Committed: a later run's cache finds them in the store.
@@ -145,9 +157,50 @@ async def test_additions_are_seen_at_once_and_all_committed_at_close(
     store.close()
 
 
+async def test_long_replies_are_committed_a_bounded_number_of_bytes_at_a_time(
+    tmp_path: Path,
+) -> None:
+    store = ReplyStore(tmp_path)
+    commits: list[str] = []
+    assert store._db is not None
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    cache = ReplyCache(store)
+    trace = "t" * (_PUT_BYTES // 8)  # eight of these fill a commit
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.run)
+        for i in range(40):  # past the backlog: additions wait for rounds, none is lost
+            await cache.put(k(i), reply_value(f"r{i}", "stop", 1, 1, 0, trace))
+        cache.close()
+    assert store.count() == 40
+    assert len(commits) >= 40 // 8  # never one commit of all of them
+    assert store.get_many([k(39)])[k(39)]["r"] == trace
+    store.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is Linux's")
+async def test_the_store_commits_from_a_thread_of_lower_priority(tmp_path: Path) -> None:
+    store = ReplyStore(tmp_path)
+    cache = ReplyCache(store)
+    niceness: list[int] = []
+
+    def note() -> None:
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.run)
+        await cache._in_thread(note)
+        await cache.put(k(1), reply_value("r1", "stop", 1, 1, 0, None))
+        cache.close()
+    assert niceness == [min(19, os.getpriority(os.PRIO_PROCESS, 0) + STORE_THREAD_NICE)]
+    assert store.count() == 1
+    store.close()
+
+
 async def test_the_lookups_of_one_loop_pass_are_one_query(tmp_path: Path) -> None:
     store = ReplyStore(tmp_path)
-    store.put_many([(k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None)) for i in range(0, 64, 2)])
+    store.insert(
+        [entry(k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None)) for i in range(0, 64, 2)]
+    )
     queries: list[str] = []
     assert store._reader is not None
     store._reader.set_trace_callback(queries.append)
@@ -171,8 +224,8 @@ async def test_the_lookups_of_one_loop_pass_are_one_query(tmp_path: Path) -> Non
 def test_two_keys_sharing_a_slot_never_answer_for_each_other(tmp_path: Path) -> None:
     first, second = k("a"), k("a")[:8] + k("b")[8:]  # the same first 8 bytes: one slot
     store = ReplyStore(tmp_path)
-    store.put_many([(first, reply_value("first", "stop", 1, 1, 0, None))])
-    store.put_many([(second, reply_value("second", "stop", 1, 1, 0, None))])
+    store.insert([entry(first, reply_value("first", "stop", 1, 1, 0, None))])
+    store.insert([entry(second, reply_value("second", "stop", 1, 1, 0, None))])
     assert store.get_many([first, second]) == {first: {"c": "first", "f": "stop", "p": 1, "o": 1}}
     assert store.lookup([second]) == {}
     store.close()
@@ -203,7 +256,7 @@ async def test_a_run_alone_on_its_store_queries_nothing_for_a_miss_and_sees_anot
     tmp_path: Path,
 ) -> None:
     store = ReplyStore(tmp_path)
-    store.put_many([(k(1), reply_value("r1", "stop", 1, 1, 0, None))])
+    store.insert([entry(k(1), reply_value("r1", "stop", 1, 1, 0, None))])
     queries: list[str] = []
     assert store._reader is not None
     store._reader.set_trace_callback(queries.append)
@@ -217,7 +270,7 @@ async def test_a_run_alone_on_its_store_queries_nothing_for_a_miss_and_sees_anot
         assert queries == []  # a miss and an own addition: no query
         assert await cache.get(k(1)) == {"c": "r1", "f": "stop", "p": 1, "o": 1}
         assert len(queries) == 1  # a slot the store holds is read
-        other.put_many([(k(4), reply_value("r4", "stop", 1, 1, 0, None))])
+        other.insert([entry(k(4), reply_value("r4", "stop", 1, 1, 0, None))])
         # A round (each commit of additions, or every second when idle) notices the
         # other run's commit...
         await cache._round([], [])

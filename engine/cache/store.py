@@ -14,13 +14,23 @@ beside the reply and compared on every lookup. Two keys sharing a slot (one chan
 in 2^64 a pair) cost the later one its place: it is asked again, never answered
 with the other's reply.
 
-``ReplyCache`` keeps writes off the event loop: additions queue and go to a worker
-thread in batches, not waited for (a run's replies are journaled first: the store
-only saves other runs a request; a kill loses at most the batch being gathered);
-the run's end commits every one still queued. Lookups in a store small enough to
-sit in the page cache are answered on the loop, all those of one loop pass in one
-query (a few microseconds: less than a thread hop); in a bigger one they are
-batched through the thread too, so a cold disk never stalls the loop.
+``ReplyCache`` keeps writes off the event loop: additions are encoded as they come,
+queue and go to the store's own thread in batches of up to ``_PUT_ROWS`` replies or
+``_PUT_BYTES`` bytes, gathered for up to ``_PUT_LINGER_S``, not waited for (a run's
+replies are journaled first: the store only saves other runs a request; a kill loses
+at most the batch being gathered); the run's end commits every one still queued.
+That thread runs at a lower CPU priority (``STORE_THREAD_NICE``, on Linux), as a
+database's background writers do: where the CPU is the bound (a fast server on the
+same machine), a commit waits for a core the loop and the server leave idle instead
+of taking one from them. A
+commit's cost is mostly per page it touches, and a batch's new keys land all over
+the index: big batches touch each index page once for many keys (on a store of 10^5
+replies, 8,192 to a commit cost a reply about 60% of the CPU 2,048 did, 40% of 300's).
+
+Lookups in a store small enough to sit in the page cache are answered on the loop,
+all those of one loop pass in one query (a few microseconds: less than a thread
+hop); in a bigger one they are batched through the thread too, so a cold disk never
+stalls the loop.
 
 While a run writes a store of up to ``KNOWN_SLOTS_MAX`` replies, the cache holds
 every slot in it (read at open, then each addition's): a lookup whose slot is not
@@ -33,11 +43,16 @@ queries, so a reply another run stores is found, at most about a second late.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import orjson
@@ -45,6 +60,8 @@ from anyio.abc import TaskStatus
 
 from engine.cache.settings import READ_ONLY, CacheConfig
 from engine.errors import ConfigError
+
+T = TypeVar("T")
 
 STORE_NAME = "replies.sqlite3"
 _SCHEMA = (
@@ -55,24 +72,37 @@ _SCHEMA = (
 _OLD_TABLE = "replies"  # the first layout: hex text keys, one WITHOUT ROWID table
 _GETS = 512  # lookups per query, at most
 _ROWS_PER_INSERT = 300  # 900 parameters: under SQLite's oldest limit (999)
-_PUTS = 2048  # additions per commit, at most: a commit's cost is mostly per page
-_BACKLOG = _PUTS * 4  # additions queued past this make the next one wait for a round
+_PUT_ROWS = 8192  # additions per commit, at most: a commit's cost is mostly per page
+_PUT_BYTES = 8 << 20  # and their encoded bytes (replies with long traces)
+_BACKLOG = 4  # commits' worth queued past which the next addition waits for a round
 _BUSY_MS = 60_000  # how long a writer waits for another run's commit
 _READER_BUSY_MS = 100  # a lookup on the loop that finds the file busy goes to the thread
 # A store up to this size at open is read on the event loop (a lookup of a key in a
 # file the page cache holds: a few microseconds, less than a thread hop); a bigger one
 # through the worker thread, batched, so a cold disk never stalls the loop.
 INLINE_READS_MAX_BYTES = 256 << 20
-_PUT_LINGER_S = 0.1  # additions alone wait this long for more to commit with them
+_PUT_LINGER_S = 0.25  # additions alone wait this long for more to commit with them
 # A store of up to this many replies has its slots in memory while a run writes it: a
 # lookup of a slot it lacks is a miss at once, no query (a fresh store's every lookup).
 KNOWN_SLOTS_MAX = 1 << 20
 _OTHERS_CHECK_S = 1.0  # how often an idle cache asks whether another run has written
+# The store's thread runs at this niceness (Linux): its commits, which nobody waits
+# for, take the CPU the event loop and a server on the same machine leave idle.
+STORE_THREAD_NICE = 10
+
+
+# A reply as the store keeps it: (slot, key, the reply's JSON).
+Entry = tuple[int, bytes, bytes]
 
 
 def slot_of(key: bytes) -> int:
     """A key's slot in the store's index: its first 8 bytes as a signed integer."""
     return int.from_bytes(key[:8], "big", signed=True)
+
+
+def entry(key: bytes, reply: dict[str, Any]) -> Entry:
+    """``reply`` (``engine.cache.keys.reply_value``) as the store keeps it under ``key``."""
+    return slot_of(key), key, orjson.dumps(reply)
 
 
 class ReplyStore:
@@ -134,17 +164,15 @@ class ReplyStore:
         """The stored replies of ``keys`` (those it holds)."""
         return _select(self._db, keys)
 
-    def put_many(self, items: Iterable[tuple[bytes, dict[str, Any]]]) -> None:
-        """Add replies in one transaction; a key already there keeps its reply.
+    def insert(self, entries: Iterable[Entry]) -> None:
+        """Add replies (``entry``) in one transaction; a key already there keeps its reply.
 
         Rows go in ``_ROWS_PER_INSERT`` to a statement: each statement runs with
         the GIL released, so a batch hands the GIL back and forth a few times, not
         once a row (every hand-over wakes the event loop's thread)."""
         if self._db is None or self.read_only:
             return
-        values: list[object] = []
-        for key, reply in items:
-            values += (slot_of(key), key, orjson.dumps(reply))
+        values = [value for row in entries for value in row]
         if not values:
             return
         db = self._db
@@ -161,11 +189,11 @@ class ReplyStore:
         db.execute("COMMIT")
 
     def exchange(
-        self, items: Sequence[tuple[bytes, dict[str, Any]]], keys: Sequence[bytes]
+        self, entries: Sequence[Entry], keys: Sequence[bytes]
     ) -> tuple[dict[bytes, dict[str, Any]], bool]:
-        """Add ``items``, then look ``keys`` up, and say whether another run has
+        """Add ``entries``, then look ``keys`` up, and say whether another run has
         written meanwhile (one thread call of the cache's server)."""
-        self.put_many(items)
+        self.insert(entries)
         return self.get_many(keys), self.others_wrote()
 
     def slots(self, limit: int) -> set[int] | None:
@@ -264,10 +292,12 @@ class ReplyCache:
     """The store as a run's tasks use it: ``get`` and ``put``, off the loop where it counts.
 
     Additions are not waited for (their replies are journaled already: the store only
-    saves other runs a request). They queue, are seen by lookups at once (``_pending``)
-    and go to the store in one thread call per round: a round starts when ``_PUTS``
-    additions are queued, ``_PUT_LINGER_S`` after the first one queued, or when a
-    lookup waits for the thread; an addition waits only while ``_BACKLOG`` are queued.
+    saves other runs a request). They are encoded on the loop (the worker thread then
+    holds the GIL only to bind them), queue, are seen by lookups at once (``_pending``)
+    and go to the store in one thread call per round: a round starts when a commit's
+    worth is queued (``_PUT_ROWS`` or ``_PUT_BYTES``), ``_PUT_LINGER_S`` after the first
+    one queued, or when a lookup waits for the thread; an addition waits only while
+    ``_BACKLOG`` commits' worth are queued.
     After ``close`` the server commits everything queued before ``run`` ends.
     A small store (``ReplyStore.small``) answers the lookups of one loop pass on the
     loop itself, in one query; a big one's go to the thread, with the additions due.
@@ -280,22 +310,29 @@ class ReplyCache:
         self._loop = asyncio.get_running_loop()
         self._looking: list[tuple[bytes, asyncio.Future[dict[str, Any] | None]]] = []
         self._gets: list[tuple[bytes, asyncio.Future[dict[str, Any] | None]]] = []
-        self._puts: list[tuple[bytes, dict[str, Any]]] = []
+        self._puts: list[Entry] = []
+        self._put_bytes = 0  # the encoded size of ``_puts``
         self._due = 0.0  # when the oldest queued addition is to be committed
-        self._pending: dict[bytes, dict[str, Any]] = {}  # added, not yet committed
+        self._pending: dict[bytes, bytes] = {}  # added, not yet committed: key -> JSON
         # Every slot the store holds while only this run writes it; None: ask the store.
         self._known: set[int] | None = None
         self._room: list[asyncio.Future[None]] = []  # additions waiting on the backlog
         self._wake = asyncio.Event()  # a lookup waits, a batch is full, or the cache closed
         self._queued = asyncio.Event()  # something is queued
         self._closed = False
+        # The store's own thread (started with the first call): its priority is lowered
+        # for good, so it is not one of anyio's shared worker threads.
+        self._thread = ThreadPoolExecutor(
+            1, thread_name_prefix="turnstile-cache", initializer=_lower_priority
+        )
 
     async def get(self, key: bytes) -> dict[str, Any] | None:
         """The stored reply of ``key``, or None."""
         self._check_open()
-        reply = self._pending.get(key)
-        if reply is not None:
-            return reply
+        pending = self._pending.get(key)
+        if pending is not None:
+            stored: dict[str, Any] = orjson.loads(pending)
+            return stored
         known = self._known
         if known is not None and slot_of(key) not in known:
             return None  # not in the store: no query
@@ -337,14 +374,17 @@ class ReplyCache:
         self._check_open()
         if not self._puts:
             self._due = self._loop.time() + _PUT_LINGER_S
-        self._puts.append((key, reply))
-        self._pending.setdefault(key, reply)
+        added = entry(key, reply)
+        self._puts.append(added)
+        self._put_bytes += len(added[2])
+        self._pending.setdefault(key, added[2])
         if self._known is not None:
-            self._known.add(slot_of(key))
+            self._known.add(added[0])
         self._queued.set()
-        if len(self._puts) >= _PUTS:
+        queued = self._queued_commits()
+        if queued >= 1:
             self._wake.set()
-        if len(self._puts) > _BACKLOG:
+        if queued > _BACKLOG:
             room: asyncio.Future[None] = self._loop.create_future()
             self._room.append(room)
             await room
@@ -352,6 +392,12 @@ class ReplyCache:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve lookups and additions until ``close``, then commit what is queued
         (started, for ``TaskGroup.start``, once it knows the store's slots)."""
+        try:
+            await self._serve(task_status)
+        finally:
+            self._thread.shutdown(wait=False)  # no call is running: each one is waited for
+
+    async def _serve(self, task_status: TaskStatus[None]) -> None:
         if not self.read_only and self._inline:
             await self._learn_slots()
         task_status.started()
@@ -368,20 +414,36 @@ class ReplyCache:
                 if idle.cancelled_caught:
                     await self._round([], [])  # has another run written meanwhile?
                 continue
-            if not self._gets and len(self._puts) < _PUTS and not self._closed:
+            if not self._gets and self._queued_commits() < 1 and not self._closed:
                 self._wake.clear()
                 with anyio.move_on_after(self._due - self._loop.time()):
                     await self._wake.wait()  # more additions to commit with these
             gets, self._gets = self._gets[:_GETS], self._gets[_GETS:]
-            puts: list[tuple[bytes, dict[str, Any]]] = []
-            if len(self._puts) >= _PUTS or self._closed or self._loop.time() >= self._due:
-                puts, self._puts = self._puts[:_PUTS], self._puts[_PUTS:]
+            puts: list[Entry] = []
+            if self._queued_commits() >= 1 or self._closed or self._loop.time() >= self._due:
+                puts = self._take_commit()
                 self._due = self._loop.time() + _PUT_LINGER_S
             await self._round(gets, puts)
 
+    def _queued_commits(self) -> float:
+        """How many commits' worth of additions are queued (by count or by bytes)."""
+        return max(len(self._puts) / _PUT_ROWS, self._put_bytes / _PUT_BYTES)
+
+    def _take_commit(self) -> list[Entry]:
+        """The oldest queued additions, one commit's worth (at least one)."""
+        count = size = 0
+        for _, _, reply in self._puts[:_PUT_ROWS]:
+            count += 1
+            size += len(reply)
+            if size >= _PUT_BYTES:
+                break
+        taken, self._puts = self._puts[:count], self._puts[count:]
+        self._put_bytes -= size
+        return taken
+
     async def _learn_slots(self) -> None:
         """Hold the store's slots (those added meanwhile too) when it is small enough."""
-        known = await anyio.to_thread.run_sync(self.store.slots, KNOWN_SLOTS_MAX)
+        known = await self._in_thread(self.store.slots, KNOWN_SLOTS_MAX)
         if known is not None:
             known.update(slot_of(key) for key in self._pending)
         self._known = known
@@ -389,11 +451,11 @@ class ReplyCache:
     async def _round(
         self,
         gets: list[tuple[bytes, asyncio.Future[dict[str, Any] | None]]],
-        puts: list[tuple[bytes, dict[str, Any]]],
+        puts: list[Entry],
     ) -> None:
         """One thread call: commit ``puts``, answer ``gets``, notice other writers."""
         try:
-            found, others = await anyio.to_thread.run_sync(
+            found, others = await self._in_thread(
                 self.store.exchange, puts, [key for key, _ in gets]
             )
         except Exception as exc:
@@ -403,16 +465,23 @@ class ReplyCache:
             raise
         if others:
             self._known = None  # another run writes this store: ask it every time
-        for key, _ in puts:
+        for _, key, _ in puts:
             self._pending.pop(key, None)
         for key, future in gets:
             if not future.done():  # its asker may have been cancelled meanwhile
                 future.set_result(found.get(key))
-        if self._room and len(self._puts) <= _BACKLOG:
+        if self._room and self._queued_commits() <= _BACKLOG:
             room, self._room = self._room, []
             for waiting in room:
                 if not waiting.done():
                     waiting.set_result(None)
+
+    async def _in_thread(self, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)`` in the store's thread. Waited for even when cancelled (a
+        commit is never left running while the store closes), as anyio's are."""
+        with anyio.CancelScope(shield=True):
+            result = await self._loop.run_in_executor(self._thread, call, *args)
+        return result
 
     def close(self) -> None:
         """No more lookups or additions: ``run`` commits what is queued, then returns."""
@@ -423,6 +492,15 @@ class ReplyCache:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("the reply cache is closed")
+
+
+def _lower_priority() -> None:
+    """The store thread's first step: ``STORE_THREAD_NICE`` for it alone, on Linux
+    (where a thread has a priority of its own; a thread cannot raise it back, so the
+    thread is the store's only). Elsewhere, or where the system refuses, it stays."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), STORE_THREAD_NICE)
 
 
 @asynccontextmanager
