@@ -122,7 +122,7 @@ def _estimate(mock: MockProcess, rows: int) -> dict[str, float]:
 
 def cache(plan: Plan) -> Section:
     rows = plan.caps_zero_turns
-    repeats = plan.caps_repeats + 2
+    repeats = plan.cache_repeats
     turns = _turns(plan)
     results: dict[str, list[Result]] = {}
     with MockProcess(0, LOGS) as mock:

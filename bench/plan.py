@@ -61,6 +61,9 @@ class Plan:
     caps_seconds: float  # runs sized for this long at the point's rate...
     caps_rate: float  # ...taken as at most this (turns/s) where the cap allows more
     caps_zero_turns: int  # turns of the 0 ms runs
+    # cache (bench/cache.py): cache on against off at 0 ms; the cost measured (~3%) is
+    # smaller than one pair of runs varies by on this shared machine (+-15%): more pairs
+    cache_repeats: int
     caps_mock_uvloop: bool
     caps_null_writer: tuple[tuple[float, int], ...]  # points that also run bench.nullwriter
     caps_memory_rows: tuple[int, ...]  # memory against input size, in the same run
@@ -120,6 +123,7 @@ FULL = Plan(
     caps_seconds=2.5,
     caps_rate=6_000.0,
     caps_zero_turns=20_000,
+    cache_repeats=9,
     caps_mock_uvloop=True,
     caps_null_writer=((0.0, 64), (50.0, 16), (50.0, 1024)),
     # Memory and resume are measured once, by the memory/resume suite (memory_rows,
@@ -179,6 +183,7 @@ QUICK = Plan(
     caps_seconds=1.0,
     caps_rate=6_000.0,
     caps_zero_turns=5_000,
+    cache_repeats=3,
     caps_mock_uvloop=True,
     caps_null_writer=((0.0, 64),),
     caps_memory_rows=(),
@@ -268,9 +273,11 @@ def _peers_s(plan: Plan) -> float:
     return plan.peer_repeats * zero + plan.peer_latency_repeats * latency
 
 
-def _zero_ab_s(plan: Plan, rate: float = _ZERO_RATE) -> float:
-    """Two systems at 0 ms over ``caps_zero_turns``, ``caps_repeats + 2`` repeats."""
-    return (plan.caps_repeats + 2) * 2 * (plan.caps_zero_turns / rate + _START)
+def _zero_ab_s(plan: Plan, rate: float = _ZERO_RATE, repeats: int | None = None) -> float:
+    """Two systems at 0 ms over ``caps_zero_turns``, ``repeats`` times (default
+    ``caps_repeats + 2``)."""
+    repeats = plan.caps_repeats + 2 if repeats is None else repeats
+    return repeats * 2 * (plan.caps_zero_turns / rate + _START)
 
 
 def estimate_s(plan: Plan, suite: str) -> float:
@@ -296,7 +303,7 @@ def estimate_s(plan: Plan, suite: str) -> float:
         # ~250 us a row (10^5 rows: 24 s), each size once, and the first again at 2 batches
         "batch": 250e-6 * (sum(plan.batch_sizes) + plan.batch_sizes[0]) + 10.0,
         "judging": (2 if plan.quick else 3) * 4 * (1_000 if plan.quick else 5_000) / 1_000,
-        "cache": _zero_ab_s(plan, 7_000.0) + (6 if plan.quick else 45),
+        "cache": _zero_ab_s(plan, 7_000.0, plan.cache_repeats) + (6 if plan.quick else 45),
         "report": 5.0,
         "chaos": plan.chaos_turns / 200 + plan.chaos_kills,
     }
