@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import struct
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -95,9 +96,13 @@ STORE_THREAD_NICE = 10
 Entry = tuple[int, bytes, bytes]
 
 
+_SLOT = struct.Struct(">q")
+
+
 def slot_of(key: bytes) -> int:
     """A key's slot in the store's index: its first 8 bytes as a signed integer."""
-    return int.from_bytes(key[:8], "big", signed=True)
+    slot: int = _SLOT.unpack_from(key)[0]
+    return slot
 
 
 def entry(key: bytes, reply: dict[str, Any]) -> Entry:
@@ -328,7 +333,8 @@ class ReplyCache:
 
     async def get(self, key: bytes) -> dict[str, Any] | None:
         """The stored reply of ``key``, or None."""
-        self._check_open()
+        if self._closed:
+            self._check_open()
         pending = self._pending.get(key)
         if pending is not None:
             stored: dict[str, Any] = orjson.loads(pending)
@@ -371,20 +377,22 @@ class ReplyCache:
         """Add a reply (nothing in read-only mode): committed by a later round."""
         if self.read_only:
             return
-        self._check_open()
-        if not self._puts:
+        if self._closed:
+            self._check_open()
+        puts = self._puts
+        if not puts:  # the first one of a round: the server may be waiting for it
             self._due = self._loop.time() + _PUT_LINGER_S
-        added = entry(key, reply)
-        self._puts.append(added)
-        self._put_bytes += len(added[2])
-        self._pending.setdefault(key, added[2])
+            self._queued.set()
+        slot, _, reply_json = added = entry(key, reply)
+        puts.append(added)
+        self._put_bytes += len(reply_json)
+        self._pending.setdefault(key, reply_json)
         if self._known is not None:
-            self._known.add(added[0])
-        self._queued.set()
-        queued = self._queued_commits()
-        if queued >= 1:
-            self._wake.set()
-        if queued > _BACKLOG:
+            self._known.add(slot)
+        if len(puts) < _PUT_ROWS and self._put_bytes < _PUT_BYTES:
+            return  # less than a commit's worth: the linger's end commits them
+        self._wake.set()
+        if self._queued_commits() > _BACKLOG:
             room: asyncio.Future[None] = self._loop.create_future()
             self._room.append(room)
             await room
