@@ -22,10 +22,10 @@ at most the batch being gathered); the run's end commits every one still queued.
 That thread runs at a lower CPU priority (``STORE_THREAD_NICE``, on Linux), as a
 database's background writers do: where the CPU is the bound (a fast server on the
 same machine), a commit waits for a core the loop and the server leave idle instead
-of taking one from them. A
-commit's cost is mostly per page it touches, and a batch's new keys land all over
-the index: big batches touch each index page once for many keys (on a store of 10^5
-replies, 8,192 to a commit cost a reply about 60% of the CPU 2,048 did, 40% of 300's).
+of taking one from them. A commit's cost is mostly per page it touches, and a
+batch's new keys land all over the index: big batches touch each index page once
+for many keys (on a store of 10^5 replies, 8,192 to a commit cost a reply about 60%
+of the CPU 2,048 did, 40% of 300's).
 
 Lookups in a store small enough to sit in the page cache are answered on the loop,
 all those of one loop pass in one query (a few microseconds: less than a thread
@@ -80,7 +80,7 @@ _BUSY_MS = 60_000  # how long a writer waits for another run's commit
 _READER_BUSY_MS = 100  # a lookup on the loop that finds the file busy goes to the thread
 # A store up to this size at open is read on the event loop (a lookup of a key in a
 # file the page cache holds: a few microseconds, less than a thread hop); a bigger one
-# through the worker thread, batched, so a cold disk never stalls the loop.
+# through the store's thread, batched, so a cold disk never stalls the loop.
 INLINE_READS_MAX_BYTES = 256 << 20
 _PUT_LINGER_S = 0.25  # additions alone wait this long for more to commit with them
 # A store of up to this many replies has its slots in memory while a run writes it: a
@@ -297,7 +297,7 @@ class ReplyCache:
     """The store as a run's tasks use it: ``get`` and ``put``, off the loop where it counts.
 
     Additions are not waited for (their replies are journaled already: the store only
-    saves other runs a request). They are encoded on the loop (the worker thread then
+    saves other runs a request). They are encoded on the loop (the store's thread then
     holds the GIL only to bind them), queue, are seen by lookups at once (``_pending``)
     and go to the store in one thread call per round: a round starts when a commit's
     worth is queued (``_PUT_ROWS`` or ``_PUT_BYTES``), ``_PUT_LINGER_S`` after the first
