@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio.lowlevel
-import orjson
 
 from engine.checkpoint import writer as checkpoint_writer
 from engine.checkpoint.checkpoint import Checkpoint
@@ -33,17 +32,17 @@ class NullWriter(checkpoint_writer.Writer):
         record = writing_record(line, records)
         record["b"] = record["e"] = 0
         encode(record)
-        orjson.dumps(row) + b"\n"
+        checkpoint_writer.row_line(row)
 
     async def failed(self, line: int, row: dict[str, Any]) -> None:
-        orjson.dumps(row)
+        checkpoint_writer.row_line(row)
 
     async def filtered(
         self, line: int, row: dict[str, Any], records: Sequence[dict[str, Any]] = ()
     ) -> None:
         for record in records:
             encode(record)
-        orjson.dumps(row) + b"\n"
+        checkpoint_writer.row_line(row)
 
     async def run(self) -> None:
         await self._stopped.wait()

@@ -334,7 +334,7 @@ class ReplyCache:
     async def get(self, key: bytes) -> dict[str, Any] | None:
         """The stored reply of ``key``, or None."""
         if self._closed:
-            self._check_open()
+            raise self._closed_error()
         pending = self._pending.get(key)
         if pending is not None:
             stored: dict[str, Any] = orjson.loads(pending)
@@ -378,7 +378,7 @@ class ReplyCache:
         if self.read_only:
             return
         if self._closed:
-            self._check_open()
+            raise self._closed_error()
         puts = self._puts
         if not puts:  # the first one of a round: the server may be waiting for it
             self._due = self._loop.time() + _PUT_LINGER_S
@@ -389,7 +389,7 @@ class ReplyCache:
         self._pending.setdefault(key, reply_json)
         if self._known is not None:
             self._known.add(slot)
-        if len(puts) < _PUT_ROWS and self._put_bytes < _PUT_BYTES:
+        if not self._commit_ready():
             return  # less than a commit's worth: the linger's end commits them
         self._wake.set()
         if self._queued_commits() > _BACKLOG:
@@ -422,16 +422,20 @@ class ReplyCache:
                 if idle.cancelled_caught:
                     await self._round([], [])  # has another run written meanwhile?
                 continue
-            if not self._gets and self._queued_commits() < 1 and not self._closed:
+            if not self._gets and not self._commit_ready() and not self._closed:
                 self._wake.clear()
                 with anyio.move_on_after(self._due - self._loop.time()):
                     await self._wake.wait()  # more additions to commit with these
             gets, self._gets = self._gets[:_GETS], self._gets[_GETS:]
             puts: list[Entry] = []
-            if self._queued_commits() >= 1 or self._closed or self._loop.time() >= self._due:
+            if self._commit_ready() or self._closed or self._loop.time() >= self._due:
                 puts = self._take_commit()
                 self._due = self._loop.time() + _PUT_LINGER_S
             await self._round(gets, puts)
+
+    def _commit_ready(self) -> bool:
+        """Whether a commit's worth of additions is queued (by count or by bytes)."""
+        return len(self._puts) >= _PUT_ROWS or self._put_bytes >= _PUT_BYTES
 
     def _queued_commits(self) -> float:
         """How many commits' worth of additions are queued (by count or by bytes)."""
@@ -497,9 +501,9 @@ class ReplyCache:
         self._queued.set()
         self._wake.set()
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RuntimeError("the reply cache is closed")
+    @staticmethod
+    def _closed_error() -> RuntimeError:
+        return RuntimeError("the reply cache is closed")
 
 
 def _lower_priority() -> None:
