@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from engine import jsonbytes
 from engine.http.retry import is_retryable_status
 
 CHAT = "/v1/chat/completions"
@@ -68,7 +69,7 @@ def read_result(raw: bytes) -> Result | None:
         status = response.get("status_code")
         body = response.get("body")
         if status == 200 and isinstance(body, dict):
-            return Result(cid, orjson.dumps(body))
+            return Result(cid, jsonbytes.dumps(body))  # held until its row takes it
         if isinstance(status, int):
             message = _message(body) or f"HTTP {status}"
             return Result(

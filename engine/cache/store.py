@@ -59,6 +59,7 @@ import anyio
 import orjson
 from anyio.abc import TaskStatus
 
+from engine import jsonbytes
 from engine.cache.settings import READ_ONLY, CacheConfig
 from engine.errors import ConfigError
 
@@ -107,7 +108,7 @@ def slot_of(key: bytes) -> int:
 
 def entry(key: bytes, reply: dict[str, Any]) -> Entry:
     """``reply`` (``engine.cache.keys.reply_value``) as the store keeps it under ``key``."""
-    return slot_of(key), key, orjson.dumps(reply)
+    return slot_of(key), key, jsonbytes.dumps(reply)  # queued: bytes of its own size
 
 
 class ReplyStore:

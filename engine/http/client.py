@@ -23,6 +23,7 @@ import anyio
 import orjson
 from anyio.abc import TaskGroup
 
+from engine import jsonbytes
 from engine.errors import ModelError
 from engine.http.endpoint import Completion, EndpointStatistics, RawReply
 from engine.http.ratelimit import estimate_tokens, per_minute
@@ -270,7 +271,7 @@ class HttpEndpoint:
         else:
             body = self._body.copy()  # the same keys in the same order, made once
         body["messages"] = messages
-        return orjson.dumps(body)
+        return jsonbytes.dumps(body)  # held while in flight: bytes of its own size
 
     def complete(
         self,

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
+from engine import jsonbytes
 from engine.errors import ModelError
 from engine.output.filters import Reply
 from engine.tasks.base import RowContext, Task, TaskKind
@@ -109,7 +108,7 @@ class RequestsTask(Task):
             return
         try:
             answer = await ctx.send(
-                self.model, request.path, orjson.dumps(request.body), key=REPLY_KEY, last=True
+                self.model, request.path, jsonbytes.dumps(request.body), key=REPLY_KEY, last=True
             )
         except ModelError as exc:
             await ctx.fail_line(error_line(ctx.line, request.custom_id, error_code(exc), str(exc)))
