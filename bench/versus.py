@@ -1,0 +1,153 @@
+"""This engine against another engine tree, back to back on the mock (not in the suite).
+
+This VM's speed moves whole runs by 10-30% from one phase to the next, so a figure
+from another day's run says little about a change. Both engines run here against
+the same mock server, with the bare loop as the yardstick, in interleaved repeats
+(the order rotates)::
+
+    git archive 83ae0c3 engine | tar -x -C /tmp/before
+    .venv/bin/python -m bench.versus --engine /tmp/before [--latency-ms 0] [--cap 64]
+        [--rows 20000] [--repeats 5] [--uvloop]
+
+``--engine DIR`` is the parent of the other ``engine/`` tree (put first on
+PYTHONPATH, as ``bench.profile --engine`` does); both run ``turnstile run`` with the
+same config (single-turn rows; ``uvloop`` as ``--uvloop`` says, asyncio otherwise,
+and so does the bare loop). Printed: each system's steady requests/s and client
+CPU per request over the server's window (medians, then every repeat), and each
+engine's ratios to the bare loop of the same repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+from bench import workloads
+from bench.mockserver import MockProcess
+from bench.report import median, ratios, spread, table
+from bench.runners import (
+    ROOT,
+    Result,
+    RunFolder,
+    bare_cmd,
+    measure,
+    parse_json_line,
+    parse_turnstile,
+    turnstile_cmd,
+    turnstile_config,
+)
+from bench.throughput import INPUTS, LOGS, interleave
+from bench.workloads import SINGLE
+
+THIS, OTHER, BARE = "this engine", "other engine", "bare loop"
+
+
+def _engine(
+    mock: MockProcess, wl: workloads.Workload, cap: int, uvloop: bool, path: Path, name: str
+) -> Result:
+    with RunFolder(name.replace(" ", "-")) as folder:
+        config = turnstile_config(folder, mock.url, wl, cap=cap, uvloop=uvloop)
+        return measure(
+            name,
+            name,
+            turnstile_cmd(config),
+            folder,
+            mock,
+            timeout_s=3600,
+            parse=parse_turnstile,
+            rows_out=folder / "out" / "distilled.jsonl",
+            env={"PYTHONPATH": str(path)},
+        )
+
+
+def _bare(mock: MockProcess, wl: workloads.Workload, cap: int, uvloop: bool) -> Result:
+    with RunFolder("bare") as folder:
+        output = folder / "out.jsonl"
+        return measure(
+            BARE,
+            BARE,
+            bare_cmd(mock.url, wl, output, cap, uvloop=uvloop),
+            folder,
+            mock,
+            timeout_s=3600,
+            parse=parse_json_line,
+            rows_out=output,
+            env={"PYTHONPATH": str(ROOT)},
+        )
+
+
+def compare(
+    other: Path, latency_ms: float, cap: int, rows: int, repeats: int, uvloop: bool
+) -> list[str]:
+    """The comparison's table (markdown lines); raises when a run fails or loses rows."""
+    results: dict[str, list[Result]] = {}
+    with MockProcess(latency_ms, LOGS, uvloop=True) as mock:
+        wl = workloads.make(SINGLE, rows, INPUTS)
+        runs: dict[str, Callable[[], Result]] = {
+            THIS: lambda: _engine(mock, wl, cap, uvloop, ROOT, THIS),
+            OTHER: lambda: _engine(mock, wl, cap, uvloop, other, OTHER),
+            BARE: lambda: _bare(mock, wl, cap, uvloop),
+        }
+        interleave(repeats, runs, results)
+    for name, done in results.items():
+        for result in done:
+            if result.rc != 0 or result.rows_out != rows:
+                raise RuntimeError(
+                    f"{name}: exit {result.rc}, {result.rows_out:,} of {rows:,} rows; "
+                    f"{result.extra.get('stderr_tail', '')}"
+                )
+    bare = results[BARE]
+    body = []
+    for name, done in results.items():
+        rate = ratios(done, bare, "rate_steady")
+        cpu = ratios(done, bare, "cpu_us_per_request")
+        body.append(
+            [
+                name,
+                spread([r.rate_steady for r in done]),
+                spread([r.cpu_us_per_request for r in done]),
+                " ".join(f"{r.cpu_us_per_request:.0f}" for r in done),
+                "1" if name == BARE else f"{median(rate):.1%}",
+                "1" if name == BARE else f"{median(cpu):.2f}x",
+            ]
+        )
+    loop = "uvloop" if uvloop else "asyncio"
+    return [
+        f"{rows:,} single-turn rows, mock at {latency_ms:g} ms, cap {cap}, {loop}, "
+        f"{repeats} interleaved repeats; the other engine: {other}",
+        "",
+        *table(
+            [
+                "system",
+                "steady requests/s",
+                "CPU us/request",
+                "CPU us/request, each repeat",
+                "requests/s / bare",
+                "CPU / bare",
+            ],
+            body,
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.versus", description=__doc__)
+    parser.add_argument("--engine", type=Path, required=True, help="another engine/ tree's parent")
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--cap", type=int, default=64)
+    parser.add_argument("--rows", type=int, default=20_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--uvloop", action="store_true", help="every system on uvloop")
+    args = parser.parse_args(argv)
+    if not (args.engine / "engine" / "__main__.py").exists():
+        parser.error(f"--engine: {args.engine} holds no engine/ package (engine/__main__.py)")
+    lines = compare(
+        args.engine.resolve(), args.latency_ms, args.cap, args.rows, args.repeats, args.uvloop
+    )
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
