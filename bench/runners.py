@@ -482,8 +482,10 @@ def run_turnstile(
     system: str = TURNSTILE,
     save_output: Path | None = None,
     uvloop: bool | None = None,
+    env: dict[str, str] | None = None,
 ) -> Result:
-    """One fresh ``turnstile run`` of ``workload`` in a folder of its own."""
+    """One fresh ``turnstile run`` of ``workload`` in a folder of its own (``env``: added
+    to the environment, a PYTHONPATH naming another engine tree, say)."""
     with RunFolder(system) as folder:
         config = turnstile_config(
             folder,
@@ -505,6 +507,7 @@ def run_turnstile(
             timeout_s=timeout_s,
             parse=parse_turnstile,
             rows_out=output,
+            env=env,
         )
         result.extra["expected_rows"] = workload.rows
         if save_output is not None and output.exists():

@@ -26,55 +26,11 @@ from pathlib import Path
 from bench import workloads
 from bench.mockserver import MockProcess
 from bench.report import median, ratios, spread, table
-from bench.runners import (
-    ROOT,
-    Result,
-    RunFolder,
-    bare_cmd,
-    measure,
-    parse_json_line,
-    parse_turnstile,
-    turnstile_cmd,
-    turnstile_config,
-)
+from bench.runners import ROOT, Result, run_bare, run_turnstile
 from bench.throughput import INPUTS, LOGS, interleave
 from bench.workloads import SINGLE
 
 THIS, OTHER, BARE = "this engine", "other engine", "bare loop"
-
-
-def _engine(
-    mock: MockProcess, wl: workloads.Workload, cap: int, uvloop: bool, path: Path, name: str
-) -> Result:
-    with RunFolder(name.replace(" ", "-")) as folder:
-        config = turnstile_config(folder, mock.url, wl, cap=cap, uvloop=uvloop)
-        return measure(
-            name,
-            name,
-            turnstile_cmd(config),
-            folder,
-            mock,
-            timeout_s=3600,
-            parse=parse_turnstile,
-            rows_out=folder / "out" / "distilled.jsonl",
-            env={"PYTHONPATH": str(path)},
-        )
-
-
-def _bare(mock: MockProcess, wl: workloads.Workload, cap: int, uvloop: bool) -> Result:
-    with RunFolder("bare") as folder:
-        output = folder / "out.jsonl"
-        return measure(
-            BARE,
-            BARE,
-            bare_cmd(mock.url, wl, output, cap, uvloop=uvloop),
-            folder,
-            mock,
-            timeout_s=3600,
-            parse=parse_json_line,
-            rows_out=output,
-            env={"PYTHONPATH": str(ROOT)},
-        )
 
 
 def compare(
@@ -84,10 +40,15 @@ def compare(
     results: dict[str, list[Result]] = {}
     with MockProcess(latency_ms, LOGS, uvloop=True) as mock:
         wl = workloads.make(SINGLE, rows, INPUTS)
+
+        def engine(tree: Path, name: str) -> Result:
+            env = {"PYTHONPATH": str(tree)}
+            return run_turnstile(mock, wl, cap=cap, system=name, uvloop=uvloop, env=env)
+
         runs: dict[str, Callable[[], Result]] = {
-            THIS: lambda: _engine(mock, wl, cap, uvloop, ROOT, THIS),
-            OTHER: lambda: _engine(mock, wl, cap, uvloop, other, OTHER),
-            BARE: lambda: _bare(mock, wl, cap, uvloop),
+            THIS: lambda: engine(ROOT, THIS),
+            OTHER: lambda: engine(other, OTHER),
+            BARE: lambda: run_bare(mock, wl, cap=cap, uvloop=uvloop, system=BARE),
         }
         interleave(repeats, runs, results)
     for name, done in results.items():

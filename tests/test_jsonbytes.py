@@ -68,9 +68,7 @@ def test_a_request_body_in_flight_holds_its_own_size() -> None:
 
 def test_a_batch_result_waiting_for_its_row_holds_its_own_size() -> None:
     body = {"choices": [{"message": {"role": "assistant", "content": "a" * 8_000}}]}
-    line = orjson.dumps(
-        {"custom_id": "3.turn0.0", "response": {"status_code": 200, "body": body}}
-    )
+    line = orjson.dumps({"custom_id": "3.turn0.0", "response": {"status_code": 200, "body": body}})
 
     def make(_: int) -> bytes:
         result = read_result(line)
