@@ -34,8 +34,8 @@ stalls the loop.
 
 While a run writes a store of up to ``KNOWN_SLOTS_MAX`` replies, the cache holds
 every slot in it (read at open, then each addition's): a lookup whose slot is not
-there is a miss without a query, so a run that is not answered from the store pays
-almost nothing for it. Another run's commit ends that (SQLite's ``data_version``,
+there is a miss without a query (no SQLite call on the loop for a run that is not
+answered from the store). Another run's commit ends that (SQLite's ``data_version``,
 read with every round and at least every second): from then on every lookup
 queries, so a reply another run stores is found, at most about a second late.
 """
