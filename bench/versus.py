@@ -6,11 +6,12 @@ the same mock server, with the bare loop as the yardstick, in interleaved repeat
 (the order rotates)::
 
     git archive 83ae0c3 engine | tar -x -C /tmp/before
-    .venv/bin/python -m bench.versus --engine /tmp/before [--latency-ms 0] [--cap 64]
-        [--rows 20000] [--repeats 5] [--uvloop]
+    .venv/bin/python -m bench.versus --engine /tmp/before [--engine DIR ...]
+        [--latency-ms 0] [--cap 64] [--rows 20000] [--repeats 5] [--uvloop]
 
-``--engine DIR`` is the parent of the other ``engine/`` tree (put first on
-PYTHONPATH, as ``bench.profile --engine`` does); both run ``turnstile run`` with the
+``--engine DIR`` is the parent of another ``engine/`` tree (put first on
+PYTHONPATH, as ``bench.profile --engine`` does; give it more than once to compare
+several, "other engine 1", "2"... in that order); all run ``turnstile run`` with the
 same config (single-turn rows; ``uvloop`` as ``--uvloop`` says, asyncio otherwise,
 and so does the bare loop). Printed: each system's steady requests/s and client
 CPU per request over the server's window (medians, then every repeat), and each
@@ -34,10 +35,13 @@ THIS, OTHER, BARE = "this engine", "other engine", "bare loop"
 
 
 def compare(
-    other: Path, latency_ms: float, cap: int, rows: int, repeats: int, uvloop: bool
+    others: list[Path], latency_ms: float, cap: int, rows: int, repeats: int, uvloop: bool
 ) -> list[str]:
     """The comparison's table (markdown lines); raises when a run fails or loses rows."""
     results: dict[str, list[Result]] = {}
+    named = {
+        OTHER if len(others) == 1 else f"{OTHER} {i + 1}": tree for i, tree in enumerate(others)
+    }
     with MockProcess(latency_ms, LOGS, uvloop=True) as mock:
         wl = workloads.make(SINGLE, rows, INPUTS)
 
@@ -45,11 +49,10 @@ def compare(
             env = {"PYTHONPATH": str(tree)}
             return run_turnstile(mock, wl, cap=cap, system=name, uvloop=uvloop, env=env)
 
-        runs: dict[str, Callable[[], Result]] = {
-            THIS: lambda: engine(ROOT, THIS),
-            OTHER: lambda: engine(other, OTHER),
-            BARE: lambda: run_bare(mock, wl, cap=cap, uvloop=uvloop, system=BARE),
-        }
+        runs: dict[str, Callable[[], Result]] = {THIS: lambda: engine(ROOT, THIS)}
+        for name, tree in named.items():
+            runs[name] = lambda tree=tree, name=name: engine(tree, name)
+        runs[BARE] = lambda: run_bare(mock, wl, cap=cap, uvloop=uvloop, system=BARE)
         interleave(repeats, runs, results)
     for name, done in results.items():
         for result in done:
@@ -76,7 +79,8 @@ def compare(
     loop = "uvloop" if uvloop else "asyncio"
     return [
         f"{rows:,} single-turn rows, mock at {latency_ms:g} ms, cap {cap}, {loop}, "
-        f"{repeats} interleaved repeats; the other engine: {other}",
+        f"{repeats} interleaved repeats; "
+        + "; ".join(f"{name}: {tree}" for name, tree in named.items()),
         "",
         *table(
             [
@@ -94,18 +98,24 @@ def compare(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.versus", description=__doc__)
-    parser.add_argument("--engine", type=Path, required=True, help="another engine/ tree's parent")
+    parser.add_argument(
+        "--engine",
+        type=Path,
+        action="append",
+        required=True,
+        help="another engine/ tree's parent (repeat it for several)",
+    )
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--cap", type=int, default=64)
     parser.add_argument("--rows", type=int, default=20_000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--uvloop", action="store_true", help="every system on uvloop")
     args = parser.parse_args(argv)
-    if not (args.engine / "engine" / "__main__.py").exists():
-        parser.error(f"--engine: {args.engine} holds no engine/ package (engine/__main__.py)")
-    lines = compare(
-        args.engine.resolve(), args.latency_ms, args.cap, args.rows, args.repeats, args.uvloop
-    )
+    for tree in args.engine:
+        if not (tree / "engine" / "__main__.py").exists():
+            parser.error(f"--engine: {tree} holds no engine/ package (engine/__main__.py)")
+    others = [tree.resolve() for tree in args.engine]
+    lines = compare(others, args.latency_ms, args.cap, args.rows, args.repeats, args.uvloop)
     print("\n".join(lines))
     return 0
 

@@ -519,7 +519,8 @@ async def _feed(
             await _send_rows(rows, ctx, send, pool)
         finally:
             pool.close()
-    ctx.rows_changed()  # the input ran out: the rows in flight may all wait on batches
+    if ctx.rows_changed is not None:
+        ctx.rows_changed()  # the input ran out: the rows in flight may all wait on batches
 
 
 async def _send_rows(

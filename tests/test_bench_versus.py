@@ -10,12 +10,13 @@ from bench import versus
 from bench.runners import ROOT
 
 
-def test_versus_runs_both_engines_and_the_bare_loop_and_reports_each_against_it() -> None:
-    lines = versus.compare(ROOT, latency_ms=0, cap=8, rows=60, repeats=2, uvloop=False)
+def test_versus_runs_every_engine_and_the_bare_loop_and_reports_each_against_it() -> None:
+    lines = versus.compare([ROOT, ROOT], latency_ms=0, cap=8, rows=60, repeats=2, uvloop=False)
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
-    assert set(rows) >= {versus.THIS, versus.OTHER, versus.BARE}
+    others = (f"{versus.OTHER} 1", f"{versus.OTHER} 2")
+    assert set(rows) >= {versus.THIS, *others, versus.BARE}
     assert rows[versus.BARE].endswith("| 1 | 1 |")
-    for name in (versus.THIS, versus.OTHER):
+    for name in (versus.THIS, *others):
         cells = rows[name].strip("| ").split(" | ")
         assert cells[-2].endswith("%") and cells[-1].endswith("x")
         assert len(cells[3].split()) == 2  # CPU per request of each repeat

@@ -8,7 +8,8 @@ import pytest
 
 from engine.errors import InputError
 from engine.input.rows import InputRow, Message
-from engine.tasks.distill.dialogue import Dialogue, TurnReply, new_dialogue, output_row, split_turns
+from engine.tasks.asking import Answer
+from engine.tasks.distill.dialogue import Dialogue, new_dialogue, output_row, split_turns
 
 
 def sys_(text: str) -> Message:
@@ -165,10 +166,10 @@ def test_history_of_each_turn_holds_exactly_the_earlier_turns_and_replies() -> N
     d = three_turns()
     assert d.next_turn == 0
     assert d.history() == [sys_("s"), user("u0")]
-    d.apply(TurnReply("r0"))
+    d.apply(Answer("r0"))
     assert d.next_turn == 1
     assert d.history() == [sys_("s"), user("u0"), bot("r0"), user("u1")]
-    d.apply(TurnReply("r1"))
+    d.apply(Answer("r1"))
     assert d.history() == [sys_("s"), user("u0"), bot("r0"), user("u1"), bot("r1"), user("u2")]
 
 
@@ -183,29 +184,29 @@ def test_done_after_every_turn_is_answered() -> None:
     d = three_turns()
     for i in range(3):
         assert d.next_turn < len(d.turns)
-        d.apply(TurnReply(f"r{i}"))
+        d.apply(Answer(f"r{i}"))
     assert d.next_turn == len(d.turns)
     with pytest.raises(ValueError, match="no turn left to request"):
         d.history()
     with pytest.raises(ValueError, match="no turn left to answer"):
-        d.apply(TurnReply("extra"))
+        d.apply(Answer("extra"))
     assert len(d.replies) == 3
 
 
 def test_messages_so_far_then_tail_once_done() -> None:
     d = dialogue([user("u0"), bot("old"), user("u1"), bot("old"), sys_("tail")])
     assert d.messages() == []
-    d.apply(TurnReply("r0"))
+    d.apply(Answer("r0"))
     assert d.messages() == [user("u0"), bot("r0")]
-    d.apply(TurnReply("r1"))
+    d.apply(Answer("r1"))
     assert d.messages() == [user("u0"), bot("r0"), user("u1"), bot("r1"), sys_("tail")]
 
 
 def test_usage_sums_the_replies() -> None:
     d = three_turns()
     assert d.usage() == {"prompt_tokens": 0, "completion_tokens": 0, "reasoning_tokens": 0}
-    d.apply(TurnReply("r0", prompt_tokens=10, completion_tokens=3))
-    d.apply(TurnReply("r1", prompt_tokens=25, completion_tokens=7, finish_reason="stop"))
+    d.apply(Answer("r0", prompt_tokens=10, completion_tokens=3))
+    d.apply(Answer("r1", prompt_tokens=25, completion_tokens=7, finish_reason="stop"))
     assert d.usage() == {"prompt_tokens": 35, "completion_tokens": 10, "reasoning_tokens": 0}
 
 
@@ -219,8 +220,8 @@ def test_new_dialogue_applies_the_system_prompt() -> None:
 
 def test_output_row_key_order_and_content() -> None:
     d = dialogue([user("u0"), bot("old"), user("u1")], topic="t", source="s")
-    d.apply(TurnReply("r0", prompt_tokens=4, completion_tokens=2))
-    d.apply(TurnReply("r1", prompt_tokens=9, completion_tokens=1))
+    d.apply(Answer("r0", prompt_tokens=4, completion_tokens=2))
+    d.apply(Answer("r1", prompt_tokens=9, completion_tokens=1))
     row = output_row(d, "teacher-model")
     assert list(row) == ["topic", "source", "id", "messages", "model", "usage"]
     assert row == {
@@ -235,5 +236,5 @@ def test_output_row_key_order_and_content() -> None:
 
 def test_output_row_without_extra_fields() -> None:
     d = dialogue([user("u0")])
-    d.apply(TurnReply("r0"))
+    d.apply(Answer("r0"))
     assert list(output_row(d, "m")) == ["id", "messages", "model", "usage"]

@@ -21,7 +21,7 @@ from engine.http.reasoning import (
 from engine.input.rows import InputRow
 from engine.output.traces import Reshaper, inline
 from engine.tasks.asking import Answer, Turn, answer_of, reply_record
-from engine.tasks.distill.dialogue import TurnReply, new_dialogue, output_row
+from engine.tasks.distill.dialogue import new_dialogue, output_row
 from engine.tasks.preference.pairs import REASONING_KEY, preference_row
 from engine.testing.mock_replies import (
     REASONING_DIALECTS,
@@ -266,13 +266,13 @@ def two_turns(keep: bool) -> Any:
 
 def test_history_drops_traces_and_the_row_keeps_them() -> None:
     d = two_turns(keep=False)
-    d.apply(TurnReply("a0", 1, 2, "stop", trace="t0", reasoning_tokens=1))
+    d.apply(Answer("a0", 1, 2, "stop", trace="t0", reasoning_tokens=1))
     assert d.history() == [
         {"role": "user", "content": "u0"},
         {"role": "assistant", "content": "a0"},
         {"role": "user", "content": "u1"},
     ]
-    d.apply(TurnReply("a1", 1, 2, "stop"))
+    d.apply(Answer("a1", 1, 2, "stop"))
     row = output_row(d, "m")
     assert row["messages"] == [
         {"role": "user", "content": "u0"},
@@ -285,9 +285,9 @@ def test_history_drops_traces_and_the_row_keeps_them() -> None:
 
 def test_history_keep_sends_each_trace_back() -> None:
     d = two_turns(keep=True)
-    d.apply(TurnReply("a0", trace="t0"))
+    d.apply(Answer("a0", trace="t0"))
     assert d.history()[1] == {"role": "assistant", "content": "a0", "reasoning_content": "t0"}
-    d.apply(TurnReply("a1", trace="t1"))
+    d.apply(Answer("a1", trace="t1"))
     assert [m.get("reasoning_content") for m in output_row(d, "m")["messages"]] == [
         None,
         "t0",
@@ -304,8 +304,8 @@ def test_a_turn_record_keeps_its_trace() -> None:
     assert answer_of(orjson.loads(orjson.dumps(record))) == reply
     plain = reply_record(5, Turn(0), Answer("a"))
     assert "r" not in plain and "n" not in plain
-    assert TurnReply("", finish_reason="length", trace="t").cut_off
-    assert not TurnReply("", finish_reason="length").cut_off
+    assert Answer("", finish_reason="length", trace="t").cut_off
+    assert not Answer("", finish_reason="length").cut_off
 
 
 # --- preference rows ---------------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from engine.input.rows import InputRow, Message
-from engine.tasks.distill.dialogue import TurnReply, new_dialogue
+from engine.tasks.asking import Answer
+from engine.tasks.distill.dialogue import new_dialogue
 from engine.tasks.distill.simulator import (
     END_MARKER,
     REPETITION,
@@ -110,8 +111,8 @@ def test_the_simulator_sees_the_dialogue_with_roles_swapped_and_no_system_messag
 # --- the turn order ------------------------------------------------------------------------
 
 
-def reply(text: str) -> TurnReply:
-    return TurnReply(text, 1, 1, "stop")
+def reply(text: str) -> Answer:
+    return Answer(text, 1, 1, "stop")
 
 
 def test_teacher_then_user_then_teacher_until_turns() -> None:

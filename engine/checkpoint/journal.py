@@ -74,7 +74,8 @@ _SEGMENT = re.compile(r"journal\.(\d{6,})\.jsonl")
 
 CRC_KEY = "z"
 _CRC_MARK = b',"' + CRC_KEY.encode() + b'":'
-_EMIT_KINDS = (EMIT_OUTPUT, EMIT_FAILED, EMIT_FILTERED)
+# Each emit kind's file: its place in the (output, failed, filtered) sizes.
+_EMIT_FILE = {EMIT_OUTPUT: 0, EMIT_FAILED: 1, EMIT_FILTERED: 2}
 
 
 def encode(record: dict[str, Any]) -> bytes:
@@ -108,13 +109,18 @@ class LineSet:
         self._bits = bytearray()
         self.count = 0
 
-    def add(self, line: int) -> None:
-        byte, bit = divmod(line, 8)
-        if byte >= len(self._bits):
-            self._bits.extend(bytes(max(byte + 1 - len(self._bits), len(self._bits))))
-        if not self._bits[byte] & (1 << bit):
-            self._bits[byte] |= 1 << bit
-            self.count += 1
+    def add(self, line: int) -> bool:
+        """Add ``line`` (>= 0); whether it was not in the set before."""
+        bits = self._bits
+        byte = line >> 3
+        if byte >= len(bits):
+            bits.extend(bytes(max(byte + 1 - len(bits), len(bits))))
+        mask = 1 << (line & 7)
+        if bits[byte] & mask:
+            return False
+        bits[byte] |= mask
+        self.count += 1
+        return True
 
     def __contains__(self, line: object) -> bool:
         # The input reader asks this once per input line: shifts and one try are
@@ -395,11 +401,11 @@ def repair(
 
 
 def _past(record: dict[str, Any], limits: tuple[int, int, int]) -> bool:
-    kind = record["k"]
-    if kind not in _EMIT_KINDS:
+    file = _EMIT_FILE.get(record["k"])
+    if file is None:
         return False
     end = record.get("e")
-    return not isinstance(end, int) or end > limits[_EMIT_KINDS.index(kind)]
+    return not isinstance(end, int) or end > limits[file]
 
 
 # How a journal line decoded (``decode``'s second value).
@@ -457,26 +463,29 @@ def apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int] = N
     state.records += 1
     kind = record["k"]
     line: int = record["l"]
-    if kind in (EMIT_OUTPUT, EMIT_FAILED, EMIT_FILTERED):
+    file = _EMIT_FILE.get(kind)
+    if file is not None:
         end = record.get("e")
-        limit = sizes[(EMIT_OUTPUT, EMIT_FAILED, EMIT_FILTERED).index(kind)]
-        if not isinstance(end, int) or end > limit or line in state.done:
+        # An emit past its file's end, or of a row already done, does not count.
+        if not isinstance(end, int) or end > sizes[file] or not state.done.add(line):
             return
-        state.done.add(line)
-        state.partial.pop(line, None)
+        if state.partial:
+            state.partial.pop(line, None)
         if state.writing:
             state.writing.pop(line, None)
         if kind == EMIT_OUTPUT:
             state.rows_ok += 1
-            state.out_end = max(state.out_end, end)
-            state.emits.append(line)
-            state.emits.append(end)
+            if end > state.out_end:
+                state.out_end = end
+            state.emits.extend((line, end))
         elif kind == EMIT_FAILED:
             state.rows_failed += 1
-            state.failed_end = max(state.failed_end, end)
+            if end > state.failed_end:
+                state.failed_end = end
         else:
             state.rows_filtered += 1
-            state.filtered_end = max(state.filtered_end, end)
+            if end > state.filtered_end:
+                state.filtered_end = end
         return
     spent = record.get(SPENT)
     if spent is not None:  # a reply paid for: counted even for a row already done

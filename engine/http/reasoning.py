@@ -73,7 +73,7 @@ def field_trace(message: Mapping[str, Any]) -> str | None:
     """The trace a server's reasoning parser put in a field, or None (absent, null, empty)."""
     for name in TRACE_FIELDS:
         value = message.get(name)
-        if isinstance(value, str) and value and not value.isspace():
+        if value and isinstance(value, str) and not value.isspace():
             return value
     return None
 

@@ -48,6 +48,16 @@ class Turn:
         return f"turn {self.index}"
 
 
+# A turn's key is asked for with every distillation reply, and a frozen dataclass
+# costs a microsecond to make: the first turns' are made once.
+_TURN_KEYS = tuple(Turn(i) for i in range(64))
+
+
+def turn_key(index: int) -> Turn:
+    """``Turn(index)``."""
+    return _TURN_KEYS[index] if index < len(_TURN_KEYS) else Turn(index)
+
+
 @dataclass(frozen=True, slots=True)
 class Try:
     """Request ``number`` (0 first, one more per invalid reply) for generation ``slot``."""

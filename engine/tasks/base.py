@@ -237,19 +237,17 @@ class Context:
     # {line: {model: [requests, prompt tokens, completion tokens, USD, seconds asking]}}
     ledger: dict[int, dict[str, list[float]]] | None = None
     _filtering: bool = field(init=False, repr=False)  # any filter rule on: asked once, not per row
-    _stopping: bool = field(default=False, init=False, repr=False)
+    # A stop was asked for (``stop()``; read-only outside): an attribute, not a
+    # property, as the runner reads it twice a row.
+    stopping: bool = field(default=False, init=False)
     _in_flight: int = field(default=0, init=False, repr=False)  # requests sent, not yet back
     _rows: int = field(default=0, init=False, repr=False)  # rows being processed
     _parked: int = field(default=0, init=False, repr=False)  # of those, waiting on a stop
     # Told when a row ends (a batch model's loop wakes on it: engine.batch.endpoint.BatchRun).
-    rows_changed: Callable[[], None] = field(default=lambda: None, repr=False)
+    rows_changed: Callable[[], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._filtering = self.config.filters.active
-
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
 
     @property
     def rows_working(self) -> int:
@@ -262,7 +260,7 @@ class Context:
 
     def stop(self) -> None:
         """No more requests: rows finish what is in flight, then are cancelled."""
-        self._stopping = True
+        self.stopping = True
         self._settle()
 
     def row(self, line: int, records: Records = ()) -> RowContext:
@@ -279,14 +277,15 @@ class Context:
     def end(self, row: RowContext) -> None:
         """The row's ``process`` returned or raised: no longer in progress."""
         self._rows -= 1
-        self.rows_changed()
+        if self.rows_changed is not None:
+            self.rows_changed()
         if row._parked:
             self._parked -= 1
-        if self._stopping:
+        if self.stopping:
             self._settle()
 
     def _settle(self) -> None:
-        if self._stopping and self._in_flight == 0 and self._parked == self._rows:
+        if self.stopping and self._in_flight == 0 and self._parked == self._rows:
             if self.scope is not None:
                 self.scope.cancel()
 
@@ -397,7 +396,7 @@ class RowContext:
             if answer is not None:
                 return answer
         run = self._run
-        if run._stopping:
+        if run.stopping:
             await run._park(self)
         settings = run.config.models[model]
         params: Mapping[str, Any] = {**settings.params, **extra} if extra else settings.params
@@ -405,7 +404,7 @@ class RowContext:
         if run.cache is not None:
             cache_key = request_key(settings.model, params, messages, generation_of(key))
             stored = await run.cache.get(cache_key)
-            if run._stopping and stored is None:
+            if run.stopping and stored is None:
                 await run._park(self)
         held = None
         batch = settings.batch is not None  # a batch model is charged at its batch price
@@ -491,7 +490,7 @@ class RowContext:
                 await run.cache.put(cache_key, value)
             return answer
         finally:
-            if run._stopping:
+            if run.stopping:
                 run._settle()
 
     async def send(
@@ -529,7 +528,7 @@ class RowContext:
                 fix="use an online model (base_url) for it",
             )
             raise error if model in run.optional else error.stopped("")
-        if run._stopping:
+        if run.stopping:
             await run._park(self)
         held = None
         if run.budget is not None:
@@ -569,7 +568,7 @@ class RowContext:
                 await run.writer.record(record)
             return answer
         finally:
-            if run._stopping:
+            if run.stopping:
                 run._settle()
 
     async def finish(self, row: dict[str, Any], *, drop: str | None = None) -> None:

@@ -20,6 +20,7 @@ from typing import Final, Literal
 from engine.errors import InputError
 from engine.http.reasoning import TRACE_KEY
 from engine.input.rows import InputRow, Message
+from engine.tasks.asking import Answer
 
 TurnRule = Literal["every_user", "as_in_input"]
 EVERY_USER: Final = "every_user"
@@ -37,25 +38,6 @@ def describe_rule(rule: str) -> str:
     return f"{EVERY_USER}: every user message gets its own reply"
 
 
-# Not frozen: one is made per turn, and a frozen dataclass's __init__ costs four times
-# as much (object.__setattr__ per field). Nothing changes one after it is made.
-@dataclass(slots=True)
-class TurnReply:
-    """One generated assistant turn, as journaled."""
-
-    content: str  # the answer: never the trace
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    trace: str | None = None  # the reasoning trace, when the reply had one
-    reasoning_tokens: int = 0
-
-    @property
-    def cut_off(self) -> bool:
-        """Cut off by max_tokens while reasoning: there is no answer to go on from."""
-        return not self.content and self.finish_reason == "length" and self.trace is not None
-
-
 @dataclass(slots=True)
 class Dialogue:
     """Where one conversation stands: its turns and the replies written so far."""
@@ -63,7 +45,7 @@ class Dialogue:
     row: InputRow
     turns: list[list[Message]]
     tail: list[Message] = field(default_factory=list)
-    replies: list[TurnReply] = field(default_factory=list)
+    replies: list[Answer] = field(default_factory=list)  # each turn's, as asked for
     # distill.reasoning_history: keep: each earlier reply goes back with its trace
     # (reasoning_content); drop: later requests carry earlier answers only.
     keep_reasoning: bool = False
@@ -85,7 +67,7 @@ class Dialogue:
             raise ValueError("the conversation has no turn left to request")
         return self._answered + self.turns[n]
 
-    def apply(self, reply: TurnReply) -> None:
+    def apply(self, reply: Answer) -> None:
         """Record the reply to the next turn."""
         n = len(self.replies)
         if n == len(self.turns):
@@ -93,7 +75,7 @@ class Dialogue:
         self.replies.append(reply)
         self._answered += self.turns[n]
         self._reply_at.append(len(self._answered))
-        message = {"role": "assistant", "content": reply.content}
+        message = {"role": "assistant", "content": reply.text}
         if reply.trace is not None:
             self._traced = True
             if self.keep_reasoning:

@@ -7,7 +7,7 @@ next turn is requested and a resumed run never asks for it again.
 With ``distill.user`` a simulator writes the user messages after the input's:
 each is asked for under its own key (``user:<turn>:<attempt>``), so it too is
 journaled before the teacher is asked to answer it. Which request comes next is
-``engine.tasks.distill.simulator.Simulation``'s to say.
+then ``engine.tasks.distill.simulator.Simulation``'s to say.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from engine.errors import InputError, ModelError
 from engine.http.reasoning import cut_off_error
 from engine.input.base import row_id
 from engine.input.rows import parse_row
-from engine.tasks.asking import Answer, Turn
+from engine.tasks.asking import Answer, turn_key
 from engine.tasks.base import RowContext, Task
 from engine.tasks.distill import KEEP, KIND
-from engine.tasks.distill.dialogue import TurnReply, new_dialogue, output_row
+from engine.tasks.distill.dialogue import new_dialogue, output_row
 from engine.tasks.distill.simulator import Simulation, Step, UserRules
 
 
@@ -75,41 +75,43 @@ class DistillTask(Task):
                     return
             else:
                 system = self.user.system_prompt or ""
-        sim = Simulation(dialogue, self.rules, system)
+        # Plain distillation asks for the input's turns in order; with a simulated
+        # user, the Simulation says which request comes next.
+        sim = Simulation(dialogue, self.rules, system) if self.user is not None else None
+        turns = len(dialogue.turns)
+        replies = dialogue.replies
         replica = None  # the server of the previous turn: its cache holds this history
         user_replica = None  # the simulator's, likewise
         user_usage = [0, 0, 0]
         done, user_step = Step.DONE, Step.USER
-        while (step := sim.next_step()) is not done:
-            turn = sim.turn
-            if step is user_step:
-                assert self.user is not None
-                try:
-                    answer = await ctx.ask(
-                        self.user.model, sim.user_request(), key=sim.user_key, prefer=user_replica
-                    )
-                except ModelError as exc:
-                    await ctx.fail(row.id, f"the simulated user: {exc}", turn=turn)
-                    return
-                if answer.cut_off:
-                    assert answer.trace is not None
-                    where = f"the simulated user's message for turn {turn}"
-                    error = cut_off_error(self.user.model, self.user_params, answer.trace, where)
-                    await ctx.fail(row.id, error, turn=turn)
-                    return
-                user_replica = answer.replica
-                user_usage[0] += answer.prompt_tokens
-                user_usage[1] += answer.completion_tokens
-                user_usage[2] += answer.reasoning_tokens
-                sim.apply_user(answer.text)  # the answer only: its reasoning is dropped
-                continue
+        while True:
+            if sim is None:
+                turn = len(replies)
+                if turn == turns:
+                    break
+                last = turn == turns - 1
+            else:
+                step = sim.next_step()
+                if step is done:
+                    break
+                turn = sim.turn
+                if step is user_step:
+                    answer = await self._ask_user(ctx, sim, row.id, user_replica)
+                    if answer is None:
+                        return  # the row failed
+                    user_replica = answer.replica
+                    user_usage[0] += answer.prompt_tokens
+                    user_usage[1] += answer.completion_tokens
+                    user_usage[2] += answer.reasoning_tokens
+                    continue
+                last = sim.is_last()
             try:
                 answer = await ctx.ask(
                     self.model_name,
                     dialogue.history(),
-                    key=Turn(turn),
+                    key=turn_key(turn),
                     prefer=replica,
-                    last=sim.is_last(),
+                    last=last,
                 )
             except ModelError as exc:
                 await ctx.fail(row.id, str(exc), turn=turn)
@@ -120,18 +122,9 @@ class DistillTask(Task):
                     await ctx.fail(row.id, problem, turn=turn)
                     return
             replica = answer.replica
-            dialogue.apply(
-                TurnReply(
-                    answer.text,
-                    answer.prompt_tokens,
-                    answer.completion_tokens,
-                    answer.finish_reason,
-                    answer.trace,
-                    answer.reasoning_tokens,
-                )
-            )
+            dialogue.apply(answer)
         out = output_row(dialogue, self.model)
-        if self.user is not None:
+        if sim is not None:
             out["simulated_turns"] = sim.simulated
             out["end_reason"] = sim.end_reason
             out["user_usage"] = {
@@ -140,6 +133,28 @@ class DistillTask(Task):
                 "reasoning_tokens": user_usage[2],
             }
         await ctx.finish(out)
+
+    async def _ask_user(
+        self, ctx: RowContext, sim: Simulation, row_id: Any, prefer: int | None
+    ) -> Answer | None:
+        """The simulated user's next message, taken by ``sim``; None when it failed the row."""
+        assert self.user is not None
+        turn = sim.turn
+        try:
+            answer = await ctx.ask(
+                self.user.model, sim.user_request(), key=sim.user_key, prefer=prefer
+            )
+        except ModelError as exc:
+            await ctx.fail(row_id, f"the simulated user: {exc}", turn=turn)
+            return None
+        if answer.cut_off:
+            assert answer.trace is not None
+            where = f"the simulated user's message for turn {turn}"
+            error = cut_off_error(self.user.model, self.user_params, answer.trace, where)
+            await ctx.fail(row_id, error, turn=turn)
+            return None
+        sim.apply_user(answer.text)  # the answer only: its reasoning is dropped
+        return answer
 
     def _cut_off(self, answer: Answer, turn: int) -> str | None:
         """Why a reply fails its row: cut off while reasoning (no answer), or, with
