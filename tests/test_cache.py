@@ -264,8 +264,10 @@ async def test_a_run_alone_on_its_store_queries_nothing_for_a_miss_and_sees_anot
     other = ReplyStore(tmp_path)  # another run on the same folder
     async with anyio.create_task_group() as tg:
         await tg.start(cache.run)  # it knows the store's slots now
+        assert cache.missing(k(2)) and not cache.missing(k(1))
         assert await cache.get(k(2)) is None
-        await cache.put(k(3), reply_value("r3", "stop", 1, 1, 0, None))
+        assert cache.add(k(3), reply_value("r3", "stop", 1, 1, 0, None)) is None  # no backlog
+        assert not cache.missing(k(3))
         assert await cache.get(k(3)) is not None  # its own, queued
         assert queries == []  # a miss and an own addition: no query
         assert await cache.get(k(1)) == {"c": "r1", "f": "stop", "p": 1, "o": 1}
@@ -275,6 +277,7 @@ async def test_a_run_alone_on_its_store_queries_nothing_for_a_miss_and_sees_anot
         # other run's commit...
         await cache._round([], [])
         # ...and from then on every lookup asks the store: the other run's reply is found.
+        assert not cache.missing(k(5))
         assert await cache.get(k(4)) == {"c": "r4", "f": "stop", "p": 1, "o": 1}
         cache.close()
     assert store.count() == 3

@@ -52,6 +52,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from itertools import chain
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -178,7 +179,7 @@ class ReplyStore:
         once a row (every hand-over wakes the event loop's thread)."""
         if self._db is None or self.read_only:
             return
-        values = [value for row in entries for value in row]
+        values = list(chain.from_iterable(entries))  # (a C loop: the GIL is held meanwhile)
         if not values:
             return
         db = self._db
@@ -332,6 +333,13 @@ class ReplyCache:
             1, thread_name_prefix="turnstile-cache", initializer=_lower_priority
         )
 
+    def missing(self, key: bytes) -> bool:
+        """Whether ``key`` is surely not stored, known without a query (its slot is not
+        among those the store holds): ``get`` would answer None. A fresh store's every
+        lookup, without a coroutine."""
+        known = self._known
+        return known is not None and slot_of(key) not in known
+
     async def get(self, key: bytes) -> dict[str, Any] | None:
         """The stored reply of ``key``, or None."""
         if self._closed:
@@ -340,8 +348,7 @@ class ReplyCache:
         if pending is not None:
             stored: dict[str, Any] = orjson.loads(pending)
             return stored
-        known = self._known
-        if known is not None and slot_of(key) not in known:
+        if self.missing(key):
             return None  # not in the store: no query
         future: asyncio.Future[dict[str, Any] | None] = self._loop.create_future()
         if self._inline:
@@ -376,8 +383,15 @@ class ReplyCache:
 
     async def put(self, key: bytes, reply: dict[str, Any]) -> None:
         """Add a reply (nothing in read-only mode): committed by a later round."""
+        room = self.add(key, reply)
+        if room is not None:
+            await room
+
+    def add(self, key: bytes, reply: dict[str, Any]) -> asyncio.Future[None] | None:
+        """``put`` without a coroutine: the reply queued, and a future to wait on
+        when ``_BACKLOG`` commits' worth are queued already (else None)."""
         if self.read_only:
-            return
+            return None
         if self._closed:
             raise self._closed_error()
         puts = self._puts
@@ -391,12 +405,13 @@ class ReplyCache:
         if self._known is not None:
             self._known.add(slot)
         if not self._commit_ready():
-            return  # less than a commit's worth: the linger's end commits them
+            return None  # less than a commit's worth: the linger's end commits them
         self._wake.set()
-        if self._queued_commits() > _BACKLOG:
-            room: asyncio.Future[None] = self._loop.create_future()
-            self._room.append(room)
-            await room
+        if self._queued_commits() <= _BACKLOG:
+            return None
+        room: asyncio.Future[None] = self._loop.create_future()
+        self._room.append(room)
+        return room
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve lookups and additions until ``close``, then commit what is queued
@@ -444,6 +459,9 @@ class ReplyCache:
 
     def _take_commit(self) -> list[Entry]:
         """The oldest queued additions, one commit's worth (at least one)."""
+        if len(self._puts) <= _PUT_ROWS and self._put_bytes < _PUT_BYTES:
+            taken, self._puts, self._put_bytes = self._puts, [], 0  # all of them
+            return taken
         count = size = 0
         for _, _, reply in self._puts[:_PUT_ROWS]:
             count += 1
@@ -478,8 +496,11 @@ class ReplyCache:
             raise
         if others:
             self._known = None  # another run writes this store: ask it every time
-        for _, key, _ in puts:
-            self._pending.pop(key, None)
+        if not self._puts:
+            self._pending.clear()  # every addition queued is committed now
+        else:
+            for _, key, _ in puts:
+                self._pending.pop(key, None)
         for key, future in gets:
             if not future.done():  # its asker may have been cancelled meanwhile
                 future.set_result(found.get(key))

@@ -403,9 +403,10 @@ class RowContext:
         cache_key = stored = None
         if run.cache is not None:
             cache_key = request_key(settings.model, params, messages, generation_of(key))
-            stored = await run.cache.get(cache_key)
-            if run.stopping and stored is None:
-                await run._park(self)
+            if not run.cache.missing(cache_key):  # (a miss known at once needs no await)
+                stored = await run.cache.get(cache_key)
+                if run.stopping and stored is None:
+                    await run._park(self)
         held = None
         batch = settings.batch is not None  # a batch model is charged at its batch price
         if stored is None and run.budget is not None:
@@ -487,7 +488,9 @@ class RowContext:
                     answer.trace,
                     cached_tokens,
                 )
-                await run.cache.put(cache_key, value)
+                room = run.cache.add(cache_key, value)
+                if room is not None:  # the store's backlog is full
+                    await room
             return answer
         finally:
             if run.stopping:
