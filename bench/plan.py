@@ -61,7 +61,7 @@ class Plan:
     caps_seconds: float  # runs sized for this long at the point's rate...
     caps_rate: float  # ...taken as at most this (turns/s) where the cap allows more
     caps_zero_turns: int  # turns of the 0 ms runs
-    # cache (bench/cache.py): cache on against off at 0 ms; the cost (8-10% measured,
+    # cache (bench/cache.py): cache on against off at 0 ms; the cost (7-10% measured,
     # the target allows 5%) is smaller than one pair of runs varies by on this shared
     # machine (+-15%): more pairs
     cache_repeats: int
