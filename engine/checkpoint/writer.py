@@ -71,7 +71,9 @@ class _Batch:
     failed: list[tuple[int, bytes]] = field(default_factory=list)
     filtered: list[tuple[int, bytes]] = field(default_factory=list)
     history: list[bytes] = field(default_factory=list)  # metrics.jsonl lines (engine.history)
-    done: anyio.Event = field(default_factory=anyio.Event)
+    # asyncio's own: one is made per write, often per row, and the writer is on
+    # asyncio's loop already (call_soon); anyio's costs a backend lookup to make.
+    done: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
 
     def __bool__(self) -> bool:
