@@ -117,18 +117,18 @@ def compare(others: list[Path], rows: int, cap: int, cache: bool, top: int) -> l
             continue
         lines += ["", f"Where {THIS} and {name} differ most (per turn):", ""]
         names = sorted(first.keys() | turn.keys(), key=lambda n: -abs(_gap(first, turn, n)))
-        rows_ = []
+        listed = []
         for fn in names[:top]:
             mine, theirs = first.get(fn, (0.0, 0.0)), turn.get(fn, (0.0, 0.0))
-            rows_.append(
+            listed.append(
                 [fn, f"{mine[0]:.1f}", f"{theirs[0]:.1f}", f"{mine[1]:.1f}", f"{theirs[1]:.1f}"]
             )
-        lines += table(["function", THIS, name, "calls, " + THIS, "calls, " + name], rows_)
+        lines += table(["function", THIS, name, "calls, " + THIS, "calls, " + name], listed)
     if len(turns) == 1:
         lines += ["", f"Most instructions per turn in {THIS}:", ""]
         names = sorted(first, key=lambda n: -first[n][0])
-        rows_ = [[fn, f"{first[fn][0]:.1f}", f"{first[fn][1]:.1f}"] for fn in names[:top]]
-        lines += table(["function", "instructions", "calls"], rows_)
+        listed = [[fn, f"{first[fn][0]:.1f}", f"{first[fn][1]:.1f}"] for fn in names[:top]]
+        lines += table(["function", "instructions", "calls"], listed)
     return lines
 
 

@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -27,6 +28,13 @@ from engine.tasks.asking import Rating, Sample, Try, Turn, generation_of
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 ADDED = _PUT_ROWS + 300  # more additions than one commit takes
+
+
+async def put(cache: ReplyCache, key: bytes, reply: dict[str, Any]) -> None:
+    """An addition, waited for while the store's backlog is full (as Context.ask does)."""
+    room = cache.add(key, reply)
+    if room is not None:
+        await room
 
 
 def k(name: object) -> bytes:
@@ -108,7 +116,7 @@ async def test_the_cache_batches_lookups_and_additions(tmp_path: Path) -> None:
         assert cache is not None
         async with anyio.create_task_group() as tg:
             for i in range(300):
-                tg.start_soon(cache.put, k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None))
+                tg.start_soon(put, cache, k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None))
         found: dict[int, object] = {}
 
         async def get(i: int) -> None:
@@ -121,7 +129,7 @@ async def test_the_cache_batches_lookups_and_additions(tmp_path: Path) -> None:
     assert sum(v is not None for v in found.values()) == 300
     async with open_cache(CacheConfig(tmp_path, "read_only")) as cache:
         assert cache is not None
-        await cache.put(k("new"), reply_value("x", "stop", 1, 1, 0, None))
+        await put(cache, k("new"), reply_value("x", "stop", 1, 1, 0, None))
         assert await cache.get(k("new")) is None
         assert await cache.get(k(5)) == {"c": "r5", "f": "stop", "p": 1, "o": 1}
     async with open_cache(CacheConfig()) as off:
@@ -138,7 +146,7 @@ async def test_additions_are_seen_at_once_and_all_committed_at_close(
     async with anyio.create_task_group() as tg:
         tg.start_soon(cache.run)
         for i in range(ADDED):  # past a batch: one round commits while others queue
-            await cache.put(k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None))
+            await put(cache, k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None))
         # Seen before their commit; an unknown key is None.
         last = ADDED - 1
         assert await cache.get(k(last)) == {"c": f"r{last}", "f": "stop", "p": 1, "o": 1}
@@ -169,7 +177,7 @@ async def test_long_replies_are_committed_a_bounded_number_of_bytes_at_a_time(
     async with anyio.create_task_group() as tg:
         tg.start_soon(cache.run)
         for i in range(40):  # past the backlog: additions wait for rounds, none is lost
-            await cache.put(k(i), reply_value(f"r{i}", "stop", 1, 1, 0, trace))
+            await put(cache, k(i), reply_value(f"r{i}", "stop", 1, 1, 0, trace))
         cache.close()
     assert store.count() == 40
     assert len(commits) >= 40 // 8  # never one commit of all of them
@@ -189,7 +197,7 @@ async def test_the_store_commits_from_a_thread_of_lower_priority(tmp_path: Path)
     async with anyio.create_task_group() as tg:
         tg.start_soon(cache.run)
         await cache._in_thread(note)
-        await cache.put(k(1), reply_value("r1", "stop", 1, 1, 0, None))
+        await put(cache, k(1), reply_value("r1", "stop", 1, 1, 0, None))
         cache.close()
     assert niceness == [min(19, os.getpriority(os.PRIO_PROCESS, 0) + STORE_THREAD_NICE)]
     assert store.count() == 1

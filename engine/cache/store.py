@@ -296,7 +296,8 @@ def _upgrade(db: sqlite3.Connection) -> None:
 
 
 class ReplyCache:
-    """The store as a run's tasks use it: ``get`` and ``put``, off the loop where it counts.
+    """The store as a run's tasks use it: ``missing``, ``get`` and ``add``, off the loop
+    where it counts.
 
     Additions are not waited for (their replies are journaled already: the store only
     saves other runs a request). They are encoded on the loop (the store's thread then
@@ -381,14 +382,9 @@ class ReplyCache:
         self._queued.set()
         self._wake.set()
 
-    async def put(self, key: bytes, reply: dict[str, Any]) -> None:
-        """Add a reply (nothing in read-only mode): committed by a later round."""
-        room = self.add(key, reply)
-        if room is not None:
-            await room
-
     def add(self, key: bytes, reply: dict[str, Any]) -> asyncio.Future[None] | None:
-        """``put`` without a coroutine: the reply queued, and a future to wait on
+        """Add a reply (nothing in read-only mode), committed by a later round: queued
+        at once, without a coroutine; returned is a future for the caller to wait on
         when ``_BACKLOG`` commits' worth are queued already (else None)."""
         if self.read_only:
             return None
