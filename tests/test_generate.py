@@ -459,7 +459,7 @@ class _Writer:
         self.out: list[dict[str, Any]] = []
         self.failed_rows: list[dict[str, Any]] = []
 
-    async def output(self, line: int, row: dict[str, Any], records: Any = ()) -> None:
+    def hand_over(self, line: int, row: dict[str, Any], records: Any = ()) -> None:
         self.out.append(row)
 
     async def failed(self, line: int, row: dict[str, Any]) -> None:

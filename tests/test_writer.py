@@ -19,7 +19,7 @@ from engine.checkpoint import snapshotter as snapshotter_module
 from engine.checkpoint.journal import Replay, encode, segment_path, segments
 from engine.checkpoint.snapshot import SNAPSHOT_NAME, emit_sources, load, read_snapshot
 from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_BYTES, Snapshotter
-from engine.checkpoint.writer import Writer
+from engine.checkpoint.writer import HANDOVER_ROWS, Writer
 from engine.config import JournalConfig
 from engine.errors import CheckpointError
 from tests.journal_support import replay
@@ -119,6 +119,42 @@ async def test_a_row_and_its_emit_are_in_the_files_when_output_returns(files: Fi
         assert 3 in state.done
         assert state.out_end == files.size(files.out)
         assert state.partial == {}
+
+
+async def test_a_handed_over_row_is_written_with_the_batch_its_caller_did_not_wait_for(
+    files: Files,
+) -> None:
+    async with running(files.writer()) as writer:
+        assert writer.hand_over(3, row(3), [turn(3, 0)]) is None  # nothing to wait for
+        assert files.size(files.out) == 0  # not yet: at the end of this loop pass
+        await writer.record(turn(4, 0))  # joins the same batch, and waits for it
+        assert files.out.read_bytes() == line_bytes(row(3))
+        state = files.replay()
+        assert 3 in state.done and state.partial == {4: [turn(4, 0)]}
+
+
+async def test_hand_over_returns_the_wait_when_a_row_must_be_on_disk_first(
+    files: Files, fsyncs: list[str]
+) -> None:
+    async with running(files.writer(JournalConfig(fsync="always"))) as writer:
+        wait = writer.hand_over(0, row(0))
+        assert wait is not None  # fsync: always: the caller goes on once it is synced
+        await wait
+        assert files.out.read_bytes() == line_bytes(row(0))
+        assert str(files.out.resolve()) in fsyncs
+
+
+async def test_hand_over_makes_its_caller_wait_once_a_batch_holds_handover_rows(
+    files: Files,
+) -> None:
+    async with running(files.writer()) as writer:
+        waits = [writer.hand_over(line, row(0)) for line in range(HANDOVER_ROWS)]
+        assert waits[:-1] == [None] * (HANDOVER_ROWS - 1)
+        last = waits[-1]
+        assert last is not None  # the bound: the batch's rows are written before it goes on
+        await last
+        assert len(files.out.read_bytes().splitlines()) == HANDOVER_ROWS
+        assert len(files.replay().done) == HANDOVER_ROWS
 
 
 async def test_concurrent_callers_all_land_and_every_emit_vouches(files: Files) -> None:

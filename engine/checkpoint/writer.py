@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,11 +53,21 @@ from engine.errors import CheckpointError
 if TYPE_CHECKING:
     from engine.history import Appender
 
-__all__ = ["INLINE_BYTES", "SNAPSHOT_EVERY_BYTES", "SNAPSHOT_EVERY_ROWS", "Writer", "row_line"]
+__all__ = [
+    "HANDOVER_ROWS",
+    "INLINE_BYTES",
+    "SNAPSHOT_EVERY_BYTES",
+    "SNAPSHOT_EVERY_ROWS",
+    "Writer",
+    "row_line",
+]
 # A batch up to this size with no fsync due is written without a thread hop: a write
 # of 1 MB to the page cache takes a fraction of a millisecond, less than the hop's
 # wake-ups (16 KB reasoning turns made most batches pass the earlier 64 KB).
 INLINE_BYTES = 1 << 20
+# Finished rows handed over (Writer.hand_over) that may wait in one batch before their
+# callers wait for it too: a bound on what a batch holds, far above a loop pass's rows.
+HANDOVER_ROWS = 4096
 
 
 @dataclass(slots=True)
@@ -129,6 +139,7 @@ class Writer:
             raise CheckpointError(_describe(exc, self._dir)) from exc
         self._history = history  # metrics.jsonl, cut back to its last whole line
         self._policy = policy
+        self._always = policy.fsync == "always"
         self._batch = _Batch()
         self._kick = anyio.Event()
         self._soon = False  # a _write_soon is scheduled
@@ -164,11 +175,36 @@ class Writer:
         write: one wait instead of two, and a long reply written once.
         """
         batch = self._batch
+        wait = self.hand_over(line, row, records)
+        await (wait if wait is not None else self._wait(batch))
+
+    def hand_over(
+        self, line: int, row: dict[str, Any], records: Sequence[dict[str, Any]] = ()
+    ) -> Coroutine[Any, Any, None] | None:
+        """``output`` without the wait: the row joins the batch written at the end of
+        this loop pass, and its caller goes on (a finished row has nothing left to do
+        once it is handed over). Returns the wait the caller must await all the same
+        when there is one: the writer busy in a thread (a snapshot, an fsync, a big
+        batch), ``fsync: always``, or ``HANDOVER_ROWS`` rows waiting. So memory stays
+        bounded, and a row the policy syncs is on disk when its caller goes on.
+
+        A kill before the write loses nothing: the row is asked again on resume, as a
+        row in flight is. A failed write stops the run: the writer task raises it, and
+        so does the next call here.
+        """
+        if self.error is not None:
+            raise CheckpointError(self._describe(self.error))
+        batch = self._batch
         record = writing_record(line, records)
         batch.writing.append(record)
         batch.records.append(record)
         batch.out.append((line, row_line(row)))
-        await self._wait(batch)
+        if self._busy or self._always or len(batch.out) >= HANDOVER_ROWS:
+            return self._wait(batch)
+        if not self._soon:
+            self._soon = True
+            asyncio.get_running_loop().call_soon(self._write_soon)
+        return None
 
     async def failed(self, line: int, row: dict[str, Any]) -> None:
         """Write a failure to the failed file (and journal that it was)."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, Protocol, TypeVar
@@ -87,15 +87,19 @@ S = TypeVar("S")
 class RowWriter(Protocol):
     """What a task writes through: the run's single writer (engine.checkpoint.writer).
 
-    Each call returns once what it wrote is in the OS (safe from a SIGKILL).
+    Each call returns once what it wrote is in the OS (safe from a SIGKILL), except
+    ``hand_over``: a finished row has nothing left to wait for.
     """
 
     async def record(self, record: dict[str, Any]) -> None:
         """Journal one record (replayed to the row's task on resume)."""
         ...
 
-    async def output(self, line: int, row: dict[str, Any], records: Records = ()) -> None:
-        """Write a finished row to the output, journaling ``records`` before it."""
+    def hand_over(
+        self, line: int, row: dict[str, Any], records: Records = ()
+    ) -> Coroutine[Any, Any, None] | None:
+        """Queue a finished row for the output, journaling ``records`` before it; the
+        wait to await when the caller must wait for the write all the same, else None."""
         ...
 
     async def filtered(self, line: int, row: dict[str, Any], records: Records = ()) -> None:
@@ -237,6 +241,7 @@ class Context:
     # {line: {model: [requests, prompt tokens, completion tokens, USD, seconds asking]}}
     ledger: dict[int, dict[str, list[float]]] | None = None
     _filtering: bool = field(init=False, repr=False)  # any filter rule on: asked once, not per row
+    _judge: QualityJudge | None = field(init=False, repr=False)  # filters.judge, likewise
     # A stop was asked for (``stop()``; read-only outside): an attribute, not a
     # property, as the runner reads it twice a row.
     stopping: bool = field(default=False, init=False)
@@ -248,6 +253,7 @@ class Context:
 
     def __post_init__(self) -> None:
         self._filtering = self.config.filters.active
+        self._judge = self.config.filters.judge
 
     @property
     def rows_working(self) -> int:
@@ -449,15 +455,19 @@ class RowContext:
                     completion.replica,
                 )
                 cached_tokens = completion.cached_tokens
-                spent = _count_cost(
-                    run,
-                    model,
-                    settings.price,
-                    answer.prompt_tokens,
-                    answer.completion_tokens,
-                    cached_tokens,
-                    batch=batch,
-                )
+                price = settings.price
+                if price is None and not cached_tokens and run.budget is None:
+                    spent = 0.0  # nothing to count (the common case: a local teacher)
+                else:
+                    spent = _count_cost(
+                        run,
+                        model,
+                        price,
+                        answer.prompt_tokens,
+                        answer.completion_tokens,
+                        cached_tokens,
+                        batch=batch,
+                    )
                 run.stats.turns_done += 1
         finally:
             if held is not None and run.budget is not None:
@@ -582,13 +592,18 @@ class RowContext:
         model first (asked here, journaled with the row; engine.output.quality).
         """
         run = self._run
-        reason = drop if drop is not None else run.check(row)
-        judge = run.config.filters.judge
-        if reason is None and judge is not None:
-            reason = await self._judge_quality(judge, row)
+        reason = drop
+        if reason is None and run._filtering:
+            reason = run.check(row)
+        if reason is None and run._judge is not None:
+            reason = await self._judge_quality(run._judge, row)
         pending, self._pending = self._pending, []
         if reason is None:
-            await run.writer.output(self.line, row, pending)
+            # Handed over, not waited for: the row is written at the end of this loop
+            # pass, and the worker takes its next row meanwhile (Writer.hand_over).
+            wait = run.writer.hand_over(self.line, row, pending)
+            if wait is not None:
+                await wait
         else:
             await run.writer.filtered(self.line, filtered_record(row, reason), pending)
             run.count_filtered(reason)
