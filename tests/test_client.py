@@ -274,6 +274,38 @@ def test_parse_completion_classifies_bad_bodies() -> None:
         assert caught.value.retryable
 
 
+def test_parse_completion_reads_traces_and_usage_of_every_choice() -> None:
+    body = (
+        b'{"choices": [{"message": {"content": "a"}, "finish_reason": "stop"},'
+        b' {"message": {"content": "<think>t</think>b"}, "finish_reason": "length"}],'
+        b' "usage": {"prompt_tokens": 7, "completion_tokens": 5, "prompt_tokens_details":'
+        b' {"cached_tokens": 4}, "completion_tokens_details": {"reasoning_tokens": -2}}}'
+    )
+    completion = parse_completion(body)
+    assert completion.texts == ["a", "b"] and completion.finish_reasons == ["stop", "length"]
+    assert completion.traces == [None, "t"]
+    assert (completion.prompt_tokens, completion.completion_tokens) == (7, 5)
+    assert (completion.cached_tokens, completion.reasoning_tokens) == (4, 0)  # -2 not believed
+    one = parse_completion(b'{"choices": [{"message": {"content": "x", "reasoning": "r"}}]}')
+    assert one.texts == ["x"] and one.traces == ["r"] and one.finish_reasons == [None]
+    assert (one.prompt_tokens, one.completion_tokens) == (0, 0)
+
+
+async def test_a_raw_request_counts_the_reasoning_tokens_it_reports(mock: MockServer) -> None:
+    mock.reasoning = "reasoning_content"
+    mock.reasoning_chars = 200
+    time = FakeTime()
+    async with client_for(mock, time) as client:
+        body = b'{"model": "mock", "messages": [{"role": "user", "content": "hi"}]}'
+        reply = await client.post("/chat/completions", body)
+    assert reply.reasoning_tokens > 0
+    assert (
+        reply.reasoning_tokens
+        == reply.data["usage"]["completion_tokens_details"]["reasoning_tokens"]
+    )
+    assert client.stats.reasoning_tokens == reply.reasoning_tokens
+
+
 def test_token_bucket_queues_callers_in_order() -> None:
     bucket = TokenBucket(rate=2.0, burst=2.0, now=0.0)
     assert bucket.reserve(1, now=0.0) == 0.0

@@ -11,6 +11,7 @@ the client's own task group) until they answer again.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -27,7 +28,7 @@ from engine import jsonbytes
 from engine.errors import ModelError
 from engine.http.endpoint import Completion, EndpointStatistics, RawReply
 from engine.http.ratelimit import estimate_tokens, per_minute
-from engine.http.reasoning import DEFAULT_DIALECT, Dialect, is_empty, split_reply
+from engine.http.reasoning import DEFAULT_DIALECT, Dialect, split_reply
 from engine.http.replicas import Replica, ReplicaPool
 from engine.http.retry import (
     BACKPRESSURE,
@@ -69,6 +70,7 @@ class _Counted(Protocol):
 
     prompt_tokens: int
     completion_tokens: int
+    reasoning_tokens: int
 
 
 _R = TypeVar("_R", bound=_Counted)
@@ -146,7 +148,10 @@ class HttpEndpoint:
             headers["Authorization"] = f"Bearer {key}"
         self._headers = headers
         self._params = dict(settings.params)
-        self._dialect = Dialect(settings.reasoning, *settings.reasoning_tags)
+        # A chat completion's 200 body, its answers split from traces by the model's dialect.
+        self._parse_chat = functools.partial(
+            parse_completion, dialect=Dialect(settings.reasoning, *settings.reasoning_tags)
+        )
         self._max_tokens = self._params.get("max_tokens")
         self._body: dict[str, Any] = {**self._params, "model": settings.model}
         now = clock()
@@ -317,7 +322,11 @@ class HttpEndpoint:
         estimate = estimate_tokens(len(body), self._max_tokens) if paced else 0
         spent = free = outage = attempts = counted = 0
         held: list[Verdict] = []  # its failures whose charge waits on the server's next outcome
+        session = self._session
+        if session is None:
+            session = self._require_session()  # raises
         pool = self.pool
+        stats = self.stats
         clock = self._clock
         max_retries = self.settings.max_retries
         while True:
@@ -330,16 +339,40 @@ class HttpEndpoint:
                 raise self._refused_error()
             epoch = replica.epoch
             attempts += 1
+            url = urls[replica.index]
+            stats.requests += 1
+            replica.stats.requests += 1
+            # One HTTP attempt, here and not in a coroutine of its own: every reply passes
+            # through one frame fewer on its way back to the row.
+            started = time.perf_counter()
             try:
-                raw, latency = await self._exchange(urls[replica.index], replica, body)
+                async with session.post(url, data=body) as response:
+                    status = response.status
+                    length = response.content_length
+                    if (
+                        length is not None
+                        and length <= self._max_reply
+                        and "Content-Encoding" not in response.headers
+                    ):
+                        raw = await response.read()  # the common case: its size is known, fits
+                    else:
+                        raw = await self._read_bounded(response)
+                    retry_after = response.headers.get("Retry-After") if status != 200 else None
+                if self._secret_bytes:  # a server that echoes the key (an error page, a proxy)
+                    raw = scrub_bytes(raw, self._secret_bytes)
+                latency = time.perf_counter() - started
+                if status != 200:
+                    raise self._status_error(status, raw, retry_after)
                 completion = parse(raw, latency, replica.index)
             except ModelError as exc:
                 error = exc
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                error = self._connection_error(exc, url)
             else:
-                stats = self.stats
                 stats.ok += 1
                 stats.prompt_tokens += completion.prompt_tokens
                 stats.completion_tokens += completion.completion_tokens
+                stats.reasoning_tokens += completion.reasoning_tokens
                 stats.latency.add(latency)
                 now = clock()
                 pool.succeeded(replica, epoch, now)
@@ -509,69 +542,39 @@ class HttpEndpoint:
         if wait > 0:
             await self._sleep(wait)
 
-    def _parse_chat(self, raw: bytes, latency: float, replica: int) -> Completion:
-        """A chat completion's 200 body, its answers split from traces by the model's
-        reasoning dialect, and its reasoning tokens counted."""
-        completion = parse_completion(raw, latency, replica, self._dialect)
-        self.stats.reasoning_tokens += completion.reasoning_tokens
-        return completion
-
-    async def _exchange(self, url: str, replica: Replica, body: bytes) -> tuple[bytes, float]:
-        """One HTTP attempt: the 200 body and its latency, else the ModelError it is."""
-        session = self._session
-        if session is None:
-            session = self._require_session()  # raises
-        stats = self.stats
-        stats.requests += 1
-        replica.stats.requests += 1
-        started = time.perf_counter()
-        try:
-            async with session.post(url, data=body) as response:
-                status = response.status
-                length = response.content_length
-                if (
-                    length is not None
-                    and length <= self._max_reply
-                    and "Content-Encoding" not in response.headers
-                ):
-                    raw = await response.read()  # the common case: its size is known and fits
-                else:
-                    raw = await self._read_bounded(response)
-                retry_after = response.headers.get("Retry-After") if status != 200 else None
-        except TimeoutError as exc:
-            raise ModelError(
+    def _connection_error(self, exc: BaseException, url: str) -> ModelError:
+        """The ModelError an attempt that got no HTTP status is (a timeout, a dropped
+        connection, a URL aiohttp cannot use)."""
+        if isinstance(exc, TimeoutError):
+            error = ModelError(
                 f"timed out after {self.settings.timeout_s:g}s", retryable=True, kind=UNHEALTHY
-            ) from exc
-        except aiohttp.InvalidURL as exc:
-            raise ModelError(
-                f"invalid URL {redact_url(url)}", retryable=False, kind=PERMANENT
-            ) from exc
-        except aiohttp.ClientError as exc:
-            message = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
-            raise ModelError(
-                f"connection error: {message}", retryable=True, kind=UNHEALTHY
-            ) from exc
-        if self._secret_bytes:  # a server that echoes the key (an error page, a proxy)
-            raw = scrub_bytes(raw, self._secret_bytes)
-        latency = time.perf_counter() - started
-        if status != 200:
-            message = _error_message(raw)
-            kind = classify_status(status, message)
-            if is_context_overflow(status, message):
-                message += (
-                    "; the conversation does not fit the server's context: raise local.ctx_size "
-                    "(the built-in server) or the server's context size, or lower "
-                    f"models.{self.settings.name}.params.max_tokens"
-                )
-            # An HTTP-date Retry-After names wall-clock time, so it is read against time.time().
-            raise ModelError(
-                f"HTTP {status}: {message}",
-                retryable=kind != PERMANENT,
-                status=status,
-                retry_after=parse_retry_after(retry_after, time.time()),
-                kind=kind,
             )
-        return raw, latency
+        elif isinstance(exc, aiohttp.InvalidURL):
+            error = ModelError(f"invalid URL {redact_url(url)}", retryable=False, kind=PERMANENT)
+        else:
+            message = scrub(f"{type(exc).__name__}: {exc}", self._secrets)
+            error = ModelError(f"connection error: {message}", retryable=True, kind=UNHEALTHY)
+        error.__cause__ = exc
+        return error
+
+    def _status_error(self, status: int, raw: bytes, retry_after: str | None) -> ModelError:
+        """The ModelError a reply other than 200 is, from the server's own message."""
+        message = _error_message(raw)
+        kind = classify_status(status, message)
+        if is_context_overflow(status, message):
+            message += (
+                "; the conversation does not fit the server's context: raise local.ctx_size "
+                "(the built-in server) or the server's context size, or lower "
+                f"models.{self.settings.name}.params.max_tokens"
+            )
+        # An HTTP-date Retry-After names wall-clock time, so it is read against time.time().
+        return ModelError(
+            f"HTTP {status}: {message}",
+            retryable=kind != PERMANENT,
+            status=status,
+            retry_after=parse_retry_after(retry_after, time.time()),
+            kind=kind,
+        )
 
 
 def endpoint(base_url: str, path: str) -> str:
@@ -603,34 +606,25 @@ def parse_completion(
         raise ModelError(
             f"HTTP 200 with no 'choices': {_snippet(raw)!r}", retryable=True, kind=FLAKY
         )
-    texts: list[str] = []
-    reasons: list[str | None] = []
     traces: list[str | None] | None = None
-    for i, choice in enumerate(choices):
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if not isinstance(message, dict):
-            raise ModelError("HTTP 200 with an empty reply", retryable=True, kind=FLAKY)
-        answer, trace = split_reply(message, dialect)
-        reason = choice.get("finish_reason")
-        reason = reason if isinstance(reason, str) else None
-        if is_empty(answer):
-            if trace is None or reason != "length":
-                raise ModelError(
-                    "HTTP 200 with an empty reply"
-                    + (" after a reasoning trace" if trace is not None else ""),
-                    retryable=True,
-                    kind=FLAKY,
-                )
-            answer = ""  # cut off while reasoning: the task fails it, never asks again
-        texts.append(answer)
-        reasons.append(reason)
+    if len(choices) == 1:  # nearly every request asks for one
+        answer, reason, trace = _choice(choices[0], dialect)
+        texts, reasons = [answer], [reason]
         if trace is not None:
-            if traces is None:
-                traces = []
-                traces += [None] * i  # the choices before had none
-            traces.append(trace)
-        elif traces is not None:
-            traces.append(None)
+            traces = [trace]
+    else:
+        texts, reasons = [], []
+        for i, choice in enumerate(choices):
+            answer, reason, trace = _choice(choice, dialect)
+            texts.append(answer)
+            reasons.append(reason)
+            if trace is not None:
+                if traces is None:
+                    traces = []
+                    traces += [None] * i  # the choices before had none
+                traces.append(trace)
+            elif traces is not None:
+                traces.append(None)
     prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens = _usage(data)
     return Completion(
         texts,
@@ -643,6 +637,27 @@ def parse_completion(
         reasoning_tokens,
         cached_tokens,
     )
+
+
+def _choice(choice: Any, dialect: Dialect) -> tuple[str, str | None, str | None]:
+    """(answer, finish_reason, trace) of one choice of a completion (see parse_completion)."""
+    message = choice.get("message") if type(choice) is dict else None
+    if type(message) is not dict:
+        raise ModelError("HTTP 200 with an empty reply", retryable=True, kind=FLAKY)
+    answer, trace = split_reply(message, dialect)
+    reason = choice.get("finish_reason")
+    if type(reason) is not str:
+        reason = None
+    if not answer or answer.isspace():  # (is_empty, without the call)
+        if trace is None or reason != "length":
+            raise ModelError(
+                "HTTP 200 with an empty reply"
+                + (" after a reasoning trace" if trace is not None else ""),
+                retryable=True,
+                kind=FLAKY,
+            )
+        answer = ""  # cut off while reasoning: the task fails it, never asks again
+    return answer, reason, trace
 
 
 def parse_raw(raw: bytes, latency_s: float = 0.0, replica: int = 0) -> RawReply:
@@ -660,31 +675,48 @@ def parse_raw(raw: bytes, latency_s: float = 0.0, replica: int = 0) -> RawReply:
             retryable=True,
             kind=FLAKY,
         )
-    prompt_tokens, completion_tokens, _, cached_tokens = _usage(data)
+    prompt_tokens, completion_tokens, reasoning_tokens, cached_tokens = _usage(data)
     return RawReply(
-        200, raw, data, prompt_tokens, completion_tokens, latency_s, replica, cached_tokens
+        200,
+        raw,
+        data,
+        prompt_tokens,
+        completion_tokens,
+        latency_s,
+        replica,
+        cached_tokens,
+        reasoning_tokens,
     )
 
 
 def _usage(data: dict[str, Any]) -> tuple[int, int, int, int]:
-    """(prompt, completion, reasoning, cached prompt) tokens a reply's usage reports."""
+    """(prompt, completion, reasoning, cached prompt) tokens a reply's usage reports.
+
+    JSON gives int or bool (a subclass of int): only a real int counts, and a server
+    that reports a negative count is not believed (it would lower the run's totals).
+    Written out, not a helper called per count: it runs for every reply."""
     usage = data.get("usage")
-    if not isinstance(usage, dict):
+    if type(usage) is not dict:
         return 0, 0, 0, 0
-    reasoning = cached = 0
+    prompt = usage.get("prompt_tokens")
+    if type(prompt) is not int or prompt < 0:
+        prompt = 0
+    completion = usage.get("completion_tokens")
+    if type(completion) is not int or completion < 0:
+        completion = 0
+    reasoning: Any = 0
+    cached: Any = 0
     details = usage.get("completion_tokens_details")
-    if isinstance(details, dict):
-        reasoning = _int(details.get("reasoning_tokens"))
-    prompt_details = usage.get("prompt_tokens_details")
-    if isinstance(prompt_details, dict):
-        cached = _int(prompt_details.get("cached_tokens"))
-    return _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")), reasoning, cached
-
-
-def _int(value: object) -> int:
-    # JSON gives int or bool (a subclass of int): only a real int counts, and a server
-    # that reports a negative count is not believed (it would lower the run's totals).
-    return value if type(value) is int and value > 0 else 0
+    if type(details) is dict:
+        reasoning = details.get("reasoning_tokens")
+        if type(reasoning) is not int or reasoning < 0:
+            reasoning = 0
+    details = usage.get("prompt_tokens_details")
+    if type(details) is dict:
+        cached = details.get("cached_tokens")
+        if type(cached) is not int or cached < 0:
+            cached = 0
+    return prompt, completion, reasoning, cached
 
 
 def _snippet(raw: bytes) -> str:

@@ -98,6 +98,7 @@ class RawReply:
     latency_s: float
     replica: int = 0  # which of the model's servers answered
     cached_tokens: int = 0  # part of prompt_tokens served from the server's prompt cache
+    reasoning_tokens: int = 0  # part of completion_tokens, where the server reports it
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,8 +27,6 @@ TAGS: Final = "tags"
 OFF: Final = "off"
 MODES: Final = (AUTO, FIELD, TAGS, OFF)
 DEFAULT_TAGS: Final = ("<think>", "</think>")
-# The message fields a trace comes in, in the order they are read.
-TRACE_FIELDS: Final = ("reasoning_content", "reasoning")
 # What a trace is written back as (the key Qwen3's and DeepSeek-R1's chat templates read).
 TRACE_KEY: Final = "reasoning_content"
 _BLOCK_GAP = "\n\n"  # between the blocks of a trace written as several leading blocks
@@ -66,15 +64,22 @@ def split_reply(
             return _lstrip(content), trace
         if mode == FIELD:
             return content, None
-    return split_tags(content, dialect.open_tag, dialect.close_tag)
+    open_tag, close_tag = dialect.open_tag, dialect.close_tag
+    if close_tag not in content and open_tag not in content:
+        return content, None  # the common case, found by two searches in C
+    return split_tags(content, open_tag, close_tag)
 
 
 def field_trace(message: Mapping[str, Any]) -> str | None:
     """The trace a server's reasoning parser put in a field, or None (absent, null, empty)."""
-    for name in TRACE_FIELDS:
-        value = message.get(name)
-        if value and isinstance(value, str) and not value.isspace():
-            return value
+    # The fields a trace comes in, in the order they are read (written out: this runs
+    # for every reply).
+    value = message.get("reasoning_content")
+    if value and isinstance(value, str) and not value.isspace():
+        return value
+    value = message.get("reasoning")
+    if value and isinstance(value, str) and not value.isspace():
+        return value
     return None
 
 
