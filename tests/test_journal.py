@@ -10,14 +10,19 @@ import pytest
 from engine.checkpoint.journal import (
     EMIT_FAILED,
     EMIT_OUTPUT,
+    SPENT,
+    WRITING,
     LineSet,
     Replay,
+    apply,
+    apply_written,
     encode,
     iter_lines,
     replay_segments,
     segment_number,
     segment_path,
     segments,
+    split_checksum,
 )
 from engine.errors import CheckpointError
 from tests.journal_support import replay
@@ -53,6 +58,34 @@ def test_encode_is_one_compact_line() -> None:
     line = encode({"k": "t", "l": 1, "c": "a\nb"})
     assert line.startswith(b'{"k":"t","l":1,"c":"a\\nb","z":') and line.endswith(b"}\n")
     assert line.count(b"\n") == 1
+
+
+def test_a_record_past_5_kib_carries_the_same_checksum() -> None:
+    # Checksummed in pieces (the GIL kept): the line reads back whole.
+    line = encode({"k": "t", "l": 1, "c": "x" * 20_000})
+    body, whole = split_checksum(line[:-1])
+    assert whole is True and body == b'{"k":"t","l":1,"c":"' + b"x" * 20_000 + b'"}'
+
+
+def test_a_written_batch_gives_the_state_its_records_give_one_by_one() -> None:
+    # The writer's batch: work records, each output row's v record (with what it spent),
+    # then the emits of its rows; apply_written leaves no v record placed.
+    records = [
+        turn(0, 0),
+        {"k": WRITING, "l": 0, SPENT: 0.25, "p": 3, "o": 2, "b": 0, "e": 10},
+        turn(1, 0),
+        {"k": WRITING, "l": 2, "b": 10, "e": 30},
+        {"k": WRITING, "l": 3, SPENT: 0.5, "p": 1, "o": 1, "b": 30, "e": 40},
+    ]
+    emits = [emit(0, 10), emit(2, 30), emit(3, 40), emit(4, 7, EMIT_FAILED)]
+    want = Replay()
+    for record in [*records, *emits]:
+        apply(want, record)
+    got = Replay()
+    apply_written(got, records, emits)
+    assert got == want
+    assert got.writing == {} and got.spent_usd == 0.75 and got.spent_tokens == 7
+    assert got.partial == {1: [turn(1, 0)]} and got.rows_ok == 3 and got.rows_failed == 1
 
 
 # --- replay ------------------------------------------------------------------------------

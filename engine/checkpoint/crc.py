@@ -18,17 +18,19 @@ try:
 except ImportError:  # a platform without its wheel: the standard library's
     from zlib import crc32
 
-__all__ = ["crc32", "crc32_holding_gil"]
+__all__ = ["HELD_BYTES", "crc32", "crc32_holding_gil"]
 
-_HELD = 5 * 1024  # the most either library checksums without letting go of the GIL
+# The most either library checksums without letting go of the GIL: ``crc32`` itself
+# keeps it for an input up to this size.
+HELD_BYTES = 5 * 1024
 
 
 def crc32_holding_gil(data: bytes) -> int:
     """``crc32(data)``, in pieces small enough that the GIL is never let go."""
-    if len(data) <= _HELD:
+    if len(data) <= HELD_BYTES:
         return crc32(data)
     view = memoryview(data)
     value = 0
-    for at in range(0, len(view), _HELD):
-        value = crc32(view[at : at + _HELD], value)
+    for at in range(0, len(view), HELD_BYTES):
+        value = crc32(view[at : at + HELD_BYTES], value)
     return value

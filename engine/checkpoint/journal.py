@@ -50,14 +50,14 @@ import os
 import re
 import sys
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from engine.checkpoint.crc import crc32, crc32_holding_gil
+from engine.checkpoint.crc import HELD_BYTES, crc32, crc32_holding_gil
 from engine.checkpoint.files import fsync_dir
 from engine.cost import SPENT
 from engine.errors import CheckpointError
@@ -84,7 +84,8 @@ def encode(record: dict[str, Any]) -> bytes:
     ``record`` is never empty (every record has ``k`` and ``l``).
     """
     data = orjson.dumps(record)  # on the event loop: the checksum keeps the GIL
-    return b'%b,"z":%d}\n' % (data[:-1], crc32_holding_gil(data))
+    crc = crc32(data) if len(data) <= HELD_BYTES else crc32_holding_gil(data)
+    return b'%b,"z":%d}\n' % (data[:-1], crc)
 
 
 def split_checksum(raw: bytes) -> tuple[bytes, bool | None]:
@@ -500,17 +501,46 @@ def apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int] = N
     state.partial.setdefault(line, []).append(record)
 
 
+def apply_written(
+    state: Replay, records: Iterable[dict[str, Any]], emits: Iterable[dict[str, Any]]
+) -> None:
+    """Apply one batch the writer wrote (its records, then its emits) to ``state``.
+
+    The state ``apply`` gives record by record, with one step left out: a ``v`` record
+    is not placed in ``state.writing``, as its row's emit, in the same batch, would
+    take it out again (``state.writing`` is empty while a run writes: the replay's rows
+    were adopted or cut off before its writer started).
+    """
+    for record in records:
+        if record["k"] == WRITING:
+            state.records += 1
+            spent = record.get(SPENT)
+            if spent is not None:
+                state.spent_usd += spent
+                state.spent_tokens += record.get("p", 0) + record.get("o", 0)
+        else:
+            apply(state, record)
+    for emit in emits:
+        apply(state, emit)
+
+
 def emit_record(kind: str, line: int, end: int) -> dict[str, Any]:
     """The emit of line ``line``'s row: written to the ``kind`` file (o, x, q), which
     then ended at byte ``end``."""
     return {"k": kind, "l": line, "e": end}
 
 
-def writing_record(line: int, replies: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def writing_record(line: int, replies: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The ``v`` record of line ``line``'s row, standing for its last ``replies`` (whose
     text the row holds): what those that were paid for cost. The writer adds the
     row's place in the output (``b``, ``e``) when it knows it."""
     record: dict[str, Any] = {"k": WRITING, "l": line}
+    if len(replies) == 1:  # a row's last turn, the common case
+        spent = replies[0].get(SPENT)
+        if spent is not None:
+            reply = replies[0]
+            record[SPENT], record["p"], record["o"] = spent, reply.get("p", 0), reply.get("o", 0)
+        return record
     usd = None
     prompt = completion = 0
     for reply in replies:

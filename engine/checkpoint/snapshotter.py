@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.checkpoint.crc import crc32
 from engine.checkpoint.files import AppendFile
-from engine.checkpoint.journal import Replay, apply, segment_path
+from engine.checkpoint.journal import Replay, apply_written, segment_path
 from engine.checkpoint.snapshot import (
     EMITS_NAME,
     SNAPSHOT_NAME,
@@ -80,11 +80,7 @@ class Snapshotter:
 
     def written(self, records: Iterable[dict[str, Any]], emits: Sequence[dict[str, Any]]) -> None:
         """A batch is written: the state a replay would now give (records in journal order)."""
-        state = self.state
-        for record in records:
-            apply(state, record)
-        for emit in emits:
-            apply(state, emit)
+        apply_written(self.state, records, emits)
         self._rows += len(emits)
 
     def due(self, journal_size: int) -> bool:
