@@ -9,13 +9,13 @@ functions where they differ are named::
 
     git archive 83ae0c3 engine | tar -x -C /tmp/before
     .venv/bin/python -m bench.opcodes [--engine /tmp/before ...] [--rows 1000] [--cap 64]
-        [--cache] [--top 30]
+        [--latency-ms 0] [--cache] [--top 30]
 
 Each engine (this one, then each ``--engine DIR``, the parent of another ``engine/``
 tree, first on PYTHONPATH) runs ``turnstile run`` (asyncio's loop, so the loop's own
-Python counts too) twice against the mock at 0 ms: ``--rows`` single-turn rows, then
-twice as many; the difference over ``--rows`` is a turn's, start-up and shutdown
-cancelled out. Not counted: what C does (orjson, aiohttp's parser, SQLite, the
+Python counts too) twice against the mock (at 0 ms, or ``--latency-ms``): ``--rows``
+single-turn rows, then twice as many; the difference over ``--rows`` is a turn's,
+start-up and shutdown cancelled out. Not counted: what C does (orjson, aiohttp's parser, SQLite, the
 kernel), which is the same for the same calls. Tracing slows the client about tenfold,
 so the writer groups more rows a write than at full speed: compare engines counted
 the same way, not a count with a timing. A *call* counts every entry of a frame,
@@ -84,13 +84,15 @@ def _sum(turn: dict[str, tuple[float, float]], names: Iterable[str]) -> tuple[fl
     return sum(i for i, _ in picked), sum(c for _, c in picked)
 
 
-def compare(others: list[Path], rows: int, cap: int, cache: bool, top: int) -> list[str]:
+def compare(
+    others: list[Path], rows: int, cap: int, cache: bool, top: int, latency_ms: float = 0
+) -> list[str]:
     """The comparison's tables (markdown lines)."""
     named = {THIS: ROOT}
     for i, tree in enumerate(others):
         named[OTHER if len(others) == 1 else f"{OTHER} {i + 1}"] = tree
     turns: dict[str, dict[str, tuple[float, float]]] = {}
-    with MockProcess(0, LOGS, uvloop=True) as mock, tempfile.TemporaryDirectory() as tmp:
+    with MockProcess(latency_ms, LOGS, uvloop=True) as mock, tempfile.TemporaryDirectory() as tmp:
         for name, tree in named.items():
             runs = []
             for size in (rows, 2 * rows):
@@ -100,7 +102,8 @@ def compare(others: list[Path], rows: int, cap: int, cache: bool, top: int) -> l
             turns[name] = per_turn(runs[0], runs[1], rows)
     lines = [
         f"Python per turn, counted: {rows:,} then {2 * rows:,} single-turn rows (the "
-        f"difference), mock at 0 ms, cap {cap}, asyncio, cache {'on' if cache else 'off'}; "
+        f"difference), mock at {latency_ms:g} ms, cap {cap}, asyncio, "
+        f"cache {'on' if cache else 'off'}; "
         + "; ".join(f"{name}: {tree}" for name, tree in named.items()),
         "",
     ]
@@ -141,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", type=Path, action="append", default=[])
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--cap", type=int, default=64)
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0,
+        help="the mock's latency (50 at cap 16: a turn's cost where each row is written alone)",
+    )
     parser.add_argument("--cache", action="store_true", help="the reply cache on (no hits)")
     parser.add_argument("--top", type=int, default=30, help="functions listed")
     args = parser.parse_args(argv)
@@ -148,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (tree / "engine" / "__main__.py").exists():
             parser.error(f"--engine: {tree} holds no engine/ package (engine/__main__.py)")
     others = [tree.resolve() for tree in args.engine]
-    print("\n".join(compare(others, args.rows, args.cap, args.cache, args.top)))
+    lines = compare(others, args.rows, args.cap, args.cache, args.top, args.latency_ms)
+    print("\n".join(lines))
     return 0
 
 
