@@ -9,6 +9,7 @@ barriers: a worker moves its row forward the moment a reply lands.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib.util
 import logging
@@ -479,9 +480,15 @@ class _Workers:
     ``max_concurrency`` of 100,000 for a file of 100 rows) starts 100 of them, not
     200,000. The pool holds the stream's first receiving end until the feeder is
     done, cloning it for each worker.
+
+    The pool also counts the rows in the stream (``queued``): a feeder that found
+    it full waits (``drained``) until the workers have taken half of it, then
+    fills it again, one wake for half a stream of rows. Waiting in the stream's own
+    ``send`` would wake it for every row a worker takes: at a few hundred rows a
+    second, a pass of the loop and a trip through the input's generators each.
     """
 
-    __slots__ = ("_args", "_group", "_receive", "most", "started")
+    __slots__ = ("_args", "_group", "_low", "_receive", "_refill", "most", "queued", "started")
 
     def __init__(
         self,
@@ -494,9 +501,24 @@ class _Workers:
     ) -> None:
         self._group = group
         self._receive = receive
-        self._args = (state, task, ctx)
+        self._args = (self, state, task, ctx)
         self.most = most
         self.started = 0
+        self.queued = 0  # rows sent and not yet taken
+        self._low = most // 2  # a full stream (``most`` rows) is refilled from here
+        self._refill: asyncio.Event | None = None  # set when the feeder waits for room
+
+    async def drained(self) -> None:
+        """Wait until the workers have taken the stream down to half full."""
+        refill = self._refill = asyncio.Event()
+        await refill.wait()
+
+    def took(self) -> None:
+        """A worker took a row from the stream."""
+        self.queued -= 1
+        if self._refill is not None and self.queued <= self._low:
+            self._refill.set()
+            self._refill = None
 
     def want(self, send: MemoryObjectSendStream[Row]) -> None:
         """A row is about to be sent: start a worker for it unless one is waiting."""
@@ -542,16 +564,23 @@ async def _send_rows(
             try:
                 send.send_nowait(item)
             except anyio.WouldBlock:
-                await send.send(item)
+                await pool.drained()  # half of it taken (see _Workers)
+                send.send_nowait(item)
         except anyio.BrokenResourceError:
             return
+        pool.queued += 1
 
 
 async def _work(
-    receive: MemoryObjectReceiveStream[Row], state: Replay, task: Task, ctx: Context
+    receive: MemoryObjectReceiveStream[Row],
+    pool: _Workers,
+    state: Replay,
+    task: Task,
+    ctx: Context,
 ) -> None:
     partial = state.partial
     begin, end = ctx.begin, ctx.end
+    took = pool.took
     async with receive:
         while True:
             try:
@@ -561,6 +590,7 @@ async def _work(
                     row = await receive.receive()
             except anyio.EndOfStream:
                 return
+            took()
             if ctx.stopping:
                 return
             line = row.line
