@@ -81,9 +81,11 @@ class _Batch:
     failed: list[tuple[int, bytes]] = field(default_factory=list)
     filtered: list[tuple[int, bytes]] = field(default_factory=list)
     history: list[bytes] = field(default_factory=list)  # metrics.jsonl lines (engine.history)
-    # asyncio's own: one is made per write, often per row, and the writer is on
-    # asyncio's loop already (call_soon); anyio's costs a backend lookup to make.
-    done: asyncio.Event = field(default_factory=asyncio.Event)
+    # Made by the first caller that waits (a row handed over waits on nothing), and
+    # asyncio's own: the writer is on asyncio's loop already (call_soon), and anyio's
+    # costs a backend lookup to make.
+    done: asyncio.Event | None = None
+    written: bool = False  # (or failed: ``error``) its callers may go on
     error: BaseException | None = None
 
     def __bool__(self) -> bool:
@@ -241,7 +243,11 @@ class Writer:
         if not self._soon:
             self._soon = True
             asyncio.get_running_loop().call_soon(self._write_soon)
-        await batch.done.wait()
+        if not batch.written:
+            done = batch.done
+            if done is None:
+                done = batch.done = asyncio.Event()
+            await done.wait()
         if batch.error is not None:
             raise CheckpointError(self._describe(batch.error))
 
@@ -273,7 +279,9 @@ class Writer:
         except OSError as exc:
             batch.error = self.error = exc
             self._kick.set()  # the task raises it: the run ends there
-        batch.done.set()
+        batch.written = True
+        if batch.done is not None:
+            batch.done.set()
         if self._snapshot_due():
             self._kick.set()
 
@@ -341,7 +349,9 @@ class Writer:
                 await anyio.to_thread.run_sync(self._write, batch, sync)
         except OSError as exc:
             batch.error = self.error = exc
-        batch.done.set()
+        batch.written = True
+        if batch.done is not None:
+            batch.done.set()
         if self.error is not None:
             raise CheckpointError(self._describe(self.error))
 
