@@ -54,7 +54,7 @@ def parse_row(obj: Any, line: int) -> InputRow:
         prompt = obj["prompt"]
         if not isinstance(prompt, str):
             raise InputError(f"'prompt' must be a string, got {type(prompt).__name__}")
-        if not prompt.strip():
+        if not prompt or prompt.isspace():  # (strip()'s test without the copy)
             raise InputError("'prompt' is empty")
         messages = [{"role": "user", "content": prompt}]
     else:
@@ -62,8 +62,13 @@ def parse_row(obj: Any, line: int) -> InputRow:
             "no 'messages', 'conversations' or 'prompt' key; "
             "give the conversation as messages: [{role, content}, ...]"
         )
-    extra = {k: v for k, v in obj.items() if k not in FORMAT_KEYS and k != "id"}
-    return InputRow(line=line, id=row_id(obj, line), messages=messages, extra=extra)
+    # A row of its conversation alone, or with its id: nothing else to carry (and no
+    # comprehension to run, the common case).
+    if len(obj) == 1 or (len(obj) == 2 and "id" in obj):
+        extra = {}
+    else:
+        extra = {k: v for k, v in obj.items() if k not in FORMAT_KEYS and k != "id"}
+    return InputRow(line, row_id(obj, line), messages, extra)
 
 
 def _openai(value: Any) -> list[Message]:

@@ -38,23 +38,42 @@ def describe_rule(rule: str) -> str:
     return f"{EVERY_USER}: every user message gets its own reply"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)
 class Dialogue:
     """Where one conversation stands: its turns and the replies written so far."""
 
     row: InputRow
     turns: list[list[Message]]
-    tail: list[Message] = field(default_factory=list)
-    replies: list[Answer] = field(default_factory=list)  # each turn's, as asked for
+    tail: list[Message]
+    replies: list[Answer]  # each turn's, as asked for
     # distill.reasoning_history: keep: each earlier reply goes back with its trace
     # (reasoning_content); drop: later requests carry earlier answers only.
-    keep_reasoning: bool = False
+    keep_reasoning: bool
     # The turns answered so far, each followed by its reply: the start of every later
     # request and of the finished row, extended by apply() instead of rebuilt each turn.
-    _answered: list[Message] = field(default_factory=list, init=False, repr=False)
+    _answered: list[Message] = field(repr=False)
     # Where each reply is in _answered (to add its trace to the row when dropped above).
-    _reply_at: list[int] = field(default_factory=list, init=False, repr=False)
-    _traced: bool = field(default=False, init=False, repr=False)  # some reply had a trace
+    _reply_at: list[int] = field(repr=False)
+    _traced: bool = field(repr=False)  # some reply had a trace
+
+    # Written out (one is made per row): the generated one tests a sentinel per field.
+    def __init__(
+        self,
+        row: InputRow,
+        turns: list[list[Message]],
+        tail: list[Message] | None = None,
+        replies: list[Answer] | None = None,
+        *,
+        keep_reasoning: bool = False,
+    ) -> None:
+        self.row = row
+        self.turns = turns
+        self.tail = [] if tail is None else tail
+        self.replies = [] if replies is None else replies
+        self.keep_reasoning = keep_reasoning
+        self._answered = []
+        self._reply_at = []
+        self._traced = False
 
     @property
     def next_turn(self) -> int:
