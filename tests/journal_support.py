@@ -1,4 +1,5 @@
-"""Replaying one journal file, for tests that write a journal by hand.
+"""Replaying one journal file, for tests that write a journal by hand; a row written
+and waited for.
 
 The engine replays a checkpoint's segments with ``snapshot.load`` (built on
 ``journal.replay_segments``); a test holding one journal file replays it here.
@@ -6,9 +7,22 @@ The engine replays a checkpoint's segments with ``snapshot.load`` (built on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from engine.checkpoint.journal import Replay, replay_segments
+from engine.checkpoint.writer import Writer
+
+
+async def output(
+    writer: Writer, line: int, row: dict[str, Any], records: Sequence[dict[str, Any]] = ()
+) -> None:
+    """``row`` handed over (``Writer.hand_over``), then its batch waited for, as a task
+    never does: the row, its ``v`` record and its emit are in the files on return."""
+    batch = writer._batch
+    wait = writer.hand_over(line, row, records)
+    await (wait if wait is not None else writer._wait(batch))
 
 
 def replay(

@@ -15,6 +15,7 @@ from engine.checkpoint.checkpoint import Checkpoint, Outputs
 from engine.checkpoint.durability import JournalConfig
 from engine.checkpoint.journal import WRITING, Replay, apply, writing_record
 from engine.cost import SPENT
+from tests.journal_support import output
 
 TRACE = "thinking " * 2000  # 18 KB, as a reasoning teacher's trace
 
@@ -61,7 +62,7 @@ def write_rows(ck: Checkpoint, lines: range) -> None:
             group.start_soon(writer.run)
             for line in lines:
                 await writer.record(first_turn(line))
-                await writer.output(line, row(line), [last_turn(line)])
+                await output(writer, line, row(line), [last_turn(line)])
             await writer.close()
 
     anyio.run(write)

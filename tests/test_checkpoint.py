@@ -16,6 +16,7 @@ from engine.checkpoint.journal import Replay
 from engine.checkpoint.snapshot import SNAPSHOT_NAME, load
 from engine.errors import CheckpointError
 from engine.history import HISTORY_NAME, Appender
+from tests.journal_support import output
 
 
 def checkpoint(tmp_path: Path) -> Checkpoint:
@@ -93,7 +94,7 @@ async def test_the_writer_it_builds_snapshots_and_samples_and_state_reads_it_bac
         group.start_soon(writer.run)
         for line in range(7):
             await writer.record({"k": "t", "l": line, "n": 0})
-            await writer.output(line, {"id": f"r{line}"})
+            await output(writer, line, {"id": f"r{line}"})
         writer.note(b'{"sample":1}\n')
         await writer.close()
     assert (ck.folder / SNAPSHOT_NAME).exists()  # the snapshotter took some
@@ -134,8 +135,8 @@ def test_state_refuses_an_output_shorter_than_the_snapshot_vouches_for(tmp_path:
         writer = ck.writer(Replay(), JournalConfig(), snapshot_every_rows=1)
         async with anyio.create_task_group() as group:
             group.start_soon(writer.run)
-            await writer.output(0, {"id": "r0"})
-            await writer.output(1, {"id": "r1"})
+            await output(writer, 0, {"id": "r0"})
+            await output(writer, 1, {"id": "r1"})
             await writer.close()
 
     anyio.run(write)

@@ -22,7 +22,7 @@ from engine.checkpoint.snapshotter import SNAPSHOT_EVERY_BYTES, Snapshotter
 from engine.checkpoint.writer import HANDOVER_ROWS, Writer
 from engine.config import JournalConfig
 from engine.errors import CheckpointError
-from tests.journal_support import replay
+from tests.journal_support import output, replay
 
 PROC_FD = Path("/proc/self/fd")
 
@@ -113,7 +113,7 @@ async def test_a_record_is_in_the_file_when_record_returns(files: Files) -> None
 async def test_a_row_and_its_emit_are_in_the_files_when_output_returns(files: Files) -> None:
     async with running(files.writer()) as writer:
         await writer.record(turn(3, 0))
-        await writer.output(3, row(3))
+        await output(writer, 3, row(3))
         assert files.out.read_bytes() == line_bytes(row(3))
         state = files.replay()
         assert 3 in state.done
@@ -164,7 +164,7 @@ async def test_concurrent_callers_all_land_and_every_emit_vouches(files: Files) 
         if line % 4 == 3:
             await writer.failed(line, {"id": f"r{line}", "error": "boom"})
         else:
-            await writer.output(line, row(line))
+            await output(writer, line, row(line))
 
     async with running(files.writer()) as writer, anyio.create_task_group() as tg:
         for line in range(40):
@@ -185,8 +185,8 @@ async def test_concurrent_callers_all_land_and_every_emit_vouches(files: Files) 
 
 async def test_emit_end_offsets_are_each_rows_end(files: Files) -> None:
     async with running(files.writer()) as writer:
-        await writer.output(0, row(0))
-        await writer.output(5, row(5))
+        await output(writer, 0, row(0))
+        await output(writer, 5, row(5))
         await writer.failed(2, {"id": "r2"})
     ends = {
         (rec["k"], rec["l"]): rec["e"]
@@ -207,7 +207,7 @@ async def test_emit_end_offsets_are_each_rows_end(files: Files) -> None:
 async def test_opening_truncates_what_the_journal_does_not_vouch_for(files: Files) -> None:
     async with running(files.writer()) as writer:
         await writer.record(turn(0, 0))
-        await writer.output(0, row(0))
+        await output(writer, 0, row(0))
     state = files.replay()
     vouched = files.contents()
     # A crash after the output write but before its emit: bytes nobody vouches for.
@@ -223,7 +223,7 @@ async def test_opening_truncates_what_the_journal_does_not_vouch_for(files: File
     )
     assert files.contents() == vouched  # cut back as soon as it is opened
     async with running(writer) as writer:
-        await writer.output(1, row(1))
+        await output(writer, 1, row(1))
 
     state = files.replay()
     assert len(state.done) == 2
@@ -265,7 +265,7 @@ async def test_close_fsyncs_and_closes_every_file(files: Files, fsyncs: list[str
     assert ours <= open_paths()
     async with running(writer):
         await writer.record(turn(0, 0))
-        await writer.output(0, row(0))
+        await output(writer, 0, row(0))
         await writer.failed(1, {"id": "r1"})
         assert fsyncs == []
     assert set(fsyncs) == ours
@@ -284,7 +284,7 @@ async def test_fsync_always_syncs_every_write(files: Files, fsyncs: list[str]) -
         journal, out = str(files.journal.resolve()), str(files.out.resolve())
         await writer.record(turn(0, 0))
         assert fsyncs == [journal]
-        await writer.output(0, row(0))
+        await output(writer, 0, row(0))
         assert fsyncs == [journal, out, journal]  # the row before the emit that vouches
 
 
@@ -292,7 +292,7 @@ async def test_fsync_never_leaves_it_to_the_os(files: Files, fsyncs: list[str]) 
     writer = files.writer(JournalConfig(fsync="never"))
     async with running(writer):
         await writer.record(turn(0, 0))
-        await writer.output(0, row(0))
+        await output(writer, 0, row(0))
     assert fsyncs == []
     assert not {str(files.journal.resolve()), str(files.out.resolve())} & open_paths()
 
@@ -304,7 +304,7 @@ async def _script(writer: Writer) -> None:
         if line % 3 == 0:
             await writer.failed(line, {"id": line, "error": "permanent"})
         else:
-            await writer.output(line, row(line))
+            await output(writer, line, row(line))
 
 
 async def test_every_fsync_mode_writes_the_same_bytes(tmp_path: Path) -> None:
@@ -328,7 +328,7 @@ async def test_close_flushes_what_is_pending(files: Files) -> None:
     done: list[int] = []
 
     async def add(line: int) -> None:
-        await writer.output(line, row(line))
+        await output(writer, line, row(line))
         done.append(line)
 
     async with anyio.create_task_group() as tg:
@@ -372,7 +372,7 @@ async def play(writer: Writer, ops: list[Op]) -> None:
         if what == "t":
             await writer.record(turn(line, i))
         elif what == "o":
-            await writer.output(line, row(line), [turn(line, i)] if i % 2 else [])
+            await output(writer, line, row(line), [turn(line, i)] if i % 2 else [])
         elif what == "x":
             await writer.failed(line, {"id": f"r{line}", "error": "permanent"})
         else:
@@ -558,7 +558,7 @@ async def test_a_kill_at_any_step_of_a_snapshot_loses_and_repeats_nothing(
             assert run.segments() == list(range(state.first_segment, state.segment + 1))
             for line in range(40):
                 if line not in state.done:
-                    await w.output(line, row(line))
+                    await output(w, line, row(line))
         final = run.load()
         assert len(final.done) == 40 and final.partial == {}
         ok = run.contents()[0]
@@ -600,7 +600,7 @@ async def test_a_snapshot_fsyncs_what_it_vouches_for_whatever_the_policy(
     run = Run(tmp_path)
     async with running(run.writer(Replay(), every=1, policy=JournalConfig(fsync="never"))) as w:
         await w.record(turn(0, 0))
-        await w.output(0, row(0))
+        await output(w, 0, row(0))
     ck = run.ck.resolve()
     assert set(fsyncs) == {
         str(run.outputs[0].resolve()),
@@ -619,7 +619,7 @@ async def test_snapshots_never_write_more_than_the_journal(
     async def ops(w: Writer) -> None:
         await w.record({**turn(999, 0), "c": "x" * 20_000})
         for line in range(300):
-            await w.output(line, row(line), [turn(line, 0)])
+            await output(w, line, row(line), [turn(line, 0)])
 
     ref = Run(tmp_path / "ref")
     async with running(ref.writer(None, every=None)) as w:

@@ -3,7 +3,8 @@
 Callers add records and rows and wait for the batch they joined; at the end of
 that loop pass, everything pending is written and they are all woken. So a turn
 is in the OS (safe from SIGKILL) before its conversation goes on, while thousands
-of turns a second share a few writes. A small batch with no fsync due is written
+of turns a second share a few writes. A finished row is handed over (``hand_over``)
+and not waited for, unless the writer says so. A small batch with no fsync due is written
 on the event loop itself, in a plain callback: a write(2) of some kilobytes into
 the page cache takes a few microseconds, a hop to a worker thread and back costs
 ten times that. Big batches, fsyncs and snapshots go to the writer task, which
@@ -166,29 +167,20 @@ class Writer:
         batch.records.append(record)
         await self._wait(batch)
 
-    async def output(
+    def hand_over(
         self, line: int, row: dict[str, Any], records: Sequence[dict[str, Any]] = ()
-    ) -> None:
-        """Write a finished row to the output (and journal that it was).
+    ) -> Coroutine[Any, Any, None] | None:
+        """Write a finished row to the output (and journal that it was): it joins the
+        batch written at the end of this loop pass, and its caller goes on (a finished
+        row has nothing left to wait for). Returns the wait the caller must await all
+        the same when there is one: the writer busy in a thread (a snapshot, an fsync,
+        a big batch), ``fsync: always``, or ``HANDOVER_ROWS`` rows waiting. So memory
+        stays bounded, and a row the policy syncs is on disk when its caller goes on.
 
         ``records`` (the row's last turn, say) are the replies the row was finished
         with, not yet journaled: the row holds their text, so they are journaled as
         the row's ``v`` record (their cost, the row's place), in the same group
-        write: one wait instead of two, and a long reply written once.
-        """
-        batch = self._batch
-        wait = self.hand_over(line, row, records)
-        await (wait if wait is not None else self._wait(batch))
-
-    def hand_over(
-        self, line: int, row: dict[str, Any], records: Sequence[dict[str, Any]] = ()
-    ) -> Coroutine[Any, Any, None] | None:
-        """``output`` without the wait: the row joins the batch written at the end of
-        this loop pass, and its caller goes on (a finished row has nothing left to do
-        once it is handed over). Returns the wait the caller must await all the same
-        when there is one: the writer busy in a thread (a snapshot, an fsync, a big
-        batch), ``fsync: always``, or ``HANDOVER_ROWS`` rows waiting. So memory stays
-        bounded, and a row the policy syncs is on disk when its caller goes on.
+        write: a long reply written once.
 
         A kill before the write loses nothing: the row is asked again on resume, as a
         row in flight is. A failed write stops the run: the writer task raises it, and
