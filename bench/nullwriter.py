@@ -26,7 +26,7 @@ class NullWriter(checkpoint_writer.Writer):
     async def record(self, record: dict[str, Any]) -> None:
         encode(record)
 
-    async def output(
+    def hand_over(
         self, line: int, row: dict[str, Any], records: Sequence[dict[str, Any]] = ()
     ) -> None:
         record = writing_record(line, records)
