@@ -655,7 +655,7 @@ def _choice(choice: Any, dialect: Dialect) -> tuple[str, str | None, str | None]
     reason = choice.get("finish_reason")
     if type(reason) is not str:
         reason = None
-    if not answer or answer.isspace():  # (is_empty, without the call)
+    if not answer or answer.isspace():  # (isspace: strip()'s test without the copy)
         if trace is None or reason != "length":
             raise ModelError(
                 "HTTP 200 with an empty reply"

@@ -162,11 +162,6 @@ def _lstrip(text: str) -> str:
     return text.lstrip() if text and text[0].isspace() else text
 
 
-def is_empty(text: str) -> bool:
-    # isspace() is strip()'s test without the copy of the text.
-    return not text or text.isspace()
-
-
 def max_tokens_of(params: Mapping[str, Any]) -> Any:
     """The request's output limit as the config sets it (either name), or None."""
     value = params.get("max_tokens")
