@@ -39,7 +39,7 @@ from bench import workloads
 from bench._counting import Counts
 from bench.mockserver import MockProcess
 from bench.report import table
-from bench.runners import ROOT, turnstile_config
+from bench.runners import ROOT, engine_trees, turnstile_config
 from bench.throughput import INPUTS, LOGS
 from bench.workloads import SINGLE
 
@@ -153,10 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", action="store_true", help="the reply cache on (no hits)")
     parser.add_argument("--top", type=int, default=30, help="functions listed")
     args = parser.parse_args(argv)
-    for tree in args.engine:
-        if not (tree / "engine" / "__main__.py").exists():
-            parser.error(f"--engine: {tree} holds no engine/ package (engine/__main__.py)")
-    others = [tree.resolve() for tree in args.engine]
+    others = engine_trees(parser, args.engine)
     lines = compare(others, args.rows, args.cap, args.cache, args.top, args.latency_ms)
     print("\n".join(lines))
     return 0

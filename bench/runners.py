@@ -15,6 +15,7 @@ its own). Measured:
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -463,6 +464,15 @@ def parse_json_line(out: str, _err: str) -> tuple[int, dict[str, Any]]:
             extra["inproc_s"] = data.get("elapsed_s")
             return int(data.get("turns", 0)), extra
     return 0, {}
+
+
+def engine_trees(parser: argparse.ArgumentParser, trees: list[Path]) -> list[Path]:
+    """``--engine`` trees (each the parent of another ``engine/`` package), resolved;
+    one without it is the command line's error (exit 2)."""
+    for tree in trees:
+        if not (tree / "engine" / "__main__.py").exists():
+            parser.error(f"--engine: {tree} holds no engine/ package (engine/__main__.py)")
+    return [tree.resolve() for tree in trees]
 
 
 def turnstile_cmd(config: Path) -> list[str]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from bench import workloads
 from bench.mockserver import MockProcess
 from bench.report import median, ratios, spread, table
-from bench.runners import ROOT, Result, run_bare, run_turnstile
+from bench.runners import ROOT, Result, engine_trees, run_bare, run_turnstile
 from bench.throughput import INPUTS, LOGS, interleave
 from bench.workloads import SINGLE
 
@@ -111,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--uvloop", action="store_true", help="every system on uvloop")
     args = parser.parse_args(argv)
-    for tree in args.engine:
-        if not (tree / "engine" / "__main__.py").exists():
-            parser.error(f"--engine: {tree} holds no engine/ package (engine/__main__.py)")
-    others = [tree.resolve() for tree in args.engine]
+    others = engine_trees(parser, args.engine)
     lines = compare(others, args.latency_ms, args.cap, args.rows, args.repeats, args.uvloop)
     print("\n".join(lines))
     return 0
