@@ -92,6 +92,12 @@ class _Batch:
     def __bool__(self) -> bool:
         return bool(self.journal or self.out or self.failed or self.filtered or self.history)
 
+    def finished(self) -> None:
+        """Written (or failed, ``error``): its waiters go on."""
+        self.written = True
+        if self.done is not None:
+            self.done.set()
+
     def size(self) -> int:
         """About how many bytes the batch writes (its emit records left out)."""
         rows = sum(len(data) for rows in (self.out, self.failed, self.filtered) for _, data in rows)
@@ -196,8 +202,7 @@ class Writer:
         if self._busy or self._always or len(batch.out) >= HANDOVER_ROWS:
             return self._wait(batch)
         if not self._soon:
-            self._soon = True
-            asyncio.get_running_loop().call_soon(self._write_soon)
+            self._write_at_pass_end()
         return None
 
     async def failed(self, line: int, row: dict[str, Any]) -> None:
@@ -226,15 +231,13 @@ class Writer:
             return
         self._batch.history.append(line)
         if not self._soon:
-            self._soon = True
-            asyncio.get_running_loop().call_soon(self._write_soon)
+            self._write_at_pass_end()
 
     async def _wait(self, batch: _Batch) -> None:
         if self.error is not None:
             raise CheckpointError(self._describe(self.error))
         if not self._soon:
-            self._soon = True
-            asyncio.get_running_loop().call_soon(self._write_soon)
+            self._write_at_pass_end()
         if not batch.written:
             done = batch.done
             if done is None:
@@ -242,6 +245,11 @@ class Writer:
             await done.wait()
         if batch.error is not None:
             raise CheckpointError(self._describe(batch.error))
+
+    def _write_at_pass_end(self) -> None:
+        """Have ``_write_soon`` run at the end of this loop pass (not yet asked for)."""
+        self._soon = True
+        asyncio.get_running_loop().call_soon(self._write_soon)
 
     def _write_soon(self) -> None:
         """Write the batch at the end of the loop pass its first caller joined it in.
@@ -271,9 +279,7 @@ class Writer:
         except OSError as exc:
             batch.error = self.error = exc
             self._kick.set()  # the task raises it: the run ends there
-        batch.written = True
-        if batch.done is not None:
-            batch.done.set()
+        batch.finished()
         if self._snapshot_due():
             self._kick.set()
 
@@ -341,9 +347,7 @@ class Writer:
                 await anyio.to_thread.run_sync(self._write, batch, sync)
         except OSError as exc:
             batch.error = self.error = exc
-        batch.written = True
-        if batch.done is not None:
-            batch.done.set()
+        batch.finished()
         if self.error is not None:
             raise CheckpointError(self._describe(self.error))
 

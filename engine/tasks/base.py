@@ -455,19 +455,15 @@ class RowContext:
                     completion.replica,
                 )
                 cached_tokens = completion.cached_tokens
-                price = settings.price
-                if price is None and not cached_tokens and run.budget is None:
-                    spent = 0.0  # nothing to count (the common case: a local teacher)
-                else:
-                    spent = _count_cost(
-                        run,
-                        model,
-                        price,
-                        answer.prompt_tokens,
-                        answer.completion_tokens,
-                        cached_tokens,
-                        batch=batch,
-                    )
+                spent = _count_cost(
+                    run,
+                    model,
+                    settings.price,
+                    answer.prompt_tokens,
+                    answer.completion_tokens,
+                    cached_tokens,
+                    batch=batch,
+                )
                 run.stats.turns_done += 1
         finally:
             if held is not None and run.budget is not None:
@@ -684,6 +680,8 @@ def _count_cost(
 ) -> float:
     """A sent request's cost (at the model's ``price``; ``batch``: at its batch price) and
     tokens, counted and spent; returns the cost (0.0 without a price)."""
+    if price is None and not cached and run.budget is None:
+        return 0.0  # nothing to count (the common case: a local teacher)
     usd = price.cost(prompt, completion, cached, batch=batch) if price else 0.0
     if price is not None or cached:
         counters = run.stats.models.get(model)

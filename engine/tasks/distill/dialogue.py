@@ -62,14 +62,13 @@ class Dialogue:
         row: InputRow,
         turns: list[list[Message]],
         tail: list[Message] | None = None,
-        replies: list[Answer] | None = None,
         *,
         keep_reasoning: bool = False,
     ) -> None:
         self.row = row
         self.turns = turns
         self.tail = [] if tail is None else tail
-        self.replies = [] if replies is None else replies
+        self.replies = []
         self.keep_reasoning = keep_reasoning
         self._answered = []
         self._reply_at = []
