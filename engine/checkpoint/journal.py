@@ -488,10 +488,7 @@ def apply(state: Replay, record: dict[str, Any], sizes: tuple[int, int, int] = N
             if end > state.filtered_end:
                 state.filtered_end = end
         return
-    spent = record.get(SPENT)
-    if spent is not None:  # a reply paid for: counted even for a row already done
-        state.spent_usd += spent
-        state.spent_tokens += record.get("p", 0) + record.get("o", 0)
+    _count_spent(state, record)  # a reply paid for: counted even for a row already done
     if line in state.done:
         return
     if kind == WRITING:
@@ -514,14 +511,19 @@ def apply_written(
     for record in records:
         if record["k"] == WRITING:
             state.records += 1
-            spent = record.get(SPENT)
-            if spent is not None:
-                state.spent_usd += spent
-                state.spent_tokens += record.get("p", 0) + record.get("o", 0)
+            _count_spent(state, record)
         else:
             apply(state, record)
     for emit in emits:
         apply(state, emit)
+
+
+def _count_spent(state: Replay, record: dict[str, Any]) -> None:
+    """What a reply record says it cost (``SPENT``, its tokens), added to the spend."""
+    spent = record.get(SPENT)
+    if spent is not None:
+        state.spent_usd += spent
+        state.spent_tokens += record.get("p", 0) + record.get("o", 0)
 
 
 def emit_record(kind: str, line: int, end: int) -> dict[str, Any]:
