@@ -29,7 +29,7 @@ def test_opcodes_counts_a_turn_of_each_engine_and_lists_where_they_differ() -> N
 
 
 def test_opcodes_alone_lists_the_functions_that_run_most() -> None:
-    lines = opcodes.compare([], rows=20, cap=8, cache=True, top=40)
+    lines = opcodes.compare([], rows=20, cap=8, cache=True, top=150)
     assert cells(lines, opcodes.THIS)
     # The protocol every reply goes through, and the cache's miss path with the cache on.
     assert float(cells(lines, "engine/tasks/base.py:ask")[1]) > 50

@@ -7,12 +7,11 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
 
-from engine.cache.keys import reply_value, request_key
+from engine.cache.keys import request_key, stored_reply
 from engine.cache.settings import CacheConfig
 from engine.cache.store import (
     _PUT_BYTES,
@@ -20,7 +19,6 @@ from engine.cache.store import (
     STORE_THREAD_NICE,
     ReplyCache,
     ReplyStore,
-    entry,
     open_cache,
 )
 from engine.errors import ConfigError
@@ -30,7 +28,7 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 ADDED = _PUT_ROWS + 300  # more additions than one commit takes
 
 
-async def put(cache: ReplyCache, key: bytes, reply: dict[str, Any]) -> None:
+async def put(cache: ReplyCache, key: bytes, reply: bytes) -> None:
     """An addition, waited for while the store's backlog is full (as Context.ask does)."""
     room = cache.add(key, reply)
     if room is not None:
@@ -81,10 +79,12 @@ def test_two_stores_on_one_folder_write_at_once(tmp_path: Path) -> None:
     def fill(store: ReplyStore, which: int) -> None:
         for batch in range(20):
             store.insert(
-                entry(k(f"{which}-{batch}-{i}"), reply_value(f"r{i}", "stop", 1, 2, 0, None))
-                for i in range(50)
+                {
+                    k(f"{which}-{batch}-{i}"): stored_reply(f"r{i}", "stop", 1, 2, 0, None)
+                    for i in range(50)
+                }
             )
-            store.insert([entry(k("shared"), reply_value(f"from {which}", "stop", 1, 1, 0, None))])
+            store.insert({k("shared"): stored_reply(f"from {which}", "stop", 1, 1, 0, None)})
 
     threads = [threading.Thread(target=fill, args=(s, n)) for n, s in enumerate(stores)]
     for t in threads:
@@ -102,9 +102,9 @@ def test_a_read_only_store_reads_and_never_writes(tmp_path: Path) -> None:
     assert ReplyStore(tmp_path / "none", read_only=True).get_many([k("x")]) == {}
     assert not (tmp_path / "none").exists()
     writer = ReplyStore(tmp_path)
-    writer.insert([entry(k("x"), reply_value("kept", "stop", 1, 1, 0, None))])
+    writer.insert({k("x"): stored_reply("kept", "stop", 1, 1, 0, None)})
     reader = ReplyStore(tmp_path, read_only=True)
-    reader.insert([entry(k("y"), reply_value("not kept", "stop", 1, 1, 0, None))])
+    reader.insert({k("y"): stored_reply("not kept", "stop", 1, 1, 0, None)})
     assert reader.get_many([k("x"), k("y")]) == {k("x"): {"c": "kept", "f": "stop", "p": 1, "o": 1}}
     assert writer.count() == 1
     reader.close()
@@ -116,7 +116,7 @@ async def test_the_cache_batches_lookups_and_additions(tmp_path: Path) -> None:
         assert cache is not None
         async with anyio.create_task_group() as tg:
             for i in range(300):
-                tg.start_soon(put, cache, k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None))
+                tg.start_soon(put, cache, k(i), stored_reply(f"r{i}", "stop", 1, 1, 0, None))
         found: dict[int, object] = {}
 
         async def get(i: int) -> None:
@@ -129,7 +129,7 @@ async def test_the_cache_batches_lookups_and_additions(tmp_path: Path) -> None:
     assert sum(v is not None for v in found.values()) == 300
     async with open_cache(CacheConfig(tmp_path, "read_only")) as cache:
         assert cache is not None
-        await put(cache, k("new"), reply_value("x", "stop", 1, 1, 0, None))
+        await put(cache, k("new"), stored_reply("x", "stop", 1, 1, 0, None))
         assert await cache.get(k("new")) is None
         assert await cache.get(k(5)) == {"c": "r5", "f": "stop", "p": 1, "o": 1}
     async with open_cache(CacheConfig()) as off:
@@ -146,7 +146,7 @@ async def test_additions_are_seen_at_once_and_all_committed_at_close(
     async with anyio.create_task_group() as tg:
         tg.start_soon(cache.run)
         for i in range(ADDED):  # past a batch: one round commits while others queue
-            await put(cache, k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None))
+            await put(cache, k(i), stored_reply(f"r{i}", "stop", 1, 1, 0, None))
         # Seen before their commit; an unknown key is None.
         last = ADDED - 1
         assert await cache.get(k(last)) == {"c": f"r{last}", "f": "stop", "p": 1, "o": 1}
@@ -177,11 +177,35 @@ async def test_long_replies_are_committed_a_bounded_number_of_bytes_at_a_time(
     async with anyio.create_task_group() as tg:
         tg.start_soon(cache.run)
         for i in range(40):  # past the backlog: additions wait for rounds, none is lost
-            await put(cache, k(i), reply_value(f"r{i}", "stop", 1, 1, 0, trace))
+            await put(cache, k(i), stored_reply(f"r{i}", "stop", 1, 1, 0, trace))
         cache.close()
     assert store.count() == 40
     assert len(commits) >= 40 // 8  # never one commit of all of them
     assert store.get_many([k(39)])[k(39)]["r"] == trace
+    store.close()
+
+
+def test_a_commit_is_a_few_inserts_each_of_a_power_of_two_rows(tmp_path: Path) -> None:
+    store = ReplyStore(tmp_path)
+    assert store._db is not None
+    assert store._db.execute("PRAGMA page_size").fetchone()[0] == 16384  # a new store's
+    statements: list[str] = []
+    assert store._db is not None
+    store._db.set_trace_callback(statements.append)
+    store.insert({k(i): stored_reply(f"r{i}", "stop", 1, 1, 0, None) for i in range(2250)})
+    inserts = [sql.count("),(") + 1 for sql in statements if sql.startswith("INSERT")]
+    assert inserts == [1024, 1024, 128, 64, 8, 2]  # statements SQLite compiled once
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"  # one commit
+    store._rows_per_insert = 256  # as under SQLite's old limit of 999 parameters
+    statements.clear()
+    store.insert({k(f"b{i}"): stored_reply(f"b{i}", "stop", 1, 1, 0, None) for i in range(600)})
+    inserts = [sql.count("),(") + 1 for sql in statements if sql.startswith("INSERT")]
+    assert inserts == [256, 256, 64, 16, 8]
+    assert store.count() == 2250 + 600
+    assert store.get_many([k(2249), k("b599")]) == {
+        k(2249): {"c": "r2249", "f": "stop", "p": 1, "o": 1},
+        k("b599"): {"c": "b599", "f": "stop", "p": 1, "o": 1},
+    }
     store.close()
 
 
@@ -197,7 +221,7 @@ async def test_the_store_commits_from_a_thread_of_lower_priority(tmp_path: Path)
     async with anyio.create_task_group() as tg:
         tg.start_soon(cache.run)
         await cache._in_thread(note)
-        await put(cache, k(1), reply_value("r1", "stop", 1, 1, 0, None))
+        await put(cache, k(1), stored_reply("r1", "stop", 1, 1, 0, None))
         cache.close()
     assert niceness == [min(19, os.getpriority(os.PRIO_PROCESS, 0) + STORE_THREAD_NICE)]
     assert store.count() == 1
@@ -206,9 +230,7 @@ async def test_the_store_commits_from_a_thread_of_lower_priority(tmp_path: Path)
 
 async def test_the_lookups_of_one_loop_pass_are_one_query(tmp_path: Path) -> None:
     store = ReplyStore(tmp_path)
-    store.insert(
-        [entry(k(i), reply_value(f"r{i}", "stop", 1, 1, 0, None)) for i in range(0, 64, 2)]
-    )
+    store.insert({k(i): stored_reply(f"r{i}", "stop", 1, 1, 0, None) for i in range(0, 64, 2)})
     queries: list[str] = []
     assert store._reader is not None
     store._reader.set_trace_callback(queries.append)
@@ -232,8 +254,8 @@ async def test_the_lookups_of_one_loop_pass_are_one_query(tmp_path: Path) -> Non
 def test_two_keys_sharing_a_slot_never_answer_for_each_other(tmp_path: Path) -> None:
     first, second = k("a"), k("a")[:8] + k("b")[8:]  # the same first 8 bytes: one slot
     store = ReplyStore(tmp_path)
-    store.insert([entry(first, reply_value("first", "stop", 1, 1, 0, None))])
-    store.insert([entry(second, reply_value("second", "stop", 1, 1, 0, None))])
+    store.insert({first: stored_reply("first", "stop", 1, 1, 0, None)})
+    store.insert({second: stored_reply("second", "stop", 1, 1, 0, None)})
     assert store.get_many([first, second]) == {first: {"c": "first", "f": "stop", "p": 1, "o": 1}}
     assert store.lookup([second]) == {}
     store.close()
@@ -246,7 +268,7 @@ def test_a_store_of_the_first_layout_is_moved_once_and_read(tmp_path: Path) -> N
 
     old = sqlite3.connect(tmp_path / "replies.sqlite3")
     old.execute("CREATE TABLE replies (key TEXT PRIMARY KEY, reply BLOB NOT NULL) WITHOUT ROWID")
-    kept = reply_value("kept", "stop", 1, 2, 0, None)
+    kept = {"c": "kept", "f": "stop", "p": 1, "o": 2}
     old.execute("INSERT INTO replies VALUES (?, ?)", (k("x").hex(), orjson.dumps(kept)))
     old.execute("INSERT INTO replies VALUES (?, ?)", ("not a key", orjson.dumps(kept)))
     old.commit()
@@ -264,7 +286,7 @@ async def test_a_run_alone_on_its_store_queries_nothing_for_a_miss_and_sees_anot
     tmp_path: Path,
 ) -> None:
     store = ReplyStore(tmp_path)
-    store.insert([entry(k(1), reply_value("r1", "stop", 1, 1, 0, None))])
+    store.insert({k(1): stored_reply("r1", "stop", 1, 1, 0, None)})
     queries: list[str] = []
     assert store._reader is not None
     store._reader.set_trace_callback(queries.append)
@@ -274,16 +296,17 @@ async def test_a_run_alone_on_its_store_queries_nothing_for_a_miss_and_sees_anot
         await tg.start(cache.run)  # it knows the store's slots now
         assert cache.missing(k(2)) and not cache.missing(k(1))
         assert await cache.get(k(2)) is None
-        assert cache.add(k(3), reply_value("r3", "stop", 1, 1, 0, None)) is None  # no backlog
-        assert not cache.missing(k(3))
+        assert cache.missing(k(3)) and cache.claim(k(3))  # a request about to be sent
+        assert not cache.missing(k(3)) and not cache.claim(k(3))  # known from now on
+        assert cache.add(k(3), stored_reply("r3", "stop", 1, 1, 0, None)) is None  # no backlog
         assert await cache.get(k(3)) is not None  # its own, queued
         assert queries == []  # a miss and an own addition: no query
         assert await cache.get(k(1)) == {"c": "r1", "f": "stop", "p": 1, "o": 1}
         assert len(queries) == 1  # a slot the store holds is read
-        other.insert([entry(k(4), reply_value("r4", "stop", 1, 1, 0, None))])
+        other.insert({k(4): stored_reply("r4", "stop", 1, 1, 0, None)})
         # A round (each commit of additions, or every second when idle) notices the
         # other run's commit...
-        await cache._round([], [])
+        await cache._round([], {})
         # ...and from then on every lookup asks the store: the other run's reply is found.
         assert not cache.missing(k(5))
         assert await cache.get(k(4)) == {"c": "r4", "f": "stop", "p": 1, "o": 1}

@@ -11,8 +11,7 @@ import pytest
 
 from engine import jsonbytes
 from engine.batch.lines import read_result
-from engine.cache.keys import reply_value
-from engine.cache.store import entry
+from engine.cache.keys import stored_reply
 from engine.http.client import HttpEndpoint
 from engine.http.settings import HttpSettings
 from engine.stats import ModelStats
@@ -51,9 +50,7 @@ def test_orjson_alone_holds_a_bigger_buffer_which_dumps_does_not(chars: int) -> 
 
 def test_a_reply_queued_for_the_store_holds_its_own_size() -> None:
     trace = "t" * 16_384
-    per_value, size = held_per_value(
-        lambda i: entry(i.to_bytes(32, "big"), reply_value("answer", "stop", 5, 9, 0, trace))[2]
-    )
+    per_value, size = held_per_value(lambda i: stored_reply(f"answer {i}", "stop", 5, 9, 0, trace))
     assert close_to_its_size(per_value, size)
 
 

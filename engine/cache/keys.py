@@ -8,6 +8,8 @@ from typing import Any
 
 import orjson
 
+from engine import jsonbytes
+
 
 def request_key(
     model: str,
@@ -26,7 +28,7 @@ def request_key(
     return hashlib.sha256(body).digest()
 
 
-def reply_value(
+def stored_reply(
     text: str,
     finish_reason: str | None,
     prompt_tokens: int,
@@ -34,8 +36,11 @@ def reply_value(
     reasoning_tokens: int,
     trace: str | None,
     cached_tokens: int = 0,
-) -> dict[str, Any]:
-    """What the store keeps of a reply (its usage too: a hit shows what it saved)."""
+) -> bytes:
+    """What the store keeps of a reply (its usage too: a hit shows what it saved), as
+    JSON: a JSON object of ``c`` (the text), ``f``, ``p``, ``o``, and ``n``, ``r``
+    (the trace), ``ct`` where they are set. Held until committed: bytes of their own
+    size (``engine.jsonbytes``)."""
     value: dict[str, Any] = {
         "c": text,
         "f": finish_reason,
@@ -48,4 +53,4 @@ def reply_value(
         value["r"] = trace
     if cached_tokens:
         value["ct"] = cached_tokens
-    return value
+    return jsonbytes.dumps(value)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, Protocol, Ty
 
 import anyio
 
-from engine.cache.keys import reply_value, request_key
+from engine.cache.keys import request_key, stored_reply
 from engine.cost import SPENT, Price, worst_case, worst_case_body
 from engine.errors import ModelError
 from engine.http.endpoint import RawEndpoint, asker
@@ -407,10 +407,11 @@ class RowContext:
         settings = run.config.models[model]
         params: Mapping[str, Any] = {**settings.params, **extra} if extra else settings.params
         cache_key = stored = None
-        if run.cache is not None:
+        cache = run.cache
+        if cache is not None:
             cache_key = request_key(settings.model, params, messages, generation_of(key))
-            if not run.cache.missing(cache_key):  # (a miss known at once needs no await)
-                stored = await run.cache.get(cache_key)
+            if not cache.claim(cache_key):  # (a miss known at once needs no await)
+                stored = await cache.get(cache_key)
                 if run.stopping and stored is None:
                     await run._park(self)
         held = None
@@ -483,9 +484,9 @@ class RowContext:
                 self._pending.append(record)
             else:
                 await run.writer.record(record)
-            if stored is None and cache_key is not None and run.cache is not None:
+            if cache_key is not None and stored is None and cache is not None:
                 # Journaled first (resume stays exact), then in the store for other runs.
-                value = reply_value(
+                reply = stored_reply(
                     answer.text,
                     answer.finish_reason,
                     answer.prompt_tokens,
@@ -494,7 +495,7 @@ class RowContext:
                     answer.trace,
                     cached_tokens,
                 )
-                room = run.cache.add(cache_key, value)
+                room = cache.add(cache_key, reply)
                 if room is not None:  # the store's backlog is full
                     await room
             return answer
