@@ -18,9 +18,9 @@ with the other's reply.
 to the store's own thread in batches of up to ``_PUT_ROWS`` replies or ``_PUT_BYTES``
 bytes, gathered for up to ``_PUT_LINGER_S``, not waited for (a run's replies are
 journaled first: the store only saves other runs a request; a kill loses at most the
-batch being gathered); the run's end commits every one still queued. A batch is one
-INSERT where SQLite's limit on parameters allows (32,766 since 3.32): its rows are
-bound with the GIL held, and each statement more is one more wait for the GIL.
+batch being gathered); the run's end commits every one still queued. A batch goes in
+a few INSERTs of a power of two rows each (statements SQLite compiled once), their
+rows bound with the GIL held and run with it released.
 That thread runs at a lower CPU priority (``STORE_THREAD_NICE``, on Linux), as a
 database's background writers do: where the CPU is the bound (a fast server on the
 same machine), a commit waits for a core the loop and the server leave idle instead
@@ -78,9 +78,9 @@ _SCHEMA = (
 _OLD_TABLE = "replies"  # the first layout: hex text keys, one WITHOUT ROWID table
 _GETS = 512  # lookups per query, at most
 _PUT_ROWS = 8192  # additions per commit, at most: a commit's cost is mostly per page
-_PAGE_BYTES = 16384  # a new store's page size
-_INSERT_ROWS = 1024  # rows an INSERT binds at most (a power of two): 3,072 parameters
 _PUT_BYTES = 8 << 20  # and their encoded bytes (replies with long traces)
+_INSERT_ROWS = 1024  # rows an INSERT binds at most (a power of two): 3,072 parameters
+_PAGE_BYTES = 16384  # a new store's page size
 _BACKLOG = 4  # commits' worth queued past which the next addition waits for a round
 _BUSY_MS = 60_000  # how long a writer waits for another run's commit
 _READER_BUSY_MS = 100  # a lookup on the loop that finds the file busy goes to the thread
