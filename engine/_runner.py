@@ -283,8 +283,9 @@ async def _execute(
                     checkpoint_dir=config.checkpoint_dir,
                 )
             )
-        await _probe_models(clients, task.optional_models())
         cache = await _open_cache(config, stack)
+        stored = cache is not None and await anyio.to_thread.run_sync(cache.store.holds_replies)
+        await _probe_models(clients, task.optional_models(), cached=stored)
         budget = None
         if config.budget.on:
             # What every run of the checkpoint spent, summed from its journal (a SIGKILLed
@@ -396,7 +397,9 @@ class LocalGroup:
     members: tuple[str, ...]
 
 
-async def _probe_models(clients: dict[str, ModelEndpoint], optional: frozenset[str]) -> None:
+async def _probe_models(
+    clients: dict[str, ModelEndpoint], optional: frozenset[str], *, cached: bool = False
+) -> None:
     """Check every replica answers before any row is touched.
 
     A replica that does not is taken out and probed (a warning names it). A model
@@ -404,6 +407,12 @@ async def _probe_models(clients: dict[str, ModelEndpoint], optional: frozenset[s
     optional (a preference generator) and another optional one answers: then it
     is down from the start (its requests fail at once, its rows go on with the
     others' generations) and is used again once its probe finds it answering.
+
+    ``cached``: the reply store (``cache.dir``) holds replies, so the run may need
+    no model at all (a rerun the store answers whole): a model no replica of which
+    answers is then an outage from the start instead (a warning names it): the
+    store's replies are used, and a request the store cannot answer waits for the
+    model as in any outage, the run stopping (resumable) after ``down_after_s``.
     """
     # All at once: a run of several models waits one round trip, not one per model.
     problems: dict[str, list[str]] = {}
@@ -423,7 +432,7 @@ async def _probe_models(clients: dict[str, ModelEndpoint], optional: frozenset[s
     fatal = [name for name in dead if name not in optional]
     if optional and set(optional) <= set(dead):
         fatal = dead
-    if fatal:
+    if fatal and not cached:
         urls = "; ".join(
             f"models.{name}: {', '.join(r.url for r in clients[name].statistics().replicas)}"
             for name in fatal
@@ -431,7 +440,15 @@ async def _probe_models(clients: dict[str, ModelEndpoint], optional: frozenset[s
         raise ModelDown(
             f"cannot reach {urls} (no replica answers); start the server or fix base_url"
         )
+    for name in fatal:  # (the store holds replies: the run may need no model)
+        log.warning(
+            f"models.{name}: no replica answers; the run goes on with the replies in "
+            "cache.dir, and a request they cannot answer waits for the model as in an "
+            "outage (down_after_s), then the run stops, resumable"
+        )
     for name in dead:
+        if name in fatal:
+            continue
         # Never answered in this run: nothing to wait for. Its generations are
         # recorded failed until a probe finds it answering.
         clients[name].down_from_start()

@@ -15,7 +15,7 @@ import yaml
 
 from engine import progress
 from engine.cache.store import ReplyStore
-from engine.errors import EXIT_BUDGET
+from engine.errors import EXIT_BUDGET, EXIT_STOPPED
 from engine.history import HISTORY_NAME
 from engine.metrics import RunCollector
 from engine.stats import ModelStats, RunStats
@@ -90,6 +90,50 @@ async def test_two_runs_share_one_store_at_once_and_a_read_only_store_adds_nothi
     assert done.returncode == 0, done.stderr
     assert mock.stats.total_requests == 2  # only the new row
     assert ReplyStore(store).count() == 80  # and it is not kept
+
+
+DOWN = "http://127.0.0.1:9/v1"  # nothing listens there
+
+
+async def test_a_rerun_the_store_answers_whole_needs_no_server_and_one_it_cannot_waits_for_it(
+    mock: MockServer, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    write_jsonl(tmp_path / "in.jsonl", [row(i, turns=2) for i in range(6)])
+    first = await turnstile("run", str(config(tmp_path, mock.base_url, "first", store)))
+    assert first.returncode == 0, first.stderr
+    # No server at all: an empty store cannot stand in for it, the run stops at once.
+    empty = await turnstile("run", str(config(tmp_path, DOWN, "empty", tmp_path / "none")))
+    assert empty.returncode == EXIT_STOPPED and "cannot reach" in empty.stderr
+    # A rerun (a fresh checkpoint) the store answers whole: done without the server.
+    again = await turnstile("run", str(config(tmp_path, DOWN, "again", store)))
+    assert again.returncode == 0, again.stderr
+    assert "no replica answers; the run goes on with the replies in cache.dir" in again.stderr
+    assert "12 cached" in again.stderr
+
+    def texts(name: str) -> dict[str, Any]:
+        return {r["id"]: r["messages"] for r in read_jsonl(tmp_path / f"out/{name}.jsonl")}
+
+    assert texts("again") == texts("first")
+    # A row the store cannot answer waits for the model as in an outage, then the run
+    # stops (exit 3); with the server back, the same command finishes it, exactly.
+    write_jsonl(tmp_path / "in.jsonl", [row(i, turns=2) for i in range(7)])
+    path = config(tmp_path, DOWN, "more", store)
+    raw = yaml.safe_load(path.read_text())
+    raw["models"]["teacher"]["down_after_s"] = 0.5
+    path.write_text(yaml.safe_dump(raw))
+    mock.reset()
+    stopped = await turnstile("run", str(path))
+    assert stopped.returncode == EXIT_STOPPED, stopped.stderr
+    assert "models.teacher down for 0.5 s" in stopped.stderr
+    raw["models"]["teacher"]["base_url"] = mock.base_url
+    path.write_text(yaml.safe_dump(raw))
+    resumed = await turnstile("run", str(path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert mock.stats.total_requests == 2  # row 6's two turns, and nothing else
+    more = texts("more")
+    assert sorted(more) == [f"r{i}" for i in range(7)]
+    assert {k: v for k, v in more.items() if k != "r6"} == texts("first")
 
 
 async def test_a_budget_stops_the_run_with_exit_4_and_a_raised_one_resumes_it(

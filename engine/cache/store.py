@@ -238,6 +238,12 @@ class ReplyStore:
         assert self._db is not None
         return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
+    def holds_replies(self) -> bool:
+        """Whether the store holds any reply (one row read)."""
+        if self._db is None:
+            return False
+        return self._db.execute("SELECT 1 FROM reply LIMIT 1").fetchone() is not None
+
     def count(self) -> int:
         if self._db is None:
             return 0
