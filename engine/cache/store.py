@@ -398,9 +398,13 @@ class ReplyCache:
             self._ask_thread([(key, future)])
         return await future
 
+    def _queues(self) -> tuple[dict[bytes, bytes], ...]:
+        """The additions not yet committed, oldest first: in the thread, sealed, filling."""
+        return (self._committing, *self._sealed, self._filling)
+
     def _own(self, key: bytes) -> bytes | None:
         """This run's addition of ``key`` not yet committed (the first one), or None."""
-        for queued in (self._committing, *self._sealed, self._filling):
+        for queued in self._queues():
             reply = queued.get(key)
             if reply is not None:
                 return reply
@@ -497,7 +501,7 @@ class ReplyCache:
         """Hold the store's slots (those added meanwhile too) when it is small enough."""
         known = await self._in_thread(self.store.slots, KNOWN_SLOTS_MAX)
         if known is not None:
-            for queued in (self._committing, *self._sealed, self._filling):
+            for queued in self._queues():
                 known.update(slot_of(key) for key in queued)
         self._known = known
 
