@@ -20,6 +20,7 @@ from engine.cache.store import (
     ReplyCache,
     ReplyStore,
     open_cache,
+    slot_of,
 )
 from engine.errors import ConfigError
 from engine.tasks.asking import Rating, Sample, Try, Turn, generation_of
@@ -28,7 +29,7 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 ADDED = _PUT_ROWS + 300  # more additions than one commit takes
 
 
-async def put(cache: ReplyCache, key: bytes, reply: bytes) -> None:
+async def put(cache: ReplyCache, key: bytes, reply: bytearray) -> None:
     """An addition, waited for while the store's backlog is full (as Context.ask does)."""
     room = cache.add(key, reply)
     if room is not None:
@@ -201,6 +202,12 @@ def test_a_commit_is_a_few_inserts_each_of_a_power_of_two_rows(tmp_path: Path) -
     store.insert({k(f"b{i}"): stored_reply(f"b{i}", "stop", 1, 1, 0, None) for i in range(600)})
     inserts = [sql.count("),(") + 1 for sql in statements if sql.startswith("INSERT")]
     assert inserts == [256, 256, 64, 16, 8]
+    assert store.count() == 2250 + 600
+    assert store._db is not None
+    rows = store._db.execute("SELECT slot, key FROM reply").fetchall()
+    assert all(slot == slot_of(key) for slot, key in rows)  # each row's own key's slot
+    with pytest.raises(ValueError, match="32 bytes"):  # never a row under another's slot
+        store.insert({k("c"): stored_reply("c", "stop", 1, 1, 0, None), b"short": bytearray()})
     assert store.count() == 2250 + 600
     assert store.get_many([k(2249), k("b599")]) == {
         k(2249): {"c": "r2249", "f": "stop", "p": 1, "o": 1},

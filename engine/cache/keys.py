@@ -8,8 +8,6 @@ from typing import Any
 
 import orjson
 
-from engine import jsonbytes
-
 
 def request_key(
     model: str,
@@ -36,11 +34,12 @@ def stored_reply(
     reasoning_tokens: int,
     trace: str | None,
     cached_tokens: int = 0,
-) -> bytes:
+) -> bytearray:
     """What the store keeps of a reply (its usage too: a hit shows what it saved), as
     JSON: a JSON object of ``c`` (the text), ``f``, ``p``, ``o``, and ``n``, ``r``
-    (the trace), ``ct`` where they are set. Held until committed: bytes of their own
-    size (``engine.jsonbytes``)."""
+    (the trace), ``ct`` where they are set. Held until committed, as a bytearray: a
+    copy of its own size (``engine.jsonbytes`` says why), which the store's sqlite3
+    binds as it is."""
     value: dict[str, Any] = {
         "c": text,
         "f": finish_reason,
@@ -53,4 +52,4 @@ def stored_reply(
         value["r"] = trace
     if cached_tokens:
         value["ct"] = cached_tokens
-    return jsonbytes.dumps(value)
+    return bytearray(orjson.dumps(value))

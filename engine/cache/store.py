@@ -15,12 +15,13 @@ in 2^64 a pair) cost the later one its place: it is asked again, never answered
 with the other's reply.
 
 ``ReplyCache`` keeps writes off the event loop: additions come encoded, queue and go
-to the store's own thread in batches of up to ``_PUT_ROWS`` replies or ``_PUT_BYTES``
-bytes, gathered for up to ``_PUT_LINGER_S``, not waited for (a run's replies are
-journaled first: the store only saves other runs a request; a kill loses at most the
-batch being gathered); the run's end commits every one still queued. A batch goes in
-a few INSERTs of a power of two rows each (statements SQLite compiled once), their
-rows bound with the GIL held and run with it released.
+to the store's own thread in batches of up to ``_PUT_BYTES`` bytes (a reply counted
+``_ROW_BYTES`` over its length: at most ``_PUT_ROWS`` replies), gathered for up to
+``_PUT_LINGER_S``, not waited for (a run's replies are journaled first: the store only
+saves other runs a request; a kill loses at most the batch being gathered); the run's
+end commits every one still queued. A batch goes in a few INSERTs of a power of two
+rows each (statements SQLite compiled once), their parameters made by C loops and
+bound with the GIL held, the statements run with it released.
 That thread runs at a lower CPU priority (``STORE_THREAD_NICE``, on Linux), as a
 database's background writers do: where the CPU is the bound (a fast server on the
 same machine), a commit waits for a core the loop and the server leave idle instead
@@ -57,6 +58,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from itertools import chain
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -77,8 +80,12 @@ _SCHEMA = (
 )
 _OLD_TABLE = "replies"  # the first layout: hex text keys, one WITHOUT ROWID table
 _GETS = 512  # lookups per query, at most
-_PUT_ROWS = 8192  # additions per commit, at most: a commit's cost is mostly per page
-_PUT_BYTES = 8 << 20  # and their encoded bytes (replies with long traces)
+# A commit's worth of additions: their encoded bytes (replies with long traces), each
+# counted ``_ROW_BYTES`` more than its length, so at most ``_PUT_ROWS`` replies (a
+# commit's cost is mostly per page: the more to a commit, the less a reply costs).
+_PUT_BYTES = 8 << 20
+_ROW_BYTES = 1024
+_PUT_ROWS = _PUT_BYTES // _ROW_BYTES  # 8,192
 _INSERT_ROWS = 1024  # rows an INSERT binds at most (a power of two): 3,072 parameters
 _PAGE_BYTES = 16384  # a new store's page size
 _BACKLOG = 4  # commits' worth queued past which the next addition waits for a round
@@ -100,6 +107,8 @@ STORE_THREAD_NICE = 10
 
 _SLOT = struct.Struct(">q")
 _unpack = _SLOT.unpack_from
+_KEY_BYTES = 32  # a key: a sha256 digest
+_KEY_SLOT = struct.Struct(f">q{_KEY_BYTES - _SLOT.size}x")  # a key's slot, in keys joined
 
 
 def slot_of(key: bytes) -> int:
@@ -175,7 +184,7 @@ class ReplyStore:
         """The stored replies of ``keys`` (those it holds)."""
         return _select(self._db, keys)
 
-    def insert(self, replies: Mapping[bytes, bytes]) -> None:
+    def insert(self, replies: Mapping[bytes, bytearray]) -> None:
         """Add replies (key -> ``engine.cache.keys.stored_reply``) in one transaction; a
         key already there keeps its reply.
 
@@ -185,14 +194,7 @@ class ReplyStore:
         Each binds its rows with the GIL held, then runs with it released."""
         if self._db is None or self.read_only or not replies:
             return
-        # bytearray, not bytes: sqlite3 binds a bytearray as it is, where a bytes object
-        # first goes through its adapter lookup (two failed attribute lookups, one of
-        # them an exception raised and cleared, with the GIL held).
-        values = [
-            part
-            for key, reply in replies.items()
-            for part in (_unpack(key)[0], bytearray(key), bytearray(reply))
-        ]
+        values = _row_values(replies)
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -207,7 +209,7 @@ class ReplyStore:
         db.execute("COMMIT")
 
     def exchange(
-        self, replies: Mapping[bytes, bytes], keys: Sequence[bytes]
+        self, replies: Mapping[bytes, bytearray], keys: Sequence[bytes]
     ) -> tuple[dict[bytes, dict[str, Any]], bool]:
         """Add ``replies``, then look ``keys`` up, and say whether another run has
         written meanwhile (one thread call of the cache's server)."""
@@ -254,6 +256,22 @@ class ReplyStore:
             if db is not None:
                 db.close()
         self._db = self._reader = None
+
+
+def _row_values(replies: Mapping[bytes, bytearray]) -> list[Any]:
+    """The INSERTs' parameters, row after row: each key's slot, the key, its reply.
+    Made by C loops, no bytecode a row (while this thread holds the GIL, the event
+    loop waits)."""
+    keys = list(replies)
+    joined = b"".join(keys)
+    if len(joined) != _KEY_BYTES * len(keys):
+        raise ValueError(f"a reply store key is {_KEY_BYTES} bytes (a sha256 digest)")
+    slots = map(itemgetter(0), _KEY_SLOT.iter_unpack(joined))
+    # bytearrays, not bytes (the replies come as bytearrays): sqlite3 binds a bytearray
+    # as it is, where a bytes object first goes through its adapter lookup (two failed
+    # attribute lookups, one of them an exception raised and cleared, with the GIL held).
+    rows = zip(slots, map(bytearray, keys), replies.values(), strict=True)
+    return list(chain.from_iterable(rows))
 
 
 @functools.cache
@@ -326,11 +344,11 @@ class ReplyCache:
     Additions are not waited for (their replies are journaled already: the store only
     saves other runs a request). They come encoded (the store's thread then holds the
     GIL only to bind them) and queue in a dict, key to reply, that lookups see at once
-    (``_own``). A dict that holds a commit's worth (``_PUT_ROWS`` replies or
-    ``_PUT_BYTES`` bytes) is sealed and the next addition starts another; each goes to
-    the store in one thread call, a round: a sealed one at once, the one filling
-    ``_PUT_LINGER_S`` after its first addition, or with the lookups that wait for the
-    thread. An addition waits only while more than ``_BACKLOG`` sealed ones wait.
+    (``_own``). A dict that holds a commit's worth is sealed and the next addition
+    starts another; each goes to the store in one thread call, a round: a sealed one
+    at once, the one filling ``_PUT_LINGER_S`` after its first addition, or with the
+    lookups that wait for the thread. An addition waits only while more than
+    ``_BACKLOG`` sealed ones wait.
     After ``close`` the server commits everything queued before ``run`` ends.
     A small store (``ReplyStore.small``) answers the lookups of one loop pass on the
     loop itself, in one query; a big one's go to the thread, with the additions due.
@@ -343,10 +361,10 @@ class ReplyCache:
         self._loop = asyncio.get_running_loop()
         self._looking: list[tuple[bytes, asyncio.Future[dict[str, Any] | None]]] = []
         self._gets: list[tuple[bytes, asyncio.Future[dict[str, Any] | None]]] = []
-        self._filling: dict[bytes, bytes] = {}  # additions since the last seal: key -> JSON
-        self._filling_bytes = 0
-        self._sealed: deque[dict[bytes, bytes]] = deque()  # a commit's worth each, in order
-        self._committing: dict[bytes, bytes] = {}  # in the store's thread now
+        self._filling: dict[bytes, bytearray] = {}  # additions since the last seal: key -> JSON
+        self._filling_left = _PUT_BYTES  # what they may still take of a commit's worth
+        self._sealed: deque[dict[bytes, bytearray]] = deque()  # a commit's worth each, in order
+        self._committing: dict[bytes, bytearray] = {}  # in the store's thread now
         self._due = 0.0  # when the oldest addition filling is to be committed
         # Every slot the store holds while only this run writes it; None: ask the store.
         self._known: set[int] | None = None
@@ -354,6 +372,7 @@ class ReplyCache:
         self._wake = asyncio.Event()  # a lookup waits, a commit is sealed, or the cache closed
         self._queued = asyncio.Event()  # something is queued
         self._closed = False
+        self._adds_off = self.read_only  # read-only, or closed: one test an addition
         # The store's own thread (started with the first call): its priority is lowered
         # for good, so it is not one of anyio's shared worker threads.
         self._thread = ThreadPoolExecutor(
@@ -398,11 +417,11 @@ class ReplyCache:
             self._ask_thread([(key, future)])
         return await future
 
-    def _queues(self) -> tuple[dict[bytes, bytes], ...]:
+    def _queues(self) -> tuple[dict[bytes, bytearray], ...]:
         """The additions not yet committed, oldest first: in the thread, sealed, filling."""
         return (self._committing, *self._sealed, self._filling)
 
-    def _own(self, key: bytes) -> bytes | None:
+    def _own(self, key: bytes) -> bytearray | None:
         """This run's addition of ``key`` not yet committed (the first one), or None."""
         for queued in self._queues():
             reply = queued.get(key)
@@ -432,22 +451,22 @@ class ReplyCache:
         self._queued.set()
         self._wake.set()
 
-    def add(self, key: bytes, reply: bytes) -> asyncio.Future[None] | None:
+    def add(self, key: bytes, reply: bytearray) -> asyncio.Future[None] | None:
         """Add the reply (``engine.cache.keys.stored_reply``) of a request ``claim``ed
         (nothing in read-only mode), committed by a later round: queued at once, without
         a coroutine; returned is a future for the caller to wait on when ``_BACKLOG``
         commits' worth are queued already (else None)."""
-        if self.read_only:
+        if self._adds_off:
+            if self._closed:
+                raise self._closed_error()
             return None
-        if self._closed:
-            raise self._closed_error()
         filling = self._filling
         if not filling:  # the first one since a seal: the server may be waiting for it
             self._due = self._loop.time() + _PUT_LINGER_S
             self._queued.set()
         filling.setdefault(key, reply)
-        self._filling_bytes += len(reply)
-        if len(filling) < _PUT_ROWS and self._filling_bytes < _PUT_BYTES:
+        self._filling_left -= len(reply) + _ROW_BYTES
+        if self._filling_left > 0:
             return None  # less than a commit's worth: the linger's end commits them
         self._seal()
         if len(self._sealed) <= _BACKLOG:
@@ -459,7 +478,7 @@ class ReplyCache:
     def _seal(self) -> None:
         """The additions filling, a commit of their own: queued for the next round."""
         self._sealed.append(self._filling)
-        self._filling, self._filling_bytes = {}, 0
+        self._filling, self._filling_left = {}, _PUT_BYTES
         self._wake.set()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -508,7 +527,7 @@ class ReplyCache:
     async def _round(
         self,
         gets: list[tuple[bytes, asyncio.Future[dict[str, Any] | None]]],
-        puts: dict[bytes, bytes],
+        puts: dict[bytes, bytearray],
     ) -> None:
         """One thread call: commit ``puts``, answer ``gets``, notice other writers."""
         self._committing = puts  # seen by lookups until it is committed
@@ -543,7 +562,7 @@ class ReplyCache:
 
     def close(self) -> None:
         """No more lookups or additions: ``run`` commits what is queued, then returns."""
-        self._closed = True
+        self._closed = self._adds_off = True
         self._queued.set()
         self._wake.set()
 
