@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
+import sqlite3
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -19,6 +22,7 @@ from engine.cache.store import (
     STORE_THREAD_NICE,
     ReplyCache,
     ReplyStore,
+    _when_free,
     open_cache,
     slot_of,
 )
@@ -97,6 +101,63 @@ def test_two_stores_on_one_folder_write_at_once(tmp_path: Path) -> None:
     assert (tmp_path / "replies.sqlite3-wal").exists() or stores[0].count()
     for s in stores:
         s.close()
+
+
+OPENERS = 8  # runs opening one new store at once
+
+
+def open_when_all_are_ready(folder: Path, ready: Any) -> None:
+    ready.wait()
+    ReplyStore(folder).close()  # an error fails the process
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forked processes")
+def test_runs_that_make_one_new_store_at_once_all_open_it(tmp_path: Path) -> None:
+    # Each switches the new file to WAL, which SQLite refuses at once (busy_timeout or
+    # not: waiting could deadlock) to all but one; they try again. Before they did, about
+    # one round in twenty had a run fail ("database is locked").
+    fork = multiprocessing.get_context("fork")
+    for round_ in range(40):
+        folder = tmp_path / str(round_)
+        ready = fork.Barrier(OPENERS)
+        runs = [
+            fork.Process(target=open_when_all_are_ready, args=(folder, ready))
+            for _ in range(OPENERS)
+        ]
+        for run in runs:
+            run.start()
+        for run in runs:
+            run.join()
+        assert [run.exitcode for run in runs] == [0] * OPENERS, f"round {round_}"
+        assert ReplyStore(folder).count() == 0  # one store, whole
+
+
+def test_only_a_busy_database_is_tried_again(tmp_path: Path) -> None:
+    answers: list[object] = [busy_error(), busy_error(), "done"]
+
+    def call() -> object:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert _when_free(call) == "done"  # after two refusals
+    calls = []
+
+    def broken() -> object:
+        calls.append(1)
+        raise sqlite3.OperationalError("no such table: reply")
+
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        _when_free(broken)
+    assert len(calls) == 1  # another error is raised at once
+
+
+def busy_error() -> sqlite3.OperationalError:
+    """The error SQLite's refusal of a lock raises (sqlite3 sets its code)."""
+    error = sqlite3.OperationalError("database is locked")
+    error.sqlite_errorcode = sqlite3.SQLITE_BUSY  # type: ignore[attr-defined]
+    return error
 
 
 def test_a_read_only_store_reads_and_never_writes(tmp_path: Path) -> None:

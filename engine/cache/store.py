@@ -54,6 +54,7 @@ import sqlite3
 import struct
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -141,17 +142,11 @@ class ReplyStore:
             return
         folder.mkdir(parents=True, exist_ok=True)
         db = self._connect(str(self.path))
-        # A new store's pages are 16 KiB (SQLite's default is 4): a commit's rows and
-        # index entries fall on fewer pages (about 10% less CPU a reply). An existing
-        # store keeps its own (the setting only takes before the first table).
-        db.execute(f"PRAGMA page_size={_PAGE_BYTES}")
-        # Every run of the store sets WAL; the first one's setting is kept in the file.
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL: a SIGKILL loses no commit
-        db.execute("PRAGMA cache_size=-65536")  # 64 MiB: a batch's index pages stay cached
-        for statement in _SCHEMA:
-            db.execute(statement)
-        _upgrade(db)
+        try:
+            _prepare(db)
+        except BaseException:
+            db.close()
+            raise
         self._db = db
         # Parameters a statement may bind: 32,766 by default since SQLite 3.32, 999 before.
         rows = min(_INSERT_ROWS, db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 3)
@@ -298,6 +293,52 @@ def _select(db: sqlite3.Connection | None, keys: Sequence[bytes]) -> dict[bytes,
             if key in wanted:
                 found[key] = orjson.loads(reply)
     return found
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    """Make the file a store of this layout, or find it one: several runs may do so at
+    once, each waiting its turn."""
+    # A new store's pages are 16 KiB (SQLite's default is 4): a commit's rows and
+    # index entries fall on fewer pages (about 10% less CPU a reply). An existing
+    # store keeps its own (the setting only takes before the first table).
+    db.execute(f"PRAGMA page_size={_PAGE_BYTES}")
+    # Every run of the store sets WAL; the first one's setting is kept in the file.
+    _when_free(lambda: db.execute("PRAGMA journal_mode=WAL"))
+    db.execute("PRAGMA synchronous=NORMAL")  # WAL: a SIGKILL loses no commit
+    db.execute("PRAGMA cache_size=-65536")  # 64 MiB: a batch's index pages stay cached
+    # One write transaction taken before anything is read: its wait is busy_timeout's.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in _SCHEMA:
+            db.execute(statement)
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    _upgrade(db)
+
+
+def _when_free(call: Callable[[], T]) -> T:
+    """``call()``, again while SQLite answers at once that the database is busy, for up
+    to ``_BUSY_MS``. SQLite answers so without waiting out busy_timeout where waiting
+    could deadlock, as when runs that open a new store at once each switch it to WAL
+    (each holds a read lock and asks for the write lock): one goes on, the others
+    try again after it."""
+    deadline = time.monotonic() + _BUSY_MS / 1000
+    pause = 0.001
+    while True:
+        try:
+            return call()
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)  # (a thread of the store's: never the event loop)
+        pause = min(2 * pause, 0.1)
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed because another connection holds the lock it needed."""
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
 
 
 def _has_table(db: sqlite3.Connection, name: str) -> bool:
@@ -591,13 +632,19 @@ async def open_cache(config: CacheConfig) -> AsyncIterator[ReplyCache | None]:
         store = await anyio.to_thread.run_sync(
             lambda: ReplyStore(folder, read_only=config.mode == READ_ONLY)
         )
-    except sqlite3.DatabaseError as exc:  # another file where the store should be
-        raise ConfigError(
-            [
+    except sqlite3.DatabaseError as exc:
+        if _is_busy(exc):  # another run held it for all of busy_timeout
+            problem = (
+                f"cache.dir: {folder / STORE_NAME} stayed locked by another run for"
+                f" {_BUSY_MS // 1000} s; run again once it is done with the store, or name"
+                " another folder in cache.dir"
+            )
+        else:  # another file where the store should be
+            problem = (
                 f"cache.dir: {folder / STORE_NAME} is not a reply store this engine can"
                 f" open ({exc}); name another folder in cache.dir, or move that file away"
-            ]
-        ) from exc
+            )
+        raise ConfigError([problem]) from exc
     cache = ReplyCache(store)
     try:
         async with anyio.create_task_group() as tg:
