@@ -129,10 +129,12 @@ def test_runs_that_make_one_new_store_at_once_all_open_it(tmp_path: Path) -> Non
         for run in runs:
             run.join()
         assert [run.exitcode for run in runs] == [0] * OPENERS, f"round {round_}"
-        assert ReplyStore(folder).count() == 0  # one store, whole
+        store = ReplyStore(folder)
+        assert store.count() == 0  # one store, whole
+        store.close()
 
 
-def test_only_a_busy_database_is_tried_again(tmp_path: Path) -> None:
+def test_only_a_busy_database_is_tried_again() -> None:
     answers: list[object] = [busy_error(), busy_error(), "done"]
 
     def call() -> object:
