@@ -304,7 +304,10 @@ def estimate_s(plan: Plan, suite: str) -> float:
         # ~250 us a row (10^5 rows: 24 s), each size once, and the first again at 2 batches
         "batch": 250e-6 * (sum(plan.batch_sizes) + plan.batch_sizes[0]) + 10.0,
         "judging": (2 if plan.quick else 3) * 4 * (1_000 if plan.quick else 5_000) / 1_000,
-        "cache": _zero_ab_s(plan, repeats=plan.cache_repeats) + (6 if plan.quick else 45),
+        # 0 ms pairs, the rerun and the estimate, then 50 ms pairs of 4,000 rows (1,000 quick)
+        "cache": _zero_ab_s(plan, repeats=plan.cache_repeats)
+        + (6 if plan.quick else 20)
+        + (2 if plan.quick else 6) * ((1_000 if plan.quick else 4_000) / 1_280 + _START),
         "report": 5.0,
         "chaos": plan.chaos_turns / 200 + plan.chaos_kills,
     }
