@@ -24,7 +24,7 @@ import orjson
 from bench import workloads
 from bench.mockserver import MockProcess
 from bench.plan import Plan
-from bench.report import Section, Target, median, pct, spread, table
+from bench.report import Section, Target, median, pct, ratios, spread, systems_table
 from bench.runners import (
     Result,
     RunFolder,
@@ -137,15 +137,6 @@ def _on_against_off(mock: MockProcess, rows: int, repeats: int) -> dict[str, lis
     return results
 
 
-def _ratios(results: dict[str, list[Result]]) -> list[float]:
-    """Cache on's steady requests/s over cache off's, pair by pair."""
-    return [
-        o.rate_steady / f.rate_steady
-        for o, f in zip(results[ON], results[OFF], strict=False)
-        if f.rate_steady
-    ]
-
-
 def cache(plan: Plan) -> Section:
     rows = plan.caps_zero_turns
     repeats = plan.cache_repeats
@@ -161,7 +152,8 @@ def cache(plan: Plan) -> Section:
             fill = _run(mock, big, ON, store, "cache-fill")
             rerun = _run(mock, big, "rerun from the cache", store, "cache-rerun")
         estimate = _estimate(mock, 2_000 if plan.quick else 10_000)
-    ratios, paced_ratios = _ratios(results), _ratios(paced)
+    on_off = ratios(results[ON], results[OFF], "rate_steady")
+    paced_on_off = ratios(paced[ON], paced[OFF], "rate_steady")
     hits = rerun.extra.get("cached", 0)
     rerun_rate = hits / rerun.wall_s if rerun.wall_s else 0.0
     section = Section("cache", "20. The reply cache and the estimate (issue 21)")
@@ -170,33 +162,16 @@ def cache(plan: Plan) -> Section:
         "repeats: cache off against cache on with a fresh store each time (every request "
         "looked up, missed, sent, then stored).",
         "",
-        *table(
-            ["system", "steady requests/s", "CPU us/request", "peak RSS MB"],
-            [
-                [
-                    system,
-                    spread([r.rate_steady for r in rs]),
-                    spread([r.cpu_us_per_request for r in rs]),
-                    spread([r.maxrss_mb for r in rs]),
-                ]
-                for system, rs in results.items()
-            ],
+        *systems_table(
+            results,
+            "steady requests/s",
+            [("peak RSS MB", lambda rs: spread([r.maxrss_mb for r in rs]))],
         ),
         "",
         f"The same at {LATENCY_MS} ms ({paced_rows:,} rows, {paced_repeats} interleaved "
         "repeats), where the server's pace is the bound, as with a served model:",
         "",
-        *table(
-            ["system", "steady requests/s", "CPU us/request"],
-            [
-                [
-                    system,
-                    spread([r.rate_steady for r in rs]),
-                    spread([r.cpu_us_per_request for r in rs]),
-                ]
-                for system, rs in paced.items()
-            ],
-        ),
+        *systems_table(paced, "steady requests/s"),
         "",
         f"A rerun of {turns:,} single-turn rows from the store a first run filled (fresh "
         f"checkpoint, same store; the fill ran at {fill.rate_steady:,.0f} requests/s): "
@@ -214,13 +189,13 @@ def cache(plan: Plan) -> Section:
         Target(
             "20.1 steady requests/s, cache on with no hits against cache off",
             ">= 95%",
-            pct(ratios),
-            median(ratios) >= 0.95 if ratios else None,
+            pct(on_off),
+            median(on_off) >= 0.95 if on_off else None,
         ),
         Target(
             f"20.1 the same at {LATENCY_MS} ms (the server's pace the bound)",
             "reported",
-            pct(paced_ratios),
+            pct(paced_on_off),
             None,
         ),
         Target(

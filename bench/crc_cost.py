@@ -17,7 +17,7 @@ import orjson
 from bench import workloads
 from bench.mockserver import MockProcess
 from bench.plan import Plan
-from bench.report import Section, Target, median, pct, spread, table
+from bench.report import Section, Target, median, pct, systems_table
 from bench.runners import (
     ROOT,
     Result,
@@ -75,17 +75,7 @@ def crc_cost(plan: Plan) -> Section:
         f"{plan.caps_repeats + 2} interleaved repeats. *Without*: the writer's `encode` "
         "swapped for the one from before checksums (`python -m bench.crc_cost`).",
         "",
-        *table(
-            ["system", "steady turns/s", "CPU us/request"],
-            [
-                [
-                    system,
-                    spread([r.rate_steady for r in rs]),
-                    spread([r.cpu_us_per_request for r in rs]),
-                ]
-                for system, rs in results.items()
-            ],
-        ),
+        *systems_table(results, "steady turns/s"),
     ]
     section.targets.append(
         Target(

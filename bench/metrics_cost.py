@@ -18,7 +18,7 @@ import orjson
 from bench import workloads
 from bench.mockserver import MockProcess
 from bench.plan import Plan
-from bench.report import Section, Target, median, pct, spread, table
+from bench.report import Section, Target, median, pct, systems_table
 from bench.runners import (
     Result,
     RunFolder,
@@ -106,17 +106,10 @@ def metrics_cost(plan: Plan) -> Section:
         f"{plan.caps_repeats + 2} interleaved repeats; the history (metrics.jsonl) is written "
         "in both. *Metrics on*: `metrics.port` set and `/metrics` fetched every second.",
         "",
-        *table(
-            ["system", "steady turns/s", "CPU us/request", "scrapes"],
-            [
-                [
-                    system,
-                    spread([r.rate_steady for r in rs]),
-                    spread([r.cpu_us_per_request for r in rs]),
-                    ", ".join(str(r.extra.get("scrapes", "-")) for r in rs),
-                ]
-                for system, rs in results.items()
-            ],
+        *systems_table(
+            results,
+            "steady turns/s",
+            [("scrapes", lambda rs: ", ".join(str(r.extra.get("scrapes", "-")) for r in rs))],
         ),
     ]
     section.targets.append(

@@ -16,7 +16,7 @@ import platform
 import re
 import statistics
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,27 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]
     for row in rows:
         lines.append("| " + " | ".join(str(cell) for cell in row) + " |")
     return lines
+
+
+def systems_table(
+    results: dict[str, list[Result]],
+    rate: str,
+    extra: Sequence[tuple[str, Callable[[list[Result]], str]]] = (),
+) -> list[str]:
+    """One row a system: its steady rate (headed ``rate``) and CPU a request over its
+    runs, then each ``extra`` column (a header, and the cell made of the runs)."""
+    return table(
+        ["system", rate, "CPU us/request", *(header for header, _ in extra)],
+        [
+            [
+                system,
+                spread([r.rate_steady for r in rs]),
+                spread([r.cpu_us_per_request for r in rs]),
+                *(cell(rs) for _, cell in extra),
+            ]
+            for system, rs in results.items()
+        ],
+    )
 
 
 def other_load(results: Iterable[Result]) -> str:
